@@ -1,0 +1,310 @@
+"""The public Python API: the flows a user calls. Each reads as the steps of fine-tuning.
+
+    from tunesmith import run
+    result = run("examples/sms_spam/config.yaml")
+    print(result.tuned["accuracy"])
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import Progress
+
+from tunesmith.config import (
+    ResolvedHyperparameters,
+    RunConfig,
+    dump_config,
+    load_config,
+    resolve_hyperparameters,
+)
+from tunesmith.data.chat import ChatExample, read_chat_jsonl
+from tunesmith.data.encode import Encoded, encode_chat
+from tunesmith.data.split import Splits, sample, split_examples
+from tunesmith.errors import ConfigError, DataError
+from tunesmith.evaluation.report import plot_loss_curves, write_report
+from tunesmith.evaluation.task import check_labels, evaluate_examples, label_token_budget
+from tunesmith.models.load import add_lora, load, save_merged
+from tunesmith.models.resolve import default_home, resolve_model
+from tunesmith.training.callbacks import MetricsLog, ProgressBar, read_metrics
+from tunesmith.training.loop import LoopSettings, TrainResult, train
+
+log = logging.getLogger("tunesmith")
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced: where it is, and the base and tuned test metrics."""
+
+    run_dir: Path
+    base: dict[str, Any] | None
+    tuned: dict[str, Any]
+    hyperparameters: ResolvedHyperparameters
+    best_step: int | None
+    seconds: float
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def load_splits(cfg: RunConfig) -> Splits:
+    """Read and validate the data files; split off validation/test where no file is given."""
+    d, seed = cfg.data, cfg.train.seed
+    train_set = read_chat_jsonl(d.train_file)
+    valid = read_chat_jsonl(d.validation_file) if d.validation_file else None
+    test = read_chat_jsonl(d.test_file) if d.test_file else None
+    is_cls = cfg.eval.task == "classification"
+    labels = [ex.label for ex in train_set] if is_cls else None
+    if valid is None or test is None:
+        if len(train_set) < 10:
+            raise DataError(f"only {len(train_set)} examples; at least 10 are needed to split off "
+                            "validation and test sets (or give validation_file and test_file)",
+                            path=d.train_file)
+        parts = split_examples(train_set, validation_fraction=d.validation_fraction,
+                               test_fraction=d.test_fraction, seed=seed, labels=labels,
+                               need_validation=valid is None, need_test=test is None)
+        train_set = parts.train
+        valid = valid if valid is not None else parts.validation
+        test = test if test is not None else parts.test
+
+    def cap(items: list[ChatExample], n: int | None) -> list[ChatExample]:
+        return sample(items, n, seed=seed, labels=[e.label for e in items] if is_cls else None)
+
+    return Splits(train=cap(train_set, d.max_train_examples),
+                  validation=cap(valid, d.max_validation_examples),
+                  test=cap(test, d.max_test_examples))
+
+
+def encode_examples(tokenizer: Any, examples: Sequence[ChatExample], *, max_length: int,
+                    split: str, progress: Progress | None = None
+                    ) -> tuple[list[Encoded], list[dict[str, Any]]]:
+    """Encode for training; too-long or target-less examples are returned as rejects."""
+    kept, rejects = [], []
+    task = progress.add_task(f"tokenising {split}", total=len(examples)) if progress else None
+    for ex in examples:
+        enc = encode_chat(tokenizer, ex.messages)
+        if len(enc) > max_length:
+            rejects.append({"split": split, "file": ex.source, "line": ex.line,
+                            "reason": f"{len(enc)} tokens, over data.max_length={max_length}"})
+        elif enc.n_targets == 0:
+            rejects.append({"split": split, "file": ex.source, "line": ex.line,
+                            "reason": "no assistant tokens to train on"})
+        else:
+            kept.append(enc)
+        if progress:
+            progress.advance(task)
+    return kept, rejects
+
+
+def classification_labels(cfg: RunConfig, splits: Splits) -> list[str] | None:
+    if cfg.eval.task != "classification":
+        return None
+    labels = cfg.eval.labels or sorted({ex.label for ex in splits.train})
+    check_labels(splits.train, labels, "training")
+    check_labels(splits.test, labels, "test")
+    if cfg.eval.positive_label is not None and cfg.eval.positive_label not in labels:
+        raise ConfigError(f"eval.positive_label '{cfg.eval.positive_label}' is not one of the "
+                          f"labels {labels}")
+    return labels
+
+
+def loop_settings(cfg: RunConfig, hp: ResolvedHyperparameters) -> LoopSettings:
+    t = cfg.train
+    return LoopSettings(
+        learning_rate=hp.learning_rate, epochs=hp.epochs, batch_size=hp.batch_size,
+        total_steps=hp.total_steps, warmup_steps=hp.warmup_steps, eval_every=hp.eval_every,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        early_stopping_patience=t.early_stopping_patience, keep_checkpoints=t.keep_checkpoints,
+        seed=t.seed, eval_batch_size=cfg.eval.batch_size)
+
+
+def prepare_model_for_training(model: Any, cfg: RunConfig) -> Any:
+    torch.manual_seed(cfg.train.seed)  # the adapters' initial weights
+    if cfg.train.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    lora = cfg.train.lora
+    return add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                    target_modules=lora.target_modules)
+
+
+def prepare_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool = False) -> Path:
+    run_dir = cfg.output_dir or Path("runs") / (cfg.name or "run")
+    if resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"{run_dir}: the run directory exists and is not empty; pass "
+                              "--overwrite to replace it or set output_dir to another place")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _attach_log_file(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
+def _evaluate(model: Any, tokenizer: Any, test: list[ChatExample], cfg: RunConfig,
+              labels: list[str] | None, title: str, progress: Progress) -> tuple[dict, Any]:
+    budget = cfg.eval.max_new_tokens
+    if budget == "auto":
+        budget = label_token_budget(tokenizer, labels) if labels else 128
+    task = progress.add_task(f"evaluating {title}", total=len(test))
+    return evaluate_examples(
+        model, tokenizer, test, task=cfg.eval.task, labels=labels,
+        positive=cfg.eval.positive_label, max_new_tokens=int(budget),
+        batch_size=cfg.eval.batch_size, on_batch=lambda n: progress.advance(task, n))
+
+
+# ----------------------------------------------------------------------------- flows
+
+
+def run(config: RunConfig | str | Path, *, overwrite: bool = False, resume: bool = False,
+        home: Path | None = None, console: Console | None = None, show_progress: bool = True,
+        callbacks: Sequence[Any] = ()) -> RunResult:
+    """Validate and split the data, fine-tune the base model, evaluate base vs tuned, report.
+
+    ``resume=True`` continues the run in the run directory from its last checkpoint (or starts
+    it); ``callbacks`` receive the training events (see ``tunesmith.training.callbacks``).
+    """
+    started = time.perf_counter()
+    cfg = config if isinstance(config, RunConfig) else load_config(config)
+    console = console or Console(stderr=True)
+    home = home or default_home()
+    run_dir = prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
+    handler = _attach_log_file(run_dir)
+    try:
+        return _run(cfg, run_dir, home, console, show_progress, started, resume=resume,
+                    extra_callbacks=list(callbacks))
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _run(cfg: RunConfig, run_dir: Path, home: Path, console: Console, show_progress: bool,
+         started: float, *, resume: bool, extra_callbacks: list[Any]) -> RunResult:
+    def say(msg: str) -> None:
+        log.info(msg)
+        console.print(msg)
+
+    # 1. data: read, validate, split
+    splits = load_splits(cfg)
+    labels = classification_labels(cfg, splits)
+    say(f"data: {len(splits.train)} train, {len(splits.validation)} validation, "
+        f"{len(splits.test)} test examples")
+
+    # 2. the base model
+    model_dir = resolve_model(cfg.model.base, home=home)
+    say(f"base model: {cfg.model.base} ({model_dir})")
+    model, tokenizer = load(model_dir, dtype=cfg.model.dtype)
+
+    with Progress(console=console, disable=not show_progress) as progress:
+        # 3. encode, leaving out what cannot be trained on
+        train_enc, rejects = encode_examples(tokenizer, splits.train,
+                                             max_length=cfg.data.max_length, split="train",
+                                             progress=progress)
+        valid_enc, more = encode_examples(tokenizer, splits.validation,
+                                          max_length=cfg.data.max_length, split="validation",
+                                          progress=progress)
+        rejects += more
+        if rejects:
+            with (run_dir / "rejects.jsonl").open("w", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in rejects)
+            say(f"left out {len(rejects)} example(s); reasons in {run_dir / 'rejects.jsonl'}")
+        if not train_enc:
+            raise DataError("no training example fits data.max_length; raise it",
+                            path=cfg.data.train_file)
+        hp = resolve_hyperparameters(cfg.train, len(train_enc))
+        resolved = dump_config(cfg)
+        resolved["resolved"] = hp.model_dump()
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        say(f"hyperparameters: {hp.epochs} epoch(s), batch {hp.batch_size}, "
+            f"lr {hp.learning_rate:.2e}, {hp.total_steps} steps")
+
+        # 4. the base model on the test set, before any training
+        base_metrics = None
+        base_file = run_dir / "base_metrics.json"
+        if cfg.eval.compare_base and resume and base_file.is_file():
+            base_metrics = json.loads(base_file.read_text())
+        elif cfg.eval.compare_base:
+            base_metrics, _ = _evaluate(model, tokenizer, splits.test, cfg, labels, "base",
+                                        progress)
+            base_file.write_text(json.dumps(base_metrics, indent=2))
+            log.info("base model on the test set: %s", json.dumps(base_metrics))
+
+    # 5. fine-tune
+    model = prepare_model_for_training(model, cfg)
+    result: TrainResult = train(
+        model, train_enc, valid_enc, settings=loop_settings(cfg, hp),
+        pad_id=tokenizer.pad_token_id, checkpoint_dir=run_dir / "checkpoints",
+        callbacks=[MetricsLog(run_dir / "metrics.jsonl"),
+                   ProgressBar(console, enabled=show_progress), *extra_callbacks],
+        resume=resume)
+    say(f"training: best validation loss {result.state.best_valid_loss:.4f} at step "
+        f"{result.state.best_step}" + (" (stopped early)" if result.state.stopped_early else ""))
+
+    # 6. save the adapter and the merged model; evaluate what was saved
+    if cfg.train.method == "lora":
+        model.save_pretrained(run_dir / "adapter")
+    model = save_merged(model, tokenizer, run_dir / "merged")
+    with Progress(console=console, disable=not show_progress) as progress:
+        tuned_metrics, predictions = _evaluate(model, tokenizer, splits.test, cfg, labels,
+                                               "tuned", progress)
+    log.info("tuned model on the test set: %s", json.dumps(tuned_metrics))
+
+    # 7. report
+    seconds = time.perf_counter() - started
+    records = read_metrics(run_dir / "metrics.jsonl")
+    plot_loss_curves(records, run_dir / "loss_curve.png")
+    (run_dir / "results.json").write_text(json.dumps(
+        {"base": base_metrics, "tuned": tuned_metrics, "best_step": result.state.best_step,
+         "stopped_early": result.state.stopped_early, "seconds": round(seconds, 1)}, indent=2))
+    write_report(
+        run_dir / "report.md", name=cfg.name or run_dir.name, model=cfg.model.base,
+        hyperparameters=hp.model_dump(),
+        data_counts={"train": len(train_enc), "validation": len(valid_enc),
+                     "test": len(splits.test), "left out": len(rejects)},
+        training={"best step": result.state.best_step,
+                  "best validation loss": f"{result.state.best_valid_loss:.4f}",
+                  "stopped early": result.state.stopped_early,
+                  "trained tokens": result.state.tokens_seen,
+                  "wall time": f"{seconds:.0f} s"},
+        base=base_metrics, tuned=tuned_metrics, loss_plot="loss_curve.png",
+        samples=predictions.samples(10))
+    say(f"run directory: {run_dir}")
+    return RunResult(run_dir=run_dir, base=base_metrics, tuned=tuned_metrics,
+                     hyperparameters=hp, best_step=result.state.best_step, seconds=seconds)
+
+
+def load_for_chat(model: str, *, home: Path | None = None) -> tuple[Any, Any]:
+    """Model and tokenizer for chatting: a model reference or a finished run directory."""
+    path = resolve_model(model, home=home or default_home())
+    return load(path)
+
+
+def chat(model: str, messages: Sequence[dict[str, str]], *, max_new_tokens: int = 256,
+         temperature: float = 0.0, home: Path | None = None, loaded: tuple[Any, Any] | None = None
+         ) -> str:
+    """The model's reply to a conversation (``[{"role": "user", "content": ...}]``)."""
+    from tunesmith.evaluation.generate import generate
+
+    m, tok = loaded or load_for_chat(model, home=home)
+    return generate(m, tok, [list(messages)], max_new_tokens=max_new_tokens,
+                    temperature=temperature, batch_size=1)[0]

@@ -1,0 +1,344 @@
+"""Typed run configuration: one YAML file, validated at once, every problem reported together.
+
+The field descriptions are the documentation: they become the comments written by
+``tunesmith config init`` and the reference in the README.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tunesmith.errors import ConfigError
+
+Auto = Literal["auto"]
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo like `lerning_rate` must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    base: str = Field(
+        DEFAULT_MODEL,
+        description="Base model: 'smollm2-135m-instruct' (bundled), a local Hugging Face model "
+        "directory, a local .gguf file, or a Hub id already in the local Hugging Face cache.",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Precision the base weights are loaded in."
+    )
+
+
+class DataConfig(_Section):
+    train_file: Path = Field(
+        ..., description="Training data: OpenAI chat JSONL, one {\"messages\": [...]} per line."
+    )
+    validation_file: Path | None = Field(
+        None, description="Validation data. When empty, it is split off the training file."
+    )
+    test_file: Path | None = Field(
+        None, description="Held-out test data. When empty, it is split off the training file."
+    )
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of the training file used for validation when split."
+    )
+    test_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of the training file held out for testing when split."
+    )
+    max_train_examples: int | None = Field(
+        None, gt=0, description="Train on at most this many examples (seeded, stratified sample)."
+    )
+    max_validation_examples: int | None = Field(
+        200, gt=0, description="Compute validation loss on at most this many examples."
+    )
+    max_test_examples: int | None = Field(
+        None, gt=0, description="Evaluate on at most this many test examples."
+    )
+    max_length: int = Field(
+        512, gt=8, description="Longest example in tokens (chat template included). Longer "
+        "examples are left out of training and listed in rejects.jsonl of the run.",
+    )
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> DataConfig:
+        if self.validation_fraction + self.test_fraction >= 0.9:
+            raise ValueError("validation_fraction + test_fraction must be below 0.9")
+        return self
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules that get adapters: 'all-linear' or a list of names."
+    )
+
+
+class TrainConfig(_Section):
+    method: Literal["lora", "full"] = Field(
+        "lora", description="'lora' trains small adapters; 'full' trains every weight."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
+    epochs: int | Auto = Field(
+        "auto", description="Passes over the training data. 'auto': 3, more for tiny sets, "
+        "fewer for huge ones (as OpenAI's fine-tuning does).",
+    )
+    batch_size: int | Auto = Field(
+        "auto", description="Examples per optimiser step. 'auto': from the dataset size."
+    )
+    learning_rate: float | Auto = Field(
+        "auto", description="Peak learning rate. 'auto': 2e-4 for LoRA, 2e-5 for full, "
+        "scaled with the square root of the batch size.",
+    )
+    max_steps: int | None = Field(
+        None, gt=0, description="Stop after this many optimiser steps, whatever the epochs."
+    )
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on norms/biases).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; empty: none.")
+    eval_every: int | Auto = Field(
+        "auto", description="Compute validation loss every N steps. 'auto': about 10 times a run."
+    )
+    early_stopping_patience: int | None = Field(
+        3, gt=0, description="Stop after this many evaluations without a better validation loss."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Recent checkpoints kept (plus the best).")
+    seed: int = Field(42, description="Seed for splitting, sampling, initialisation and order.")
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _positive_lr(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and v <= 0:
+            raise ValueError("learning_rate must be positive")
+        return v
+
+    @field_validator("epochs", "batch_size", "eval_every")
+    @classmethod
+    def _positive_int(cls, v: int | str) -> int | str:
+        if not isinstance(v, str) and v <= 0:
+            raise ValueError("must be a positive integer or 'auto'")
+        return v
+
+
+class EvalConfig(_Section):
+    task: Literal["classification", "generation"] = Field(
+        "generation", description="'classification': the assistant answers one of `labels`; "
+        "'generation': free text, scored by exact match.",
+    )
+    labels: list[str] | None = Field(
+        None, description="Class labels (classification). Empty: taken from the training data."
+    )
+    positive_label: str | None = Field(
+        None, description="The class whose F1 is reported (classification), e.g. 'spam'."
+    )
+    max_new_tokens: int | Auto = Field(
+        "auto", description="Tokens generated per test example. 'auto': enough for the longest "
+        "label (classification) or 128 (generation).",
+    )
+    batch_size: int = Field(16, gt=0, description="Test examples generated at once.")
+    compare_base: bool = Field(True, description="Also evaluate the base model on the test set.")
+
+
+class RunConfig(_Section):
+    name: str | None = Field(None, description="Run name. Empty: the config file's name.")
+    output_dir: Path | None = Field(
+        None, description="Run directory. Empty: runs/<name> under the current directory."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    data: DataConfig = Field(..., description="Where the data is and how it is split.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="How to train.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="How to evaluate.")
+
+
+class ResolvedHyperparameters(BaseModel):
+    """The concrete values an 'auto' configuration ran with; written into the run directory."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    total_steps: int
+    warmup_steps: int
+    eval_every: int
+
+
+# OpenAI's documented behaviour for n_epochs="auto": 3 epochs, adjusted so the number of
+# examples seen stays between these bounds.
+_MIN_TARGET_EXAMPLES = 100
+_MAX_TARGET_EXAMPLES = 25_000
+
+
+def auto_epochs(n_train: int) -> int:
+    if n_train <= 0:
+        return 1
+    if n_train * 3 < _MIN_TARGET_EXAMPLES:
+        return min(25, math.ceil(_MIN_TARGET_EXAMPLES / n_train))
+    if n_train * 3 > _MAX_TARGET_EXAMPLES:
+        return max(1, _MAX_TARGET_EXAMPLES // n_train)
+    return 3
+
+
+def auto_batch_size(n_train: int) -> int:
+    """A power of two near n/128, between 1 and 32: small sets get more optimiser steps."""
+    if n_train <= 4:
+        return max(1, n_train)
+    exponent = round(math.log2(max(1.0, n_train / 128)))
+    return int(min(32, max(4, 2**exponent)))
+
+
+def auto_learning_rate(method: str, batch_size: int) -> float:
+    base = 2e-4 if method == "lora" else 2e-5
+    return base * math.sqrt(batch_size / 8)
+
+
+def resolve_hyperparameters(train: TrainConfig, n_train: int) -> ResolvedHyperparameters:
+    """Turn every 'auto' into a number for a training set of ``n_train`` examples."""
+    epochs = auto_epochs(n_train) if train.epochs == "auto" else int(train.epochs)
+    batch = auto_batch_size(n_train) if train.batch_size == "auto" else int(train.batch_size)
+    batch = max(1, min(batch, n_train)) if n_train else batch
+    lr = (auto_learning_rate(train.method, batch) if train.learning_rate == "auto"
+          else float(train.learning_rate))
+    steps = epochs * math.ceil(n_train / batch) if n_train else 0
+    if train.max_steps is not None:
+        steps = min(steps, train.max_steps)
+    every = max(1, steps // 10) if train.eval_every == "auto" else int(train.eval_every)
+    return ResolvedHyperparameters(
+        epochs=epochs, batch_size=batch, learning_rate=lr, total_steps=steps,
+        warmup_steps=int(steps * train.warmup_ratio), eval_every=every,
+    )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names allowed at ``loc`` (for 'did you mean' suggestions)."""
+    current: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if current is None or not isinstance(part, str) or part not in current.model_fields:
+            return []
+        annotation = current.model_fields[part].annotation
+        current = annotation if isinstance(annotation, type) and issubclass(
+            annotation, BaseModel) else None
+    return list(current.model_fields) if current else []
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel]) -> list[str]:
+    """One line per wrong field, saying what to change."""
+    by_field: dict[str, list[str]] = {}
+    for e in err.errors():
+        # drop the union-branch markers pydantic puts in the location ("int", "literal[...]")
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (
+            p in {"int", "float", "list[str]"} or p.startswith("literal["))))
+        dotted = ".".join(str(p) for p in loc) or "<top>"
+        if e["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            close = difflib.get_close_matches(key, _known_keys(model, loc), n=1)
+            text = "unknown key" + (f"; did you mean '{close[0]}'?" if close else "; remove it")
+        elif e["type"] == "missing":
+            text = "required, add it"
+        else:
+            text = f"{e['msg']} (got {e.get('input')!r})"
+        by_field.setdefault(dotted, []).append(text)
+    # a union such as int | 'auto' fails once per branch: one line with both
+    return [f"{k}: " + " or ".join(dict.fromkeys(v)) for k, v in by_field.items()]
+
+
+def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None = None) -> RunConfig:
+    """Validate a mapping into a RunConfig; relative paths resolve against ``base_dir``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (model, data, train, eval)")
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: the configuration is invalid",
+                          format_validation_error(err, RunConfig)) from err
+    if base_dir is not None:
+        cfg = _resolve_paths(cfg, base_dir)
+    return cfg
+
+
+def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
+    def fix(p: Path | None) -> Path | None:
+        return p if p is None or p.is_absolute() else (base_dir / p)
+
+    data = cfg.data.model_copy(update={
+        "train_file": fix(cfg.data.train_file),
+        "validation_file": fix(cfg.data.validation_file),
+        "test_file": fix(cfg.data.test_file),
+    })
+    model = cfg.model
+    candidate = base_dir / cfg.model.base
+    if not Path(cfg.model.base).is_absolute() and candidate.exists():
+        model = cfg.model.model_copy(update={"base": str(candidate)})
+    return cfg.model_copy(update={"data": data, "model": model})
+
+
+def load_config(path: Path | str) -> RunConfig:
+    """Read a YAML run configuration. Data paths are relative to the file's directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file; create one with `tunesmith config init`")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", err)
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from err
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; create one with `tunesmith config init`")
+    cfg = parse_config(data, source=str(path), base_dir=path.parent.resolve())
+    if cfg.name is None:
+        cfg = cfg.model_copy(update={"name": path.stem})
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> dict[str, Any]:
+    """A plain mapping of the configuration, ready for YAML."""
+    return cfg.model_dump(mode="json")
+
+
+# ----------------------------------------------------------------------------- config init
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _commented(model: type[BaseModel], values: dict[str, Any], indent: int) -> list[str]:
+    lines: list[str] = []
+    pad = "  " * indent
+    for name, field in model.model_fields.items():
+        if field.description:
+            lines.append(f"{pad}# {field.description}")
+        annotation = field.annotation
+        value = values.get(name)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines.append(f"{pad}{name}:")
+            lines.extend(_commented(annotation, value or {}, indent + 1))
+        else:
+            lines.append(f"{pad}{name}: {_yaml_scalar(value)}")
+    return lines
+
+
+def default_config_text(train_file: str = "train.jsonl") -> str:
+    """The commented default configuration written by ``tunesmith config init``."""
+    cfg = RunConfig(data=DataConfig(train_file=Path(train_file)))
+    header = [
+        "# tunesmith run configuration. Run it with: tunesmith run <this file>",
+        "# Paths are relative to this file's directory.",
+        "",
+    ]
+    return "\n".join(header + _commented(RunConfig, dump_config(cfg), 0)) + "\n"

@@ -1,0 +1,57 @@
+"""Evaluate a model on test conversations: generate the last assistant turn and score it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tunesmith.data.chat import ChatExample
+from tunesmith.errors import DataError
+from tunesmith.evaluation.generate import generate
+from tunesmith.evaluation.metrics import classification_metrics, exact_match, parse_label
+
+
+@dataclass
+class Predictions:
+    replies: list[str]
+    predicted: list[str]
+    expected: list[str]
+
+    def samples(self, n: int) -> list[dict[str, str]]:
+        return [{"expected": e, "predicted": p, "reply": r}
+                for r, p, e in list(zip(self.replies, self.predicted, self.expected,
+                                        strict=True))[:n]]
+
+
+def label_token_budget(tokenizer: Any, labels: Sequence[str]) -> int:
+    """Enough new tokens to say the longest label, and the end-of-turn token after it."""
+    return max(len(tokenizer(lab, add_special_tokens=False)["input_ids"]) for lab in labels) + 2
+
+
+def check_labels(examples: Sequence[ChatExample], labels: Sequence[str], split: str) -> None:
+    unknown = sorted({ex.label for ex in examples} - set(labels))
+    if unknown:
+        first = next(ex for ex in examples if ex.label in unknown)
+        raise DataError(
+            f"the {split} set has label(s) {unknown} the model is not trained on (labels: "
+            f"{list(labels)}); add them to eval.labels or remove those examples",
+            path=first.source, line=first.line, field="messages[-1].content")
+
+
+def evaluate_examples(model: Any, tokenizer: Any, examples: Sequence[ChatExample], *, task: str,
+                      labels: Sequence[str] | None, positive: str | None, max_new_tokens: int,
+                      batch_size: int, on_batch: Callable[[int], None] | None = None
+                      ) -> tuple[dict[str, Any], Predictions]:
+    """Task metrics of ``model`` on ``examples`` and the predictions behind them."""
+    expected = [ex.label for ex in examples]
+    replies = generate(model, tokenizer, [ex.prompt for ex in examples],
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=on_batch)
+    if task == "classification":
+        assert labels is not None
+        predicted = [parse_label(r, labels) for r in replies]
+        metrics = classification_metrics(predicted, expected, labels, positive)
+    else:
+        predicted = replies
+        metrics = exact_match(replies, expected)
+    return metrics, Predictions(replies, predicted, expected)

@@ -1,0 +1,81 @@
+"""Causal-LM loss on target tokens only, without materialising full-vocabulary logits.
+
+Only positions whose next token is a target go through the LM head, in chunks; for chat
+fine-tuning (short answers after long prompts) this skips most of the head's work and memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from tunesmith.data.encode import IGNORE_INDEX
+
+HEAD_CHUNK = 1024
+
+
+@dataclass
+class LossSums:
+    """Summed (not averaged) loss and counts, so callers can normalise over any token total."""
+
+    loss_sum: torch.Tensor
+    n_tokens: int
+    n_correct: int
+
+
+def _head_chunk(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = head(hidden).float()
+    loss = F.cross_entropy(logits, targets, reduction="sum")
+    correct = (logits.argmax(-1) == targets).sum()
+    return loss, correct
+
+
+def base_causal_lm(model: Any) -> Any:
+    """The *ForCausalLM inside a PEFT wrapper (adapters stay injected), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class TargetLoss(nn.Module):
+    """Wraps a causal LM so its forward returns summed loss on target tokens.
+
+    Being an ``nn.Module`` whose forward does all the work, it can be wrapped by DDP/FSDP
+    (Accelerate) like any model.
+    """
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> LossSums:
+        lm = base_causal_lm(self.model)
+        hidden = lm.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        # Position t predicts token t+1.
+        targets = labels[:, 1:]
+        mask = targets != IGNORE_INDEX
+        selected = hidden[:, :-1][mask]
+        wanted = targets[mask]
+        # free the full hidden states before the head runs
+        del hidden
+        head = lm.get_output_embeddings()
+        loss_sum = selected.new_zeros((), dtype=torch.float32)
+        correct = torch.zeros((), dtype=torch.long)
+        for start in range(0, wanted.shape[0], HEAD_CHUNK):
+            h, y = selected[start:start + HEAD_CHUNK], wanted[start:start + HEAD_CHUNK]
+            if torch.is_grad_enabled() and wanted.shape[0] > HEAD_CHUNK:
+                # recompute each chunk's logits in backward instead of keeping them all
+                part, ok = checkpoint(_head_chunk, head, h, y, use_reentrant=False)
+            else:
+                part, ok = _head_chunk(head, h, y)
+            loss_sum = loss_sum + part
+            correct = correct + ok.cpu()
+        return LossSums(loss_sum, int(wanted.shape[0]), int(correct))
