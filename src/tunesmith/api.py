@@ -125,6 +125,9 @@ def loop_settings(cfg: RunConfig, hp: ResolvedHyperparameters) -> LoopSettings:
         total_steps=hp.total_steps, warmup_steps=hp.warmup_steps, eval_every=hp.eval_every,
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         early_stopping_patience=t.early_stopping_patience, keep_checkpoints=t.keep_checkpoints,
+        micro_batch_size=t.micro_batch_size, schedule=t.schedule, layer_lr_decay=t.layer_lr_decay,
+        packing=t.packing, pack_capacity=cfg.data.max_length, group_by_length=t.group_by_length,
+        precision=t.precision, gradient_checkpointing=t.gradient_checkpointing,
         seed=t.seed, eval_batch_size=cfg.eval.batch_size)
 
 
@@ -297,6 +300,24 @@ def load_for_chat(model: str, *, home: Path | None = None) -> tuple[Any, Any]:
     """Model and tokenizer for chatting: a model reference or a finished run directory."""
     path = resolve_model(model, home=home or default_home())
     return load(path)
+
+
+def load_checkpoint_for_chat(run_dir: Path, step: int, *, home: Path | None = None
+                             ) -> tuple[Any, Any]:
+    """Model and tokenizer of checkpoint ``step-N`` of a run: the base model plus its adapter."""
+    from tunesmith.config import parse_config
+    from tunesmith.training.checkpoint import load_weights
+    from tunesmith.training.loop import load_trainable
+
+    resolved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    resolved.pop("resolved", None)
+    cfg = parse_config(resolved, source=str(Path(run_dir) / "config.yaml"))
+    model, tokenizer = load(resolve_model(cfg.model.base, home=home or default_home()),
+                            dtype=cfg.model.dtype)
+    model = prepare_model_for_training(model, cfg)
+    load_trainable(model, load_weights(Path(run_dir) / "checkpoints" / f"step-{step}"))
+    model.eval()
+    return model, tokenizer
 
 
 def chat(model: str, messages: Sequence[dict[str, str]], *, max_new_tokens: int = 256,

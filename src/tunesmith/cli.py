@@ -143,6 +143,17 @@ def config_check(config: Path = typer.Argument(..., help="Run configuration (YAM
               markup=False, highlight=False)
 
 
+def _mount_command_groups() -> None:
+    from tunesmith.cli_data import data_app
+    from tunesmith.cli_service import register
+
+    app.add_typer(data_app, name="data")
+    register(app)
+
+
+_mount_command_groups()
+
+
 def main() -> None:
     app()
 

@@ -101,11 +101,37 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(
         None, gt=0, description="Stop after this many optimiser steps, whatever the epochs."
     )
+    micro_batch_size: int | None = Field(
+        None, gt=0, description="Split each batch into micro-batches of this many examples "
+        "(gradient accumulation; the loss is normalised over the whole batch). Empty: none.",
+    )
+    packing: bool = Field(
+        True, description="Pack each batch's examples into as few rows as fit max_length, "
+        "each attending only to itself (less padding; same examples per step).",
+    )
+    group_by_length: bool = Field(
+        True, description="Without packing: batch examples of similar length together."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="'bf16': frozen weights in bfloat16 and bf16 autocast, trainable "
+        "weights in fp32. 'auto': bf16 where the hardware computes it natively.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, ~30% more time."
+    )
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    layer_lr_decay: float = Field(
+        1.0, gt=0, le=1, description="Layer-wise learning-rate decay: layer i of n learns at "
+        "lr * decay^(n-1-i), so earlier layers learn slower. 1: off.",
+    )
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on norms/biases).")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; empty: none.")
-    eval_every: int | Auto = Field(
-        "auto", description="Compute validation loss every N steps. 'auto': about 10 times a run."
+    eval_every: int | Literal["auto", "epoch"] = Field(
+        "auto", description="Compute validation loss (and checkpoint) every N steps. 'auto': "
+        "about 10 times a run; 'epoch': at the end of each epoch.",
     )
     early_stopping_patience: int | None = Field(
         3, gt=0, description="Stop after this many evaluations without a better validation loss."
@@ -208,7 +234,12 @@ def resolve_hyperparameters(train: TrainConfig, n_train: int) -> ResolvedHyperpa
     steps = epochs * math.ceil(n_train / batch) if n_train else 0
     if train.max_steps is not None:
         steps = min(steps, train.max_steps)
-    every = max(1, steps // 10) if train.eval_every == "auto" else int(train.eval_every)
+    if train.eval_every == "auto":
+        every = max(1, steps // 10)
+    elif train.eval_every == "epoch":
+        every = max(1, math.ceil(n_train / batch)) if n_train else 1
+    else:
+        every = int(train.eval_every)
     return ResolvedHyperparameters(
         epochs=epochs, batch_size=batch, learning_rate=lr, total_steps=steps,
         warmup_steps=int(steps * train.warmup_ratio), eval_every=every,

@@ -1,13 +1,16 @@
 """The training loop, as small functions: optimiser, schedule, one step, evaluation, train().
 
-Runs on Accelerate, so ``accelerate launch`` gives data parallelism without a launcher of ours.
+Runs on Accelerate, so ``accelerate launch`` / ``torchrun`` give data parallelism (DDP) without a
+launcher of ours: every process sees the same global batches and trains on its share.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from tunesmith.training.batches import (
     collate,
     epoch_batches,
     eval_batches,
-    micro_batches,
+    step_inputs,
     steps_per_epoch,
 )
 from tunesmith.training.callbacks import call
@@ -36,6 +39,7 @@ from tunesmith.training.checkpoint import (
     set_rng_state,
 )
 from tunesmith.training.loss import TargetLoss
+from tunesmith.training.precision import cast_frozen, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,12 @@ class LoopSettings:
     early_stopping_patience: int | None = 3
     keep_checkpoints: int = 2
     schedule: str = "cosine"
+    layer_lr_decay: float = 1.0
+    packing: bool = False
+    pack_capacity: int = 512
+    group_by_length: bool = False
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
     seed: int = 42
     eval_batch_size: int = 16
 
@@ -62,26 +72,41 @@ class LoopSettings:
 class TrainResult:
     state: TrainState
     best_checkpoint: Path | None
+    precision: str = "fp32"
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 def _no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
 
 
-def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float
-                    ) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no weight decay on norms and biases."""
-    decay, plain = [], []
+def _layer_scale(name: str, n_layers: int, decay: float) -> float:
+    """lr multiplier: decay^(n-1-i) for layer i, decay^n for embeddings, 1 for the head."""
+    if decay == 1.0:
+        return 1.0
+    found = _LAYER.search(name)
+    if found:
+        return decay ** (n_layers - 1 - int(found.group(1)))
+    return decay ** n_layers if "embed" in name else 1.0
+
+
+def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float,
+                    layer_lr_decay: float = 1.0, n_layers: int = 0) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no decay on norms/biases; optional layer-wise lr."""
+    groups: dict[tuple[bool, float], list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (plain if _no_decay(name, p) else decay).append(p)
-    if not decay and not plain:
+            key = (_no_decay(name, p), _layer_scale(name, n_layers, layer_lr_decay))
+            groups.setdefault(key, []).append(p)
+    if not groups:
         raise TrainingError("the model has no trainable parameters; check train.method and "
                             "train.lora.target_modules")
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": plain, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    return torch.optim.AdamW(
+        [{"params": ps, "weight_decay": 0.0 if plain else weight_decay, "lr": lr * scale}
+         for (plain, scale), ps in groups.items()], lr=lr)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -107,32 +132,41 @@ def evaluate_loss(loss_module: torch.nn.Module, data: Sequence[Encoded], *, batc
 
 
 def train_step(loss_module: torch.nn.Module, batch: Sequence[Encoded], *, optimizer: Any,
-               scheduler: Any, accelerator: Accelerator, pad_id: int,
-               micro_batch_size: int | None, max_grad_norm: float | None) -> dict[str, float]:
-    """One optimiser step over ``batch``, accumulated over micro-batches.
+               scheduler: Any, accelerator: Accelerator, settings: LoopSettings, pad_id: int
+               ) -> dict[str, float]:
+    """One optimiser step over the global ``batch``, accumulated over micro-batches.
 
-    The loss is normalised by the target tokens of the whole batch, not per micro-batch, so
-    accumulation gives the same gradient as one big batch.
+    The loss is normalised by the target tokens of the whole global batch, not per micro-batch
+    or per process, so accumulation and data parallelism give the gradient of one big batch.
     """
-    parts = micro_batches(batch, micro_batch_size)
+    s = settings
     n_targets = sum(e.n_targets for e in batch)
     if n_targets == 0:
         raise TrainingError("a batch has no assistant tokens to learn from")
-    total, correct = 0.0, 0
-    for part in parts:
-        out = loss_module(**_to(collate(part, pad_id=pad_id), accelerator.device))
-        accelerator.backward(out.loss_sum / n_targets)
-        total += float(out.loss_sum.detach())
-        correct += out.n_correct
+    world = accelerator.num_processes
+    inputs = step_inputs(batch, pad_id=pad_id, micro_batch_size=s.micro_batch_size,
+                         packing=s.packing, pack_capacity=s.pack_capacity,
+                         rank=accelerator.process_index, world_size=world)
+    total = torch.zeros(2, dtype=torch.float64)  # loss sum, correct tokens (this process)
+    for i, micro in enumerate(inputs):
+        # DDP averages gradients over processes; scaling by world size makes that a sum.
+        sync = i == len(inputs) - 1
+        with accelerator.no_sync(loss_module) if not sync and world > 1 else nullcontext():
+            out = loss_module(**_to(micro, accelerator.device))
+            accelerator.backward(out.loss_sum * world / n_targets)
+        total += torch.tensor([float(out.loss_sum.detach()), out.n_correct], dtype=torch.float64)
+    if world > 1:
+        total = accelerator.reduce(total.to(accelerator.device), reduction="sum").cpu()
     grad_norm = None
-    if max_grad_norm is not None:
+    if s.max_grad_norm is not None:
         grad_norm = float(accelerator.clip_grad_norm_(
-            [p for p in loss_module.parameters() if p.requires_grad], max_grad_norm))
+            [p for p in loss_module.parameters() if p.requires_grad], s.max_grad_norm))
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"train_loss": total / n_targets, "train_token_accuracy": correct / n_targets,
+    return {"train_loss": float(total[0]) / n_targets,
+            "train_token_accuracy": float(total[1]) / n_targets,
             "learning_rate": lr, "grad_norm": grad_norm,
             "tokens": sum(len(e) for e in batch)}
 
@@ -152,14 +186,30 @@ def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> 
             p.copy_(weights[name])
 
 
+def _prepare_model(model: torch.nn.Module, s: LoopSettings, device: torch.device) -> str:
+    precision = resolve_precision(s.precision, device)
+    if precision == "bf16":
+        cast_frozen(model, torch.bfloat16)
+    if s.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return precision
+
+
+def _n_layers(model: torch.nn.Module) -> int:
+    config = getattr(model, "config", None)
+    return int(getattr(config, "num_hidden_layers", 0) or 0)
+
+
 def train(model: torch.nn.Module, train_data: Sequence[Encoded], valid_data: Sequence[Encoded],
           *, settings: LoopSettings, pad_id: int, checkpoint_dir: Path,
           callbacks: Sequence[Any] = (), resume: bool = False) -> TrainResult:
     """Train ``model`` in place; on return it holds the weights of the best checkpoint."""
     s = settings
     accelerator = Accelerator()
-    loss_module = TargetLoss(model)
-    optimizer = build_optimizer(loss_module, lr=s.learning_rate, weight_decay=s.weight_decay)
+    precision = _prepare_model(model, s, accelerator.device)
+    loss_module = TargetLoss(model, precision=precision)
+    optimizer = build_optimizer(loss_module, lr=s.learning_rate, weight_decay=s.weight_decay,
+                                layer_lr_decay=s.layer_lr_decay, n_layers=_n_layers(model))
     scheduler = get_scheduler(s.schedule, optimizer, num_warmup_steps=s.warmup_steps,
                               num_training_steps=max(1, s.total_steps))
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
@@ -184,9 +234,8 @@ def train(model: torch.nn.Module, train_data: Sequence[Encoded], valid_data: Seq
             state.evals_without_improvement = 0
         else:
             state.evals_without_improvement += 1
-            if s.early_stopping_patience and state.evals_without_improvement >= \
-                    s.early_stopping_patience:
-                state.stopped_early = True
+            patience = s.early_stopping_patience
+            state.stopped_early = bool(patience and state.evals_without_improvement >= patience)
         metrics["best_step"] = state.best_step
         call(callbacks, "on_evaluate", state, metrics)
         if accelerator.is_main_process:
@@ -202,12 +251,11 @@ def train(model: torch.nn.Module, train_data: Sequence[Encoded], valid_data: Seq
     per_epoch = steps_per_epoch(len(train_data), s.batch_size)
     while state.step < s.total_steps and not state.stopped_early and state.epoch < s.epochs:
         for batch in epoch_batches(train_data, batch_size=s.batch_size, seed=s.seed,
-                                   epoch=state.epoch, start_step=state.step_in_epoch):
+                                   epoch=state.epoch, start_step=state.step_in_epoch,
+                                   group_by_length=s.group_by_length and not s.packing):
             started = time.perf_counter()
             metrics = train_step(loss_module, batch, optimizer=optimizer, scheduler=scheduler,
-                                 accelerator=accelerator, pad_id=pad_id,
-                                 micro_batch_size=s.micro_batch_size,
-                                 max_grad_norm=s.max_grad_norm)
+                                 accelerator=accelerator, settings=s, pad_id=pad_id)
             elapsed = time.perf_counter() - started
             state.step += 1
             state.step_in_epoch += 1
@@ -229,4 +277,4 @@ def train(model: torch.nn.Module, train_data: Sequence[Encoded], valid_data: Seq
     best = checkpoint_dir / f"step-{state.best_step}" if state.best_step is not None else None
     if best is not None and best.is_dir():
         load_trainable(model, load_weights(best))
-    return TrainResult(state=state, best_checkpoint=best)
+    return TrainResult(state=state, best_checkpoint=best, precision=precision)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.encode import IGNORE_INDEX
+from tunesmith.training.precision import autocast
 
 HEAD_CHUNK = 1024
 
@@ -48,12 +49,21 @@ class TargetLoss(nn.Module):
     (Accelerate) like any model.
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, *, precision: str = "fp32") -> None:
         super().__init__()
         self.model = model
+        self.precision = precision
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> LossSums:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> LossSums:
+        """Summed loss over target tokens. Packed rows pass ``position_ids`` and no mask."""
+        with autocast(self.precision, input_ids.device):
+            return self._forward(input_ids, labels, attention_mask, position_ids)
+
+    def _forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                 attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+                 ) -> LossSums:
         lm = base_causal_lm(self.model)
         hidden = lm.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -1,0 +1,76 @@
+"""Sequence packing: several encoded examples in one row, each attending only to itself.
+
+A packed row carries ``position_ids`` that restart at 0 for each sequence and no attention
+mask; transformers then builds a block-diagonal causal mask from the position restarts
+(``masking_utils.find_packed_sequence_indices``), so no token sees another example.
+
+tunesmith packs *within* an optimiser step's batch: the same examples are seen in the same
+steps as without packing, so packing changes the compute layout (less padding), never the
+optimisation. Packing across the whole dataset would change which examples share a step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tunesmith.data.encode import IGNORE_INDEX, Encoded
+
+
+@dataclass(frozen=True)
+class PackedRow:
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def pack_rows(examples: Sequence[Encoded], capacity: int) -> list[PackedRow]:
+    """First-fit decreasing: put each example into the first row it fits in, longest first.
+
+    An example longer than ``capacity`` gets a row of its own.
+    """
+    bins: list[list[Encoded]] = []
+    room: list[int] = []
+    for ex in sorted(examples, key=len, reverse=True):
+        for i, free in enumerate(room):
+            if len(ex) <= free:
+                bins[i].append(ex)
+                room[i] -= len(ex)
+                break
+        else:
+            bins.append([ex])
+            room.append(max(0, capacity - len(ex)))
+    rows = []
+    for group in bins:
+        ids, labels, pos = [], [], []
+        for ex in group:
+            ids += ex.input_ids
+            # The first token of a sequence is never a target: it must not be predicted from
+            # the end of the previous sequence in the row.
+            labels += [IGNORE_INDEX] + ex.labels[1:]
+            pos += list(range(len(ex)))
+        rows.append(PackedRow(ids, labels, pos))
+    return rows
+
+
+def collate_packed(rows: Sequence[PackedRow], *, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad packed rows; the padding is one more sequence (positions from 0), never a target.
+
+    No attention mask is returned on purpose: it is what lets transformers see the packing.
+    """
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r)
+        ids[i, :n] = torch.tensor(r.input_ids)
+        labels[i, :n] = torch.tensor(r.labels)
+        pos[i, :n] = torch.tensor(r.position_ids)
+        pos[i, n:] = torch.arange(width - n)
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}

@@ -1,0 +1,42 @@
+"""Mixed precision: frozen weights in bf16, trainable weights in fp32, bf16 autocast."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether the device computes bf16 matmuls natively (otherwise bf16 is emulated, slow)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return bool((check and check()) or (amx and amx()))
+    return False
+
+
+def resolve_precision(choice: str, device: torch.device) -> str:
+    if choice == "auto":
+        return "bf16" if bf16_native(device) else "fp32"
+    return choice
+
+
+def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast frozen floating-point weights to ``dtype``; trainable ones stay in fp32."""
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
+    for name, buf in model.named_buffers():
+        # rotary inverse frequencies stay fp32: positions need the precision
+        if buf.is_floating_point() and "inv_freq" not in name:
+            buf.data = buf.data.to(dtype)
+
+
+def autocast(precision: str, device: torch.device) -> Any:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
