@@ -11,7 +11,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,15 +29,18 @@ from tunesmith.config import (
     resolve_hyperparameters,
 )
 from tunesmith.data.chat import ChatExample, read_chat_jsonl
-from tunesmith.data.encode import Encoded, encode_chat
+from tunesmith.data.encode import Encoded, encode_chat, encode_class_example
 from tunesmith.data.split import Splits, sample, split_examples
-from tunesmith.errors import ConfigError, DataError
+from tunesmith.errors import ConfigError, DataError, ModelError
+from tunesmith.evaluation.classifier import evaluate_classifier
 from tunesmith.evaluation.report import plot_loss_curves, write_report
 from tunesmith.evaluation.task import check_labels, evaluate_examples, label_token_budget
+from tunesmith.models.classifier import load_classifier
 from tunesmith.models.load import add_lora, load, save_merged
 from tunesmith.models.resolve import default_home, resolve_model
 from tunesmith.training.callbacks import MetricsLog, ProgressBar, read_metrics
 from tunesmith.training.loop import LoopSettings, TrainResult, train
+from tunesmith.training.loss import ClassifierLoss
 
 log = logging.getLogger("tunesmith")
 
@@ -85,14 +88,24 @@ def load_splits(cfg: RunConfig) -> Splits:
                   test=cap(test, d.max_test_examples))
 
 
-def encode_examples(tokenizer: Any, examples: Sequence[ChatExample], *, max_length: int,
-                    split: str, progress: Progress | None = None
+def training_encoder(tokenizer: Any, cfg: RunConfig, labels: list[str] | None
+                     ) -> Callable[[ChatExample], Encoded]:
+    """How examples become training rows: the chat with its assistant turns as targets, or,
+    for a classification head, the prompt with the class index as the one target."""
+    if cfg.train.head == "classifier":
+        assert labels is not None
+        return lambda ex: encode_class_example(tokenizer, ex.prompt, labels.index(ex.label))
+    return lambda ex: encode_chat(tokenizer, ex.messages)
+
+
+def encode_examples(encode: Callable[[ChatExample], Encoded], examples: Sequence[ChatExample],
+                    *, max_length: int, split: str, progress: Progress | None = None
                     ) -> tuple[list[Encoded], list[dict[str, Any]]]:
     """Encode for training; too-long or target-less examples are returned as rejects."""
     kept, rejects = [], []
     task = progress.add_task(f"tokenising {split}", total=len(examples)) if progress else None
     for ex in examples:
-        enc = encode_chat(tokenizer, ex.messages)
+        enc = encode(ex)
         if len(enc) > max_length:
             rejects.append({"split": split, "file": ex.source, "line": ex.line,
                             "reason": f"{len(enc)} tokens, over data.max_length={max_length}"})
@@ -126,7 +139,8 @@ def loop_settings(cfg: RunConfig, hp: ResolvedHyperparameters) -> LoopSettings:
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         early_stopping_patience=t.early_stopping_patience, keep_checkpoints=t.keep_checkpoints,
         micro_batch_size=t.micro_batch_size, schedule=t.schedule, layer_lr_decay=t.layer_lr_decay,
-        packing=t.packing, pack_capacity=cfg.data.max_length, group_by_length=t.group_by_length,
+        packing=t.packing and t.head == "lm", pack_capacity=cfg.data.max_length,
+        group_by_length=t.group_by_length,
         precision=t.precision, gradient_checkpointing=t.gradient_checkpointing,
         seed=t.seed, eval_batch_size=cfg.eval.batch_size)
 
@@ -139,7 +153,20 @@ def prepare_model_for_training(model: Any, cfg: RunConfig) -> Any:
         return model
     lora = cfg.train.lora
     return add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                    target_modules=lora.target_modules)
+                    target_modules=lora.target_modules,
+                    task_type="SEQ_CLS" if cfg.train.head == "classifier" else "CAUSAL_LM")
+
+
+def classifier_objective(cfg: RunConfig, train_rows: Sequence[Encoded], n_labels: int
+                         ) -> Callable[[Any, str], Any]:
+    """The classification-head loss, with inverse-frequency class weights when configured."""
+    weights = None
+    if cfg.train.class_weights == "balanced":
+        counts = torch.bincount(torch.tensor([max(e.labels) for e in train_rows]),
+                                minlength=n_labels).float()
+        weights = counts.sum() / (n_labels * counts.clamp(min=1))
+    return lambda model, precision: ClassifierLoss(model, class_weights=weights,
+                                                   precision=precision)
 
 
 def prepare_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool = False) -> Path:
@@ -220,10 +247,11 @@ def _run(cfg: RunConfig, run_dir: Path, home: Path, console: Console, show_progr
 
     with Progress(console=console, disable=not show_progress) as progress:
         # 3. encode, leaving out what cannot be trained on
-        train_enc, rejects = encode_examples(tokenizer, splits.train,
+        encode = training_encoder(tokenizer, cfg, labels)
+        train_enc, rejects = encode_examples(encode, splits.train,
                                              max_length=cfg.data.max_length, split="train",
                                              progress=progress)
-        valid_enc, more = encode_examples(tokenizer, splits.validation,
+        valid_enc, more = encode_examples(encode, splits.validation,
                                           max_length=cfg.data.max_length, split="validation",
                                           progress=progress)
         rejects += more
@@ -252,14 +280,20 @@ def _run(cfg: RunConfig, run_dir: Path, home: Path, console: Console, show_progr
             base_file.write_text(json.dumps(base_metrics, indent=2))
             log.info("base model on the test set: %s", json.dumps(base_metrics))
 
-    # 5. fine-tune
+    # 5. fine-tune (a classification head replaces the LM head when configured)
+    classifier = cfg.train.head == "classifier"
+    if classifier:
+        del model
+        model = load_classifier(model_dir, labels, pad_token_id=tokenizer.pad_token_id,
+                                dtype=cfg.model.dtype)
     model = prepare_model_for_training(model, cfg)
     result: TrainResult = train(
         model, train_enc, valid_enc, settings=loop_settings(cfg, hp),
         pad_id=tokenizer.pad_token_id, checkpoint_dir=run_dir / "checkpoints",
         callbacks=[MetricsLog(run_dir / "metrics.jsonl"),
                    ProgressBar(console, enabled=show_progress), *extra_callbacks],
-        resume=resume)
+        resume=resume,
+        make_loss=classifier_objective(cfg, train_enc, len(labels)) if classifier else None)
     say(f"training: best validation loss {result.state.best_valid_loss:.4f} at step "
         f"{result.state.best_step}" + (" (stopped early)" if result.state.stopped_early else ""))
 
@@ -268,8 +302,14 @@ def _run(cfg: RunConfig, run_dir: Path, home: Path, console: Console, show_progr
         model.save_pretrained(run_dir / "adapter")
     model = save_merged(model, tokenizer, run_dir / "merged")
     with Progress(console=console, disable=not show_progress) as progress:
-        tuned_metrics, predictions = _evaluate(model, tokenizer, splits.test, cfg, labels,
-                                               "tuned", progress)
+        if classifier:
+            task = progress.add_task("evaluating tuned", total=len(splits.test))
+            tuned_metrics, predictions, _ = evaluate_classifier(
+                model, tokenizer, splits.test, labels=labels, positive=cfg.eval.positive_label,
+                batch_size=cfg.eval.batch_size, on_batch=lambda n: progress.advance(task, n))
+        else:
+            tuned_metrics, predictions = _evaluate(model, tokenizer, splits.test, cfg, labels,
+                                                   "tuned", progress)
     log.info("tuned model on the test set: %s", json.dumps(tuned_metrics))
 
     # 7. report
@@ -299,6 +339,10 @@ def _run(cfg: RunConfig, run_dir: Path, home: Path, console: Console, show_progr
 def load_for_chat(model: str, *, home: Path | None = None) -> tuple[Any, Any]:
     """Model and tokenizer for chatting: a model reference or a finished run directory."""
     path = resolve_model(model, home=home or default_home())
+    config = json.loads((path / "config.json").read_text())
+    if any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+        raise ModelError(f"{path}: this model has a classification head; it labels text and "
+                         "cannot chat. Chat with a run trained with train.head: lm")
     return load(path)
 
 

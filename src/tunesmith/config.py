@@ -87,6 +87,14 @@ class TrainConfig(_Section):
         "lora", description="'lora' trains small adapters; 'full' trains every weight."
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
+    head: Literal["lm", "classifier"] = Field(
+        "lm", description="'lm': the model answers in text (classification by generation). "
+        "'classifier': a new classification head on the base model, trained with the adapters "
+        "(needs eval.task: classification).",
+    )
+    class_weights: Literal["balanced", "none"] = Field(
+        "balanced", description="With head 'classifier': weigh classes by inverse frequency."
+    )
     epochs: int | Auto = Field(
         "auto", description="Passes over the training data. 'auto': 3, more for tiny sets, "
         "fewer for huge ones (as OpenAI's fine-tuning does).",
@@ -182,6 +190,13 @@ class RunConfig(_Section):
     data: DataConfig = Field(..., description="Where the data is and how it is split.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="How to train.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="How to evaluate.")
+
+
+    @model_validator(mode="after")
+    def _head_needs_classification(self) -> RunConfig:
+        if self.train.head == "classifier" and self.eval.task != "classification":
+            raise ValueError("train.head 'classifier' needs eval.task: classification")
+        return self
 
 
 class ResolvedHyperparameters(BaseModel):

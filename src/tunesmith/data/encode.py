@@ -71,3 +71,9 @@ def encode_prompt(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
     """Token ids of a conversation followed by the assistant's generation prompt."""
     text = render(tokenizer, messages, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_class_example(tokenizer: Any, messages: Sequence[dict], label_index: int) -> Encoded:
+    """A prompt for a classification head: the class index is the label of its last position."""
+    ids = encode_prompt(tokenizer, messages)
+    return Encoded(ids, [IGNORE_INDEX] * (len(ids) - 1) + [label_index])

@@ -59,12 +59,15 @@ def load(path: Path, *, dtype: str = "float32") -> tuple[Any, Any]:
 
 
 def add_lora(model: Any, *, r: int, alpha: float, dropout: float,
-             target_modules: list[str] | str) -> Any:
-    """Wrap ``model`` with fresh LoRA adapters (PEFT); only the adapters are trainable."""
+             target_modules: list[str] | str, task_type: str = "CAUSAL_LM") -> Any:
+    """Wrap ``model`` with fresh LoRA adapters (PEFT); only the adapters are trainable.
+
+    With ``task_type="SEQ_CLS"`` the classification head is trained in full as well.
+    """
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=target_modules, task_type="CAUSAL_LM")
+                        target_modules=target_modules, task_type=task_type)
     try:
         with warnings.catch_warnings():
             # PEFT probes a property transformers has deprecated; nothing for users to act on

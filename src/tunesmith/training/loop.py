@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +195,10 @@ def _prepare_model(model: torch.nn.Module, s: LoopSettings, device: torch.device
     return precision
 
 
+def _lm_loss(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    return TargetLoss(model, precision=precision)
+
+
 def _n_layers(model: torch.nn.Module) -> int:
     config = getattr(model, "config", None)
     return int(getattr(config, "num_hidden_layers", 0) or 0)
@@ -202,12 +206,18 @@ def _n_layers(model: torch.nn.Module) -> int:
 
 def train(model: torch.nn.Module, train_data: Sequence[Encoded], valid_data: Sequence[Encoded],
           *, settings: LoopSettings, pad_id: int, checkpoint_dir: Path,
-          callbacks: Sequence[Any] = (), resume: bool = False) -> TrainResult:
-    """Train ``model`` in place; on return it holds the weights of the best checkpoint."""
+          callbacks: Sequence[Any] = (), resume: bool = False,
+          make_loss: Callable[[torch.nn.Module, str], torch.nn.Module] | None = None
+          ) -> TrainResult:
+    """Train ``model`` in place; on return it holds the weights of the best checkpoint.
+
+    ``make_loss(model, precision)`` builds the objective (default: causal-LM loss on target
+    tokens); any module returning ``LossSums`` fits, e.g. ``ClassifierLoss``.
+    """
     s = settings
     accelerator = Accelerator()
     precision = _prepare_model(model, s, accelerator.device)
-    loss_module = TargetLoss(model, precision=precision)
+    loss_module = (make_loss or _lm_loss)(model, precision)
     optimizer = build_optimizer(loss_module, lr=s.learning_rate, weight_decay=s.weight_decay,
                                 layer_lr_decay=s.layer_lr_decay, n_layers=_n_layers(model))
     scheduler = get_scheduler(s.schedule, optimizer, num_warmup_steps=s.warmup_steps,

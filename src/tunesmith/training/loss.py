@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.encode import IGNORE_INDEX
+from tunesmith.models.classifier import class_logits, unwrap
 from tunesmith.training.precision import autocast
 
 HEAD_CHUNK = 1024
@@ -35,11 +36,6 @@ def _head_chunk(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
     loss = F.cross_entropy(logits, targets, reduction="sum")
     correct = (logits.argmax(-1) == targets).sum()
     return loss, correct
-
-
-def base_causal_lm(model: Any) -> Any:
-    """The *ForCausalLM inside a PEFT wrapper (adapters stay injected), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class TargetLoss(nn.Module):
@@ -64,7 +60,7 @@ class TargetLoss(nn.Module):
     def _forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
                  attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
                  ) -> LossSums:
-        lm = base_causal_lm(self.model)
+        lm = unwrap(self.model)
         hidden = lm.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             use_cache=False,
@@ -89,3 +85,29 @@ class TargetLoss(nn.Module):
             loss_sum = loss_sum + part
             correct = correct + ok.cpu()
         return LossSums(loss_sum, int(wanted.shape[0]), int(correct))
+
+
+class ClassifierLoss(nn.Module):
+    """Cross-entropy of a sequence-classification head on the last attended token.
+
+    Examples are encoded by ``encode_class_example``: the class index is the one label that is
+    not -100, on the last prompt position. ``class_weights`` counter label imbalance.
+    """
+
+    def __init__(self, model: Any, *, class_weights: torch.Tensor | None = None,
+                 precision: str = "fp32") -> None:
+        super().__init__()
+        self.model = model
+        self.precision = precision
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> LossSums:
+        with autocast(self.precision, input_ids.device):
+            logits = class_logits(self.model, input_ids, attention_mask)
+        targets = labels.masked_fill(labels == IGNORE_INDEX, 0).max(dim=1).values
+        loss = F.cross_entropy(logits, targets, weight=self.class_weights, reduction="none")
+        correct = int((logits.argmax(-1) == targets).sum())
+        return LossSums(loss.sum(), int(targets.shape[0]), correct)
+

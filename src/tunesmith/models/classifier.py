@@ -1,0 +1,53 @@
+"""Sequence classification: a new head on a base model, and its logits."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunesmith.errors import ModelError
+from tunesmith.models.load import DTYPES
+
+
+def unwrap(model: Any) -> Any:
+    """The transformers model inside a PEFT wrapper (adapters stay injected), or the model."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def load_classifier(path: Path, labels: list[str], *, pad_token_id: int,
+                    dtype: str = "float32") -> Any:
+    """The base model with a new sequence-classification head for ``labels``."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        with warnings.catch_warnings():
+            # "Some weights ... newly initialized": the new head is the point here
+            warnings.simplefilter("ignore")
+            return AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={lab: i for i, lab in enumerate(labels)}, pad_token_id=pad_token_id,
+                dtype=DTYPES[dtype])
+    except Exception as err:
+        raise ModelError(f"{path}: cannot put a classification head on this model ({err})") \
+            from err
+
+
+def class_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+                 ) -> torch.Tensor:
+    """Logits [batch, classes] of a *ForSequenceClassification model at each last real token."""
+    clf = unwrap(model)
+    hidden = clf.model(input_ids=input_ids, attention_mask=attention_mask,
+                       use_cache=False).last_hidden_state
+    if attention_mask is None:
+        last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+    else:
+        # rightmost attended position: works for left and right padding alike
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = (positions * attention_mask).argmax(-1)
+    pooled = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last]
+    # the head may be fp32 (trained) on top of bf16 frozen layers
+    head_dtype = next(clf.score.parameters()).dtype
+    return clf.score(pooled.to(head_dtype)).float()

@@ -1,0 +1,31 @@
+"""train.head: classifier — a new classification head trained with LoRA, through the CLI."""
+
+import json
+
+from safetensors.torch import load_file
+
+
+def test_classifier_head_run(make_config, cli, tmp_path):
+    cfg = make_config(train={"head": "classifier", "learning_rate": 1e-2, "epochs": 2})
+    code, out, err = cli("run", str(cfg), "--no-progress")
+    assert code == 0, err
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert results["tuned"]["n"] == 8
+    merged = json.loads((run / "merged" / "config.json").read_text())
+    assert merged["architectures"] == ["LlamaForSequenceClassification"]
+    assert merged["id2label"] == {"0": "good", "1": "bad"}
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert any("score" in k for k in adapter)  # the head is saved with the adapters
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in x]
+    assert min(e["valid_loss"] for e in evals[1:]) < evals[0]["valid_loss"]
+    code, out, err = cli("chat", str(run), "--prompt", "hi")
+    assert code == 2 and "classification head" in err
+
+
+def test_classifier_head_needs_classification_task(make_config, cli):
+    cfg = make_config(train={"head": "classifier"}, eval={"task": "generation",
+                                                        "labels": None, "positive_label": None})
+    code, out, err = cli("run", str(cfg))
+    assert code == 2 and "needs eval.task: classification" in err
