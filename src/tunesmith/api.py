@@ -12,7 +12,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import yaml
 from rich.console import Console
 from rich.progress import Progress
 
+from tunesmith import assess
 from tunesmith.config import (
     ResolvedHyperparameters,
     RunConfig,
@@ -32,9 +33,7 @@ from tunesmith.data.chat import ChatExample, read_chat_jsonl
 from tunesmith.data.encode import Encoded, encode_chat, encode_class_example
 from tunesmith.data.split import Splits, sample, split_examples
 from tunesmith.errors import ConfigError, DataError, ModelError
-from tunesmith.evaluation.classifier import evaluate_classifier
-from tunesmith.evaluation.report import plot_loss_curves, write_report
-from tunesmith.evaluation.task import check_labels, evaluate_examples, label_token_budget
+from tunesmith.evaluation.task import check_labels
 from tunesmith.models.classifier import load_classifier
 from tunesmith.models.load import add_lora, load, save_merged
 from tunesmith.models.resolve import default_home, resolve_model
@@ -55,6 +54,7 @@ class RunResult:
     hyperparameters: ResolvedHyperparameters
     best_step: int | None
     seconds: float
+    results: dict[str, Any] = field(default_factory=dict)  # everything in metrics.json
 
 
 # ----------------------------------------------------------------------------- steps
@@ -191,18 +191,6 @@ def _attach_log_file(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def _evaluate(model: Any, tokenizer: Any, test: list[ChatExample], cfg: RunConfig,
-              labels: list[str] | None, title: str, progress: Progress) -> tuple[dict, Any]:
-    budget = cfg.eval.max_new_tokens
-    if budget == "auto":
-        budget = label_token_budget(tokenizer, labels) if labels else 128
-    task = progress.add_task(f"evaluating {title}", total=len(test))
-    return evaluate_examples(
-        model, tokenizer, test, task=cfg.eval.task, labels=labels,
-        positive=cfg.eval.positive_label, max_new_tokens=int(budget),
-        batch_size=cfg.eval.batch_size, on_batch=lambda n: progress.advance(task, n))
-
-
 # ----------------------------------------------------------------------------- flows
 
 
@@ -228,12 +216,91 @@ def run(config: RunConfig | str | Path, *, overwrite: bool = False, resume: bool
         handler.close()
 
 
+@dataclass
+class _Prepared:
+    """What the data phase hands to training: encoded rows and the resolved hyperparameters."""
+
+    train: list[Encoded]
+    valid: list[Encoded]
+    rejects: list[dict[str, Any]]
+    hp: ResolvedHyperparameters
+
+
+def _prepare(cfg: RunConfig, run_dir: Path, tokenizer: Any, splits: Splits,
+             labels: list[str] | None, progress: Progress, say: Callable[[str], None]
+             ) -> _Prepared:
+    """Encode, leaving out what cannot be trained on; resolve 'auto'; write config.yaml."""
+    encode = training_encoder(tokenizer, cfg, labels)
+    train_enc, rejects = encode_examples(encode, splits.train, max_length=cfg.data.max_length,
+                                         split="train", progress=progress)
+    valid_enc, more = encode_examples(encode, splits.validation,
+                                      max_length=cfg.data.max_length, split="validation",
+                                      progress=progress)
+    rejects += more
+    if rejects:
+        with (run_dir / "rejects.jsonl").open("w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rejects)
+        say(f"left out {len(rejects)} example(s); reasons in {run_dir / 'rejects.jsonl'}")
+    if not train_enc:
+        raise DataError("no training example fits data.max_length; raise it",
+                        path=cfg.data.train_file)
+    hp = resolve_hyperparameters(cfg.train, len(train_enc))
+    resolved = dump_config(cfg)
+    resolved["resolved"] = hp.model_dump()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    say(f"hyperparameters: {hp.epochs} epoch(s), batch {hp.batch_size}, "
+        f"lr {hp.learning_rate:.2e}, {hp.total_steps} steps")
+    return _Prepared(train_enc, valid_enc, rejects, hp)
+
+
+def _advance(progress: Progress, title: str, total: int) -> Callable[[int], None]:
+    task = progress.add_task(title, total=total)
+    return lambda n: progress.advance(task, n)
+
+
+def _base_eval(cfg: RunConfig, run_dir: Path, model: Any, tokenizer: Any, test: list,
+               labels: list[str] | None, progress: Progress, resume: bool
+               ) -> assess.ModelEval | None:
+    """The base model on the test set, before any training (kept on disk for --resume)."""
+    if not cfg.eval.compare_base:
+        return None
+    path = run_dir / "base_eval.json"
+    found = assess.load_model_eval(path) if resume else None
+    if found is None:
+        found = assess.evaluate_lm(model, tokenizer, test, cfg.eval, labels,
+                                   _advance(progress, "evaluating base", len(test)))
+        assess.save_model_eval(path, found)
+    log.info("base model on the test set: %s", json.dumps(found.metrics))
+    return found
+
+
+def _fine_tune(cfg: RunConfig, run_dir: Path, model: Any, model_dir: Path, tokenizer: Any,
+               prepared: _Prepared, labels: list[str] | None, callbacks: list[Any],
+               resume: bool) -> tuple[Any, TrainResult]:
+    """Train adapters (or all weights, or a classification head); save adapter and merged."""
+    classifier = cfg.train.head == "classifier"
+    if classifier:
+        del model  # the causal LM; the classifier is loaded from the same weights
+        model = load_classifier(model_dir, labels, pad_token_id=tokenizer.pad_token_id,
+                                dtype=cfg.model.dtype)
+    model = prepare_model_for_training(model, cfg)
+    result = train(
+        model, prepared.train, prepared.valid, settings=loop_settings(cfg, prepared.hp),
+        pad_id=tokenizer.pad_token_id, checkpoint_dir=run_dir / "checkpoints",
+        callbacks=callbacks, resume=resume,
+        make_loss=classifier_objective(cfg, prepared.train, len(labels)) if classifier else None)
+    if cfg.train.method == "lora":
+        model.save_pretrained(run_dir / "adapter")
+    return save_merged(model, tokenizer, run_dir / "merged"), result
+
+
 def _run(cfg: RunConfig, run_dir: Path, home: Path, console: Console, show_progress: bool,
          started: float, *, resume: bool, extra_callbacks: list[Any]) -> RunResult:
     def say(msg: str) -> None:
         log.info(msg)
         console.print(msg)
 
+    ev, head = cfg.eval, cfg.train.head == "classifier"
     # 1. data: read, validate, split
     splits = load_splits(cfg)
     labels = classification_labels(cfg, splits)
@@ -246,94 +313,62 @@ def _run(cfg: RunConfig, run_dir: Path, home: Path, console: Console, show_progr
     model, tokenizer = load(model_dir, dtype=cfg.model.dtype)
 
     with Progress(console=console, disable=not show_progress) as progress:
-        # 3. encode, leaving out what cannot be trained on
-        encode = training_encoder(tokenizer, cfg, labels)
-        train_enc, rejects = encode_examples(encode, splits.train,
-                                             max_length=cfg.data.max_length, split="train",
-                                             progress=progress)
-        valid_enc, more = encode_examples(encode, splits.validation,
-                                          max_length=cfg.data.max_length, split="validation",
-                                          progress=progress)
-        rejects += more
-        if rejects:
-            with (run_dir / "rejects.jsonl").open("w", encoding="utf-8") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in rejects)
-            say(f"left out {len(rejects)} example(s); reasons in {run_dir / 'rejects.jsonl'}")
-        if not train_enc:
-            raise DataError("no training example fits data.max_length; raise it",
-                            path=cfg.data.train_file)
-        hp = resolve_hyperparameters(cfg.train, len(train_enc))
-        resolved = dump_config(cfg)
-        resolved["resolved"] = hp.model_dump()
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        say(f"hyperparameters: {hp.epochs} epoch(s), batch {hp.batch_size}, "
-            f"lr {hp.learning_rate:.2e}, {hp.total_steps} steps")
+        # 3. encode and resolve the hyperparameters
+        prepared = _prepare(cfg, run_dir, tokenizer, splits, labels, progress, say)
+        # 4. the base model on the test set and on general text, before any training
+        base = _base_eval(cfg, run_dir, model, tokenizer, splits.test, labels, progress, resume)
+        snapshot = assess.forgetting_snapshot(model, tokenizer, ev) \
+            if ev.forgetting and not head else None
 
-        # 4. the base model on the test set, before any training
-        base_metrics = None
-        base_file = run_dir / "base_metrics.json"
-        if cfg.eval.compare_base and resume and base_file.is_file():
-            base_metrics = json.loads(base_file.read_text())
-        elif cfg.eval.compare_base:
-            base_metrics, _ = _evaluate(model, tokenizer, splits.test, cfg, labels, "base",
-                                        progress)
-            base_file.write_text(json.dumps(base_metrics, indent=2))
-            log.info("base model on the test set: %s", json.dumps(base_metrics))
-
-    # 5. fine-tune (a classification head replaces the LM head when configured)
-    classifier = cfg.train.head == "classifier"
-    if classifier:
-        del model
-        model = load_classifier(model_dir, labels, pad_token_id=tokenizer.pad_token_id,
-                                dtype=cfg.model.dtype)
-    model = prepare_model_for_training(model, cfg)
-    result: TrainResult = train(
-        model, train_enc, valid_enc, settings=loop_settings(cfg, hp),
-        pad_id=tokenizer.pad_token_id, checkpoint_dir=run_dir / "checkpoints",
-        callbacks=[MetricsLog(run_dir / "metrics.jsonl"),
-                   ProgressBar(console, enabled=show_progress), *extra_callbacks],
-        resume=resume,
-        make_loss=classifier_objective(cfg, train_enc, len(labels)) if classifier else None)
+    # 5. fine-tune, save the adapter and the merged model
+    model, result = _fine_tune(
+        cfg, run_dir, model, model_dir, tokenizer, prepared, labels,
+        [MetricsLog(run_dir / "metrics.jsonl"), ProgressBar(console, enabled=show_progress),
+         *extra_callbacks], resume)
     say(f"training: best validation loss {result.state.best_valid_loss:.4f} at step "
         f"{result.state.best_step}" + (" (stopped early)" if result.state.stopped_early else ""))
 
-    # 6. save the adapter and the merged model; evaluate what was saved
-    if cfg.train.method == "lora":
-        model.save_pretrained(run_dir / "adapter")
-    model = save_merged(model, tokenizer, run_dir / "merged")
+    # 6. evaluate what was saved: test set, calibration, forgetting
     with Progress(console=console, disable=not show_progress) as progress:
-        if classifier:
-            task = progress.add_task("evaluating tuned", total=len(splits.test))
-            tuned_metrics, predictions, _ = evaluate_classifier(
-                model, tokenizer, splits.test, labels=labels, positive=cfg.eval.positive_label,
-                batch_size=cfg.eval.batch_size, on_batch=lambda n: progress.advance(task, n))
-        else:
-            tuned_metrics, predictions = _evaluate(model, tokenizer, splits.test, cfg, labels,
-                                                   "tuned", progress)
-    log.info("tuned model on the test set: %s", json.dumps(tuned_metrics))
+        advance = _advance(progress, "evaluating tuned", len(splits.test))
+        tuned = assess.evaluate_head(model, tokenizer, splits.test, ev, labels, advance) \
+            if head else assess.evaluate_lm(model, tokenizer, splits.test, ev, labels, advance)
+        log.info("tuned model on the test set: %s", json.dumps(tuned.metrics))
+        cal = None
+        if labels and ev.calibration and splits.validation:
+            valid_lp = assess.validation_log_probs(model, tokenizer, splits.validation, labels,
+                                                   head=head, batch_size=ev.batch_size)
+            cal = assess.calibration(valid_lp, splits.validation, tuned, splits.test, labels,
+                                     run_dir / "merged")
+        forgetting = assess.compare_snapshots(
+            snapshot, assess.forgetting_snapshot(model, tokenizer, ev),
+            max_perplexity_ratio=ev.max_perplexity_ratio, max_kl=ev.max_kl
+        ).to_dict() if snapshot is not None else None
+    if forgetting and forgetting["warning"]:
+        console.print(f"warning: {forgetting['warning']}", style="yellow")
 
     # 7. report
     seconds = time.perf_counter() - started
     records = read_metrics(run_dir / "metrics.jsonl")
-    plot_loss_curves(records, run_dir / "loss_curve.png")
-    (run_dir / "results.json").write_text(json.dumps(
-        {"base": base_metrics, "tuned": tuned_metrics, "best_step": result.state.best_step,
-         "stopped_early": result.state.stopped_early, "seconds": round(seconds, 1)}, indent=2))
-    write_report(
-        run_dir / "report.md", name=cfg.name or run_dir.name, model=cfg.model.base,
-        hyperparameters=hp.model_dump(),
-        data_counts={"train": len(train_enc), "validation": len(valid_enc),
-                     "test": len(splits.test), "left out": len(rejects)},
-        training={"best step": result.state.best_step,
-                  "best validation loss": f"{result.state.best_valid_loss:.4f}",
-                  "stopped early": result.state.stopped_early,
-                  "trained tokens": result.state.tokens_seen,
-                  "wall time": f"{seconds:.0f} s"},
-        base=base_metrics, tuned=tuned_metrics, loss_plot="loss_curve.png",
-        samples=predictions.samples(10))
+    stats, lengths = assess.length_stats(tokenizer, {"train": splits.train,
+                                                     "test": splits.test})
+    results = assess.assemble(
+        name=cfg.name or run_dir.name, model=cfg.model.base, ev=ev, labels=labels,
+        data_counts={"train": len(prepared.train), "validation": len(prepared.valid),
+                     "test": len(splits.test), "left out": len(prepared.rejects)},
+        token_lengths=stats, hyperparameters=prepared.hp.model_dump(),
+        training={"best_step": result.state.best_step,
+                  "best_valid_loss": result.state.best_valid_loss,
+                  "stopped_early": result.state.stopped_early,
+                  "tokens_seen": result.state.tokens_seen, "precision": result.precision,
+                  "seconds": round(seconds, 1)},
+        test=splits.test, base=base, tuned=tuned, calibration_result=cal,
+        forgetting=forgetting, records=records)
+    assess.write_run_results(run_dir, results, records, lengths, cfg.data.max_length)
     say(f"run directory: {run_dir}")
-    return RunResult(run_dir=run_dir, base=base_metrics, tuned=tuned_metrics,
-                     hyperparameters=hp, best_step=result.state.best_step, seconds=seconds)
+    return RunResult(run_dir=run_dir, base=base.metrics if base else None, tuned=tuned.metrics,
+                     hyperparameters=prepared.hp, best_step=result.state.best_step,
+                     seconds=seconds, results=results)
 
 
 def load_for_chat(model: str, *, home: Path | None = None) -> tuple[Any, Any]:

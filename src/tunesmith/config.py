@@ -179,6 +179,39 @@ class EvalConfig(_Section):
     )
     batch_size: int = Field(16, gt=0, description="Test examples generated at once.")
     compare_base: bool = Field(True, description="Also evaluate the base model on the test set.")
+    bootstrap_resamples: int = Field(
+        1000, ge=100, description="Paired bootstrap resamples for the 95% CI of base vs tuned."
+    )
+    calibration: bool = Field(
+        True, description="Classification: ECE and a reliability diagram from the label "
+        "probabilities, and a temperature fitted on the validation split (saved with the model).",
+    )
+    forgetting: bool = Field(
+        True, description="Perplexity on general English text and KL divergence from the base "
+        "model on general prompts, before vs after fine-tuning.",
+    )
+    forgetting_max_tokens: int = Field(
+        4096, gt=0, description="Tokens of the general text scored for perplexity."
+    )
+    forgetting_text: Path | None = Field(
+        None, description="General text for the forgetting check. Empty: the bundled text."
+    )
+    forgetting_prompts: Path | None = Field(
+        None, description="General prompts (chat JSONL) for the KL check. Empty: bundled."
+    )
+    max_perplexity_ratio: float = Field(
+        1.2, gt=1, description="Warn when general-text perplexity rises more than this factor."
+    )
+    max_kl: float = Field(
+        0.5, gt=0, description="Warn when the mean KL divergence from the base exceeds this."
+    )
+    group_field: str | None = Field(
+        None, description="A top-level key of each test line holding a group (e.g. 'region'): "
+        "metrics per group and the largest gap (fairness).",
+    )
+    confident_errors: int = Field(
+        10, ge=0, description="How many of the most confident wrong predictions to list."
+    )
 
 
 class RunConfig(_Section):
@@ -320,11 +353,15 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
         "validation_file": fix(cfg.data.validation_file),
         "test_file": fix(cfg.data.test_file),
     })
+    evaluation = cfg.eval.model_copy(update={
+        "forgetting_text": fix(cfg.eval.forgetting_text),
+        "forgetting_prompts": fix(cfg.eval.forgetting_prompts),
+    })
     model = cfg.model
     candidate = base_dir / cfg.model.base
     if not Path(cfg.model.base).is_absolute() and candidate.exists():
         model = cfg.model.model_copy(update={"base": str(candidate)})
-    return cfg.model_copy(update={"data": data, "model": model})
+    return cfg.model_copy(update={"data": data, "model": model, "eval": evaluation})
 
 
 def load_config(path: Path | str) -> RunConfig:

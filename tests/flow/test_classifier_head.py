@@ -10,8 +10,9 @@ def test_classifier_head_run(make_config, cli, tmp_path):
     code, out, err = cli("run", str(cfg), "--no-progress")
     assert code == 0, err
     run = tmp_path / "run"
-    results = json.loads((run / "results.json").read_text())
+    results = json.loads((run / "metrics.json").read_text())
     assert results["tuned"]["n"] == 8
+    assert results["calibration"]["temperature"] > 0
     merged = json.loads((run / "merged" / "config.json").read_text())
     assert merged["architectures"] == ["LlamaForSequenceClassification"]
     assert merged["id2label"] == {"0": "good", "1": "bad"}

@@ -73,16 +73,24 @@ def test_run_directory_holds_every_artefact(finished_run):
     run = tmp / "run"
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors",
                  "merged/config.json", "merged/model.safetensors", "merged/tokenizer.json",
-                 "config.yaml", "metrics.jsonl", "report.md", "loss_curve.png", "run.log",
-                 "results.json"):
+                 "config.yaml", "metrics.jsonl", "report.md", "report.html", "loss_curve.png",
+                 "run.log", "metrics.json", "merged/calibration.json", "confusion_tuned.png",
+                 "reliability.png", "token_lengths.png"):
         assert (run / name).is_file(), name
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["resolved"]["epochs"] == 3 and resolved["resolved"]["batch_size"] == 8
     report = (run / "report.md").read_text()
     assert "| metric | base | tuned | change |" in report and "loss_curve.png" in report
-    results = json.loads((run / "results.json").read_text())
+    results = json.loads((run / "metrics.json").read_text())
     assert f"| accuracy | {results['base']['accuracy']:.4f} | {results['tuned']['accuracy']:.4f}" \
         in report
+    html = (run / "report.html").read_text()
+    assert f"{results['tuned']['accuracy']:.4f}" in html and "data:image/png;base64," in html
+    # every section the run could measure is in metrics.json
+    for key in ("comparison", "calibration", "forgetting", "overfitting", "confusion"):
+        assert results[key], key
+    assert results["comparison"]["accuracy"]["ci_low"] <= results["comparison"]["accuracy"][
+        "difference"] <= results["comparison"]["accuracy"]["ci_high"]
     assert (run / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert "base model:" in (run / "run.log").read_text()
     assert list((run / "checkpoints").glob("step-*"))

@@ -9,7 +9,11 @@ from typing import Any
 from tunesmith.data.chat import ChatExample
 from tunesmith.errors import DataError
 from tunesmith.evaluation.generate import generate
-from tunesmith.evaluation.metrics import classification_metrics, exact_match, parse_label
+from tunesmith.evaluation.metrics import (
+    classification_metrics,
+    generation_metrics,
+    parse_label,
+)
 
 
 @dataclass
@@ -53,5 +57,5 @@ def evaluate_examples(model: Any, tokenizer: Any, examples: Sequence[ChatExample
         metrics = classification_metrics(predicted, expected, labels, positive)
     else:
         predicted = replies
-        metrics = exact_match(replies, expected)
+        metrics = generation_metrics(replies, expected)
     return metrics, Predictions(replies, predicted, expected)

@@ -1,0 +1,297 @@
+"""The report's content, built once from the results dict and rendered as Markdown or HTML.
+
+Building the sections apart from rendering keeps report.md and report.html the same report:
+a number added here shows in both. Blocks are plain text, bullet lists, tables and images
+(a file name relative to the run directory).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+
+
+@dataclass(frozen=True)
+class Bullets:
+    items: list[str]
+
+
+@dataclass(frozen=True)
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass(frozen=True)
+class Image:
+    alt: str
+    file: str
+
+
+@dataclass
+class Section:
+    title: str
+    blocks: list[Text | Bullets | Table | Image] = field(default_factory=list)
+
+
+_NUMBER = re.compile(r"^[-+]?(\d[\d.,e+-]*%?x?|inf|nan)$|^-$|^\[[-+\d., e]+\]$")
+
+
+def is_number(cell: str) -> bool:
+    """Whether a cell reads as a number (or '-' for none): such columns align right."""
+    return bool(_NUMBER.match(cell.strip()))
+
+
+def numeric_columns(table: Table) -> list[bool]:
+    return [all(is_number(row[i]) for row in table.rows) and bool(table.rows)
+            for i in range(len(table.header))]
+
+
+def fmt(x: Any, digits: int = 4) -> str:
+    """A cell: 4 decimals for fractions, 4 significant digits for big numbers, '-' for none."""
+    if x is None:
+        return "-"
+    if isinstance(x, bool) or not isinstance(x, float):
+        return str(x)
+    if not math.isfinite(x):
+        return str(x)
+    # significant digits where fixed decimals would hide the value (1e-05 is not 0.0000)
+    tiny_or_big = x != 0 and (abs(x) >= 1000 or abs(x) < 1e-3)
+    return f"{x:.{digits}g}" if tiny_or_big else f"{x:.{digits}f}"
+
+
+def signed(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.4f}"
+
+
+def fixed(x: float | None) -> str:
+    """A metric in the comparison table: always 4 decimals, as the first report had it."""
+    return "-" if x is None else f"{x:.4f}"
+
+
+def headline_metrics(metrics: dict[str, Any]) -> list[str]:
+    """The scalar metrics worth a row in the comparison table, in display order."""
+    preferred = ["accuracy", "macro_f1", "exact_match", "bleu", "rouge_l", "token_accuracy",
+                 "invalid_rate"]
+    keys = [k for k in preferred if k in metrics]
+    keys += sorted(k for k, v in metrics.items() if k.startswith("f1_") and isinstance(v, float))
+    return keys
+
+
+def collect_warnings(results: dict[str, Any]) -> list[str]:
+    """Everything in the results that should make a reader stop and look."""
+    out = []
+    forgetting = results.get("forgetting") or {}
+    if forgetting.get("warning"):
+        out.append(forgetting["warning"])
+    overfitting = results.get("overfitting") or {}
+    out += [f"possible overfitting: {r}" for r in overfitting.get("reasons", [])]
+    calibration = results.get("calibration") or {}
+    if calibration.get("at_bound"):
+        out.append(f"the fitted temperature {fmt(calibration['temperature'])} is at its bound; "
+                   "the validation set is too small or too easy to calibrate on")
+    for c in (results.get("comparison") or {}).values():
+        level = f"{c['confidence']:.0%}"
+        if c["ci_high"] < 0:
+            out.append(f"{c['metric']}: the tuned model is worse than the base ({level} interval "
+                       f"of the change [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}])")
+        elif c["ci_low"] <= 0 <= c["ci_high"] and c["difference"] != 0:
+            out.append(f"{c['metric']}: the {level} interval of the change includes 0, so this "
+                       "test set cannot tell the tuned model from the base on it")
+    return out
+
+
+def _comparison_table(results: dict[str, Any]) -> Table:
+    base, tuned = results.get("base"), results["tuned"]
+    comparison = results.get("comparison") or {}
+    rows = []
+    for key in headline_metrics(tuned):
+        b = base.get(key) if base else None
+        c = comparison.get(key)
+        ci = f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]" if c else "-"
+        rer = c.get("relative_error_reduction") if c else None
+        rows.append([key, fixed(b), fixed(tuned[key]),
+                     signed(None if b is None else tuned[key] - b),
+                     ci, "-" if rer is None else f"{rer:+.1%}",
+                     fmt(c["p_not_better"]) if c else "-"])
+    level = f"{next(iter(comparison.values()))['confidence']:.0%}" if comparison else "95%"
+    return Table(["metric", "base", "tuned", "change", f"{level} CI of change",
+                  "relative error reduction", "p(not better)"], rows)
+
+
+def _comparison_note(results: dict[str, Any]) -> Text | None:
+    comparison = results.get("comparison") or {}
+    if not comparison:
+        return None
+    c = next(iter(comparison.values()))
+    return Text(f"Change = tuned - base on the same {c['n']} test items. The interval is a paired "
+                f"bootstrap ({c['n_resamples']} resamples of the test items, seed {c['seed']}); "
+                "relative error reduction = (error_base - error_tuned) / error_base with error = "
+                "1 - metric (100 - BLEU); p(not better) = share of resamples where tuned did not "
+                "beat base.")
+
+
+def _per_class(results: dict[str, Any]) -> Table | None:
+    tuned = results["tuned"].get("per_class")
+    if not tuned:
+        return None
+    base = (results.get("base") or {}).get("per_class") or {}
+    rows = []
+    for label, t in tuned.items():
+        b = base.get(label, {})
+        rows.append([label, str(t["support"]), fmt(b.get("precision")), fmt(b.get("recall")),
+                     fmt(b.get("f1")), fmt(t["precision"]), fmt(t["recall"]), fmt(t["f1"])])
+    return Table(["label", "support", "base precision", "base recall", "base F1",
+                  "tuned precision", "tuned recall", "tuned F1"], rows)
+
+
+def _confusion_blocks(results: dict[str, Any]) -> list:
+    blocks: list = []
+    plots = results.get("plots") or {}
+    for which, c in (results.get("confusion") or {}).items():
+        if not c:
+            continue
+        blocks.append(Text(f"{which.capitalize()} model (rows: expected, columns: predicted)"))
+        blocks.append(Table(["expected \\ predicted", *c["columns"]],
+                            [[r, *map(str, row)] for r, row in zip(c["rows"], c["matrix"],
+                                                                   strict=True)]))
+        if plots.get(f"confusion_{which}"):
+            blocks.append(Image(f"confusion matrix ({which})", plots[f"confusion_{which}"]))
+    return blocks
+
+
+def _calibration(results: dict[str, Any]) -> list:
+    c = results.get("calibration")
+    if not c:
+        return []
+    blocks: list = [
+        Text(f"Temperature scaling fitted on {c['n_fit']} validation items: T = "
+             f"{fmt(c['temperature'])} (T > 1 softens over-confident answers). ECE uses "
+             f"{c['n_bins']} equal-width confidence bins on {c['n_test']} test items."),
+        Table(["", "ECE", "NLL"], [["before scaling", fmt(c["ece_before"]), fmt(c["nll_before"])],
+                                   ["after scaling", fmt(c["ece_after"]), fmt(c["nll_after"])]])]
+    plot = (results.get("plots") or {}).get("reliability")
+    if plot:
+        blocks.append(Image("reliability diagram", plot))
+    return blocks
+
+
+def _forgetting(results: dict[str, Any]) -> list:
+    f = results.get("forgetting")
+    if not f:
+        return []
+    verdict = f["warning"] or "no sign of forgetting past the thresholds"
+    return [Table(["measure", "base", "tuned", "change", "threshold"], [
+        [f"perplexity on general text ({f['n_text_tokens']} tokens)", fmt(f["base_perplexity"]),
+         fmt(f["tuned_perplexity"]), f"{fmt(f['perplexity_ratio'])}x",
+         f"{fmt(f['max_perplexity_ratio'])}x"],
+        [f"mean KL(base || tuned), {f['n_prompts']} general prompts", "0", fmt(f["kl_mean"]),
+         fmt(f["kl_mean"]), fmt(f["max_kl"])],
+        ["KL at the reply's first token", "0", fmt(f["kl_reply_start"]),
+         fmt(f["kl_reply_start"]), "-"]]), Text(f"Verdict: {verdict}.")]
+
+
+def _overfitting(results: dict[str, Any], max_rows: int = 25) -> list:
+    o = results.get("overfitting")
+    if not o:
+        return []
+    points = o["points"]
+    if len(points) > max_rows:  # evenly thinned; the last evaluation always shown
+        keep = {round(i * (len(points) - 1) / (max_rows - 1)) for i in range(max_rows)}
+        points = [p for i, p in enumerate(points) if i in keep]
+    verdict = "; ".join(o["reasons"]) if o["reasons"] else "no sign of overfitting"
+    return [Text(f"Best checkpoint (kept and evaluated): step {o['best_step']} with validation "
+                 f"loss {fmt(o['best_valid_loss'])}; last step {o['last_step']}. Verdict: "
+                 f"{verdict}."),
+            Table(["step", "train loss (mean since last eval)", "validation loss", "gap"],
+                  [[str(p["step"]), fmt(p["train_loss"]), fmt(p["valid_loss"]), fmt(p["gap"])]
+                   for p in points])]
+
+
+def _fairness(results: dict[str, Any]) -> list:
+    fr = results.get("fairness")
+    if not fr:
+        return []
+    tuned, base = fr["tuned"], fr.get("base") or {}
+    names = tuned["metrics"]
+    header = ["group", "items"] + [f"{w} {m}" for m in names for w in ("base", "tuned")]
+    rows = []
+    for g, n in tuned["counts"].items():
+        row = [g + (" (small)" if g in tuned["small_groups"] else ""), str(n)]
+        for m in names:
+            row += [fmt(base.get("by_group", {}).get(g, {}).get(m)), fmt(tuned["by_group"][g][m])]
+        rows.append(row)
+    gaps = [f"{m}: largest gap {fmt(tuned['gaps'][m])} between {tuned['best_group'][m]} and "
+            f"{tuned['worst_group'][m]} (tuned model)" for m in names]
+    return [Text(f"Groups by {fr.get('group_field', 'group')}; groups under "
+                 f"{tuned['min_count']} items are marked small."), Table(header, rows),
+            Bullets(gaps)]
+
+
+def _errors(results: dict[str, Any]) -> list:
+    errs = results.get("confident_errors")
+    if not errs:
+        return []
+    return [Table(["#", "input", "expected", "predicted", "confidence", "P(expected)"],
+                  [[str(e["index"]), e["input"], e["expected"], e["predicted"],
+                    fmt(e["confidence"]), fmt(e.get("p_expected"))] for e in errs])]
+
+
+def _samples(samples: Sequence[dict[str, Any]]) -> list:
+    if not samples:
+        return []
+    return [Table(["input", "expected", "predicted", "reply"],
+                  [[s.get("input", ""), s["expected"], s["predicted"], s["reply"][:200]]
+                   for s in samples])]
+
+
+def _data(results: dict[str, Any]) -> list:
+    blocks: list = [Table(["split", "examples"],
+                          [[k, str(v)] for k, v in results["data_counts"].items()])]
+    lengths = results.get("token_lengths")
+    if lengths:
+        keys = ["min", "mean", "p50", "p95", "max"]
+        blocks.append(Table(["split", *[f"tokens {k}" for k in keys]],
+                            [[s, *[fmt(v.get(k)) for k in keys]] for s, v in lengths.items()]))
+    plot = (results.get("plots") or {}).get("token_lengths")
+    if plot:
+        blocks.append(Image("token lengths", plot))
+    return blocks
+
+
+def report_sections(results: dict[str, Any]) -> list[Section]:
+    """Every section of the run report, in reading order; empty sections are left out."""
+    plots = results.get("plots") or {}
+    training: list = [Bullets([f"{k}: {fmt(v)}" for k, v in (results.get("training") or {}
+                                                             ).items()])]
+    if plots.get("loss_curves"):
+        training.append(Image("loss curves", plots["loss_curves"]))
+    test = [_comparison_table(results)]
+    note = _comparison_note(results)
+    test += [note] if note else []
+    per_class = _per_class(results)
+    sections = [
+        Section("Warnings", [Bullets(w)] if (w := collect_warnings(results)) else []),
+        Section("Data", _data(results)),
+        Section("Hyperparameters", [Table(["name", "value"], [
+            [k, fmt(v)] for k, v in results["hyperparameters"].items()])]),
+        Section("Training", training),
+        Section("Test set: base vs tuned", test),
+        Section("Per-class metrics", [per_class] if per_class else []),
+        Section("Confusion matrices", _confusion_blocks(results)),
+        Section("Calibration", _calibration(results)),
+        Section("Forgetting", _forgetting(results)),
+        Section("Overfitting", _overfitting(results)),
+        Section("Fairness", _fairness(results)),
+        Section("Most confident errors (tuned)", _errors(results)),
+        Section("Sample predictions (tuned)", _samples(results.get("samples") or [])),
+    ]
+    return [s for s in sections if s.blocks]
