@@ -23,6 +23,7 @@ from rich.progress import Progress
 
 from tunesmith import assess
 from tunesmith.config import (
+    EvalConfig,
     ResolvedHyperparameters,
     RunConfig,
     dump_config,
@@ -34,8 +35,8 @@ from tunesmith.data.encode import Encoded, encode_chat, encode_class_example
 from tunesmith.data.split import Splits, sample, split_examples
 from tunesmith.errors import ConfigError, DataError, ModelError
 from tunesmith.evaluation.task import check_labels
-from tunesmith.models.classifier import load_classifier
-from tunesmith.models.load import add_lora, load, save_merged
+from tunesmith.models.classifier import load_classifier, load_trained_classifier
+from tunesmith.models.load import add_lora, load, load_tokenizer, save_merged
 from tunesmith.models.resolve import default_home, resolve_model
 from tunesmith.training.callbacks import MetricsLog, ProgressBar, read_metrics
 from tunesmith.training.loop import LoopSettings, TrainResult, train
@@ -369,6 +370,68 @@ def _run(cfg: RunConfig, run_dir: Path, home: Path, console: Console, show_progr
     return RunResult(run_dir=run_dir, base=base.metrics if base else None, tuned=tuned.metrics,
                      hyperparameters=prepared.hp, best_step=result.state.best_step,
                      seconds=seconds, results=results)
+
+
+def _run_config(run_dir: Path) -> RunConfig | None:
+    """The configuration a run directory was trained with, if it is one."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    from tunesmith.config import parse_config
+
+    resolved = yaml.safe_load(path.read_text())
+    resolved.pop("resolved", None)
+    return parse_config(resolved, source=str(path))
+
+
+def evaluate(model: str, test_file: str | Path, *, base: str | None = None,
+             output_dir: str | Path | None = None, eval_config: EvalConfig | None = None,
+             home: Path | None = None, console: Console | None = None,
+             show_progress: bool = True) -> dict[str, Any]:
+    """Evaluate a model (a run directory or a model reference) on a chat JSONL test file.
+
+    For a run directory the base model, task and labels default to the run's; the results
+    (the same ``metrics.json``, ``report.md`` and ``report.html`` as a run) go to
+    ``output_dir`` (default: ``<run>/eval-<test file name>``). Returns the results dict.
+    """
+    home = home or default_home()
+    console = console or Console(stderr=True)
+    run_cfg = _run_config(Path(model)) if Path(model).is_dir() else None
+    ev = eval_config or (run_cfg.eval if run_cfg else EvalConfig())
+    base = base if base is not None else (run_cfg.model.base if run_cfg else None)
+    test = read_chat_jsonl(test_file)
+    labels = None
+    if ev.task == "classification":
+        labels = ev.labels or sorted({ex.label for ex in test})
+        check_labels(test, labels, "test")
+    out = Path(output_dir) if output_dir else (
+        Path(model) / f"eval-{Path(test_file).stem}" if run_cfg else Path("runs") / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    head = run_cfg is not None and run_cfg.train.head == "classifier"
+    with Progress(console=console, disable=not show_progress) as progress:
+        base_eval = None
+        if base is not None and ev.compare_base:
+            b_model, b_tok = load(resolve_model(base, home=home))
+            base_eval = assess.evaluate_lm(b_model, b_tok, test, ev, labels,
+                                           _advance(progress, "evaluating base", len(test)))
+            del b_model
+        path = resolve_model(model, home=home)
+        advance = _advance(progress, "evaluating model", len(test))
+        if head:
+            tuned = assess.evaluate_head(load_trained_classifier(path), load_tokenizer(path),
+                                         test, ev, labels, advance)
+        else:
+            m, tok = load(path)
+            tuned = assess.evaluate_lm(m, tok, test, ev, labels, advance)
+    results = assess.assemble(
+        name=f"{Path(model).name} on {Path(test_file).name}", model=base or model, ev=ev,
+        labels=labels, data_counts={"test": len(test)}, token_lengths={},
+        hyperparameters={}, training={}, test=test, base=base_eval, tuned=tuned,
+        calibration_result=None, forgetting=None, records=[])
+    assess.write_run_results(out, results, [], {}, 0)
+    log.info("evaluation written to %s", out)
+    results["output_dir"] = str(out)
+    return results
 
 
 def load_for_chat(model: str, *, home: Path | None = None) -> tuple[Any, Any]:

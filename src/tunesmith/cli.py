@@ -48,13 +48,13 @@ def main_options(debug: bool = typer.Option(False, "--debug", help="Show full tr
     _state["debug"] = debug
 
 
-def _result_table(result: Any) -> Table:
+def _comparison_table(base: dict | None, tuned: dict) -> Table:
     from tunesmith.evaluation.report import comparison_rows
 
-    table = Table(title=f"test set ({result.tuned['n']} examples): base vs tuned")
+    table = Table(title=f"test set ({tuned['n']} examples): base vs tuned")
     for col in ("metric", "base", "tuned", "change"):
         table.add_column(col, justify="left" if col == "metric" else "right")
-    for key, b, t, d in comparison_rows(result.base, result.tuned):
+    for key, b, t, d in comparison_rows(base, tuned):
         table.add_row(key, "-" if b is None else f"{b:.3f}", f"{t:.3f}",
                       "-" if d is None else f"{d:+.3f}")
     return table
@@ -73,7 +73,7 @@ def run_cmd(
     from tunesmith.api import run
 
     result = run(config, overwrite=overwrite, resume=resume, console=err, show_progress=progress)
-    out.print(_result_table(result))
+    out.print(_comparison_table(result.base, result.tuned))
     out.print(f"run directory: {result.run_dir}  ({result.seconds:.0f} s)")
     out.print(f"chat with it: tunesmith chat {result.run_dir}")
 
@@ -112,6 +112,37 @@ def chat_cmd(
         if not text:
             break
         out.print(f"model> {answer(text)}", markup=False, highlight=False)
+
+
+@app.command("eval")
+@friendly
+def eval_cmd(
+    model: str | None = typer.Argument(None, help="A run directory or a model reference."),
+    test_file: Path | None = typer.Option(None, "--test-file", "-t",
+                                          help="Chat JSONL to evaluate on."),
+    base: str | None = typer.Option(None, "--base", help="Compare with this model (default: "
+                                    "the run's base model)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Where the report goes."),
+    compare: tuple[Path, Path] | None = typer.Option(None, "--compare",
+                                                     help="Two run directories side by side."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+) -> None:
+    """Evaluate a model on a test file against its base, or compare two runs (--compare A B)."""
+    from tunesmith.errors import ConfigError
+
+    if compare:
+        from tunesmith.evaluation.report import compare_runs
+
+        out.print(compare_runs(*compare), markup=False, highlight=False)
+        return
+    if model is None or test_file is None:
+        raise ConfigError("give a model and --test-file, or --compare RUN_A RUN_B")
+    from tunesmith.api import evaluate
+
+    results = evaluate(model, test_file, base=base, output_dir=output, console=err,
+                       show_progress=progress)
+    out.print(_comparison_table(results.get("base"), results["tuned"]))
+    out.print(f"report: {results['output_dir']}/report.html")
 
 
 @config_app.command("init")

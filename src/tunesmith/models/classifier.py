@@ -35,6 +35,16 @@ def load_classifier(path: Path, labels: list[str], *, pad_token_id: int,
             from err
 
 
+def load_trained_classifier(path: Path) -> Any:
+    """A saved *ForSequenceClassification model (the merged model of a classifier run)."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path)
+    except Exception as err:
+        raise ModelError(f"{path}: cannot load the classifier ({err})") from err
+
+
 def class_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                  ) -> torch.Tensor:
     """Logits [batch, classes] of a *ForSequenceClassification model at each last real token."""
