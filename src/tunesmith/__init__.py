@@ -1,7 +1,14 @@
-"""tunesmith: fine-tune an open language model on your own data, evaluate it, chat with it."""
+"""tunesmith: fine-tune an open language model on your own data, evaluate it, chat with it.
 
-from tunesmith.api import RunResult, chat, load_for_chat, run
-from tunesmith.config import RunConfig, load_config
+The flows (``run``, ``evaluate``, ``chat``) load torch and transformers; they are imported on
+first use so that ``tunesmith data ...`` and ``import tunesmith.errors`` stay light.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
 from tunesmith.errors import (
     CheckpointError,
     ConfigError,
@@ -14,8 +21,20 @@ from tunesmith.errors import (
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckpointError", "ConfigError", "DataError", "ModelError", "RunConfig", "RunResult",
-    "ServiceError", "TrainingError", "TunesmithError", "chat", "load_config", "load_for_chat",
-    "run",
-]
+_LAZY = {
+    "run": "tunesmith.api", "evaluate": "tunesmith.api", "chat": "tunesmith.api",
+    "load_for_chat": "tunesmith.api", "RunResult": "tunesmith.api",
+    "RunConfig": "tunesmith.config", "load_config": "tunesmith.config",
+    "validate_file": "tunesmith.prepare", "convert_file": "tunesmith.prepare",
+    "clean_file": "tunesmith.prepare", "redact_file": "tunesmith.prepare",
+    "split_file": "tunesmith.prepare", "inspect_file": "tunesmith.prepare",
+}
+
+__all__ = ["CheckpointError", "ConfigError", "DataError", "ModelError", "ServiceError",
+           "TrainingError", "TunesmithError", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tunesmith' has no attribute {name!r}")

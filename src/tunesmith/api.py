@@ -23,6 +23,7 @@ from rich.progress import Progress
 
 from tunesmith import assess
 from tunesmith.config import (
+    DataConfig,
     EvalConfig,
     ResolvedHyperparameters,
     RunConfig,
@@ -31,9 +32,15 @@ from tunesmith.config import (
     resolve_hyperparameters,
 )
 from tunesmith.data.chat import ChatExample, read_chat_jsonl
+from tunesmith.data.clean import CleanOptions, clean_examples
+from tunesmith.data.dedup import near_duplicate_groups
 from tunesmith.data.encode import Encoded, encode_chat, encode_class_example
+from tunesmith.data.formats import ReadOptions, iter_records
+from tunesmith.data.normalize import TextOptions
+from tunesmith.data.pii import RedactOptions
+from tunesmith.data.records import Rejected
 from tunesmith.data.split import Splits, sample, split_examples
-from tunesmith.errors import ConfigError, DataError, ModelError
+from tunesmith.errors import ConfigError, DataError, ModelError, Problem
 from tunesmith.evaluation.task import check_labels
 from tunesmith.models.classifier import load_classifier, load_trained_classifier
 from tunesmith.models.load import add_lora, load, load_tokenizer, save_merged
@@ -61,12 +68,68 @@ class RunResult:
 # ----------------------------------------------------------------------------- steps
 
 
-def load_splits(cfg: RunConfig) -> Splits:
-    """Read and validate the data files; split off validation/test where no file is given."""
+def read_examples(path: Path, d: DataConfig, rejects: list[dict[str, Any]]
+                  ) -> list[ChatExample]:
+    """Every example of a data file in any supported format, as canonical chat examples.
+
+    Invalid rows stop the run with every problem listed (``on_error: raise``), or are left
+    out and appended to ``rejects`` with the reason (``on_error: skip``).
+    """
+    read = ReadOptions(format=d.format, text_column=d.text_column, label_column=d.label_column,
+                       system_prompt=d.system_prompt)
+    examples: list[ChatExample] = []
+    problems: list[Problem] = []
+    for item in iter_records(path, read):
+        if isinstance(item, Rejected):
+            if d.on_error == "raise":
+                problems.extend(item.problems)
+            else:
+                rejects.append(_reject_row(item, "data"))
+        elif not isinstance(item, ChatExample):
+            raise DataError("preference pairs (DPO) cannot be trained by `tunesmith run` yet; "
+                            "give chat examples", path=path, line=item.line)
+        else:
+            examples.append(item)
+    if problems:
+        raise DataError(f"{path}: {len(problems)} problem(s) in the data; fix these lines and "
+                        "run again, or set data.on_error: skip", path=path, problems=problems)
+    if not examples:
+        raise DataError("the file is empty (or every row was rejected); expected one example "
+                        'per line like {"messages": [{"role": "user", ...}, '
+                        '{"role": "assistant", ...}]}', path=path)
+    return examples
+
+
+def _reject_row(item: Rejected, split: str) -> dict[str, Any]:
+    return {"split": split, "file": item.source, "line": item.line, "reason": item.code,
+            "problems": [p.render(None) for p in item.problems], "row": item.raw}
+
+
+def clean_stage(examples: list[ChatExample], d: DataConfig, rejects: list[dict[str, Any]]
+                ) -> list[ChatExample]:
+    """The configured cleaning and redaction; what is dropped goes to ``rejects``."""
+    if not (d.clean or d.redact):
+        return examples
+    off = TextOptions(markup=False, nfkc=False, confusables=False, control=False,
+                      whitespace=False)
+    kept, report = clean_examples(examples, CleanOptions(
+        text=TextOptions() if d.clean else off, redact=RedactOptions() if d.redact else None,
+        exact_duplicates=d.clean, near_duplicates=d.clean))
+    rejects.extend(_reject_row(r, "data") for r in report.left_out)
+    log.info("cleaning: %s", "; ".join(report.lines()))
+    return [ex for ex in kept if isinstance(ex, ChatExample)]
+
+
+def load_splits(cfg: RunConfig, rejects: list[dict[str, Any]] | None = None) -> Splits:
+    """Read, validate and clean the data; split off validation/test where no file is given.
+
+    Near-duplicates are kept in the same split, so nothing leaks from train into test.
+    """
     d, seed = cfg.data, cfg.train.seed
-    train_set = read_chat_jsonl(d.train_file)
-    valid = read_chat_jsonl(d.validation_file) if d.validation_file else None
-    test = read_chat_jsonl(d.test_file) if d.test_file else None
+    rejects = rejects if rejects is not None else []
+    train_set = clean_stage(read_examples(d.train_file, d, rejects), d, rejects)
+    valid = read_examples(d.validation_file, d, rejects) if d.validation_file else None
+    test = read_examples(d.test_file, d, rejects) if d.test_file else None
     is_cls = cfg.eval.task == "classification"
     labels = [ex.label for ex in train_set] if is_cls else None
     if valid is None or test is None:
@@ -74,9 +137,11 @@ def load_splits(cfg: RunConfig) -> Splits:
             raise DataError(f"only {len(train_set)} examples; at least 10 are needed to split off "
                             "validation and test sets (or give validation_file and test_file)",
                             path=d.train_file)
+        groups = near_duplicate_groups(json.dumps(ex.messages) for ex in train_set)
         parts = split_examples(train_set, validation_fraction=d.validation_fraction,
                                test_fraction=d.test_fraction, seed=seed, labels=labels,
-                               need_validation=valid is None, need_test=test is None)
+                               need_validation=valid is None, need_test=test is None,
+                               groups=groups)
         train_set = parts.train
         valid = valid if valid is not None else parts.validation
         test = test if test is not None else parts.test
@@ -87,6 +152,16 @@ def load_splits(cfg: RunConfig) -> Splits:
     return Splits(train=cap(train_set, d.max_train_examples),
                   validation=cap(valid, d.max_validation_examples),
                   test=cap(test, d.max_test_examples))
+
+
+def write_splits(folder: Path, splits: Splits) -> None:
+    """The exact examples of each split, as chat JSONL: what the run trained and tested on."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, items in (("train", splits.train), ("validation", splits.validation),
+                        ("test", splits.test)):
+        with (folder / f"{name}.jsonl").open("w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps({"messages": ex.messages, **ex.extra}, ensure_ascii=False)
+                          + "\n" for ex in items)
 
 
 def training_encoder(tokenizer: Any, cfg: RunConfig, labels: list[str] | None
@@ -228,12 +303,16 @@ class _Prepared:
 
 
 def _prepare(cfg: RunConfig, run_dir: Path, tokenizer: Any, splits: Splits,
-             labels: list[str] | None, progress: Progress, say: Callable[[str], None]
-             ) -> _Prepared:
-    """Encode, leaving out what cannot be trained on; resolve 'auto'; write config.yaml."""
+             labels: list[str] | None, progress: Progress, say: Callable[[str], None],
+             rejects: list[dict[str, Any]]) -> _Prepared:
+    """Encode, leaving out what cannot be trained on; resolve 'auto'; write config.yaml.
+
+    ``rejects`` (rows the data phase left out) and the rows left out here go to rejects.jsonl.
+    """
     encode = training_encoder(tokenizer, cfg, labels)
-    train_enc, rejects = encode_examples(encode, splits.train, max_length=cfg.data.max_length,
-                                         split="train", progress=progress)
+    train_enc, more = encode_examples(encode, splits.train, max_length=cfg.data.max_length,
+                                      split="train", progress=progress)
+    rejects = rejects + more
     valid_enc, more = encode_examples(encode, splits.validation,
                                       max_length=cfg.data.max_length, split="validation",
                                       progress=progress)
@@ -302,11 +381,13 @@ def _run(cfg: RunConfig, run_dir: Path, home: Path, console: Console, show_progr
         console.print(msg)
 
     ev, head = cfg.eval, cfg.train.head == "classifier"
-    # 1. data: read, validate, split
-    splits = load_splits(cfg)
+    # 1. data: read, validate, clean, split
+    data_rejects: list[dict[str, Any]] = []
+    splits = load_splits(cfg, data_rejects)
     labels = classification_labels(cfg, splits)
     say(f"data: {len(splits.train)} train, {len(splits.validation)} validation, "
         f"{len(splits.test)} test examples")
+    write_splits(run_dir / "data", splits)
 
     # 2. the base model
     model_dir = resolve_model(cfg.model.base, home=home)
@@ -315,7 +396,8 @@ def _run(cfg: RunConfig, run_dir: Path, home: Path, console: Console, show_progr
 
     with Progress(console=console, disable=not show_progress) as progress:
         # 3. encode and resolve the hyperparameters
-        prepared = _prepare(cfg, run_dir, tokenizer, splits, labels, progress, say)
+        prepared = _prepare(cfg, run_dir, tokenizer, splits, labels, progress, say,
+                            data_rejects)
         # 4. the base model on the test set and on general text, before any training
         base = _base_eval(cfg, run_dir, model, tokenizer, splits.test, labels, progress, resume)
         snapshot = assess.forgetting_snapshot(model, tokenizer, ev) \

@@ -38,7 +38,29 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     train_file: Path = Field(
-        ..., description="Training data: OpenAI chat JSONL, one {\"messages\": [...]} per line."
+        ..., description="Training data: OpenAI chat JSONL, prompt/completion, Alpaca, ShareGPT, "
+        "or text + label rows (CSV, TSV, JSONL, Parquet); the format is detected.",
+    )
+    format: str | None = Field(
+        None, description="Force the input format (chat, prompt_completion, alpaca, sharegpt, "
+        "classification). Empty: detected from the file.",
+    )
+    text_column: str = Field("text", description="Classification rows: the text column.")
+    label_column: str = Field("label", description="Classification rows: the label column.")
+    system_prompt: str | None = Field(
+        None, description="Classification rows: the system message put before each text."
+    )
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="'raise': stop at invalid rows and list them all. 'skip': leave "
+        "them out of the run and list them, with reasons, in rejects.jsonl of the run.",
+    )
+    clean: bool = Field(
+        False, description="Normalise text (NFKC, look-alike letters, markup, control "
+        "characters, whitespace) and drop exact and near duplicates before splitting.",
+    )
+    redact: bool = Field(
+        False, description="Replace personal data (emails, phones, cards, IBANs, IPs, SSNs) "
+        "with typed placeholders such as [EMAIL] before anything is trained.",
     )
     validation_file: Path | None = Field(
         None, description="Validation data. When empty, it is split off the training file."

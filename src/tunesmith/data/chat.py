@@ -52,6 +52,7 @@ class Row:
     line: int
     value: Any = None
     problem: Problem | None = None
+    raw: str | None = None  # the undecodable line itself, kept so a rejects file can show it
 
 
 def iter_jsonl(path: Path) -> Iterator[Row]:
@@ -68,7 +69,8 @@ def iter_jsonl(path: Path) -> Iterator[Row]:
             except UnicodeDecodeError as err:
                 yield Row(number, problem=Problem(
                     f"not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
-                    "re-save the file as UTF-8", number))
+                    "re-save the file as UTF-8", number),
+                    raw=raw.decode("utf-8", errors="replace").rstrip("\r\n"))
                 continue
             if not text.strip():
                 continue
@@ -77,7 +79,7 @@ def iter_jsonl(path: Path) -> Iterator[Row]:
             except json.JSONDecodeError as err:
                 yield Row(number, problem=Problem(
                     f"invalid JSON ({err.msg} at column {err.colno}); each line must be one "
-                    "JSON object", number))
+                    "JSON object", number), raw=text.rstrip("\r\n"))
 
 
 def check_chat_record(value: Any, line: int) -> list[Problem]:
@@ -88,28 +90,39 @@ def check_chat_record(value: Any, line: int) -> list[Problem]:
     if not isinstance(messages, list) or not messages:
         return [Problem('missing_messages_list: expected "messages": [ {...}, ... ]', line,
                         "messages")]
+    return check_messages(messages, line)
+
+
+def check_messages(messages: list[Any], line: int | None, where: str = "messages", *,
+                   require_assistant: bool = True) -> list[Problem]:
+    """Every problem of a list of chat messages; ``where`` prefixes the field names.
+
+    Shared by the chat format and the parts of a preference pair (``input.messages``,
+    ``preferred_output``), so both report the same categories with the same wording.
+    """
     problems: list[Problem] = []
     has_assistant = False
     for i, msg in enumerate(messages, start=1):
-        where = f"messages[{i - 1}]"
+        field_name = f"{where}[{i - 1}]"
         if not isinstance(msg, dict):
-            problems.append(Problem("data_type: each message must be an object", line, where))
+            problems.append(Problem("data_type: each message must be an object", line,
+                                    field_name))
             continue
         if "role" not in msg:
-            problems.append(Problem('message_missing_key: add "role"', line, where))
+            problems.append(Problem('message_missing_key: add "role"', line, field_name))
             continue
         unknown = sorted(set(msg) - MESSAGE_KEYS)
         if unknown:
             problems.append(Problem(
                 f"message_unrecognized_key: {', '.join(map(repr, unknown))}; allowed keys are "
-                + ", ".join(sorted(MESSAGE_KEYS)), line, where))
+                + ", ".join(sorted(MESSAGE_KEYS)), line, field_name))
         role = msg["role"]
         if role not in ROLES:
             close = difflib.get_close_matches(str(role), ROLES, n=1)
             hint = f' (did you mean "{close[0]}"?)' if close else ""
             problems.append(Problem(
                 f'unrecognized_role: message {i} has role "{role}"{hint}; expected one of '
-                + ", ".join(ROLES), line, f"{where}.role"))
+                + ", ".join(ROLES), line, f"{field_name}.role"))
             continue
         content = msg.get("content")
         if role == "assistant":
@@ -119,13 +132,13 @@ def check_chat_record(value: Any, line: int) -> list[Problem]:
         if not isinstance(content, str) or not content.strip():
             problems.append(Problem(
                 f"missing_content: message {i} ({role}) has no text content", line,
-                f"{where}.content"))
+                f"{field_name}.content"))
         if "weight" in msg and msg["weight"] not in (0, 1):
-            problems.append(Problem("weight must be 0 or 1", line, f"{where}.weight"))
-    if not has_assistant and not problems:
+            problems.append(Problem("weight must be 0 or 1", line, f"{field_name}.weight"))
+    if require_assistant and not has_assistant and not problems:
         problems.append(Problem(
             "example_missing_assistant_message: add at least one assistant message to learn from",
-            line, "messages"))
+            line, where))
     return problems
 
 

@@ -1,9 +1,13 @@
-"""Seeded train/validation/test splits, stratified by label when there are labels."""
+"""Seeded train/validation/test splits, stratified by label when there are labels.
+
+With ``groups`` (for instance near-duplicate groups from ``dedup.near_duplicate_groups``),
+whole groups go to one split, so no near-copy of a test example is trained on.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -38,9 +42,18 @@ def split_examples(
     labels: Sequence[str] | None = None,
     need_validation: bool = True,
     need_test: bool = True,
+    groups: Sequence[Hashable] | None = None,
 ) -> Splits:
-    """Split ``items`` into train/validation/test, stratified by ``labels`` where possible."""
+    """Split ``items`` into train/validation/test, stratified by ``labels`` where possible.
+
+    ``groups``: items with the same group value land in the same split; fractions then count
+    groups, and a group is stratified by the label of its first item.
+    """
     items = list(items)
+    if groups is not None:
+        return _split_groups(items, list(groups), validation_fraction=validation_fraction,
+                             test_fraction=test_fraction, seed=seed, labels=labels,
+                             need_validation=need_validation, need_test=need_test)
     rest, rest_labels = items, list(labels) if labels is not None else None
     test: list = []
     validation: list = []
@@ -60,6 +73,26 @@ def split_examples(
         validation = [rest[i] for i in take]
         rest = [rest[i] for i in keep]
     return Splits(train=rest, validation=validation, test=test)
+
+
+def _split_groups(items: list, groups: list, *, validation_fraction: float,
+                  test_fraction: float, seed: int, labels: Sequence[str] | None,
+                  need_validation: bool, need_test: bool) -> Splits:
+    if len(groups) != len(items):
+        raise ValueError("groups must have one value per item")
+    first: dict[Hashable, int] = {}
+    for i, g in enumerate(groups):
+        first.setdefault(g, i)
+    units = list(first)
+    unit_labels = [labels[first[g]] for g in units] if labels is not None else None
+    parts = split_examples(units, validation_fraction=validation_fraction,
+                           test_fraction=test_fraction, seed=seed, labels=unit_labels,
+                           need_validation=need_validation, need_test=need_test)
+    where = {g: name for name in ("train", "validation", "test") for g in getattr(parts, name)}
+    out: dict[str, list] = {"train": [], "validation": [], "test": []}
+    for item, g in zip(items, groups, strict=True):
+        out[where[g]].append(item)
+    return Splits(**out)
 
 
 def sample(items: Sequence[T], n: int | None, *, seed: int,

@@ -249,10 +249,11 @@ def train(model: torch.nn.Module, train_data: Sequence[Encoded], valid_data: Seq
         metrics["best_step"] = state.best_step
         call(callbacks, "on_evaluate", state, metrics)
         if accelerator.is_main_process:
-            save_checkpoint(checkpoint_dir, weights=_trainable(model), optimizer=optimizer,
-                            scheduler=scheduler, state=state)
+            path = save_checkpoint(checkpoint_dir, weights=_trainable(model),
+                                   optimizer=optimizer, scheduler=scheduler, state=state)
             prune_checkpoints(checkpoint_dir, keep_last=s.keep_checkpoints,
                               best_step=state.best_step)
+            call(callbacks, "on_checkpoint", state, path)
         accelerator.wait_for_everyone()
 
     call(callbacks, "on_train_begin", state, s.total_steps)

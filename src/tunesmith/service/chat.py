@@ -1,0 +1,181 @@
+"""POST /v1/chat/completions: OpenAI's chat completion and chunk objects over our models."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tunesmith.service.audit import record_completion
+from tunesmith.service.http_errors import bad_request, error_body
+from tunesmith.service.inference import Finish, ModelCache, Sampling, generate_stream
+from tunesmith.service.models import ModelSource, find_model
+from tunesmith.service.schemas import ChatRequest
+from tunesmith.service.settings import ServiceSettings
+from tunesmith.service.store import Store
+from tunesmith.service.tables import new_id
+
+# Without max_tokens a reply may run to the end of the context; on CPU that can take minutes,
+# so an unbounded request gets this many tokens at most.
+DEFAULT_MAX_TOKENS = 512
+
+
+@dataclass
+class Prepared:
+    """A validated request with its model loaded: ready to generate."""
+
+    id: str
+    created: int
+    model_name: str
+    model: Any
+    tokenizer: Any
+    messages: list[dict[str, str]]
+    prompt_ids: list[int]
+    sampling: Sampling
+    n: int
+
+
+def chat_messages(req: ChatRequest) -> list[dict[str, str]]:
+    """The request's messages as plain role/content pairs (text only)."""
+    out = []
+    for i, m in enumerate(req.messages):
+        if m.role in ("tool", "function"):
+            raise bad_request("tool and function messages are not supported by this server",
+                              param=f"messages[{i}].role")
+        content = m.content
+        if isinstance(content, list):
+            kinds = {p.type for p in content} - {"text"}
+            if kinds:
+                raise bad_request(f"content parts of type {sorted(kinds)} are not supported; "
+                                  "send text", param=f"messages[{i}].content")
+            content = "\n".join(p.text or "" for p in content)
+        out.append({"role": "system" if m.role == "developer" else m.role,
+                    "content": content or ""})
+    return out
+
+
+def _check_unsupported(req: ChatRequest) -> None:
+    if req.tools:
+        raise bad_request("tools are not supported by this server", param="tools")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise bad_request("only response_format type 'text' is supported",
+                          param="response_format")
+
+
+class ChatService:
+    """Chat completions over the configured, fine-tuned and checkpoint models."""
+
+    def __init__(self, settings: ServiceSettings, store: Store, cache: ModelCache) -> None:
+        self.settings, self.store, self.cache = settings, store, cache
+
+    def _load(self, source: ModelSource) -> tuple[Any, Any]:
+        from tunesmith.api import load_checkpoint_for_chat, load_for_chat
+
+        if source.kind == "checkpoint":
+            assert source.step is not None
+            return self.cache.get(source.name, lambda: load_checkpoint_for_chat(
+                Path(source.ref), source.step, home=self.settings.home))
+        return self.cache.get(source.name, lambda: load_for_chat(source.ref,
+                                                                 home=self.settings.home))
+
+    def prepare(self, org: str, req: ChatRequest) -> Prepared:
+        from tunesmith.data.encode import encode_prompt
+
+        _check_unsupported(req)
+        messages = chat_messages(req)
+        model, tokenizer = self._load(find_model(self.store, self.settings, org, req.model,
+                                                 "model"))
+        prompt_ids = encode_prompt(tokenizer, messages)
+        context = int(getattr(model.config, "max_position_embeddings", 2048))
+        asked = req.max_completion_tokens or req.max_tokens
+        room = context - len(prompt_ids)
+        if room < 1 or (asked is not None and asked > room):
+            raise bad_request(f"This model's maximum context length is {context} tokens. "
+                              f"However, you requested {len(prompt_ids) + (asked or 1)} tokens "
+                              f"({len(prompt_ids)} in the messages, {asked or 1} in the "
+                              "completion). Please reduce the length of the messages or "
+                              "completion.", param="messages", code="context_length_exceeded")
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        sampling = Sampling(max_new_tokens=asked or min(room, DEFAULT_MAX_TOKENS),
+                            temperature=1.0 if req.temperature is None else req.temperature,
+                            top_p=1.0 if req.top_p is None else req.top_p, stop=stop,
+                            seed=req.seed)
+        return Prepared(id=new_id("chatcmpl-"), created=int(time.time()), model_name=req.model,
+                        model=model, tokenizer=tokenizer, messages=messages,
+                        prompt_ids=prompt_ids, sampling=sampling, n=req.n or 1)
+
+    def _choice(self, p: Prepared, index: int) -> Iterator[str | Finish]:
+        seed = p.sampling.seed  # seed + index: distinct choices, each reproducible
+        sampling = p.sampling if seed is None else replace(p.sampling, seed=seed + index)
+        return generate_stream(p.model, p.tokenizer, p.prompt_ids, sampling)
+
+    def _audit(self, org: str, p: Prepared, texts: list[str]) -> None:
+        if self.settings.audit_log:
+            record_completion(self.store, completion_id=p.id, org=org, model=p.model_name,
+                              messages=p.messages, choices=texts,
+                              params={"temperature": p.sampling.temperature,
+                                      "top_p": p.sampling.top_p, "seed": p.sampling.seed,
+                                      "max_tokens": p.sampling.max_new_tokens})
+
+    def complete(self, org: str, req: ChatRequest) -> dict[str, Any]:
+        p = self.prepare(org, req)
+        choices, texts, used = [], [], 0
+        for i in range(p.n):
+            pieces = list(self._choice(p, i))
+            finish = pieces.pop()
+            assert isinstance(finish, Finish)
+            text = "".join(str(x) for x in pieces)
+            texts.append(text)
+            used += finish.completion_tokens
+            choices.append({"index": i, "message": {"role": "assistant", "content": text,
+                                                    "refusal": None},
+                            "logprobs": None, "finish_reason": finish.reason})
+        self._audit(org, p, texts)
+        return {"id": p.id, "object": "chat.completion", "created": p.created,
+                "model": p.model_name, "system_fingerprint": None, "choices": choices,
+                "usage": _usage(len(p.prompt_ids), used)}
+
+    def stream(self, org: str, req: ChatRequest) -> Iterator[str]:
+        """Server-sent events of ``chat.completion.chunk`` objects, then ``[DONE]``."""
+        p = self.prepare(org, req)  # errors here still answer as plain JSON errors
+        with_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+            body = {"id": p.id, "object": "chat.completion.chunk", "created": p.created,
+                    "model": p.model_name, "system_fingerprint": None, "choices": choices,
+                    **({"usage": None} if with_usage else {}), **extra}
+            return f"data: {json.dumps(body)}\n\n"
+
+        def delta(i: int, d: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+            return {"index": i, "delta": d, "logprobs": None, "finish_reason": reason}
+
+        def events() -> Iterator[str]:
+            texts, used = [], 0
+            try:
+                for i in range(p.n):
+                    yield chunk([delta(i, {"role": "assistant", "content": "", "refusal": None})])
+                    parts: list[str] = []
+                    for piece in self._choice(p, i):
+                        if isinstance(piece, Finish):
+                            used += piece.completion_tokens
+                            yield chunk([delta(i, {}, piece.reason)])
+                        else:
+                            parts.append(piece)
+                            yield chunk([delta(i, {"content": piece})])
+                    texts.append("".join(parts))
+                if with_usage:
+                    yield chunk([], usage=_usage(len(p.prompt_ids), used))
+                self._audit(org, p, texts)
+            except Exception as err:  # the status line is sent: report in-band, as OpenAI does
+                yield f"data: {json.dumps(error_body(str(err), status=500))}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return events()
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}

@@ -1,0 +1,118 @@
+"""Files: uploads validated with tunesmith's chat-data validator, stored on disk, listed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from tunesmith.data.chat import check_chat_record, iter_jsonl
+from tunesmith.errors import DataError, Problem, ServiceError
+from tunesmith.service.http_errors import bad_request, not_found
+from tunesmith.service.objects import file_object, page
+from tunesmith.service.store import Store
+from tunesmith.service.tables import StoredFile, new_id, now
+from tunesmith.service.upload import Upload
+
+PURPOSES = ("fine-tune",)
+RESULTS_PURPOSE = "fine-tune-results"
+
+
+def validate_chat_file(path: Path, display_name: str) -> int:
+    """The number of examples in a chat JSONL file, or a 400 naming every bad line and field."""
+    problems: list[Problem] = []
+    examples = 0
+    for row in iter_jsonl(path):
+        found = [row.problem] if row.problem is not None else check_chat_record(row.value,
+                                                                               row.line)
+        problems.extend(found)
+        examples += not found
+    if problems:
+        err = DataError(f"{display_name}: {len(problems)} problem(s) in the data; fix these "
+                        "lines and upload again", path=display_name, problems=problems)
+        raise ServiceError(str(err), status=400, code="invalid_file_format", param="file")
+    if examples == 0:
+        raise bad_request(f"{display_name}: the file is empty; expected one JSON object per "
+                          'line like {"messages": [{"role": "user", ...}, {"role": '
+                          '"assistant", ...}]}', param="file", code="invalid_file_format")
+    return examples
+
+
+def save_upload(store: Store, files_dir: Path, org: str, upload: Upload) -> dict[str, Any]:
+    """Validate an uploaded file and keep it; the temporary file is moved or removed."""
+    assert upload.file_path is not None
+    try:
+        purpose = upload.fields.get("purpose")
+        if purpose not in PURPOSES:
+            raise bad_request(f"purpose {purpose!r} is not supported here; use 'fine-tune'",
+                              param="purpose")
+        examples = validate_chat_file(upload.file_path, upload.filename or "upload.jsonl")
+        file_id = new_id("file-")
+        final = files_dir / file_id
+        os.replace(upload.file_path, final)
+    finally:
+        upload.file_path.unlink(missing_ok=True)
+    row = StoredFile(id=file_id, org=org, filename=upload.filename or "upload.jsonl",
+                     purpose=purpose, bytes=upload.size, examples=examples, created_at=now())
+    with store.begin() as s:
+        s.add(row)
+    return file_object(row)
+
+
+def add_file(store: Store, files_dir: Path, org: str, *, filename: str, purpose: str,
+             content: bytes) -> StoredFile:
+    """Store a file the service made (a job's results), written atomically."""
+    file_id = new_id("file-")
+    files_dir.mkdir(parents=True, exist_ok=True)
+    tmp = files_dir / f".{file_id}.tmp"
+    with tmp.open("wb") as fh:
+        fh.write(content)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, files_dir / file_id)
+    row = StoredFile(id=file_id, org=org, filename=filename, purpose=purpose,
+                     bytes=len(content), created_at=now())
+    with store.begin() as s:
+        s.add(row)
+    return row
+
+
+def get_file(store: Store, org: str, file_id: str, *, param: str | None = None) -> StoredFile:
+    with store.begin() as s:
+        row = s.get(StoredFile, file_id)
+    if row is None or row.org != org:
+        raise not_found("file", file_id, param)
+    return row
+
+
+def list_files(store: Store, org: str, *, after: str | None, limit: int, order: str,
+               purpose: str | None) -> dict[str, Any]:
+    newest_first = order == "desc"
+    key = (StoredFile.order.desc(), StoredFile.id.desc()) if newest_first else (
+        StoredFile.order.asc(), StoredFile.id.asc())
+    with store.begin() as s:
+        query = select(StoredFile).where(StoredFile.org == org).order_by(*key)
+        if purpose:
+            query = query.where(StoredFile.purpose == purpose)
+        if after:
+            mark = s.get(StoredFile, after)
+            if mark is None or mark.org != org:
+                raise not_found("file", after, "after")
+            cmp = (StoredFile.order < mark.order) | (
+                (StoredFile.order == mark.order) & (StoredFile.id < mark.id))
+            if not newest_first:
+                cmp = (StoredFile.order > mark.order) | (
+                    (StoredFile.order == mark.order) & (StoredFile.id > mark.id))
+            query = query.where(cmp)
+        rows = list(s.scalars(query.limit(limit + 1)))
+    return page([file_object(r) for r in rows], limit)
+
+
+def delete_file(store: Store, files_dir: Path, org: str, file_id: str) -> dict[str, Any]:
+    row = get_file(store, org, file_id)
+    with store.begin() as s:
+        s.delete(s.get(StoredFile, row.id))
+    (files_dir / row.id).unlink(missing_ok=True)
+    return {"id": file_id, "object": "file", "deleted": True}

@@ -1,0 +1,218 @@
+"""Workers: claim a job, validate its files, train it in a child process, supervise it.
+
+One worker trains one job at a time. While the child trains, the worker renews the job's
+lease every ``poll_seconds``; a renewal that fails means the user cancelled or paused the job
+(or another worker took it over), and the child is stopped at once. Checkpoints are written
+atomically by the training loop, so stopping a child at any moment loses at most the steps
+since the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tunesmith.errors import TunesmithError
+from tunesmith.service import queue
+from tunesmith.service.files import RESULTS_PURPOSE, add_file
+from tunesmith.service.jobs import add_event
+from tunesmith.service.plan import JobDataError, check_job_data, run_config
+from tunesmith.service.runner import (
+    EXIT_SUPERSEDED,
+    ChildArgs,
+    child_main,
+    error_code,
+    read_outcome,
+    results_csv,
+)
+from tunesmith.service.settings import ServiceSettings
+from tunesmith.service.store import Store
+from tunesmith.service.tables import Job, StoredFile, now
+from tunesmith.training.callbacks import read_metrics
+
+log = logging.getLogger("tunesmith.service")
+STOP_GRACE_S = 5.0
+
+
+class Worker:
+    """Takes jobs from the store until ``stop()``; ``run_forever`` is the loop."""
+
+    def __init__(self, settings: ServiceSettings, store: Store | None = None) -> None:
+        self.settings = settings
+        self.store = store or Store(settings.url)
+        self.id = queue.new_worker_id()
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run_forever(self) -> None:
+        queue.release_dead_local_leases(self.store)
+        log.info("worker %s started", self.id)
+        while not self._stop.is_set():
+            try:
+                busy = self.run_once()
+            except Exception:  # e.g. the database is briefly unreachable: try again later
+                log.exception("worker %s", self.id)
+                busy = False
+            if not busy:
+                self._stop.wait(self.settings.poll_seconds)
+        log.info("worker %s stopped", self.id)
+
+    def run_once(self) -> bool:
+        """Claim and process one job; False when there was none."""
+        claim = queue.claim_next(self.store, self.id, self.settings.lease_seconds)
+        if claim is None:
+            return False
+        try:
+            self._process(claim)
+        except TunesmithError as err:
+            queue.fail(self.store, claim.job_id, self.id, code=error_code(err), message=str(err))
+        except Exception as err:  # a bug of ours must fail the job, not kill the worker
+            log.exception("job %s", claim.job_id)
+            queue.fail(self.store, claim.job_id, self.id, code="server_error",
+                       message=f"internal error: {type(err).__name__}: {err}")
+        return True
+
+    # ------------------------------------------------------------------ stages
+
+    def _process(self, claim: queue.Claim) -> None:
+        if claim.status == "validating_files" and not self._validate(claim.job_id):
+            return
+        if claim.status != "running" and not queue.set_status(
+                self.store, claim.job_id, self.id, "running",
+                expect=("validating_files", "queued"), message="Fine-tuning job started",
+                lease_expires_at=self._lease()):
+            return
+        self._train(claim.job_id)
+
+    def _paths(self, job: Job) -> tuple[Path, Path | None]:
+        files = self.settings.files_dir
+        return (files / job.training_file,
+                files / job.validation_file if job.validation_file else None)
+
+    def _lease(self) -> float:
+        return time.time() + self.settings.lease_seconds
+
+    def _run_dir(self, job: Job) -> Path:
+        return self.settings.runs_dir / job.id
+
+    def _job(self, job_id: str) -> Job:
+        with self.store.begin() as s:
+            return s.get(Job, job_id)
+
+    def _validate(self, job_id: str) -> bool:
+        job = self._job(job_id)
+        try:
+            hp, task, _ = check_job_data(*self._paths(job), job.hyperparameters)
+        except JobDataError as err:
+            queue.fail(self.store, job_id, self.id, code=err.code or "invalid_training_file",
+                       message=str(err), param=err.param)
+            return False
+        # a long validation may have outlived the lease: the CAS in set_status then fails,
+        # because the job is another worker's now; otherwise the lease is extended
+        return queue.set_status(self.store, job_id, self.id, "queued",
+                                expect=("validating_files",), hyperparameters=hp, task=task,
+                                message="Files validated, moving job to queued state",
+                                lease_expires_at=self._lease())
+
+    def _train(self, job_id: str) -> None:
+        job = self._job(job_id)
+        train_path, valid_path = self._paths(job)
+        cfg = run_config(job_id=job.id, run_dir=self._run_dir(job), base_ref=job.base_ref,
+                         train_path=train_path, valid_path=valid_path,
+                         hyperparameters=job.hyperparameters, task=job.task or "generation",
+                         seed=job.seed, max_eval_examples=self.settings.max_eval_examples)
+        args = ChildArgs(database_url=self.store.url, job_id=job.id, worker_id=self.id,
+                         output_model=job.output_model, config=cfg.model_dump(mode="json"),
+                         home=str(self.settings.home), torch_threads=self.settings.torch_threads)
+        ctx = multiprocessing.get_context("spawn")
+        reader, writer = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=child_main, args=(args, reader), daemon=True,
+                            name=f"tunesmith-{job.id}")
+        child.start()
+        reader.close()  # only the child holds the read end: it sees EOF when we die
+        try:
+            how = self._supervise(job.id, child)
+        finally:
+            writer.close()
+        self._conclude(job, how, child.exitcode)
+
+    def _supervise(self, job_id: str, child: Any) -> str:
+        """'exited', 'stopped' (cancelled, paused or taken over) or 'shutdown'."""
+        while True:
+            child.join(self.settings.poll_seconds)
+            if child.exitcode is not None:
+                return "exited"
+            if self._stop.is_set():
+                _terminate(child)
+                return "shutdown"
+            if not queue.renew(self.store, job_id, self.id, self.settings.lease_seconds):
+                _terminate(child)
+                return "stopped"
+
+    def _conclude(self, job: Job, how: str, exitcode: int | None) -> None:
+        if how == "shutdown":
+            queue.release(self.store, job.id, self.id, "The worker shut down; the job "
+                          "resumes from its last checkpoint when a worker is free")
+            return
+        if how == "stopped" or exitcode == EXIT_SUPERSEDED:
+            queue.release(self.store, job.id, self.id)
+            return
+        outcome = read_outcome(self._run_dir(job))
+        if exitcode == 0 and outcome and outcome.get("ok"):
+            self._succeed(job, outcome)
+        elif outcome and not outcome.get("ok"):
+            queue.fail(self.store, job.id, self.id, code=outcome["code"],
+                       message=outcome["message"], param=outcome.get("param"))
+        else:
+            queue.fail(self.store, job.id, self.id, code="training_process_died",
+                       message=f"the training process ended with exit code {exitcode} "
+                       "(a negative code is the signal that killed it, e.g. -9 when the "
+                       "machine ran out of memory); see console.log in the run directory")
+
+    def _succeed(self, job: Job, outcome: dict[str, Any]) -> None:
+        run_dir = self._run_dir(job)
+        csv_file = add_file(self.store, self.settings.files_dir, job.org,
+                            filename="step_metrics.csv", purpose=RESULTS_PURPOSE,
+                            content=results_csv(read_metrics(run_dir / "metrics.jsonl")))
+        with self.store.begin() as s:
+            if outcome.get("rejected"):
+                add_event(s, job.id, f"{outcome['rejected']} example(s) were left out of "
+                          "training (too long or nothing to learn); see rejects.jsonl",
+                          level="warn")
+            tuned = outcome.get("tuned") or {}
+            add_event(s, job.id, "Evaluation on held-out examples: " + json.dumps(
+                {k: v for k, v in tuned.items() if not isinstance(v, dict)}),
+                data={"evaluation": tuned})
+        done = queue.set_status(
+            self.store, job.id, self.id, "succeeded", expect=("running",),
+            message=f"New fine-tuned model created: {job.output_model}",
+            result_files=[csv_file.id], finished_at=now(), estimated_finish=None,
+            worker_id=None, lease_expires_at=None)
+        with self.store.begin() as s:
+            if done:
+                add_event(s, job.id, "The job has successfully completed")
+            else:  # cancelled in the last instant: the result is not delivered
+                s.delete(s.get(StoredFile, csv_file.id))
+                (self.settings.files_dir / csv_file.id).unlink(missing_ok=True)
+
+
+def _terminate(child: Any) -> None:
+    child.terminate()
+    child.join(STOP_GRACE_S)
+    if child.exitcode is None:
+        child.kill()
+        child.join(STOP_GRACE_S)
+
+
+def start_worker_thread(worker: Worker) -> threading.Thread:
+    thread = threading.Thread(target=worker.run_forever, name="tunesmith-worker", daemon=True)
+    thread.start()
+    return thread
+
