@@ -42,12 +42,12 @@ def rows(steps: int) -> tuple[list, list]:
     return data[: steps * BATCH], data[-64:]
 
 
-def setup(steps: int):
+def setup(steps: int, dtype: str = "float32"):
     from tunesmith.data.encode import encode_chat
     from tunesmith.models.load import add_lora, load
     from tunesmith.models.resolve import default_home, resolve_model
 
-    model, tok = load(resolve_model("smollm2-135m-instruct", home=default_home()))
+    model, tok = load(resolve_model("smollm2-135m-instruct", home=default_home()), dtype=dtype)
     train_rows, valid_rows = rows(steps)
     train = [e for e in (encode_chat(tok, m) for m in train_rows) if len(e) <= MAX_LEN]
     valid = [encode_chat(tok, m) for m in valid_rows]
@@ -100,8 +100,11 @@ def run_hf(steps: int) -> dict:
 
 def run_tunesmith(steps: int) -> dict:
     from tunesmith.training.loop import LoopSettings, train
+    from tunesmith.training.precision import load_dtype
 
-    model, tok, data, valid = setup(steps)
+    # tunesmith's default: frozen weights loaded straight in bf16 where training runs in bf16
+    dtype = load_dtype("auto", precision="auto", method="lora", device=torch.device("cpu"))
+    model, tok, data, valid = setup(steps, dtype)
     settings = LoopSettings(learning_rate=LR, epochs=1, batch_size=BATCH, total_steps=steps,
                             schedule="cosine", max_grad_norm=1.0, packing=True,
                             pack_capacity=MAX_LEN, precision="auto", seed=SEED)

@@ -48,6 +48,7 @@ from tunesmith.models.resolve import default_home, resolve_model
 from tunesmith.training.callbacks import MetricsLog, ProgressBar, read_metrics
 from tunesmith.training.loop import LoopSettings, TrainResult, train
 from tunesmith.training.loss import ClassifierLoss
+from tunesmith.training.precision import load_dtype
 
 log = logging.getLogger("tunesmith")
 
@@ -221,6 +222,12 @@ def loop_settings(cfg: RunConfig, hp: ResolvedHyperparameters) -> LoopSettings:
         seed=t.seed, eval_batch_size=cfg.eval.batch_size)
 
 
+def base_dtype(cfg: RunConfig) -> str:
+    """The dtype the base weights are loaded in (see ModelConfig.dtype)."""
+    return load_dtype(cfg.model.dtype, precision=cfg.train.precision, method=cfg.train.method,
+                      device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def prepare_model_for_training(model: Any, cfg: RunConfig) -> Any:
     torch.manual_seed(cfg.train.seed)  # the adapters' initial weights
     if cfg.train.method == "full":
@@ -362,7 +369,7 @@ def _fine_tune(cfg: RunConfig, run_dir: Path, model: Any, model_dir: Path, token
     if classifier:
         del model  # the causal LM; the classifier is loaded from the same weights
         model = load_classifier(model_dir, labels, pad_token_id=tokenizer.pad_token_id,
-                                dtype=cfg.model.dtype)
+                                dtype=base_dtype(cfg))
     model = prepare_model_for_training(model, cfg)
     result = train(
         model, prepared.train, prepared.valid, settings=loop_settings(cfg, prepared.hp),
@@ -392,7 +399,8 @@ def _run(cfg: RunConfig, run_dir: Path, home: Path, console: Console, show_progr
     # 2. the base model
     model_dir = resolve_model(cfg.model.base, home=home)
     say(f"base model: {cfg.model.base} ({model_dir})")
-    model, tokenizer = load(model_dir, dtype=cfg.model.dtype)
+    dtype = base_dtype(cfg)
+    model, tokenizer = load(model_dir, dtype=dtype)
 
     with Progress(console=console, disable=not show_progress) as progress:
         # 3. encode and resolve the hyperparameters
@@ -537,7 +545,7 @@ def load_checkpoint_for_chat(run_dir: Path, step: int, *, home: Path | None = No
     resolved.pop("resolved", None)
     cfg = parse_config(resolved, source=str(Path(run_dir) / "config.yaml"))
     model, tokenizer = load(resolve_model(cfg.model.base, home=home or default_home()),
-                            dtype=cfg.model.dtype)
+                            dtype=base_dtype(cfg))
     model = prepare_model_for_training(model, cfg)
     load_trainable(model, load_weights(Path(run_dir) / "checkpoints" / f"step-{step}"))
     model.eval()

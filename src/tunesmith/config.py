@@ -31,8 +31,9 @@ class ModelConfig(_Section):
         description="Base model: 'smollm2-135m-instruct' (bundled), a local Hugging Face model "
         "directory, a local .gguf file, or a Hub id already in the local Hugging Face cache.",
     )
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Precision the base weights are loaded in."
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Precision the base weights are loaded in. 'auto': bfloat16 when "
+        "LoRA trains in bf16 (the frozen weights end up bf16 anyway), else float32.",
     )
 
 

@@ -58,12 +58,16 @@ def pack_rows(examples: Sequence[Encoded], capacity: int) -> list[PackedRow]:
     return rows
 
 
-def collate_packed(rows: Sequence[PackedRow], *, pad_id: int) -> dict[str, torch.Tensor]:
+def collate_packed(rows: Sequence[PackedRow], *, pad_id: int, multiple: int = 1
+                   ) -> dict[str, torch.Tensor]:
     """Right-pad packed rows; the padding is one more sequence (positions from 0), never a target.
 
+    ``multiple`` rounds the width up, so batches come in few distinct shapes: CPU kernels
+    (oneDNN) cache a primitive per shape, and many shapes cost memory and set-up time.
     No attention mask is returned on purpose: it is what lets transformers see the packing.
     """
     width = max(len(r) for r in rows)
+    width = -(-width // multiple) * multiple
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)

@@ -40,3 +40,12 @@ def autocast(precision: str, device: torch.device) -> Any:
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def load_dtype(choice: str, *, precision: str, method: str, device: torch.device) -> str:
+    """The dtype to load base weights in: bf16 straight away when they will be frozen in bf16
+    (saves the fp32 copy and its peak memory), fp32 when any of them will be trained."""
+    if choice != "auto":
+        return choice
+    bf16 = resolve_precision(precision, device) == "bf16"
+    return "bfloat16" if bf16 and method == "lora" else "float32"
