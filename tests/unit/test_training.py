@@ -121,3 +121,92 @@ def test_bf16_keeps_trainable_weights_in_fp32(tiny, tmp_path):
     assert result.precision == "bf16"
     dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
     assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
+
+
+def test_chunked_lm_head_matches_one_chunk(tiny, monkeypatch):
+    import tunesmith.training.loss as loss_mod
+
+    model, tok = tiny
+    batch = collate(encoded(tok, 6), pad_id=tok.pad_token_id)
+
+    def loss_and_grads(chunk):
+        monkeypatch.setattr(loss_mod, "HEAD_CHUNK", chunk)
+        model.zero_grad()
+        out = TargetLoss(model)(**batch)
+        out.loss_sum.backward()
+        return float(out.loss_sum), {n: p.grad.clone() for n, p in model.named_parameters()
+                                     if p.requires_grad}
+
+    whole, g_whole = loss_and_grads(10_000)
+    chunked, g_chunked = loss_and_grads(3)  # many chunks, each recomputed in backward
+    assert chunked == pytest.approx(whole, rel=1e-5)
+    for name in g_whole:
+        torch.testing.assert_close(g_chunked[name], g_whole[name], rtol=1e-4, atol=1e-7)
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny_model_dir, tmp_path):
+    def run(checkpointing):
+        torch.manual_seed(0)
+        model, tok = load(tiny_model_dir)
+        model = add_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+        losses = []
+
+        class Record:
+            def on_step(self, state, metrics):
+                losses.append(metrics["train_loss"])
+
+        settings = LoopSettings(learning_rate=1e-2, epochs=1, batch_size=4, total_steps=3,
+                                precision="fp32", gradient_checkpointing=checkpointing)
+        train(model, encoded(tok, 12), [], settings=settings, pad_id=tok.pad_token_id,
+              checkpoint_dir=tmp_path / str(checkpointing), callbacks=[Record()])
+        return losses
+
+    assert run(True) == pytest.approx(run(False), rel=1e-5)
+
+
+def test_full_fine_tuning_trains_every_weight(tiny_model_dir, tmp_path):
+    from tests.conftest import review_rows as rows
+    from tunesmith.api import prepare_model_for_training
+    from tunesmith.config import parse_config
+
+    cfg = parse_config({"data": {"train_file": "x.jsonl"}, "train": {"method": "full"}})
+    model, tok = load(tiny_model_dir)
+    model = prepare_model_for_training(model, cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert all(p.requires_grad for p in model.parameters())
+    settings = LoopSettings(learning_rate=1e-3, epochs=1, batch_size=4, total_steps=2,
+                            precision="auto")
+    data = [encode_chat(tok, r["messages"]) for r in rows(8)]
+    result = train(model, data, [], settings=settings, pad_id=tok.pad_token_id,
+                   checkpoint_dir=tmp_path / "ck")
+    assert result.precision == "bf16" or result.precision == "fp32"
+    # trainable weights are never cast down: all of them stay fp32 and all of them moved
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert unchanged == []
+
+
+def test_no_weight_decay_on_norms_and_biases(tiny):
+    model, _ = tiny
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = build_optimizer(model, lr=1.0, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            plain = p.ndim < 2 or "norm" in names[id(p)]
+            assert group["weight_decay"] == (0.0 if plain else 0.1), names[id(p)]
+
+
+def test_length_grouped_batches_pad_little():
+    from tunesmith.training.batches import epoch_batches
+
+    data = [Encoded([1] * n, [1] * n) for n in range(1, 401)]
+    grouped = list(epoch_batches(data, batch_size=8, seed=0, epoch=0, group_by_length=True))
+    shuffled = list(epoch_batches(data, batch_size=8, seed=0, epoch=0))
+
+    def padding(batches):
+        return sum(max(map(len, b)) * len(b) - sum(map(len, b)) for b in batches)
+
+    assert sorted(len(e) for b in grouped for e in b) == list(range(1, 401))  # all, once
+    assert padding(grouped) < padding(shuffled) / 5

@@ -131,20 +131,40 @@ class CalibrationResult:
     nll_after: float
     reliability_before: ReliabilityBins
     reliability_after: ReliabilityBins
+    note: str | None = None  # why T was left at 1, when it was
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def _usable_temperature(valid_logits: np.ndarray, valid_expected: np.ndarray
+                        ) -> tuple[float, bool, str | None]:
+    """(T, at_bound, note): the fitted T, or 1 with the reason when no fit can be trusted.
+
+    A model that gets every validation item right has nothing to be calibrated against: the
+    NLL keeps falling as T -> 0, and such a T makes every later mistake a confident one.
+    """
+    s, y = _check(valid_logits, valid_expected)
+    if (s.argmax(axis=1) == y).all():
+        return 1.0, False, (f"the model answers all {len(y)} validation items correctly, so no "
+                            "temperature can be estimated from them; T stays 1. A larger or "
+                            "harder validation set would allow calibration")
+    t = fit_temperature(s, y)
+    low, high = TEMPERATURE_BOUNDS
+    if t < low * 1.01 or t > high * 0.99:
+        return 1.0, True, (f"the fitted temperature {t:.3g} is at its bound, so the validation "
+                           "set is too small or too easy to calibrate on; T stays 1")
+    return t, False, None
+
+
 def calibrate(valid_logits: np.ndarray, valid_expected: np.ndarray, test_logits: np.ndarray,
               test_expected: np.ndarray, *, n_bins: int = 15) -> CalibrationResult:
     """Fit T on the validation items, then measure the test items with T = 1 and with T."""
-    t = fit_temperature(valid_logits, valid_expected)
+    t, at_bound, note = _usable_temperature(valid_logits, valid_expected)
     before = apply_temperature(test_logits, 1.0)
     after = apply_temperature(test_logits, t)
-    low, high = TEMPERATURE_BOUNDS
     return CalibrationResult(
-        temperature=t, at_bound=bool(t < low * 1.01 or t > high * 0.99),
+        temperature=t, at_bound=at_bound, note=note,
         n_fit=len(valid_expected), n_test=len(test_expected), n_bins=n_bins,
         ece_before=expected_calibration_error(before, test_expected, n_bins=n_bins),
         ece_after=expected_calibration_error(after, test_expected, n_bins=n_bins),

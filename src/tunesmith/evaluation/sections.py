@@ -95,9 +95,8 @@ def collect_warnings(results: dict[str, Any]) -> list[str]:
     overfitting = results.get("overfitting") or {}
     out += [f"possible overfitting: {r}" for r in overfitting.get("reasons", [])]
     calibration = results.get("calibration") or {}
-    if calibration.get("at_bound"):
-        out.append(f"the fitted temperature {fmt(calibration['temperature'])} is at its bound; "
-                   "the validation set is too small or too easy to calibrate on")
+    if calibration.get("note"):
+        out.append(f"calibration: {calibration['note']}")
     for c in (results.get("comparison") or {}).values():
         level = f"{c['confidence']:.0%}"
         if c["ci_high"] < 0:
@@ -175,7 +174,8 @@ def _calibration(results: dict[str, Any]) -> list:
     blocks: list = [
         Text(f"Temperature scaling fitted on {c['n_fit']} validation items: T = "
              f"{fmt(c['temperature'])} (T > 1 softens over-confident answers). ECE uses "
-             f"{c['n_bins']} equal-width confidence bins on {c['n_test']} test items."),
+             f"{c['n_bins']} equal-width confidence bins on {c['n_test']} test items."
+             + (f" Note: {c['note']}." if c.get("note") else "")),
         Table(["", "ECE", "NLL"], [["before scaling", fmt(c["ece_before"]), fmt(c["nll_before"])],
                                    ["after scaling", fmt(c["ece_after"]), fmt(c["nll_after"])]])]
     plot = (results.get("plots") or {}).get("reliability")

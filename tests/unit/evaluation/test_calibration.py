@@ -95,3 +95,13 @@ def test_shapes_are_checked():
         expected_calibration_error(np.ones((3, 2)), np.zeros(2, dtype=int))
     with pytest.raises(DataError, match="class indices"):
         expected_calibration_error(np.ones((2, 2)) / 2, np.array([0, 2]))
+
+
+def test_a_validation_set_without_errors_leaves_the_temperature_at_one():
+    from tunesmith.evaluation.calibration import calibrate
+
+    valid = np.array([[4.0, 0.0], [0.0, 4.0], [3.0, 0.0], [0.0, 5.0]])
+    test = np.array([[4.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
+    result = calibrate(valid, np.array([0, 1, 0, 1]), test, np.array([0, 1, 1]), n_bins=5)
+    assert result.temperature == 1.0 and result.note and "correctly" in result.note
+    assert result.ece_after == result.ece_before  # nothing was changed
