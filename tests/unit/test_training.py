@@ -134,14 +134,16 @@ def test_chunked_lm_head_matches_one_chunk(tiny, monkeypatch):
         model.zero_grad()
         out = TargetLoss(model)(**batch)
         out.loss_sum.backward()
-        return float(out.loss_sum), {n: p.grad.clone() for n, p in model.named_parameters()
-                                     if p.requires_grad}
+        return float(out.loss_sum.detach()), {n: p.grad.clone()
+                                              for n, p in model.named_parameters()
+                                              if p.requires_grad}
 
     whole, g_whole = loss_and_grads(10_000)
     chunked, g_chunked = loss_and_grads(3)  # many chunks, each recomputed in backward
     assert chunked == pytest.approx(whole, rel=1e-5)
-    for name in g_whole:
-        torch.testing.assert_close(g_chunked[name], g_whole[name], rtol=1e-4, atol=1e-7)
+    for name in g_whole:  # equal up to summation order
+        diff = (g_chunked[name] - g_whole[name]).norm() / g_whole[name].norm().clamp_min(1e-12)
+        assert diff < 1e-4, (name, float(diff))
 
 
 def test_gradient_checkpointing_gives_the_same_training(tiny_model_dir, tmp_path):
@@ -159,6 +161,8 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_model_dir, tmp_path
                                 precision="fp32", gradient_checkpointing=checkpointing)
         train(model, encoded(tok, 12), [], settings=settings, pad_id=tok.pad_token_id,
               checkpoint_dir=tmp_path / str(checkpointing), callbacks=[Record()])
+        on = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+        assert bool(on) == checkpointing  # really recomputing, not just configured
         return losses
 
     assert run(True) == pytest.approx(run(False), rel=1e-5)

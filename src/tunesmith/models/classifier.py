@@ -21,10 +21,13 @@ def load_classifier(path: Path, labels: list[str], *, pad_token_id: int,
                     dtype: str = "float32") -> Any:
     """The base model with a new sequence-classification head for ``labels``."""
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
+    level = hf_logging.get_verbosity()
     try:
+        # "score.weight MISSING ... newly initialized": the new head is the point here
+        hf_logging.set_verbosity_error()
         with warnings.catch_warnings():
-            # "Some weights ... newly initialized": the new head is the point here
             warnings.simplefilter("ignore")
             return AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=len(labels), id2label=dict(enumerate(labels)),
@@ -33,6 +36,8 @@ def load_classifier(path: Path, labels: list[str], *, pad_token_id: int,
     except Exception as err:
         raise ModelError(f"{path}: cannot put a classification head on this model ({err})") \
             from err
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def load_trained_classifier(path: Path) -> Any:

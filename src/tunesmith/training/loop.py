@@ -191,7 +191,11 @@ def _prepare_model(model: torch.nn.Module, s: LoopSettings, device: torch.device
     if precision == "bf16":
         cast_frozen(model, torch.bfloat16)
     if s.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return precision
 
 
