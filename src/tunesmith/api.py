@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from rich.console import Console
 from rich.progress import Progress
 
 from tunesmith import assess
 from tunesmith.config import (
-    DataConfig,
     EvalConfig,
     ResolvedHyperparameters,
     RunConfig,
@@ -31,24 +28,29 @@ from tunesmith.config import (
     load_config,
     resolve_hyperparameters,
 )
-from tunesmith.data.chat import ChatExample, read_chat_jsonl
-from tunesmith.data.clean import CleanOptions, clean_examples
-from tunesmith.data.dedup import near_duplicate_groups
-from tunesmith.data.encode import Encoded, encode_chat, encode_class_example
-from tunesmith.data.formats import ReadOptions, iter_records
-from tunesmith.data.normalize import TextOptions
-from tunesmith.data.pii import RedactOptions
-from tunesmith.data.records import Rejected
-from tunesmith.data.split import Splits, sample, split_examples
-from tunesmith.errors import ConfigError, DataError, ModelError, Problem
+from tunesmith.data.chat import read_chat_jsonl
+from tunesmith.data.encode import Encoded
+from tunesmith.data.split import Splits
+from tunesmith.errors import DataError, ModelError
 from tunesmith.evaluation.task import check_labels
 from tunesmith.models.classifier import load_classifier, load_trained_classifier
-from tunesmith.models.load import add_lora, load, load_tokenizer, save_merged
+from tunesmith.models.load import load, load_tokenizer, save_merged
 from tunesmith.models.resolve import default_home, resolve_model
+from tunesmith.steps import (
+    attach_log_file,
+    base_dtype,
+    classification_labels,
+    classifier_objective,
+    encode_examples,
+    load_splits,
+    loop_settings,
+    prepare_model_for_training,
+    prepare_run_dir,
+    training_encoder,
+    write_splits,
+)
 from tunesmith.training.callbacks import MetricsLog, ProgressBar, read_metrics
-from tunesmith.training.loop import LoopSettings, TrainResult, train
-from tunesmith.training.loss import ClassifierLoss
-from tunesmith.training.precision import load_dtype
+from tunesmith.training.loop import TrainResult, train
 
 log = logging.getLogger("tunesmith")
 
@@ -69,214 +71,6 @@ class RunResult:
 # ----------------------------------------------------------------------------- steps
 
 
-def read_examples(path: Path, d: DataConfig, rejects: list[dict[str, Any]]
-                  ) -> list[ChatExample]:
-    """Every example of a data file in any supported format, as canonical chat examples.
-
-    Invalid rows stop the run with every problem listed (``on_error: raise``), or are left
-    out and appended to ``rejects`` with the reason (``on_error: skip``).
-    """
-    read = ReadOptions(format=d.format, text_column=d.text_column, label_column=d.label_column,
-                       system_prompt=d.system_prompt)
-    examples: list[ChatExample] = []
-    problems: list[Problem] = []
-    for item in iter_records(path, read):
-        if isinstance(item, Rejected):
-            if d.on_error == "raise":
-                problems.extend(item.problems)
-            else:
-                rejects.append(_reject_row(item, "data"))
-        elif not isinstance(item, ChatExample):
-            raise DataError("preference pairs (DPO) cannot be trained by `tunesmith run` yet; "
-                            "give chat examples", path=path, line=item.line)
-        else:
-            examples.append(item)
-    if problems:
-        raise DataError(f"{path}: {len(problems)} problem(s) in the data; fix these lines and "
-                        "run again, or set data.on_error: skip", path=path, problems=problems)
-    if not examples:
-        raise DataError("the file is empty (or every row was rejected); expected one example "
-                        'per line like {"messages": [{"role": "user", ...}, '
-                        '{"role": "assistant", ...}]}', path=path)
-    return examples
-
-
-def _reject_row(item: Rejected, split: str) -> dict[str, Any]:
-    return {"split": split, "file": item.source, "line": item.line, "reason": item.code,
-            "problems": [p.render(None) for p in item.problems], "row": item.raw}
-
-
-def clean_stage(examples: list[ChatExample], d: DataConfig, rejects: list[dict[str, Any]]
-                ) -> list[ChatExample]:
-    """The configured cleaning and redaction; what is dropped goes to ``rejects``."""
-    if not (d.clean or d.redact):
-        return examples
-    off = TextOptions(markup=False, nfkc=False, confusables=False, control=False,
-                      whitespace=False)
-    kept, report = clean_examples(examples, CleanOptions(
-        text=TextOptions() if d.clean else off, redact=RedactOptions() if d.redact else None,
-        exact_duplicates=d.clean, near_duplicates=d.clean))
-    rejects.extend(_reject_row(r, "data") for r in report.left_out)
-    log.info("cleaning: %s", "; ".join(report.lines()))
-    return [ex for ex in kept if isinstance(ex, ChatExample)]
-
-
-def load_splits(cfg: RunConfig, rejects: list[dict[str, Any]] | None = None) -> Splits:
-    """Read, validate and clean the data; split off validation/test where no file is given.
-
-    Near-duplicates are kept in the same split, so nothing leaks from train into test.
-    """
-    d, seed = cfg.data, cfg.train.seed
-    rejects = rejects if rejects is not None else []
-    train_set = clean_stage(read_examples(d.train_file, d, rejects), d, rejects)
-    valid = read_examples(d.validation_file, d, rejects) if d.validation_file else None
-    test = read_examples(d.test_file, d, rejects) if d.test_file else None
-    is_cls = cfg.eval.task == "classification"
-    labels = [ex.label for ex in train_set] if is_cls else None
-    if valid is None or test is None:
-        if len(train_set) < 10:
-            raise DataError(f"only {len(train_set)} examples; at least 10 are needed to split off "
-                            "validation and test sets (or give validation_file and test_file)",
-                            path=d.train_file)
-        groups = near_duplicate_groups(json.dumps(ex.messages) for ex in train_set)
-        parts = split_examples(train_set, validation_fraction=d.validation_fraction,
-                               test_fraction=d.test_fraction, seed=seed, labels=labels,
-                               need_validation=valid is None, need_test=test is None,
-                               groups=groups)
-        train_set = parts.train
-        valid = valid if valid is not None else parts.validation
-        test = test if test is not None else parts.test
-
-    def cap(items: list[ChatExample], n: int | None) -> list[ChatExample]:
-        return sample(items, n, seed=seed, labels=[e.label for e in items] if is_cls else None)
-
-    return Splits(train=cap(train_set, d.max_train_examples),
-                  validation=cap(valid, d.max_validation_examples),
-                  test=cap(test, d.max_test_examples))
-
-
-def write_splits(folder: Path, splits: Splits) -> None:
-    """The exact examples of each split, as chat JSONL: what the run trained and tested on."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, items in (("train", splits.train), ("validation", splits.validation),
-                        ("test", splits.test)):
-        with (folder / f"{name}.jsonl").open("w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps({"messages": ex.messages, **ex.extra}, ensure_ascii=False)
-                          + "\n" for ex in items)
-
-
-def training_encoder(tokenizer: Any, cfg: RunConfig, labels: list[str] | None
-                     ) -> Callable[[ChatExample], Encoded]:
-    """How examples become training rows: the chat with its assistant turns as targets, or,
-    for a classification head, the prompt with the class index as the one target."""
-    if cfg.train.head == "classifier":
-        assert labels is not None
-        return lambda ex: encode_class_example(tokenizer, ex.prompt, labels.index(ex.label))
-    return lambda ex: encode_chat(tokenizer, ex.messages)
-
-
-def encode_examples(encode: Callable[[ChatExample], Encoded], examples: Sequence[ChatExample],
-                    *, max_length: int, split: str, progress: Progress | None = None
-                    ) -> tuple[list[Encoded], list[dict[str, Any]]]:
-    """Encode for training; too-long or target-less examples are returned as rejects."""
-    kept, rejects = [], []
-    task = progress.add_task(f"tokenising {split}", total=len(examples)) if progress else None
-    for ex in examples:
-        enc = encode(ex)
-        if len(enc) > max_length:
-            rejects.append({"split": split, "file": ex.source, "line": ex.line,
-                            "reason": f"{len(enc)} tokens, over data.max_length={max_length}"})
-        elif enc.n_targets == 0:
-            rejects.append({"split": split, "file": ex.source, "line": ex.line,
-                            "reason": "no assistant tokens to train on"})
-        else:
-            kept.append(enc)
-        if progress:
-            progress.advance(task)
-    return kept, rejects
-
-
-def classification_labels(cfg: RunConfig, splits: Splits) -> list[str] | None:
-    if cfg.eval.task != "classification":
-        return None
-    labels = cfg.eval.labels or sorted({ex.label for ex in splits.train})
-    check_labels(splits.train, labels, "training")
-    check_labels(splits.test, labels, "test")
-    if cfg.eval.positive_label is not None and cfg.eval.positive_label not in labels:
-        raise ConfigError(f"eval.positive_label '{cfg.eval.positive_label}' is not one of the "
-                          f"labels {labels}")
-    return labels
-
-
-def loop_settings(cfg: RunConfig, hp: ResolvedHyperparameters) -> LoopSettings:
-    t = cfg.train
-    return LoopSettings(
-        learning_rate=hp.learning_rate, epochs=hp.epochs, batch_size=hp.batch_size,
-        total_steps=hp.total_steps, warmup_steps=hp.warmup_steps, eval_every=hp.eval_every,
-        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-        early_stopping_patience=t.early_stopping_patience, keep_checkpoints=t.keep_checkpoints,
-        micro_batch_size=t.micro_batch_size, schedule=t.schedule, layer_lr_decay=t.layer_lr_decay,
-        packing=t.packing and t.head == "lm", pack_capacity=cfg.data.max_length,
-        group_by_length=t.group_by_length,
-        precision=t.precision, gradient_checkpointing=t.gradient_checkpointing,
-        seed=t.seed, eval_batch_size=cfg.eval.batch_size)
-
-
-def base_dtype(cfg: RunConfig) -> str:
-    """The dtype the base weights are loaded in (see ModelConfig.dtype)."""
-    return load_dtype(cfg.model.dtype, precision=cfg.train.precision, method=cfg.train.method,
-                      device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def prepare_model_for_training(model: Any, cfg: RunConfig) -> Any:
-    torch.manual_seed(cfg.train.seed)  # the adapters' initial weights
-    if cfg.train.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    lora = cfg.train.lora
-    return add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                    target_modules=lora.target_modules,
-                    task_type="SEQ_CLS" if cfg.train.head == "classifier" else "CAUSAL_LM")
-
-
-def classifier_objective(cfg: RunConfig, train_rows: Sequence[Encoded], n_labels: int
-                         ) -> Callable[[Any, str], Any]:
-    """The classification-head loss, with inverse-frequency class weights when configured."""
-    weights = None
-    if cfg.train.class_weights == "balanced":
-        counts = torch.bincount(torch.tensor([max(e.labels) for e in train_rows]),
-                                minlength=n_labels).float()
-        weights = counts.sum() / (n_labels * counts.clamp(min=1))
-    return lambda model, precision: ClassifierLoss(model, class_weights=weights,
-                                                   precision=precision)
-
-
-def prepare_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool = False) -> Path:
-    run_dir = cfg.output_dir or Path("runs") / (cfg.name or "run")
-    if resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"{run_dir}: the run directory exists and is not empty; pass "
-                              "--overwrite to replace it or set output_dir to another place")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def _attach_log_file(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    return handler
-
-
-# ----------------------------------------------------------------------------- flows
-
-
 def run(config: RunConfig | str | Path, *, overwrite: bool = False, resume: bool = False,
         home: Path | None = None, console: Console | None = None, show_progress: bool = True,
         callbacks: Sequence[Any] = ()) -> RunResult:
@@ -290,7 +84,7 @@ def run(config: RunConfig | str | Path, *, overwrite: bool = False, resume: bool
     console = console or Console(stderr=True)
     home = home or default_home()
     run_dir = prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
-    handler = _attach_log_file(run_dir)
+    handler = attach_log_file(run_dir)
     try:
         return _run(cfg, run_dir, home, console, show_progress, started, resume=resume,
                     extra_callbacks=list(callbacks))

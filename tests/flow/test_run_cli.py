@@ -55,8 +55,8 @@ def test_validation_loss_fell(finished_run):
 def test_every_lora_parameter_changed(finished_run, tiny_model_dir):
     from peft import get_peft_model_state_dict
 
-    from tunesmith.api import prepare_model_for_training
     from tunesmith.models.load import load
+    from tunesmith.steps import prepare_model_for_training
 
     tmp, _ = finished_run
     cfg = load_config(tmp / "config.yaml")

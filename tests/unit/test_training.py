@@ -170,8 +170,8 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_model_dir, tmp_path
 
 def test_full_fine_tuning_trains_every_weight(tiny_model_dir, tmp_path):
     from tests.conftest import review_rows as rows
-    from tunesmith.api import prepare_model_for_training
     from tunesmith.config import parse_config
+    from tunesmith.steps import prepare_model_for_training
 
     cfg = parse_config({"data": {"train_file": "x.jsonl"}, "train": {"method": "full"}})
     model, tok = load(tiny_model_dir)
