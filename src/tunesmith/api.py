@@ -30,7 +30,7 @@ from tunesmith.config import (
 )
 from tunesmith.data.chat import read_chat_jsonl
 from tunesmith.data.encode import Encoded
-from tunesmith.data.split import Splits
+from tunesmith.data.split import Splits, sample
 from tunesmith.errors import DataError, ModelError
 from tunesmith.evaluation.task import check_labels
 from tunesmith.models.classifier import load_classifier, load_trained_classifier
@@ -114,7 +114,11 @@ def _prepare(cfg: RunConfig, run_dir: Path, tokenizer: Any, splits: Splits,
     train_enc, more = encode_examples(encode, splits.train, max_length=cfg.data.max_length,
                                       split="train", progress=progress)
     rejects = rejects + more
-    valid_enc, more = encode_examples(encode, splits.validation,
+    # the validation loss runs every eval_every steps: a capped sample keeps that cheap
+    valid_for_loss = sample(splits.validation, cfg.data.max_validation_examples,
+                            seed=cfg.train.seed,
+                            labels=[e.label for e in splits.validation] if labels else None)
+    valid_enc, more = encode_examples(encode, valid_for_loss,
                                       max_length=cfg.data.max_length, split="validation",
                                       progress=progress)
     rejects += more
@@ -239,7 +243,8 @@ def _run(cfg: RunConfig, run_dir: Path, home: Path, console: Console, show_progr
                                                      "test": splits.test})
     results = assess.assemble(
         name=cfg.name or run_dir.name, model=cfg.model.base, ev=ev, labels=labels,
-        data_counts={"train": len(prepared.train), "validation": len(prepared.valid),
+        data_counts={"train": len(prepared.train), "validation": len(splits.validation),
+                     "validation loss sample": len(prepared.valid),
                      "test": len(splits.test), "left out": len(prepared.rejects)},
         token_lengths=stats, hyperparameters=prepared.hp.model_dump(),
         training={"best_step": result.state.best_step,

@@ -79,7 +79,8 @@ class DataConfig(_Section):
         None, gt=0, description="Train on at most this many examples (seeded, stratified sample)."
     )
     max_validation_examples: int | None = Field(
-        200, gt=0, description="Compute validation loss on at most this many examples."
+        200, gt=0, description="Compute the periodic validation loss on at most this many "
+        "examples (a seeded sample); calibration uses the whole validation split.",
     )
     max_test_examples: int | None = Field(
         None, gt=0, description="Evaluate on at most this many test examples."

@@ -123,7 +123,8 @@ def load_splits(cfg: RunConfig, rejects: list[dict[str, Any]] | None = None) -> 
         return sample(items, n, seed=seed, labels=[e.label for e in items] if is_cls else None)
 
     return Splits(train=cap(train_set, d.max_train_examples),
-                  validation=cap(valid, d.max_validation_examples),
+                  # capped for the validation loss in _prepare; calibration uses all of it
+                  validation=valid,
                   test=cap(test, d.max_test_examples))
 
 
