@@ -35,7 +35,6 @@ tuned. Every other key may be missing or null, and its report section is then le
     plots            {"loss_curves", "confusion_base", "confusion_tuned", "reliability",
                       "token_lengths"}: PNG file names relative to the run directory
 
-``write_report`` (the first report, Markdown only, used by ``api.run`` today) is kept working.
 """
 
 from __future__ import annotations
@@ -66,9 +65,9 @@ from tunesmith.evaluation.sections import (
 )
 from tunesmith.training.callbacks import read_metrics
 
-__all__ = ["REQUIRED", "comparison_rows", "compare_runs", "format_table", "headline_metrics",
+__all__ = ["REQUIRED", "comparison_rows", "compare_runs", "headline_metrics",
            "make_plots", "plot_loss_curves", "read_results", "render_markdown",
-           "sections_markdown", "write_report",
+           "sections_markdown",
            "write_reports", "write_results"]
 
 SCHEMA_VERSION = 1
@@ -259,44 +258,3 @@ def comparison_rows(base: dict[str, Any] | None, tuned: dict[str, Any]
         b = base.get(key) if base else None
         rows.append((key, b, tuned[key], tuned[key] - b if b is not None else None))
     return rows
-
-
-def format_table(rows: Sequence[tuple[str, float | None, float, float | None]]) -> str:
-    def f(x: float | None) -> str:
-        return "-" if x is None else f"{x:.4f}"
-
-    lines = ["| metric | base | tuned | change |", "| --- | ---: | ---: | ---: |"]
-    for key, b, t, d in rows:
-        lines.append(f"| {key} | {f(b)} | {f(t)} | {'-' if d is None else f'{d:+.4f}'} |")
-    return "\n".join(lines)
-
-
-def write_report(path: Path, *, name: str, model: str, hyperparameters: dict[str, Any],
-                 data_counts: dict[str, int], training: dict[str, Any],
-                 base: dict[str, Any] | None, tuned: dict[str, Any], loss_plot: str,
-                 samples: Sequence[dict[str, str]] = ()) -> Path:
-    """The first report (Markdown only); superseded by ``write_reports``, kept for api.run."""
-    lines = [
-        f"# Run report: {name}", "",
-        f"Base model: `{model}`", "",
-        "## Data", "",
-        "| split | examples |", "| --- | ---: |",
-        *[f"| {k} | {v} |" for k, v in data_counts.items()], "",
-        "## Hyperparameters", "",
-        "| name | value |", "| --- | --- |",
-        *[f"| {k} | {v} |" for k, v in hyperparameters.items()], "",
-        "## Training", "",
-        *[f"- {k}: {v}" for k, v in training.items()], "",
-        f"![loss curves]({loss_plot})", "",
-        "## Test set: base vs tuned", "",
-        format_table(comparison_rows(base, tuned)), "",
-    ]
-    if samples:
-        lines += ["## Sample predictions (tuned)", "",
-                  "| expected | predicted | reply |", "| --- | --- | --- |"]
-        for s in samples:
-            reply = s["reply"].replace("|", "\\|").replace("\n", " ")[:80]
-            lines.append(f"| {s['expected']} | {s['predicted']} | {reply} |")
-        lines.append("")
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path

@@ -22,11 +22,6 @@ class Predictions:
     predicted: list[str]
     expected: list[str]
 
-    def samples(self, n: int) -> list[dict[str, str]]:
-        return [{"expected": e, "predicted": p, "reply": r}
-                for r, p, e in list(zip(self.replies, self.predicted, self.expected,
-                                        strict=True))[:n]]
-
 
 def label_token_budget(tokenizer: Any, labels: Sequence[str]) -> int:
     """Enough new tokens to say the longest label, and the end-of-turn token after it."""

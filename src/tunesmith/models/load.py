@@ -78,10 +78,6 @@ def add_lora(model: Any, *, r: int, alpha: float, dropout: float,
             from err
 
 
-def trainable_parameters(model: Any) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
 def save_merged(model: Any, tokenizer: Any, out_dir: Path) -> Any:
     """Fold LoRA adapters into the weights and save a plain model directory; returns the model."""
     merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model

@@ -16,7 +16,6 @@ from tunesmith.evaluation.report import (
     compare_runs,
     make_plots,
     read_results,
-    write_report,
     write_reports,
     write_results,
 )
@@ -219,15 +218,6 @@ def test_compare_runs_reads_an_older_results_json(tmp_path):
     assert "| accuracy | 0.7500 |" in compare_runs(old, new)
     with pytest.raises(DataError, match="no metrics.json or results.json"):
         compare_runs(old, tmp_path / "missing")
-
-
-def test_the_first_report_still_works(tmp_path):
-    path = write_report(tmp_path / "report.md", name="n", model="m", hyperparameters={"lr": 1},
-                        data_counts={"train": 3}, training={"best step": 2},
-                        base={"accuracy": 0.5}, tuned={"accuracy": 0.75},
-                        loss_plot="loss_curve.png")
-    text = path.read_text()
-    assert "| accuracy | 0.5000 | 0.7500 | +0.2500 |" in text and "loss_curve.png" in text
 
 
 def test_warnings_lead_the_report(tmp_path):
