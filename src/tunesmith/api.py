@@ -21,6 +21,7 @@ from rich.progress import Progress
 
 from tunesmith import assess
 from tunesmith.config import (
+    DataConfig,
     EvalConfig,
     ResolvedHyperparameters,
     RunConfig,
@@ -28,7 +29,6 @@ from tunesmith.config import (
     load_config,
     resolve_hyperparameters,
 )
-from tunesmith.data.chat import read_chat_jsonl
 from tunesmith.data.encode import Encoded
 from tunesmith.data.split import Splits, sample
 from tunesmith.errors import DataError, ModelError
@@ -46,6 +46,7 @@ from tunesmith.steps import (
     loop_settings,
     prepare_model_for_training,
     prepare_run_dir,
+    read_examples,
     training_encoder,
     write_splits,
 )
@@ -153,7 +154,8 @@ def _base_eval(cfg: RunConfig, run_dir: Path, model: Any, tokenizer: Any, test: 
     found = assess.load_model_eval(path) if resume else None
     if found is None:
         found = assess.evaluate_lm(model, tokenizer, test, cfg.eval, labels,
-                                   _advance(progress, "evaluating base", len(test)))
+                                   _advance(progress, "evaluating base", len(test)),
+                                   score_labels=False)
         assess.save_model_eval(path, found)
     log.info("base model on the test set: %s", json.dumps(found.metrics))
     return found
@@ -288,7 +290,11 @@ def evaluate(model: str, test_file: str | Path, *, base: str | None = None,
     run_cfg = _run_config(Path(model)) if Path(model).is_dir() else None
     ev = eval_config or (run_cfg.eval if run_cfg else EvalConfig())
     base = base if base is not None else (run_cfg.model.base if run_cfg else None)
-    test = read_chat_jsonl(test_file)
+    # the same reader as a run (any supported format, the run's column settings); a bad test
+    # row always stops the evaluation, since no rejects file is kept here
+    read = (run_cfg.data if run_cfg else DataConfig(train_file=Path(test_file))).model_copy(
+        update={"on_error": "raise"})
+    test = read_examples(Path(test_file), read, rejects=[])
     labels = None
     if ev.task == "classification":
         labels = ev.labels or sorted({ex.label for ex in test})
@@ -302,7 +308,8 @@ def evaluate(model: str, test_file: str | Path, *, base: str | None = None,
         if base is not None and ev.compare_base:
             b_model, b_tok = load(resolve_model(base, home=home))
             base_eval = assess.evaluate_lm(b_model, b_tok, test, ev, labels,
-                                           _advance(progress, "evaluating base", len(test)))
+                                           _advance(progress, "evaluating base", len(test)),
+                                           score_labels=False)
             del b_model
         path = resolve_model(model, home=home)
         advance = _advance(progress, "evaluating model", len(test))
@@ -336,13 +343,12 @@ def load_for_chat(model: str, *, home: Path | None = None) -> tuple[Any, Any]:
 def load_checkpoint_for_chat(run_dir: Path, step: int, *, home: Path | None = None
                              ) -> tuple[Any, Any]:
     """Model and tokenizer of checkpoint ``step-N`` of a run: the base model plus its adapter."""
-    from tunesmith.config import parse_config
     from tunesmith.training.checkpoint import load_weights
     from tunesmith.training.loop import load_trainable
 
-    resolved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    resolved.pop("resolved", None)
-    cfg = parse_config(resolved, source=str(Path(run_dir) / "config.yaml"))
+    cfg = _run_config(Path(run_dir))
+    if cfg is None:
+        raise ModelError(f"{run_dir}: not a tunesmith run directory (no config.yaml)")
     model, tokenizer = load(resolve_model(cfg.model.base, home=home or default_home()),
                             dtype=base_dtype(cfg))
     model = prepare_model_for_training(model, cfg)

@@ -68,8 +68,11 @@ def load_model_eval(path: Path) -> ModelEval | None:
 
 
 def evaluate_lm(model: Any, tokenizer: Any, test: Sequence[ChatExample], ev: EvalConfig,
-                labels: list[str] | None, advance: Advance | None = None) -> ModelEval:
-    """Generate each test answer and score it; for classification also the label probabilities."""
+                labels: list[str] | None, advance: Advance | None = None, *,
+                score_labels: bool = True) -> ModelEval:
+    """Generate each test answer and score it; for classification also the label probabilities
+    (``score_labels``: they feed calibration and error analysis, which look at the tuned model
+    only, so the base model skips them)."""
     budget = ev.max_new_tokens
     if budget == "auto":
         budget = label_token_budget(tokenizer, labels) if labels else 128
@@ -77,7 +80,7 @@ def evaluate_lm(model: Any, tokenizer: Any, test: Sequence[ChatExample], ev: Eva
         model, tokenizer, test, task=ev.task, labels=labels, positive=ev.positive_label,
         max_new_tokens=int(budget), batch_size=ev.batch_size, on_batch=advance)
     log_probs = None
-    if labels and (ev.calibration or ev.confident_errors):
+    if score_labels and labels and (ev.calibration or ev.confident_errors):
         log_probs = label_probabilities(model, tokenizer, [ex.prompt for ex in test], labels,
                                         batch_size=ev.batch_size).log_probs
     return ModelEval(metrics, predictions, log_probs)
