@@ -64,7 +64,7 @@ def generate(path: Path, *, n: int | None = None, size_bytes: int | None = None,
 
 def _child(command: str, src: str, out: str) -> None:
     """Run one stage in this (separate) process and print its seconds and tally as JSON."""
-    from tunesmith.prepare import clean_file, load_tokenizer_for, validate_file
+    from tunesmith.flows.prepare import clean_file, load_tokenizer_for, validate_file
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     started, cpu_started = time.perf_counter(), time.process_time()

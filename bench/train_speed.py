@@ -58,12 +58,12 @@ def setup(steps: int, dtype: str = "float32"):
 
 
 def final_valid_loss(model, tok, valid) -> float:
-    from tunesmith.training.loop import evaluate_loss
-    from tunesmith.training.loss import TargetLoss
+    from tunesmith.training.loop import evaluate_objective
+    from tunesmith.training.objectives import LMObjective
 
     model.float()
-    return evaluate_loss(TargetLoss(model), valid, batch_size=16, pad_id=tok.pad_token_id,
-                         device=torch.device("cpu"))["valid_loss"]
+    return evaluate_objective(LMObjective(model, pad_id=tok.pad_token_id), valid,
+                              batch_size=16, device=torch.device("cpu"))["valid_loss"]
 
 
 def run_hf(steps: int) -> dict:
@@ -106,7 +106,7 @@ def run_tunesmith(steps: int) -> dict:
     dtype = load_dtype("auto", precision="auto", method="lora", device=torch.device("cpu"))
     model, tok, data, valid = setup(steps, dtype)
     settings = LoopSettings(learning_rate=LR, epochs=1, batch_size=BATCH, total_steps=steps,
-                            schedule="cosine", max_grad_norm=1.0, packing=True,
+                            eval_every=steps, schedule="cosine", max_grad_norm=1.0, packing=True,
                             pack_capacity=MAX_LEN, precision="auto", seed=SEED)
     started = time.perf_counter()
     result = train(model, data, [], settings=settings, pad_id=tok.pad_token_id,

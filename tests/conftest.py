@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -11,9 +10,7 @@ import pytest
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-# Imported models are cached across test sessions here (ignored by git), never in $HOME.
-TEST_HOME = REPO / ".cache" / "test-home"
+from tests.helpers import TEST_HOME, review_rows, write_jsonl
 
 
 @pytest.fixture(scope="session")
@@ -60,29 +57,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
     path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return path
-
-
-SYSTEM = "Label the review as good or bad."
-GOOD = ["great product, works well", "I love it", "excellent value", "very happy with this",
-        "works perfectly", "fantastic quality", "best purchase ever", "really good"]
-BAD = ["broke after a day", "terrible quality", "I hate it", "waste of money",
-       "does not work", "awful experience", "very disappointed", "really bad"]
-
-
-def review_rows(n: int) -> list[dict]:
-    rows = []
-    for i in range(n):
-        good = i % 2 == 0
-        text = (GOOD if good else BAD)[(i // 2) % 8] + f" (#{i})"
-        rows.append({"messages": [{"role": "system", "content": SYSTEM},
-                                  {"role": "user", "content": text},
-                                  {"role": "assistant", "content": "good" if good else "bad"}]})
-    return rows
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
 

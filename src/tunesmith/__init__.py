@@ -22,12 +22,12 @@ from tunesmith.errors import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "run": "tunesmith.api", "evaluate": "tunesmith.api", "chat": "tunesmith.api",
-    "load_for_chat": "tunesmith.api", "RunResult": "tunesmith.api",
+    "run": "tunesmith.flows", "evaluate": "tunesmith.flows", "chat": "tunesmith.flows",
+    "load_for_chat": "tunesmith.flows", "RunResult": "tunesmith.flows",
     "RunConfig": "tunesmith.config", "load_config": "tunesmith.config",
-    "validate_file": "tunesmith.prepare", "convert_file": "tunesmith.prepare",
-    "clean_file": "tunesmith.prepare", "redact_file": "tunesmith.prepare",
-    "split_file": "tunesmith.prepare", "inspect_file": "tunesmith.prepare",
+    "validate_file": "tunesmith.flows.prepare", "convert_file": "tunesmith.flows.prepare",
+    "clean_file": "tunesmith.flows.prepare", "redact_file": "tunesmith.flows.prepare",
+    "split_file": "tunesmith.flows.prepare", "inspect_file": "tunesmith.flows.prepare",
 }
 
 __all__ = ["CheckpointError", "ConfigError", "DataError", "ModelError", "ServiceError",

@@ -29,66 +29,50 @@ class ModelConfig(_Section):
     base: str = Field(
         DEFAULT_MODEL,
         description="Base model: 'smollm2-135m-instruct' (bundled), a local Hugging Face model "
-        "directory, a local .gguf file, or a Hub id already in the local Hugging Face cache.",
-    )
+        "directory, a local .gguf file, or a Hub id already in the local Hugging Face cache.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Precision the base weights are loaded in. 'auto': bfloat16 when "
-        "LoRA trains in bf16 (the frozen weights end up bf16 anyway), else float32.",
-    )
+        "LoRA trains in bf16 (the frozen weights end up bf16 anyway), else float32.")
 
 
 class DataConfig(_Section):
     train_file: Path = Field(
         ..., description="Training data: OpenAI chat JSONL, prompt/completion, Alpaca, ShareGPT, "
-        "or text + label rows (CSV, TSV, JSONL, Parquet); the format is detected.",
-    )
+        "or text + label rows (CSV, TSV, JSONL, Parquet); the format is detected.")
     format: str | None = Field(
         None, description="Force the input format (chat, prompt_completion, alpaca, sharegpt, "
-        "classification). Empty: detected from the file.",
-    )
+        "classification). Empty: detected from the file.")
     text_column: str = Field("text", description="Classification rows: the text column.")
     label_column: str = Field("label", description="Classification rows: the label column.")
     system_prompt: str | None = Field(
-        None, description="Classification rows: the system message put before each text."
-    )
+        None, description="Classification rows: the system message put before each text.")
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="'raise': stop at invalid rows and list them all. 'skip': leave "
-        "them out of the run and list them, with reasons, in rejects.jsonl of the run.",
-    )
+        "them out of the run and list them, with reasons, in rejects.jsonl of the run.")
     clean: bool = Field(
         False, description="Normalise text (NFKC, look-alike letters, markup, control "
-        "characters, whitespace) and drop exact and near duplicates before splitting.",
-    )
+        "characters, whitespace) and drop exact and near duplicates before splitting.")
     redact: bool = Field(
         False, description="Replace personal data (emails, phones, cards, IBANs, IPs, SSNs) "
-        "with typed placeholders such as [EMAIL] before anything is trained.",
-    )
+        "with typed placeholders such as [EMAIL] before anything is trained.")
     validation_file: Path | None = Field(
-        None, description="Validation data. When empty, it is split off the training file."
-    )
+        None, description="Validation data. When empty, it is split off the training file.")
     test_file: Path | None = Field(
-        None, description="Held-out test data. When empty, it is split off the training file."
-    )
+        None, description="Held-out test data. When empty, it is split off the training file.")
     validation_fraction: float = Field(
-        0.1, gt=0, lt=1, description="Share of the training file used for validation when split."
-    )
+        0.1, gt=0, lt=1, description="Share of the training file used for validation when split.")
     test_fraction: float = Field(
-        0.1, gt=0, lt=1, description="Share of the training file held out for testing when split."
-    )
+        0.1, gt=0, lt=1, description="Share of the training file held out for testing when split.")
     max_train_examples: int | None = Field(
-        None, gt=0, description="Train on at most this many examples (seeded, stratified sample)."
-    )
+        None, gt=0, description="Train on at most this many examples (seeded, stratified sample).")
     max_validation_examples: int | None = Field(
         200, gt=0, description="Compute the periodic validation loss on at most this many "
-        "examples (a seeded sample); calibration uses the whole validation split.",
-    )
+        "examples (a seeded sample); calibration uses the whole validation split.")
     max_test_examples: int | None = Field(
-        None, gt=0, description="Evaluate on at most this many test examples."
-    )
+        None, gt=0, description="Evaluate on at most this many test examples.")
     max_length: int = Field(
         512, gt=8, description="Longest example in tokens (chat template included). Longer "
-        "examples are left out of training and listed in rejects.jsonl of the run.",
-    )
+        "examples are left out of training and listed in rejects.jsonl of the run.")
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> DataConfig:
@@ -102,8 +86,7 @@ class LoraConfig(_Section):
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Modules that get adapters: 'all-linear' or a list of names."
-    )
+        "all-linear", description="Modules that get adapters: 'all-linear' or a list of names.")
 
 
 class TrainConfig(_Section):
@@ -189,65 +172,49 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     task: Literal["classification", "generation"] = Field(
         "generation", description="'classification': the assistant answers one of `labels`; "
-        "'generation': free text, scored by exact match.",
-    )
+        "'generation': free text, scored by exact match.")
     labels: list[str] | None = Field(
-        None, description="Class labels (classification). Empty: taken from the training data."
-    )
+        None, description="Class labels (classification). Empty: taken from the training data.")
     positive_label: str | None = Field(
-        None, description="The class whose F1 is reported (classification), e.g. 'spam'."
-    )
+        None, description="The class whose F1 is reported (classification), e.g. 'spam'.")
     max_new_tokens: int | Auto = Field(
         "auto", description="Tokens generated per test example. 'auto': enough for the longest "
-        "label (classification) or 128 (generation).",
-    )
+        "label (classification) or 128 (generation).")
     batch_size: int = Field(16, gt=0, description="Test examples generated at once.")
     compare_base: bool = Field(True, description="Also evaluate the base model on the test set.")
     bootstrap_resamples: int = Field(
-        1000, ge=100, description="Paired bootstrap resamples for the 95% CI of base vs tuned."
-    )
+        1000, ge=100, description="Paired bootstrap resamples for the 95% CI of base vs tuned.")
     calibration: bool = Field(
         True, description="Classification: ECE and a reliability diagram from the label "
-        "probabilities, and a temperature fitted on the validation split (saved with the model).",
-    )
+        "probabilities, and a temperature fitted on the validation split (saved with the model).")
     forgetting: bool = Field(
         True, description="Perplexity on general English text and KL divergence from the base "
-        "model on general prompts, before vs after fine-tuning.",
-    )
+        "model on general prompts, before vs after fine-tuning.")
     forgetting_max_tokens: int = Field(
-        4096, gt=0, description="Tokens of the general text scored for perplexity."
-    )
+        4096, gt=0, description="Tokens of the general text scored for perplexity.")
     forgetting_text: Path | None = Field(
-        None, description="General text for the forgetting check. Empty: the bundled text."
-    )
+        None, description="General text for the forgetting check. Empty: the bundled text.")
     forgetting_prompts: Path | None = Field(
-        None, description="General prompts (chat JSONL) for the KL check. Empty: bundled."
-    )
+        None, description="General prompts (chat JSONL) for the KL check. Empty: bundled.")
     max_perplexity_ratio: float = Field(
-        1.2, gt=1, description="Warn when general-text perplexity rises more than this factor."
-    )
+        1.2, gt=1, description="Warn when general-text perplexity rises more than this factor.")
     max_kl: float = Field(
-        0.5, gt=0, description="Warn when the mean KL divergence from the base exceeds this."
-    )
+        0.5, gt=0, description="Warn when the mean KL divergence from the base exceeds this.")
     group_field: str | None = Field(
         None, description="A top-level key of each test line holding a group (e.g. 'region'): "
-        "metrics per group and the largest gap (fairness).",
-    )
+        "metrics per group and the largest gap (fairness).")
     confident_errors: int = Field(
-        10, ge=0, description="How many of the most confident wrong predictions to list."
-    )
+        10, ge=0, description="How many of the most confident wrong predictions to list.")
 
 
 class RunConfig(_Section):
     name: str | None = Field(None, description="Run name. Empty: the config file's name.")
     output_dir: Path | None = Field(
-        None, description="Run directory. Empty: runs/<name> under the current directory."
-    )
+        None, description="Run directory. Empty: runs/<name> under the current directory.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
     data: DataConfig = Field(..., description="Where the data is and how it is split.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="How to train.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="How to evaluate.")
-
 
     @model_validator(mode="after")
     def _head_needs_classification(self) -> RunConfig:
@@ -314,8 +281,7 @@ def resolve_hyperparameters(train: TrainConfig, n_train: int) -> ResolvedHyperpa
         every = int(train.eval_every)
     return ResolvedHyperparameters(
         epochs=epochs, batch_size=batch, learning_rate=lr, total_steps=steps,
-        warmup_steps=int(steps * train.warmup_ratio), eval_every=every,
-    )
+        warmup_steps=int(steps * train.warmup_ratio), eval_every=every)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -323,14 +289,13 @@ def resolve_hyperparameters(train: TrainConfig, n_train: int) -> ResolvedHyperpa
 
 def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The field names allowed at ``loc`` (for 'did you mean' suggestions)."""
-    current: type[BaseModel] | None = model
+    current: Any = model
     for part in loc[:-1]:
-        if current is None or not isinstance(part, str) or part not in current.model_fields:
+        field = current.model_fields.get(part) if isinstance(part, str) else None
+        current = field.annotation if field is not None else None
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
             return []
-        annotation = current.model_fields[part].annotation
-        current = annotation if isinstance(annotation, type) and issubclass(
-            annotation, BaseModel) else None
-    return list(current.model_fields) if current else []
+    return list(current.model_fields)
 
 
 def format_validation_error(err: ValidationError, model: type[BaseModel]) -> list[str]:
@@ -369,18 +334,13 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
 
 
 def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
-    def fix(p: Path | None) -> Path | None:
-        return p if p is None or p.is_absolute() else (base_dir / p)
+    def fix(section: BaseModel, *names: str) -> Any:
+        paths = {n: getattr(section, n) for n in names}
+        return section.model_copy(update={n: p if p is None or p.is_absolute() else base_dir / p
+                                          for n, p in paths.items()})
 
-    data = cfg.data.model_copy(update={
-        "train_file": fix(cfg.data.train_file),
-        "validation_file": fix(cfg.data.validation_file),
-        "test_file": fix(cfg.data.test_file),
-    })
-    evaluation = cfg.eval.model_copy(update={
-        "forgetting_text": fix(cfg.eval.forgetting_text),
-        "forgetting_prompts": fix(cfg.eval.forgetting_prompts),
-    })
+    data = fix(cfg.data, "train_file", "validation_file", "test_file")
+    evaluation = fix(cfg.eval, "forgetting_text", "forgetting_prompts")
     model = cfg.model
     candidate = base_dir / cfg.model.base
     if not Path(cfg.model.base).is_absolute() and candidate.exists():
@@ -416,36 +376,3 @@ def dump_config(cfg: RunConfig) -> dict[str, Any]:
     """A plain mapping of the configuration, ready for YAML."""
     return cfg.model_dump(mode="json")
 
-
-# ----------------------------------------------------------------------------- config init
-
-
-def _yaml_scalar(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-
-def _commented(model: type[BaseModel], values: dict[str, Any], indent: int) -> list[str]:
-    lines: list[str] = []
-    pad = "  " * indent
-    for name, field in model.model_fields.items():
-        if field.description:
-            lines.append(f"{pad}# {field.description}")
-        annotation = field.annotation
-        value = values.get(name)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            lines.append(f"{pad}{name}:")
-            lines.extend(_commented(annotation, value or {}, indent + 1))
-        else:
-            lines.append(f"{pad}{name}: {_yaml_scalar(value)}")
-    return lines
-
-
-def default_config_text(train_file: str = "train.jsonl") -> str:
-    """The commented default configuration written by ``tunesmith config init``."""
-    cfg = RunConfig(data=DataConfig(train_file=Path(train_file)))
-    header = [
-        "# tunesmith run configuration. Run it with: tunesmith run <this file>",
-        "# Paths are relative to this file's directory.",
-        "",
-    ]
-    return "\n".join(header + _commented(RunConfig, dump_config(cfg), 0)) + "\n"

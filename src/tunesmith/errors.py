@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 class TunesmithError(Exception):
@@ -37,25 +38,44 @@ class ConfigError(TunesmithError):
         super().__init__(text)
 
 
+def location(path: Path | str | None, line: int | None = None, field: str | None = None) -> str:
+    """Where something is in a data file: ``train.jsonl line 41: messages[1].role``."""
+    where = str(path) if path is not None else "<data>"
+    if line is not None:
+        where += f" line {line}"
+    if field:
+        where += f": {field}"
+    return where
+
+
 @dataclass(frozen=True)
 class Problem:
-    """One finding in a data file: where it is and what to do about it."""
+    """One finding in a data file: its category, what to do about it, and where it is.
 
+    ``code`` is a stable category (``missing_content``, ``too_long``; the full list is
+    ``tunesmith.data.rejects.PROBLEM_CODES``) for reports, ``--json`` and rejects files to
+    count and filter by; ``message`` says what is wrong and what to change, for a person.
+    """
+
+    code: str
     message: str
     line: int | None = None
     field: str | None = None
 
     def render(self, path: Path | str | None) -> str:
-        where = str(path) if path is not None else "<data>"
-        if self.line is not None:
-            where += f" line {self.line}"
-        if self.field:
-            where += f": {self.field}"
-        return f"{where}: {self.message}"
+        return f"{location(path, self.line, self.field)}: {self.code}: {self.message}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "line": self.line,
+                "field": self.field}
 
 
 class DataError(TunesmithError):
-    """A data file cannot be used. Names the file, and the line and field where known."""
+    """A data file cannot be used. Names the file, and the line and field where known.
+
+    ``problems`` holds every row-level finding; an error about the file as a whole holds one
+    problem of category ``code``.
+    """
 
     max_shown = 20
 
@@ -67,9 +87,10 @@ class DataError(TunesmithError):
         line: int | None = None,
         field: str | None = None,
         problems: Sequence[Problem] = (),
+        code: str = "data_error",
     ) -> None:
         self.path = path
-        self.problems = list(problems) or [Problem(message, line, field)]
+        self.problems = list(problems) or [Problem(code, message, line, field)]
         if problems:
             shown = [p.render(path) for p in self.problems[: self.max_shown]]
             more = len(self.problems) - len(shown)
@@ -77,7 +98,7 @@ class DataError(TunesmithError):
             if more:
                 text += f"\n  ... and {more} more"
         else:
-            text = Problem(message, line, field).render(path) if path else message
+            text = f"{location(path, line, field)}: {message}" if path else message
         super().__init__(text)
 
 

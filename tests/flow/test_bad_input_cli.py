@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.conftest import review_rows
+from tests.helpers import review_rows
 
 
 def assert_clean_failure(code, out, err, *fragments):
@@ -25,7 +25,7 @@ def test_unreadable_json_line(make_config, cli):
     lines = path.read_text().splitlines()
     lines[6] = '{"messages": [{"role": "user", "content": "hi"},'
     path.write_text("\n".join(lines) + "\n")
-    assert_clean_failure(*cli("run", str(cfg)), "train.jsonl line 7: invalid JSON")
+    assert_clean_failure(*cli("run", str(cfg)), "train.jsonl line 7: invalid_json: invalid JSON")
 
 
 def test_wrong_role(make_config, cli):
@@ -81,3 +81,32 @@ def test_labels_outside_the_declared_set(make_config, cli):
     cfg = make_config(rows)
     code, out, err = cli("run", str(cfg))
     assert_clean_failure(code, out, err, "['neutral']", "line 4")
+
+
+def test_an_unknown_base_model_fails_before_any_data_is_read(make_config, cli, tmp_path):
+    # the data file is broken too: the model error must come first, with nothing read
+    cfg = make_config(model={"base": "no-such-model"})
+    (tmp_path / "train.jsonl").write_bytes(b"\xff\xfe not json\n")
+    code, out, err = cli("run", str(cfg))
+    assert code == 2
+    assert "unknown model" in err and "no-such-model" in err
+    assert "line 1" not in err and "train.jsonl" not in err
+    assert not (tmp_path / "run").exists()  # no run directory made either
+
+
+def test_the_run_screen_is_free_of_library_chatter(make_config, tmp_path):
+    import subprocess
+    import sys
+
+    # a real process, as a user runs it: pytest's own warning capture is not in the way
+    done = subprocess.run([sys.executable, "-W", "default", "-m", "tunesmith.cli", "run",
+                           str(make_config(train={"epochs": 1})), "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    screen = done.stdout + done.stderr
+    for noise in ("Loading weights", "Writing model shards", "FutureWarning", "deprecated",
+                  "UserWarning"):
+        assert noise not in screen, noise
+    assert "run directory" in screen
+    # ... and the run's log has them, for whoever needs them
+    assert "deprecated" in (tmp_path / "run" / "run.log").read_text()

@@ -27,7 +27,7 @@ def test_validate_ok_bad_and_json(cli, tmp_path, bundled_dir):
     assert code == 1
     assert (f'error: {bad} line 13: messages[1].role: unrecognized_role: message 2 has role '
             '"assitant" (did you mean "assistant"?)') in out
-    assert f"error: {bad} line 14: invalid JSON" in out
+    assert f"error: {bad} line 14: invalid_json: invalid JSON" in out
     assert "FAILED: 12 valid examples in 14 rows; 2 error(s)" in out
 
     code, out, _ = cli("data", "validate", str(bad), "--no-tokens", "--json")
@@ -66,8 +66,8 @@ def test_convert_raise_and_skip(cli, tmp_path):
     assert code == 0 and "read 3 = written 1 + invalid 2" in stdout
     assert read_jsonl(out)[0]["messages"][1] == {"role": "assistant", "content": "4"}
     rejects = read_jsonl(tmp_path / "chat.rejects.jsonl")
-    assert [(r["line"], r["reason"]) for r in rejects] == [(2, "missing_content"),
-                                                            (3, "invalid_json")]
+    assert [(r["line"], r["code"]) for r in rejects] == [(2, "missing_content"),
+                                                          (3, "invalid_json")]
 
 
 def test_clean_with_redaction(cli, tmp_path):

@@ -2,7 +2,7 @@
 
 import json
 
-from tests.conftest import review_rows, write_jsonl
+from tests.helpers import review_rows, write_jsonl
 
 
 def test_eval_a_run_on_a_test_file_and_compare_runs(make_config, cli, tmp_path):

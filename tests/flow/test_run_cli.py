@@ -16,7 +16,7 @@ def finished_run(tmp_path_factory, tiny_model_dir):
     """One tiny run shared by the assertions below (training takes the time)."""
     from typer.testing import CliRunner
 
-    from tests.conftest import review_rows, write_jsonl
+    from tests.helpers import review_rows, write_jsonl
     from tunesmith.cli import app
 
     tmp = tmp_path_factory.mktemp("flow")
@@ -55,8 +55,8 @@ def test_validation_loss_fell(finished_run):
 def test_every_lora_parameter_changed(finished_run, tiny_model_dir):
     from peft import get_peft_model_state_dict
 
+    from tunesmith.flows.steps import prepare_model_for_training
     from tunesmith.models.load import load
-    from tunesmith.steps import prepare_model_for_training
 
     tmp, _ = finished_run
     cfg = load_config(tmp / "config.yaml")

@@ -31,10 +31,10 @@ def test_run_reads_tsv_skips_bad_rows_cleans_and_redacts(make_config, cli, tmp_p
     assert code == 0, err
     run = tmp_path / "run"
     rejects = [json.loads(x) for x in (run / "rejects.jsonl").read_text().splitlines()]
-    reasons = {r["reason"] for r in rejects}
+    reasons = {r["code"] for r in rejects}
     assert reasons == {"duplicate", "near_duplicate", "data_type"} and len(rejects) == 3
-    broken = next(r for r in rejects if r["reason"] == "data_type")
-    assert broken["line"] == 64 and "line 64" in broken["problems"][0]
+    broken = next(r for r in rejects if r["code"] == "data_type")
+    assert broken["line"] == 64 and broken["problems"][0]["line"] == 64
     kept = [json.loads(x) for name in ("train", "validation", "test")
             for x in (run / "data" / f"{name}.jsonl").read_text().splitlines()]
     assert len(kept) == 60  # 63 rows = 60 kept + duplicate + near duplicate + broken

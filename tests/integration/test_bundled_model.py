@@ -18,7 +18,7 @@ def test_bundled_model_answers_sensibly(test_home):
 
 
 def test_a_few_training_steps_on_the_bundled_model(tmp_path, test_home):
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     cfg = parse_config({
         "name": "integration", "output_dir": str(tmp_path / "run"),

@@ -10,8 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from tests.conftest import review_rows
-from tests.service.conftest import jsonl_bytes
+from tests.helpers import jsonl_bytes, review_rows
 from tunesmith.service import ServiceSettings, Store, create_app, create_key, revoke_key
 from tunesmith.service.tables import ApiKey
 
@@ -104,7 +103,7 @@ def test_upload_is_validated_with_the_chat_validator(api: TestClient,
     no_answer = {"messages": [{"role": "user", "content": "hi"}]}
     err = assert_error(upload(api, headers, b"\n" + jsonl_bytes([no_answer]) + b"{oops\n"), 400)
     assert "line 2: messages: example_missing_assistant_message" in err["message"]
-    assert "line 3: invalid JSON" in err["message"]
+    assert "line 3: invalid_json: invalid JSON" in err["message"]
     assert_error(upload(api, headers, b""), 400, "invalid_file_format")
     assert_error(upload(api, headers, jsonl_bytes(review_rows(2)), purpose="assistants"), 400)
     assert_error(upload(api, headers, b"x" * 30_000), 413, "file_too_large")

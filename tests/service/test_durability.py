@@ -10,7 +10,7 @@ import time
 
 import psutil
 
-from tests.service.conftest import all_events, training_children, wait_for, wait_status
+from tests.helpers import all_events, training_children, wait_for, wait_status
 
 LONG = {"type": "supervised", "supervised": {"hyperparameters": {
     "n_epochs": 150, "batch_size": 8, "learning_rate_multiplier": 1}}}

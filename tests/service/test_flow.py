@@ -13,11 +13,12 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import SYSTEM, review_rows
-from tests.service.conftest import (
+from tests.helpers import (
+    SYSTEM,
     LiveServer,
     all_events,
     jsonl_bytes,
+    review_rows,
     start_server,
     wait_status,
 )

@@ -11,8 +11,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql
 
-from tests.conftest import review_rows
-from tests.service.conftest import jsonl_bytes, training_children, wait_for
+from tests.helpers import jsonl_bytes, review_rows, training_children, wait_for
 from tunesmith.service import ServiceSettings, Store, queue
 from tunesmith.service.jobs import cancel_job, create_job, get_job, list_events
 from tunesmith.service.schemas import JobCreate

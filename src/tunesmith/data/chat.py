@@ -68,8 +68,8 @@ def iter_jsonl(path: Path) -> Iterator[Row]:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 yield Row(number, problem=Problem(
-                    f"not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
-                    "re-save the file as UTF-8", number),
+                    "not_utf8", f"not UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                    f"{err.start + 1}); re-save the file as UTF-8", number),
                     raw=raw.decode("utf-8", errors="replace").rstrip("\r\n"))
                 continue
             if not text.strip():
@@ -78,17 +78,18 @@ def iter_jsonl(path: Path) -> Iterator[Row]:
                 yield Row(number, value=json.loads(text))
             except json.JSONDecodeError as err:
                 yield Row(number, problem=Problem(
-                    f"invalid JSON ({err.msg} at column {err.colno}); each line must be one "
-                    "JSON object", number), raw=text.rstrip("\r\n"))
+                    "invalid_json", f"invalid JSON ({err.msg} at column {err.colno}); each "
+                    "line must be one JSON object", number), raw=text.rstrip("\r\n"))
 
 
 def check_chat_record(value: Any, line: int) -> list[Problem]:
     """Every problem of one decoded line against the OpenAI chat format (empty: it is fine)."""
     if not isinstance(value, dict):
-        return [Problem(f"data_type: expected a JSON object, got {type(value).__name__}", line)]
+        return [Problem("data_type", f"expected a JSON object, got {type(value).__name__}",
+                        line)]
     messages = value.get("messages")
     if not isinstance(messages, list) or not messages:
-        return [Problem('missing_messages_list: expected "messages": [ {...}, ... ]', line,
+        return [Problem("missing_messages_list", 'expected "messages": [ {...}, ... ]', line,
                         "messages")]
     return check_messages(messages, line)
 
@@ -105,23 +106,23 @@ def check_messages(messages: list[Any], line: int | None, where: str = "messages
     for i, msg in enumerate(messages, start=1):
         field_name = f"{where}[{i - 1}]"
         if not isinstance(msg, dict):
-            problems.append(Problem("data_type: each message must be an object", line,
+            problems.append(Problem("data_type", "each message must be an object", line,
                                     field_name))
             continue
         if "role" not in msg:
-            problems.append(Problem('message_missing_key: add "role"', line, field_name))
+            problems.append(Problem("message_missing_key", 'add "role"', line, field_name))
             continue
         unknown = sorted(set(msg) - MESSAGE_KEYS)
         if unknown:
             problems.append(Problem(
-                f"message_unrecognized_key: {', '.join(map(repr, unknown))}; allowed keys are "
+                "message_unrecognized_key", f"{', '.join(map(repr, unknown))}; allowed keys are "
                 + ", ".join(sorted(MESSAGE_KEYS)), line, field_name))
         role = msg["role"]
         if role not in ROLES:
             close = difflib.get_close_matches(str(role), ROLES, n=1)
             hint = f' (did you mean "{close[0]}"?)' if close else ""
             problems.append(Problem(
-                f'unrecognized_role: message {i} has role "{role}"{hint}; expected one of '
+                "unrecognized_role", f'message {i} has role "{role}"{hint}; expected one of '
                 + ", ".join(ROLES), line, f"{field_name}.role"))
             continue
         content = msg.get("content")
@@ -131,14 +132,15 @@ def check_messages(messages: list[Any], line: int | None, where: str = "messages
             continue
         if not isinstance(content, str) or not content.strip():
             problems.append(Problem(
-                f"missing_content: message {i} ({role}) has no text content", line,
+                "missing_content", f"message {i} ({role}) has no text content", line,
                 f"{field_name}.content"))
         if "weight" in msg and msg["weight"] not in (0, 1):
-            problems.append(Problem("weight must be 0 or 1", line, f"{field_name}.weight"))
+            problems.append(Problem("invalid_weight", "weight must be 0 or 1", line,
+                                    f"{field_name}.weight"))
     if require_assistant and not has_assistant and not problems:
         problems.append(Problem(
-            "example_missing_assistant_message: add at least one assistant message to learn from",
-            line, where))
+            "example_missing_assistant_message",
+            "add at least one assistant message to learn from", line, where))
     return problems
 
 
@@ -164,5 +166,5 @@ def read_chat_jsonl(path: Path | str) -> list[ChatExample]:
     if not examples:
         raise DataError("the file is empty; expected one JSON object per line like "
                         '{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}',
-                        path=path)
+                        path=path, code="empty_file")
     return examples

@@ -19,15 +19,14 @@ from tunesmith.data.normalize import TextOptions, clean_text
 from tunesmith.data.pii import RedactOptions, redact_text
 from tunesmith.data.records import (
     Record,
-    Rejected,
     empty_content_field,
     exact_key,
     map_contents,
     record_length,
     record_text,
-    record_to_json,
     removed,
 )
+from tunesmith.data.rejects import Rejected
 from tunesmith.errors import Problem
 
 
@@ -94,16 +93,17 @@ class _Cleaner:
         record = map_contents(record, self.text)
         empty = empty_content_field(record)
         if empty is not None:
-            return Rejected(record.line, "empty", (Problem(
-                "empty: a message has no text left after cleaning", record.line, empty),),
-                record.source, record_to_json(record))
+            return removed(record, "clean", Problem(
+                "empty", "a message has no text left after cleaning", record.line, empty))
         length = record_length(record)
         if length < self.opts.min_chars:
-            return removed(record, "too_short", f"too_short: {length} characters, under "
-                           f"min_chars={self.opts.min_chars}")
+            return removed(record, "clean", Problem(
+                "too_short", f"{length} characters, under min_chars={self.opts.min_chars}",
+                record.line))
         if self.opts.max_chars is not None and length > self.opts.max_chars:
-            return removed(record, "too_long", f"too_long: {length} characters, over "
-                           f"max_chars={self.opts.max_chars}")
+            return removed(record, "clean", Problem(
+                "too_long", f"{length} characters, over max_chars={self.opts.max_chars}",
+                record.line))
         return self._deduplicate(record)
 
     def _deduplicate(self, record: Record) -> Record | Rejected:
@@ -111,14 +111,16 @@ class _Cleaner:
             key = exact_key(record)
             first = self.exact.get(key)
             if first is not None:
-                return removed(record, "duplicate", f"duplicate: same as line {first}")
+                return removed(record, "dedup", Problem(
+                    "duplicate", f"same as line {first}, which is kept", record.line))
             self.exact.add_many(np.array([key], dtype=np.uint64), record.line)
         if self.near is not None:
             signature = self.near.hasher.signature(record_text(record))
             matches = self.near.query(signature)
             if matches:
-                return removed(record, "near_duplicate", f"near_duplicate: at least "
-                               f"{self.opts.near_threshold:.0%} similar to line {matches[0]}")
+                return removed(record, "dedup", Problem(
+                    "near_duplicate", f"at least {self.opts.near_threshold:.0%} similar to "
+                    f"line {matches[0]}, which is kept", record.line))
             self.near.insert(record.line, signature)
         return record
 

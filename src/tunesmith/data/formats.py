@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tunesmith.data.chat import ChatExample, check_chat_record
 from tunesmith.data.preference import check_preference_record, preference_from_json
-from tunesmith.data.records import Record, Rejected
+from tunesmith.data.records import Record
+from tunesmith.data.rejects import Rejected
 from tunesmith.data.sources import container_of, first_objects, iter_rows, table_columns
 from tunesmith.errors import DataError, Problem
 
@@ -58,7 +59,7 @@ Builder = Callable[[Any, int, str, ReadOptions], "Record | list[Problem]"]
 def _expect_object(value: Any, line: int) -> list[Problem]:
     if isinstance(value, dict):
         return []
-    return [Problem(f"data_type: expected a JSON object, got {type(value).__name__}", line)]
+    return [Problem("data_type", f"expected a JSON object, got {type(value).__name__}", line)]
 
 
 def _text(value: dict[str, Any], key: str, line: int, *, required: bool = True
@@ -68,7 +69,7 @@ def _text(value: dict[str, Any], key: str, line: int, *, required: bool = True
         return "", []
     if not isinstance(got, str) or not got.strip():
         what = "missing" if got is None else f"empty or not text ({type(got).__name__})"
-        return "", [Problem(f"missing_content: {key} is {what}", line, key)]
+        return "", [Problem("missing_content", f"{key} is {what}", line, key)]
     return got, []
 
 
@@ -117,8 +118,8 @@ def _sharegpt(value: Any, line: int, source: str, _: ReadOptions) -> Record | li
         return problems
     turns = value.get("conversations")
     if not isinstance(turns, list) or not turns:
-        return [Problem('missing_messages_list: expected "conversations": [{"from": "human", '
-                        '"value": "..."}, ...]', line, "conversations")]
+        return [Problem("missing_messages_list", 'expected "conversations": [{"from": '
+                        '"human", "value": "..."}, ...]', line, "conversations")]
     messages: list[dict[str, Any]] = []
     system = value.get("system")
     if isinstance(system, str) and system.strip():
@@ -127,15 +128,16 @@ def _sharegpt(value: Any, line: int, source: str, _: ReadOptions) -> Record | li
     for i, turn in enumerate(turns):
         where = f"conversations[{i}]"
         if not isinstance(turn, dict) or "from" not in turn:
-            problems.append(Problem('message_missing_key: each turn needs "from" and "value"',
+            problems.append(Problem("message_missing_key", 'each turn needs "from" and "value"',
                                     line, where))
             continue
         role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
         if role is None:
             close = difflib.get_close_matches(str(turn["from"]).lower(), SHAREGPT_ROLES, n=1)
             hint = f' (did you mean "{close[0]}"?)' if close else ""
-            problems.append(Problem(f'unrecognized_role: "{turn["from"]}"{hint}; expected one '
-                                    "of " + ", ".join(SHAREGPT_ROLES), line, f"{where}.from"))
+            problems.append(Problem("unrecognized_role", f'"{turn["from"]}"{hint}; expected '
+                                    "one of " + ", ".join(SHAREGPT_ROLES), line,
+                                    f"{where}.from"))
             continue
         messages.append({"role": role, "content": turn.get("value")})
     if problems:
@@ -144,7 +146,7 @@ def _sharegpt(value: Any, line: int, source: str, _: ReadOptions) -> Record | li
     found = check_chat_record({"messages": messages}, line)
     if found:
         offset = len(messages) - len(turns)
-        return [Problem(p.message, p.line, _sharegpt_field(p.field, offset)) for p in found]
+        return [replace(p, field=_sharegpt_field(p.field, offset)) for p in found]
     return ChatExample(messages, line, source,
                        {k: v for k, v in value.items() if k not in ("conversations", "system")})
 
@@ -165,10 +167,10 @@ def _classification(value: Any, line: int, source: str, opts: ReadOptions
     label = value.get(opts.label_column)
     problems = []
     if not isinstance(text, str) or not text.strip():
-        problems.append(Problem("missing_content: the text is empty or missing",
+        problems.append(Problem("missing_content", "the text is empty or missing",
                                 line, opts.text_column))
     if label is None or isinstance(label, (dict, list)) or not str(label).strip():
-        problems.append(Problem("missing_label: the label is empty or missing", line,
+        problems.append(Problem("missing_label", "the label is empty or missing", line,
                                 opts.label_column))
     if problems:
         return problems
@@ -245,10 +247,10 @@ def iter_records(path: Path | str, options: ReadOptions | None = None
     source = str(path)
     for row in iter_rows(path, container_of(path)):
         if row.problem is not None:
-            yield Rejected(row.line, "invalid", (row.problem,), source, row.raw)
+            yield Rejected(source, row.line, "validate", (row.problem,), row.raw)
             continue
         built = build(row.value, row.line, source, opts)
         if isinstance(built, list):
-            yield Rejected(row.line, "invalid", tuple(built), source, row.value)
+            yield Rejected(source, row.line, "validate", tuple(built), row.value)
         else:
             yield built

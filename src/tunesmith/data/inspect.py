@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from tunesmith.data.chat import ChatExample
-from tunesmith.data.records import Record, Rejected, record_label
+from tunesmith.data.records import Record, record_label
+from tunesmith.data.rejects import Rejected
 
 PERCENTILES = (50, 90, 95, 99)
 MAX_CLASSES = 50  # more distinct answers than this: free text, not classification labels

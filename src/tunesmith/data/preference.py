@@ -47,13 +47,13 @@ class PreferenceExample:
 
 def _check_output(value: Any, key: str, line: int | None) -> list[Problem]:
     if not isinstance(value, list) or not value:
-        return [Problem(f'missing_messages_list: expected "{key}": [{{"role": "assistant", '
+        return [Problem("missing_messages_list", f'expected "{key}": [{{"role": "assistant", '
                         '"content": "..."}]', line, key)]
     problems = check_messages(value, line, key)
     for i, msg in enumerate(value):
         if isinstance(msg, dict) and msg.get("role") not in (None, "assistant"):
-            problems.append(Problem(f'unrecognized_role: {key} holds the answer, so its role '
-                                    f'must be "assistant", not "{msg.get("role")}"', line,
+            problems.append(Problem("unrecognized_role", f'{key} holds the answer, so its '
+                                    f'role must be "assistant", not "{msg.get("role")}"', line,
                                     f"{key}[{i}].role"))
     return problems
 
@@ -61,26 +61,27 @@ def _check_output(value: Any, key: str, line: int | None) -> list[Problem]:
 def check_preference_record(value: Any, line: int | None) -> list[Problem]:
     """Every problem of one decoded line against OpenAI's preference (DPO) format."""
     if not isinstance(value, dict):
-        return [Problem(f"data_type: expected a JSON object, got {type(value).__name__}", line)]
+        return [Problem("data_type", f"expected a JSON object, got {type(value).__name__}",
+                        line)]
     problems: list[Problem] = []
     inp = value.get("input")
     messages = inp.get("messages") if isinstance(inp, dict) else None
     if not isinstance(messages, list) or not messages:
-        problems.append(Problem('missing_messages_list: expected "input": {"messages": '
+        problems.append(Problem("missing_messages_list", 'expected "input": {"messages": '
                                 '[{"role": "user", ...}]}', line, "input.messages"))
     else:
         problems += check_messages(messages, line, "input.messages", require_assistant=False)
         last = messages[-1]
         if not problems and isinstance(last, dict) and last.get("role") == "assistant":
             problems.append(Problem(
-                "input_ends_with_assistant: the input must end with the turn the answers reply "
-                "to (user or tool); move the last assistant message into the outputs", line,
-                f"input.messages[{len(messages) - 1}].role"))
+                "input_ends_with_assistant", "the input must end with the turn the answers "
+                "reply to (user or tool); move the last assistant message into the outputs",
+                line, f"input.messages[{len(messages) - 1}].role"))
     for key in OUTPUT_KEYS:
         problems += _check_output(value.get(key), key, line)
     if not problems and value["preferred_output"] == value["non_preferred_output"]:
-        problems.append(Problem("identical_outputs: preferred and non-preferred answers are the "
-                                "same, so the pair teaches nothing; fix or drop it", line,
+        problems.append(Problem("identical_outputs", "preferred and non-preferred answers are "
+                                "the same, so the pair teaches nothing; fix or drop it", line,
                                 "non_preferred_output"))
     return problems
 

@@ -1,9 +1,9 @@
 """What flows between the data stages: canonical records, rows left out, and the tally.
 
 Every stage (convert, validate, clean, redact, split) consumes and yields
-``Record | Rejected``. A ``Rejected`` carries the line, the reason and the input as read, so
-nothing is dropped silently; ``Tally`` keeps the count identity
-``read == written + invalid + removed`` that each stage's summary states.
+``Record | Rejected``. A ``Rejected`` (see ``tunesmith.data.rejects``) carries the line, the
+problems and the input as read, so nothing is dropped silently; ``Tally`` keeps the count
+identity ``read == written + invalid + removed`` that each stage's summary states.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,55 +18,15 @@ from typing import Any
 
 from tunesmith.data.chat import ChatExample
 from tunesmith.data.preference import PreferenceExample
+from tunesmith.data.rejects import Rejected
 from tunesmith.errors import Problem
 
 Record = ChatExample | PreferenceExample
 
-# Reasons a valid record is left out by a stage (invalid rows have reason "invalid").
-REMOVAL_REASONS = ("duplicate", "near_duplicate", "too_short", "too_long", "empty")
 
-_CODE = re.compile(r"^([a-z][a-z0-9_]*): ")
-# chat.py words a few problems without a "code: " prefix; their codes, for reports and --json
-_UNPREFIXED = (("invalid JSON", "invalid_json"), ("not UTF-8", "not_utf8"),
-               ("weight must be", "invalid_weight"))
-
-
-def problem_code(problem: Problem) -> str:
-    """The category of a problem: the ``code:`` its message starts with (``missing_content``)."""
-    found = _CODE.match(problem.message)
-    if found:
-        return found.group(1)
-    for prefix, code in _UNPREFIXED:
-        if problem.message.startswith(prefix):
-            return code
-    return "invalid"
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """A row left out: why, where, and the row itself so it can be fixed and added back."""
-
-    line: int | None
-    reason: str  # "invalid" or one of REMOVAL_REASONS
-    problems: tuple[Problem, ...]
-    source: str = ""
-    raw: Any = None
-
-    @property
-    def code(self) -> str:
-        return problem_code(self.problems[0]) if self.reason == "invalid" else self.reason
-
-    def to_json(self) -> dict[str, Any]:
-        first = self.problems[0]
-        return {"line": self.line, "reason": self.code, "field": first.field,
-                "message": "; ".join(p.message for p in self.problems),
-                "source": self.source, "record": self.raw}
-
-
-def removed(record: Record, reason: str, message: str) -> Rejected:
-    """A valid record a stage leaves out (a duplicate, too short...), kept for rejects.jsonl."""
-    return Rejected(record.line, reason, (Problem(message, record.line),), record.source,
-                    record_to_json(record))
+def removed(record: Record, stage: str, problem: Problem, split: str | None = None) -> Rejected:
+    """A valid record a stage leaves out (a duplicate, too long...), kept for the rejects file."""
+    return Rejected(record.source, record.line, stage, (problem,), record_to_json(record), split)
 
 
 @dataclass
@@ -82,7 +41,7 @@ class Tally:
     def add(self, item: Record | Rejected) -> None:
         """Count one item leaving the stage (a written record or a rejected row)."""
         if isinstance(item, Rejected):
-            (self.invalid if item.reason == "invalid" else self.removed)[item.code] += 1
+            (self.invalid if item.invalid else self.removed)[item.code] += 1
         else:
             self.written += 1
 

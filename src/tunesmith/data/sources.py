@@ -78,11 +78,11 @@ def _iter_json_array(path: Path) -> Iterator[Row]:
                 yield Row(index, value=item)
         except ijson.JSONError as err:
             yield Row(index + 1, problem=Problem(
-                f"invalid JSON after item {index} ({err}); the rest of the file cannot be read",
-                index + 1))
+                "invalid_json", f"invalid JSON after item {index} ({err}); the rest of the "
+                "file cannot be read", index + 1))
         except UnicodeDecodeError as err:
-            yield Row(index + 1, problem=Problem(f"not UTF-8 ({err.reason}); re-save the file "
-                                                 "as UTF-8", index + 1))
+            yield Row(index + 1, problem=Problem("not_utf8", f"not UTF-8 ({err.reason}); "
+                                                 "re-save the file as UTF-8", index + 1))
 
 
 def _has_surrogates(values: list[str]) -> bool:
@@ -116,11 +116,11 @@ def _iter_delimited(path: Path, delimiter: str) -> Iterator[Row]:
 def _delimited_row(header: list[str], values: list[str], line: int) -> Row:
     raw = dict(zip(header, values, strict=False))  # a short or long row is reported below
     if _has_surrogates(values):
-        return Row(line, problem=Problem("not UTF-8; re-save the file as UTF-8", line),
-                   raw=raw)
+        return Row(line, problem=Problem("not_utf8", "not UTF-8; re-save the file as UTF-8",
+                                         line), raw=raw)
     if len(values) != len(header):
         return Row(line, problem=Problem(
-            f"data_type: the row has {len(values)} fields but the header has {len(header)}; "
+            "data_type", f"the row has {len(values)} fields but the header has {len(header)}; "
             "check for unquoted separators or line breaks in the text", line), raw=raw)
     return Row(line, value=raw)
 

@@ -26,7 +26,8 @@ import numpy as np
 
 from tunesmith.data.chat import ChatExample
 from tunesmith.data.dedup import CompactMap
-from tunesmith.data.records import Record, Rejected, exact_key, problem_code, record_label
+from tunesmith.data.records import Record, exact_key, record_label
+from tunesmith.data.rejects import Rejected
 from tunesmith.errors import DataError, Problem
 
 Severity = Literal["error", "warning"]
@@ -36,18 +37,32 @@ TOKEN_BATCH = 256  # examples tokenized together
 
 @dataclass(frozen=True)
 class Finding:
+    """A problem and how much it matters: an error fails the file, a warning does not."""
+
     severity: Severity
-    code: str
-    message: str
-    line: int | None = None
-    field: str | None = None
+    problem: Problem
+
+    @property
+    def code(self) -> str:
+        return self.problem.code
+
+    @property
+    def message(self) -> str:
+        return self.problem.message
+
+    @property
+    def line(self) -> int | None:
+        return self.problem.line
+
+    @property
+    def field(self) -> str | None:
+        return self.problem.field
 
     def render(self, path: str | None) -> str:
-        return f"{self.severity}: " + Problem(self.message, self.line, self.field).render(path)
+        return f"{self.severity}: " + self.problem.render(path)
 
     def to_json(self) -> dict[str, Any]:
-        return {"severity": self.severity, "code": self.code, "message": self.message,
-                "line": self.line, "field": self.field}
+        return {"severity": self.severity, **self.problem.to_json()}
 
 
 @dataclass
@@ -127,18 +142,17 @@ class Validator:
         self._label_ids: dict[str, int] = {}
         self._pending: list[tuple[int, list[Any]]] = []  # examples waiting for token counts
 
-    def _add(self, severity: Severity, code: str, message: str, line: int | None,
-             field_name: str | None = None) -> None:
-        self.report.counts[code] += 1
-        self.report.severities[code] = severity
-        if self.report.counts[code] <= self.max_kept:
-            self.report.findings.append(Finding(severity, code, message, line, field_name))
+    def _add(self, severity: Severity, problem: Problem) -> None:
+        self.report.counts[problem.code] += 1
+        self.report.severities[problem.code] = severity
+        if self.report.counts[problem.code] <= self.max_kept:
+            self.report.findings.append(Finding(severity, problem))
 
     def add(self, item: Record | Rejected) -> None:
         self.report.rows += 1
         if isinstance(item, Rejected):
             for p in item.problems:
-                self._add("error", problem_code(p), p.message, p.line, p.field)
+                self._add("error", p)
             return
         self.report.examples += 1
         self._check_duplicate(item)
@@ -151,8 +165,8 @@ class Validator:
         key = exact_key(item)
         first = self._seen.get(key)
         if first is not None:
-            self._add("warning", "duplicate", f"duplicate: same messages as line {first}",
-                      item.line)
+            self._add("warning", Problem("duplicate", f"same messages as line {first}",
+                                         item.line))
         else:
             self._seen.add_many(np.array([key], dtype=np.uint64), item.line)
 
@@ -164,8 +178,8 @@ class Validator:
         if self.labels is not None and label not in self.labels:
             close = difflib.get_close_matches(label, self.labels, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            self._add("error", "label_not_allowed", f"label_not_allowed: {label!r} is not one of "
-                      f"{self.labels}{hint}", item.line, where)
+            self._add("error", Problem("label_not_allowed", f"{label!r} is not one of "
+                                       f"{self.labels}{hint}", item.line, where))
         label_id = self._label_ids.setdefault(label, len(self._label_ids))
         if label_id >= 1 << 16:
             return  # free text, not class labels: conflicts mean nothing
@@ -175,9 +189,9 @@ class Validator:
             self._prompts.add_many(prompt, item.line << 16 | label_id)
         elif first & 0xFFFF != label_id:
             names = {i: name for name, i in self._label_ids.items()}
-            self._add("warning", "conflicting_labels", f"conflicting_labels: same input as line "
-                      f"{first >> 16} with label {names[first & 0xFFFF]!r}, here {label!r}",
-                      item.line, where)
+            self._add("warning", Problem(
+                "conflicting_labels", f"same input as line {first >> 16} with label "
+                f"{names[first & 0xFFFF]!r}, here {label!r}", item.line, where))
 
     def _check_tokens(self, item: Record) -> None:
         conversations = ([item.messages] if isinstance(item, ChatExample)
@@ -208,21 +222,23 @@ class Validator:
         try:
             return encode_chats(self.tokenizer, conversations)
         except DataError as err:
-            self._add("error", "template_error", f"template_error: {err}", line)
+            self._add("error", Problem("template_error", str(err), line))
         except Exception as err:  # the model's Jinja template can raise anything
-            self._add("error", "template_error", f"template_error: the chat template cannot "
-                      f"render this example ({type(err).__name__}: {err})", line)
+            self._add("error", Problem("template_error", "the chat template cannot render this "
+                                       f"example ({type(err).__name__}: {err})", line))
         return None
 
     def _token_problem(self, line: int, encoded: Any) -> bool:
         if self.max_tokens is not None and len(encoded) > self.max_tokens:
-            self._add("error", "too_long", f"too_long: {len(encoded)} tokens with the chat "
-                      f"template, over max_tokens={self.max_tokens}; shorten it or raise "
-                      "the limit (training leaves it out)", line, "messages")
+            self._add("error", Problem(
+                "too_long", f"{len(encoded)} tokens with the chat template, over "
+                f"max_tokens={self.max_tokens}; shorten it or raise the limit (training leaves "
+                "it out)", line, "messages"))
             return True
         if encoded.n_targets == 0:
-            self._add("error", "no_trainable_tokens", "no_trainable_tokens: every assistant "
-                      "message has weight 0, so there is nothing to learn", line, "messages")
+            self._add("error", Problem(
+                "no_trainable_tokens", "every assistant message has weight 0, so there is "
+                "nothing to learn", line, "messages"))
             return True
         return False
 
@@ -231,11 +247,11 @@ class Validator:
             self._flush_tokens()
         r = self.report
         if r.rows == 0:
-            self._add("error", "empty_file", "empty_file: no examples; expected one JSON object "
-                      "(or table row) per line", None)
+            self._add("error", Problem("empty_file", "no examples; expected one JSON object "
+                                       "(or table row) per line"))
         elif r.examples < self.min_examples:
-            self._add("error", "too_few_examples", f"too_few_examples: {r.examples} valid "
-                      f"example(s); at least {self.min_examples} are needed", None)
+            self._add("error", Problem("too_few_examples", f"{r.examples} valid example(s); "
+                                       f"at least {self.min_examples} are needed"))
         return r
 
 

@@ -12,6 +12,7 @@ from tunesmith.data.encode import encode_prompt
 from tunesmith.evaluation.metrics import classification_metrics
 from tunesmith.evaluation.task import Predictions
 from tunesmith.models.classifier import class_logits
+from tunesmith.models.generation import pad_batch
 
 
 @torch.no_grad()
@@ -27,13 +28,10 @@ def class_probabilities(model: Any, tokenizer: Any, conversations: Sequence[Sequ
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, :len(prompts[i])] = torch.tensor(prompts[i])
-            mask[row, :len(prompts[i])] = 1
-        logits = class_logits(model, ids.to(device), mask.to(device))
+        batch = pad_batch([prompts[i] for i in idx], pad_id=tokenizer.pad_token_id,
+                          side="right")
+        logits = class_logits(model, batch.input_ids.to(device),
+                              batch.attention_mask.to(device))
         out[idx] = torch.softmax(logits, dim=-1).cpu()
         if on_batch is not None:
             on_batch(len(idx))

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tunesmith.data.encode import encode_prompt
 from tunesmith.errors import DataError
 from tunesmith.evaluation.lm import LMResult, lm_loss
+from tunesmith.models.generation import pad_batch
 
 GENERAL_TEXT_FILE = "pride_and_prejudice_opening.txt"
 GENERAL_PROMPTS_FILE = "general_prompts.jsonl"
@@ -72,13 +73,9 @@ def next_token_log_probs(model: Any, tokenizer: Any, prompts: Sequence[Sequence[
     out: list[torch.Tensor] = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
-        width = max(len(e) for e in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, e in enumerate(chunk):
-            ids[row, :len(e)] = torch.tensor(e)
-            mask[row, :len(e)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        batch = pad_batch(chunk, pad_id=tokenizer.pad_token_id, side="right")
+        logits = model(input_ids=batch.input_ids.to(device),
+                       attention_mask=batch.attention_mask.to(device)).logits
         logp = F.log_softmax(logits.float(), dim=-1).cpu()
         out += [logp[row, :len(e)] for row, e in enumerate(chunk)]
     model.train(was_training)

@@ -103,3 +103,32 @@ def overfitting_check(records: Sequence[dict[str, Any]], *, patience: int = 3,
     return OverfittingResult(points=points, best_step=best_step, best_valid_loss=best_valid,
                              last_step=max(steps) if steps else None, patience=patience,
                              max_gap=max_gap, reasons=reasons)
+
+
+# What the loop logs beside an objective's own metrics: bookkeeping, not results.
+_BOOKKEEPING = {"kind", "step", "epoch", "tokens", "tokens_per_s", "learning_rate", "grad_norm",
+                "best_step"}
+
+
+def training_metrics(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Every named metric the objective logged (``train_*``, ``valid_*``): first, last, best.
+
+    Whatever an objective emits (token accuracy, reward margins, ...) reaches the report this
+    way, with no code here that knows its name. "best" is the value at the best step for
+    validation metrics (or the last, when no best step was logged).
+    """
+    evals = [r for r in records if r.get("kind") == "eval"]
+    best_step = evals[-1].get("best_step") if evals else None
+    out: dict[str, dict[str, float]] = {}
+    for kind in ("train", "eval"):
+        rows = [r for r in records if r.get("kind") == kind]
+        names = sorted({k for r in rows for k in r if k not in _BOOKKEEPING})
+        for name in names:
+            values = [(int(r.get("step", 0)), r[name]) for r in rows
+                      if isinstance(r.get(name), int | float)]
+            if not values:
+                continue
+            at_best = next((v for s, v in values if s == best_step), values[-1][1])
+            out[name] = {"first": float(values[0][1]), "last": float(values[-1][1]),
+                         "at_best_step": float(at_best)}
+    return out

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tunesmith.data.encode import IGNORE_INDEX, encode_chat
 from tunesmith.errors import DataError
 from tunesmith.models.classifier import unwrap
+from tunesmith.models.generation import pad_batch
 
 
 @dataclass(frozen=True)
@@ -63,12 +64,8 @@ def answer_tokens(tokenizer: Any, prompt: Sequence[dict], answer: str
 def _score_contexts(lm: Any, contexts: list[list[int]], answers: list[list[list[int]]],
                     pad_id: int, device: torch.device) -> list[list[float]]:
     """Summed log-probs of each context's answers; contexts left-padded and run once."""
-    width = max(len(c) for c in contexts)
-    ids = torch.full((len(contexts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, c in enumerate(contexts):
-        ids[row, width - len(c):] = torch.tensor(c)
-        mask[row, width - len(c):] = 1
+    padded = pad_batch(contexts, pad_id=pad_id, side="left")
+    ids, mask = padded.input_ids, padded.attention_mask
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
     out = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
@@ -82,11 +79,8 @@ def _score_contexts(lm: Any, contexts: list[list[int]], answers: list[list[list[
         # feed each answer but its last token after a copy of its context's cache
         cache = out.past_key_values
         cache.reorder_cache(torch.tensor(owners, device=device))
-        rest = torch.full((len(flat), longest - 1), pad_id, dtype=torch.long)
-        rest_mask = torch.zeros_like(rest)
-        for r, a in enumerate(flat):
-            rest[r, :len(a) - 1] = torch.tensor(a[:-1])
-            rest_mask[r, :len(a) - 1] = 1
+        tails = pad_batch([a[:-1] for a in flat], pad_id=pad_id, side="right")
+        rest, rest_mask = tails.input_ids, tails.attention_mask
         own = torch.tensor(owners)
         full_mask = torch.cat([mask[own], rest_mask], dim=1)
         rest_pos = positions[own, -1:] + 1 + torch.arange(longest - 1)

@@ -272,6 +272,11 @@ def report_sections(results: dict[str, Any]) -> list[Section]:
     plots = results.get("plots") or {}
     training: list = [Bullets([f"{k}: {fmt(v)}" for k, v in (results.get("training") or {}
                                                              ).items()])]
+    named = results.get("training_metrics") or {}
+    if named:
+        training.append(Table(["metric", "first", "last", "at best step"], [
+            [k, fmt(v["first"]), fmt(v["last"]), fmt(v["at_best_step"])]
+            for k, v in named.items()]))
     if plots.get("loss_curves"):
         training.append(Image("loss curves", plots["loss_curves"]))
     test = [_comparison_table(results)]

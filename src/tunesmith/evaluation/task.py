@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunesmith.data.chat import ChatExample
-from tunesmith.errors import DataError
+from tunesmith.errors import ConfigError, DataError
 from tunesmith.evaluation.generate import generate
 from tunesmith.evaluation.metrics import (
     classification_metrics,
@@ -47,7 +47,9 @@ def evaluate_examples(model: Any, tokenizer: Any, examples: Sequence[ChatExample
     replies = generate(model, tokenizer, [ex.prompt for ex in examples],
                        max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=on_batch)
     if task == "classification":
-        assert labels is not None
+        if not labels:
+            raise ConfigError("a classification evaluation needs its labels; set eval.labels "
+                              "or give examples whose answers are the labels")
         predicted = [parse_label(r, labels) for r in replies]
         metrics = classification_metrics(predicted, expected, labels, positive)
     else:

@@ -10,7 +10,6 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,8 +18,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.errors import ModelError, ServiceError, TunesmithError
 from tunesmith.service.chat import ChatService
+from tunesmith.service.context import Service
 from tunesmith.service.http_errors import error_body, error_headers
 from tunesmith.service.inference import ModelCache
+from tunesmith.service.routes import router
 from tunesmith.service.settings import ServiceSettings
 from tunesmith.service.store import Store
 from tunesmith.service.worker import Worker, start_worker_thread
@@ -29,16 +30,6 @@ log = logging.getLogger("tunesmith.service")
 # pydantic marks which branch of a union failed ("literal['auto']", "constrained-int"); noise
 _UNION_MARKERS = ("literal[", "constrained-", "function-", "int", "float", "str", "bool",
                   "list[", "dict[", "json-or-python")
-
-
-@dataclass
-class Service:
-    """What the routes work with; one per application."""
-
-    settings: ServiceSettings
-    store: Store
-    cache: ModelCache
-    chat: ChatService
 
 
 def _error(message: str, status: int, code: str | None = None, param: str | None = None
@@ -87,7 +78,6 @@ def _install_error_handlers(app: FastAPI) -> None:
 def create_app(settings: ServiceSettings, *, worker: bool = True) -> FastAPI:
     """The application; with ``worker`` it also trains jobs in a background thread."""
     from tunesmith.models.resolve import resolve_model
-    from tunesmith.service.routes import router
 
     for ref in settings.base_models.values():
         resolve_model(ref, home=settings.home)  # a misconfigured model stops the start, loudly
@@ -121,7 +111,3 @@ def create_app(settings: ServiceSettings, *, worker: bool = True) -> FastAPI:
     _install_error_handlers(app)
     app.include_router(router)
     return app
-
-
-def get_service(request: Request) -> Service:
-    return request.app.state.service

@@ -9,9 +9,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tunesmith.errors import ServiceError
+from tunesmith.models.generation import Generated, GenerationParams, generate, stream
 from tunesmith.service.audit import record_completion
 from tunesmith.service.http_errors import bad_request, error_body
-from tunesmith.service.inference import Finish, ModelCache, Sampling, generate_stream
+from tunesmith.service.inference import ModelCache
 from tunesmith.service.models import ModelSource, find_model
 from tunesmith.service.schemas import ChatRequest
 from tunesmith.service.settings import ServiceSettings
@@ -34,8 +36,13 @@ class Prepared:
     tokenizer: Any
     messages: list[dict[str, str]]
     prompt_ids: list[int]
-    sampling: Sampling
+    params: GenerationParams
     n: int
+
+    def choice_params(self, index: int) -> GenerationParams:
+        """Choice ``index``'s parameters: seed + index, so choices differ and each repeats."""
+        seed = self.params.seed
+        return self.params if seed is None else replace(self.params, seed=seed + index)
 
 
 def chat_messages(req: ChatRequest) -> list[dict[str, str]]:
@@ -72,12 +79,15 @@ class ChatService:
         self.settings, self.store, self.cache = settings, store, cache
 
     def _load(self, source: ModelSource) -> tuple[Any, Any]:
-        from tunesmith.api import load_checkpoint_for_chat, load_for_chat
+        from tunesmith.flows import load_checkpoint_for_chat, load_for_chat
 
         if source.kind == "checkpoint":
-            assert source.step is not None
+            step = source.step
+            if step is None:  # find_model names a step for every checkpoint it finds
+                raise ServiceError(f"checkpoint model '{source.name}' has no step number",
+                                   status=500)
             return self.cache.get(source.name, lambda: load_checkpoint_for_chat(
-                Path(source.ref), source.step, home=self.settings.home))
+                Path(source.ref), step, home=self.settings.home))
         return self.cache.get(source.name, lambda: load_for_chat(source.ref,
                                                                  home=self.settings.home))
 
@@ -99,40 +109,37 @@ class ChatService:
                               "completion). Please reduce the length of the messages or "
                               "completion.", param="messages", code="context_length_exceeded")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        sampling = Sampling(max_new_tokens=asked or min(room, DEFAULT_MAX_TOKENS),
-                            temperature=1.0 if req.temperature is None else req.temperature,
-                            top_p=1.0 if req.top_p is None else req.top_p, stop=stop,
-                            seed=req.seed)
+        # OpenAI's defaults: temperature 1 and top_p 1 when the request leaves them out
+        params = GenerationParams(
+            max_new_tokens=asked or min(room, DEFAULT_MAX_TOKENS),
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, stop=stop, seed=req.seed)
         return Prepared(id=new_id("chatcmpl-"), created=int(time.time()), model_name=req.model,
                         model=model, tokenizer=tokenizer, messages=messages,
-                        prompt_ids=prompt_ids, sampling=sampling, n=req.n or 1)
+                        prompt_ids=prompt_ids, params=params, n=req.n or 1)
 
-    def _choice(self, p: Prepared, index: int) -> Iterator[str | Finish]:
-        seed = p.sampling.seed  # seed + index: distinct choices, each reproducible
-        sampling = p.sampling if seed is None else replace(p.sampling, seed=seed + index)
-        return generate_stream(p.model, p.tokenizer, p.prompt_ids, sampling)
+    def _reply(self, p: Prepared, index: int) -> Generated:
+        return generate(p.model, p.tokenizer, [p.prompt_ids], p.choice_params(index),
+                        batch_size=1)[0]
 
     def _audit(self, org: str, p: Prepared, texts: list[str]) -> None:
         if self.settings.audit_log:
             record_completion(self.store, completion_id=p.id, org=org, model=p.model_name,
                               messages=p.messages, choices=texts,
-                              params={"temperature": p.sampling.temperature,
-                                      "top_p": p.sampling.top_p, "seed": p.sampling.seed,
-                                      "max_tokens": p.sampling.max_new_tokens})
+                              params={"temperature": p.params.temperature,
+                                      "top_p": p.params.top_p, "seed": p.params.seed,
+                                      "max_tokens": p.params.max_new_tokens})
 
     def complete(self, org: str, req: ChatRequest) -> dict[str, Any]:
         p = self.prepare(org, req)
         choices, texts, used = [], [], 0
         for i in range(p.n):
-            pieces = list(self._choice(p, i))
-            finish = pieces.pop()
-            assert isinstance(finish, Finish)
-            text = "".join(str(x) for x in pieces)
-            texts.append(text)
-            used += finish.completion_tokens
-            choices.append({"index": i, "message": {"role": "assistant", "content": text,
+            reply = self._reply(p, i)
+            texts.append(reply.text)
+            used += reply.completion_tokens
+            choices.append({"index": i, "message": {"role": "assistant", "content": reply.text,
                                                     "refusal": None},
-                            "logprobs": None, "finish_reason": finish.reason})
+                            "logprobs": None, "finish_reason": reply.finish_reason})
         self._audit(org, p, texts)
         return {"id": p.id, "object": "chat.completion", "created": p.created,
                 "model": p.model_name, "system_fingerprint": None, "choices": choices,
@@ -157,15 +164,12 @@ class ChatService:
             try:
                 for i in range(p.n):
                     yield chunk([delta(i, {"role": "assistant", "content": "", "refusal": None})])
-                    parts: list[str] = []
-                    for piece in self._choice(p, i):
-                        if isinstance(piece, Finish):
-                            used += piece.completion_tokens
-                            yield chunk([delta(i, {}, piece.reason)])
-                        else:
-                            parts.append(piece)
-                            yield chunk([delta(i, {"content": piece})])
-                    texts.append("".join(parts))
+                    reply = stream(p.model, p.tokenizer, p.prompt_ids, p.choice_params(i))
+                    for piece in reply:
+                        yield chunk([delta(i, {"content": piece})])
+                    used += reply.result.completion_tokens
+                    texts.append(reply.result.text)
+                    yield chunk([delta(i, {}, reply.result.finish_reason)])
                 if with_usage:
                     yield chunk([], usage=_usage(len(p.prompt_ids), used))
                 self._audit(org, p, texts)

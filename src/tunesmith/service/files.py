@@ -42,18 +42,20 @@ def validate_chat_file(path: Path, display_name: str) -> int:
 
 def save_upload(store: Store, files_dir: Path, org: str, upload: Upload) -> dict[str, Any]:
     """Validate an uploaded file and keep it; the temporary file is moved or removed."""
-    assert upload.file_path is not None
+    path = upload.file_path
+    if path is None:
+        raise bad_request("the form has no 'file' part", param="file")
     try:
         purpose = upload.fields.get("purpose")
         if purpose not in PURPOSES:
             raise bad_request(f"purpose {purpose!r} is not supported here; use 'fine-tune'",
                               param="purpose")
-        examples = validate_chat_file(upload.file_path, upload.filename or "upload.jsonl")
+        examples = validate_chat_file(path, upload.filename or "upload.jsonl")
         file_id = new_id("file-")
         final = files_dir / file_id
-        os.replace(upload.file_path, final)
+        os.replace(path, final)
     finally:
-        upload.file_path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
     row = StoredFile(id=file_id, org=org, filename=upload.filename or "upload.jsonl",
                      purpose=purpose, bytes=upload.size, examples=examples, created_at=now())
     with store.begin() as s:

@@ -1,7 +1,8 @@
 """From a job to a tunesmith run: check its files, pick the task, resolve 'auto' values.
 
-The run itself is ``tunesmith.api.run`` with a RunConfig built here through ``parse_config``,
-so the service trains exactly as the CLI does.
+The run itself is ``tunesmith.flows.run`` with a RunConfig built here through ``parse_config``,
+and its 'auto' values are resolved by tunesmith's own ``resolve_hyperparameters`` on the
+training split the run makes, so the service trains exactly as the CLI does.
 """
 
 from __future__ import annotations
@@ -10,18 +11,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tunesmith.config import (
-    RunConfig,
-    auto_batch_size,
-    auto_epochs,
-    auto_learning_rate,
-    parse_config,
-)
+from tunesmith.config import RunConfig, parse_config, resolve_hyperparameters
 from tunesmith.data.chat import ChatExample, read_chat_jsonl
-from tunesmith.errors import ServiceError
+from tunesmith.errors import DataError, ServiceError
 
 MIN_EXAMPLES = 10  # OpenAI's minimum, and what tunesmith needs to split off held-out sets
-SPLIT_FRACTION = 0.1  # tunesmith's default validation and test fractions
 METHOD = "lora"
 KEEP_CHECKPOINTS = 3  # as OpenAI: the checkpoints of the last 3 epochs
 # An answer set this small and this repetitive is a label set: evaluate as classification.
@@ -53,56 +47,64 @@ def detect_task(train: list[ChatExample], valid: list[ChatExample] | None) -> st
     return "classification" if labels_ok else "generation"
 
 
-def training_size(n_examples: int, has_validation_file: bool) -> int:
-    """Examples left for training after tunesmith splits off validation and test sets."""
-    if has_validation_file:
-        return n_examples
-    held_out = 2 * max(1, round(n_examples * SPLIT_FRACTION))
-    return max(1, n_examples - held_out)
-
-
-def resolve_hyperparameters(requested: dict[str, Any], n_train: int) -> dict[str, Any]:
-    """OpenAI's three hyperparameters with every 'auto' made a number."""
-    epochs = requested.get("n_epochs", "auto")
-    batch = requested.get("batch_size", "auto")
-    mult = requested.get("learning_rate_multiplier", "auto")
-    batch = auto_batch_size(n_train) if batch == "auto" else min(int(batch), n_train)
-    return {"n_epochs": auto_epochs(n_train) if epochs == "auto" else int(epochs),
-            "batch_size": batch,
-            "learning_rate_multiplier": 1.0 if mult == "auto" else float(mult)}
-
-
-def check_job_data(train_path: Path, valid_path: Path | None, requested: dict[str, Any]
-                   ) -> tuple[dict[str, Any], str, int]:
-    """(resolved hyperparameters, task, examples) for a job's files, or a JobDataError."""
+def check_job_data(train_path: Path, valid_path: Path | None) -> str:
+    """The task of a job whose files are valid chat examples, enough of them; else a
+    JobDataError."""
     train = read_examples(train_path, "training_file")
     valid = read_examples(valid_path, "validation_file") if valid_path else None
     if len(train) < MIN_EXAMPLES:
         raise JobDataError(f"Training file has {len(train)} example(s), but must have at "
                            f"least {MIN_EXAMPLES} examples", code="invalid_n_examples",
                            param="training_file")
-    n_train = training_size(len(train), valid is not None)
-    return resolve_hyperparameters(requested, n_train), detect_task(train, valid), len(train)
+    return detect_task(train, valid)
 
 
-def run_config(*, job_id: str, run_dir: Path, base_ref: str, train_path: Path,
-               valid_path: Path | None, hyperparameters: dict[str, Any], task: str, seed: int,
-               max_eval_examples: int) -> RunConfig:
-    """The tunesmith run of a job: a checkpoint per epoch, the last 3 kept, no early stop."""
-    batch = int(hyperparameters["batch_size"])
-    lr = auto_learning_rate(METHOD, batch) * float(hyperparameters["learning_rate_multiplier"])
-    data: dict[str, Any] = {"train_file": str(train_path), "max_test_examples": max_eval_examples,
-                            "validation_fraction": SPLIT_FRACTION,
-                            "test_fraction": SPLIT_FRACTION}
+def training_size(cfg: RunConfig) -> int:
+    """How many examples the run trains on: its own reading and split of the data.
+
+    Near-duplicates stay in one split, so this is not a fixed share of the file. Examples
+    longer than ``data.max_length`` are left out later, once the run has the tokenizer.
+    """
+    # imported here: it loads torch, which the server needs only once it plans a job
+    from tunesmith.flows.steps import load_splits
+
+    try:
+        return len(load_splits(cfg).train)
+    except DataError as err:
+        valid = cfg.data.validation_file
+        param = ("validation_file" if valid is not None and err.path is not None
+                 and Path(err.path) == valid else "training_file")
+        raise JobDataError(str(err), code="invalid_file_format", param=param) from err
+
+
+def plan_run(*, job_id: str, run_dir: Path, base_ref: str, train_path: Path,
+             valid_path: Path | None, requested: dict[str, Any], task: str, seed: int,
+             max_eval_examples: int) -> tuple[RunConfig, dict[str, Any]]:
+    """The tunesmith run of a job, and OpenAI's three hyperparameters as the job reports them.
+
+    A checkpoint per epoch, the last 3 kept, no early stop. ``resolve_hyperparameters`` turns
+    each 'auto' into a number for the run's training split; ``learning_rate_multiplier``
+    scales tunesmith's automatic learning rate. The run gets the resolved numbers, so
+    planning the job again with them (when training starts) gives the same run.
+    """
+    data: dict[str, Any] = {"train_file": str(train_path), "max_test_examples": max_eval_examples}
     if valid_path is not None:
         # the validation file doubles as the test set rather than taking training examples
         data.update(validation_file=str(valid_path), test_file=str(valid_path))
-    return parse_config({
+    spec: dict[str, Any] = {
         "name": job_id, "output_dir": str(run_dir), "model": {"base": base_ref}, "data": data,
-        "train": {"method": METHOD, "epochs": int(hyperparameters["n_epochs"]),
-                  "batch_size": batch, "learning_rate": lr, "eval_every": "epoch",
-                  "keep_checkpoints": KEEP_CHECKPOINTS, "early_stopping_patience": None,
-                  "seed": seed},
+        "train": {"method": METHOD, "epochs": requested.get("n_epochs", "auto"),
+                  "batch_size": requested.get("batch_size", "auto"), "learning_rate": "auto",
+                  "eval_every": "epoch", "keep_checkpoints": KEEP_CHECKPOINTS,
+                  "early_stopping_patience": None, "seed": seed},
         "eval": {"task": task, "compare_base": False},
-    }, source=f"job {job_id}")
-
+    }
+    asked = parse_config(spec, source=f"job {job_id}")
+    hp = resolve_hyperparameters(asked.train, training_size(asked))
+    multiplier = requested.get("learning_rate_multiplier", "auto")
+    multiplier = 1.0 if multiplier == "auto" else float(multiplier)
+    spec["train"].update(epochs=hp.epochs, batch_size=hp.batch_size,
+                         learning_rate=hp.learning_rate * multiplier)
+    return parse_config(spec, source=f"job {job_id}"), {
+        "n_epochs": hp.epochs, "batch_size": hp.batch_size,
+        "learning_rate_multiplier": multiplier}

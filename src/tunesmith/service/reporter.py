@@ -24,10 +24,6 @@ from tunesmith.training.checkpoint import TrainState, list_checkpoints
 PROGRESS_EVERY_S = 1.0
 
 
-class Superseded(Exception):
-    """The job was cancelled, paused or taken over: this process must stop training."""
-
-
 def _finite(x: Any) -> float | None:
     return float(x) if isinstance(x, int | float) and math.isfinite(x) else None
 
@@ -46,10 +42,12 @@ class JobReporter:
         self.started_at = time.time()
         self.first_step = 0
         self.last_progress = 0.0
+        self.superseded = False
 
     # -------------------------------------------------------------- the callback protocol
 
-    def on_train_begin(self, state: TrainState, total_steps: int) -> None:
+    def on_train_begin(self, loop: Any) -> None:
+        state, total_steps = loop.state, loop.total_steps
         self.total_steps, self.first_step = total_steps, state.step
         self.started_at = time.time()
         with self.store.begin() as s:
@@ -62,17 +60,23 @@ class JobReporter:
                 add_event(s, self.job_id, f"Training started: {total_steps} steps")
         self._sync_checkpoints()
 
-    def on_step(self, state: TrainState, metrics: dict[str, Any]) -> None:
+    def on_step(self, loop: Any, metrics: dict[str, Any]) -> None:
+        state = loop.state
         self._flush()
         self.pending = {"step": state.step, "total_steps": self.total_steps,
                         "train_loss": _finite(metrics.get("train_loss")),
                         "train_mean_token_accuracy": _finite(
                             metrics.get("train_token_accuracy"))}
         if time.time() - self.last_progress >= PROGRESS_EVERY_S:
-            self._progress(state)
+            if not self._progress(state):
+                # cancelled, paused or taken over: the loop stops after this step, writes its
+                # checkpoint and returns; the run flow then ends without evaluating
+                self.superseded = True
+                loop.control.stop("superseded")
             self._sync_checkpoints()
 
-    def on_evaluate(self, state: TrainState, metrics: dict[str, Any]) -> None:
+    def on_evaluate(self, loop: Any, metrics: dict[str, Any]) -> None:
+        state = loop.state
         loss = _finite(metrics.get("valid_loss"))
         accuracy = _finite(metrics.get("valid_token_accuracy"))
         if self.pending is None or self.pending["step"] != state.step:
@@ -83,7 +87,10 @@ class JobReporter:
                             full_valid_loss=loss, full_valid_mean_token_accuracy=accuracy)
         self._flush()
 
-    def on_train_end(self, state: TrainState) -> None:
+    def on_train_end(self, loop: Any) -> None:
+        state = loop.state
+        if self.superseded:
+            return  # the job row is no longer ours to write
         self._flush()
         with self.store.begin() as s:
             s.execute(update(Job).where(Job.id == self.job_id)
@@ -108,8 +115,8 @@ class JobReporter:
             add_event(s, self.job_id, text, type="metrics",
                       data={k: v for k, v in m.items() if v is not None}, step=m["step"])
 
-    def _progress(self, state: TrainState) -> None:
-        """Write step and estimated finish; stop if the job is no longer ours to train."""
+    def _progress(self, state: TrainState) -> bool:
+        """Write step and estimated finish; False when the job is no longer ours to train."""
         self.last_progress = time.time()
         done = state.step - self.first_step
         eta = None
@@ -121,8 +128,7 @@ class JobReporter:
                 update(Job).where(Job.id == self.job_id, Job.worker_id == self.worker_id,
                                   Job.status == "running")
                 .values(step=state.step, estimated_finish=eta)).rowcount
-        if not owned:
-            raise Superseded(self.job_id)
+        return bool(owned)
 
     def _sync_checkpoints(self) -> None:
         """Mirror the run's last checkpoint directories (step > 0) into the store.

@@ -10,8 +10,8 @@ from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from tunesmith.service import audit, files, jobs, models
-from tunesmith.service.app import Service, get_service
 from tunesmith.service.auth import org_for_key
+from tunesmith.service.context import Service, get_service
 from tunesmith.service.http_errors import bad_request
 from tunesmith.service.schemas import ChatRequest, FeedbackCreate, JobCreate
 from tunesmith.service.upload import receive_upload, too_large

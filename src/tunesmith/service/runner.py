@@ -81,9 +81,9 @@ def child_main(args: ChildArgs, parent: Any) -> None:
     import torch
     from rich.console import Console
 
-    from tunesmith.api import run
     from tunesmith.config import parse_config
-    from tunesmith.service.reporter import JobReporter, Superseded
+    from tunesmith.flows import run
+    from tunesmith.service.reporter import JobReporter
     from tunesmith.service.store import Store
 
     if args.torch_threads:
@@ -99,14 +99,14 @@ def child_main(args: ChildArgs, parent: Any) -> None:
             cfg = parse_config(args.config, source=f"job {args.job_id}")
             result = run(cfg, resume=True, home=Path(args.home), show_progress=False,
                          console=Console(file=log, width=120), callbacks=[reporter])
-        except Superseded:
-            os._exit(EXIT_SUPERSEDED)
         except Exception as err:
             log.write(traceback.format_exc())
             write_outcome(run_dir, {"ok": False, "code": error_code(err),
                                     "message": str(err) or type(err).__name__,
                                     "param": getattr(err, "param", None)})
             raise SystemExit(1) from None
+    if reporter.superseded:
+        os._exit(EXIT_SUPERSEDED)
     write_outcome(run_dir, {"ok": True, "tuned": result.tuned,
                             "rejected": _count_lines(run_dir / "rejects.jsonl")})
 

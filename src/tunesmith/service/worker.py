@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunesmith.config import RunConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.service import queue
 from tunesmith.service.files import RESULTS_PURPOSE, add_file
 from tunesmith.service.jobs import add_event
-from tunesmith.service.plan import JobDataError, check_job_data, run_config
+from tunesmith.service.plan import JobDataError, check_job_data, plan_run
 from tunesmith.service.runner import (
     EXIT_SUPERSEDED,
     ChildArgs,
@@ -72,7 +73,8 @@ class Worker:
         try:
             self._process(claim)
         except TunesmithError as err:
-            queue.fail(self.store, claim.job_id, self.id, code=error_code(err), message=str(err))
+            queue.fail(self.store, claim.job_id, self.id, code=error_code(err), message=str(err),
+                       param=getattr(err, "param", None))
         except Exception as err:  # a bug of ours must fail the job, not kill the worker
             log.exception("job %s", claim.job_id)
             queue.fail(self.store, claim.job_id, self.id, code="server_error",
@@ -106,10 +108,18 @@ class Worker:
         with self.store.begin() as s:
             return s.get(Job, job_id)
 
+    def _plan(self, job: Job, task: str) -> tuple[RunConfig, dict[str, Any]]:
+        train_path, valid_path = self._paths(job)
+        return plan_run(job_id=job.id, run_dir=self._run_dir(job), base_ref=job.base_ref,
+                        train_path=train_path, valid_path=valid_path,
+                        requested=job.hyperparameters, task=task, seed=job.seed,
+                        max_eval_examples=self.settings.max_eval_examples)
+
     def _validate(self, job_id: str) -> bool:
         job = self._job(job_id)
         try:
-            hp, task, _ = check_job_data(*self._paths(job), job.hyperparameters)
+            task = check_job_data(*self._paths(job))
+            _, hp = self._plan(job, task)
         except JobDataError as err:
             queue.fail(self.store, job_id, self.id, code=err.code or "invalid_training_file",
                        message=str(err), param=err.param)
@@ -123,11 +133,9 @@ class Worker:
 
     def _train(self, job_id: str) -> None:
         job = self._job(job_id)
-        train_path, valid_path = self._paths(job)
-        cfg = run_config(job_id=job.id, run_dir=self._run_dir(job), base_ref=job.base_ref,
-                         train_path=train_path, valid_path=valid_path,
-                         hyperparameters=job.hyperparameters, task=job.task or "generation",
-                         seed=job.seed, max_eval_examples=self.settings.max_eval_examples)
+        # the hyperparameters are resolved numbers since validation: planning again gives
+        # the run that was reported, with the learning rate the multiplier asked for
+        cfg, _ = self._plan(job, job.task or "generation")
         args = ChildArgs(database_url=self.store.url, job_id=job.id, worker_id=self.id,
                          output_model=job.output_model, config=cfg.model_dump(mode="json"),
                          home=str(self.settings.home), torch_threads=self.settings.torch_threads)

@@ -1,9 +1,12 @@
 """Checkpoints: written atomically, pruned to the last K plus the best, read back for resume.
 
-A checkpoint is a directory ``step-N`` holding the trainable weights (safetensors), the
-optimiser and scheduler states, the RNG states and ``state.json``. It is written into a
-temporary sibling directory and renamed into place, so a crash or Ctrl-C mid-write leaves the
-previous checkpoints untouched and never a half-written one under a real name.
+A checkpoint is a directory ``step-N`` holding the trainable weights
+(``trainable.safetensors``), the optimiser, scheduler and RNG states (``training.safetensors``
+for their tensors, ``training.json`` for the rest) and ``state.json``. Nothing in it is a
+pickle: reading a checkpoint never runs code from the file (``torch.load(weights_only=False)``
+would). It is written into a temporary sibling directory and renamed into place, so a crash or
+Ctrl-C mid-write leaves the previous checkpoints untouched and never a half-written one under a
+real name.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from safetensors.torch import load_file, save_file
 from tunesmith.errors import CheckpointError
 
 WEIGHTS = "trainable.safetensors"
+TENSORS = "training.safetensors"
+STRUCTURE = "training.json"
 
 
 @dataclass
@@ -40,27 +45,105 @@ class TrainState:
     stopped_early: bool = False
 
 
+# ----------------------------------------------------------------------------- RNG states
+
+
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state()}
+    """Every generator a run draws from in this process: Python, NumPy, torch CPU and CUDA."""
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()  # one per device (LoRA dropout masks)
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- codec
+# Optimiser and scheduler states are nested dicts of tensors, numbers, tuples and int keys.
+# They are split into a safetensors file (tensors) and JSON (everything else), with small
+# markers for what JSON cannot say, so loading needs neither pickle nor trust in the file.
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().to("cpu").clone().contiguous()
+        return {"__tensor__": path}
+    if isinstance(obj, np.ndarray):
+        # safetensors has no uint32 everywhere: widen losslessly, narrow again on load
+        tensors[path] = torch.from_numpy(obj.astype(np.int64))
+        return {"__ndarray__": path, "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+        return {"__items__": [[_encode(k, tensors, f"{path}.k{i}"),
+                               _encode(v, tensors, f"{path}.v{i}")]
+                              for i, (k, v) in enumerate(obj.items())]}
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise CheckpointError(f"cannot store a {type(obj).__name__} in a checkpoint ({path})")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return tensors[obj["__ndarray__"]].numpy().astype(obj["dtype"])
+    if "__tuple__" in obj:
+        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
+    return {k: _decode(v, tensors) for k, v in obj.items()}
+
+
+def save_state(folder: Path, state: dict[str, Any]) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _encode(state, tensors, "s")
+    save_file(tensors, folder / TENSORS)
+    (folder / STRUCTURE).write_text(json.dumps(structure), encoding="utf-8")
+
+
+def load_state(folder: Path) -> dict[str, Any]:
+    tensors = load_file(folder / TENSORS)
+    return _decode(json.loads((folder / STRUCTURE).read_text(encoding="utf-8")), tensors)
+
+
+# ----------------------------------------------------------------------------- checkpoints
 
 
 def save_checkpoint(root: Path, *, weights: dict[str, torch.Tensor], optimizer: Any,
-                    scheduler: Any, state: TrainState) -> Path:
-    """Write checkpoint ``root/step-N`` atomically and return its path."""
+                    scheduler: Any, state: TrainState,
+                    rng: list[dict[str, Any]] | None = None) -> Path:
+    """Write checkpoint ``root/step-N`` atomically and return its path.
+
+    ``rng`` holds one RNG state per process (rank order); default: this process's.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{state.step}-", dir=root))
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / WEIGHTS)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rng_state()}, tmp / "training.pt")
+        save_state(tmp, {"optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(),
+                         "rng": rng if rng is not None else [rng_state()]})
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -78,7 +161,7 @@ def list_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
-             and (p / "state.json").is_file()]
+             and p.name.split("-", 1)[1].isdigit() and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
 
 
@@ -96,15 +179,17 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path / WEIGHTS)
     except Exception as err:
-        raise CheckpointError(f"{path}: cannot read the checkpoint weights ({err})") from err
+        raise CheckpointError(f"{path}: cannot read the checkpoint weights ({err}); delete "
+                              "this checkpoint directory to resume from the one before") from err
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], TrainState]:
     """Weights, optimiser/scheduler/RNG states and TrainState of one checkpoint."""
     weights = load_weights(path)
     try:
-        extra = torch.load(path / "training.pt", weights_only=False)
+        extra = load_state(path)
         state = TrainState(**json.loads((path / "state.json").read_text()))
     except Exception as err:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({err})") from err
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({err}); delete this "
+                              "checkpoint directory to resume from the one before") from err
     return weights, extra, state

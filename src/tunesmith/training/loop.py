@@ -1,13 +1,14 @@
-"""The training loop, as small functions: optimiser, schedule, one step, evaluation, train().
+"""The training loop: it receives its parts (``setup.TrainParts``) and its policies (callbacks).
 
 Runs on Accelerate, so ``accelerate launch`` / ``torchrun`` give data parallelism (DDP) without a
-launcher of ours: every process sees the same global batches and trains on its share.
+launcher of ours: every process sees the same global batches and trains on its share. What a
+step minimises is the objective's business (``objectives``); when to evaluate, stop, save and
+restore is the policies' (``policies``). ``train`` composes the usual run from both.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -16,56 +17,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from transformers import get_scheduler
 
-from tunesmith.data.encode import Encoded
 from tunesmith.errors import TrainingError
-from tunesmith.training.batches import (
-    collate,
-    epoch_batches,
-    eval_batches,
-    step_inputs,
-    steps_per_epoch,
-)
-from tunesmith.training.callbacks import call
+from tunesmith.models.adapters import load_trainable_state, trainable_state
+from tunesmith.training.batches import eval_batches, local_share, micro_batches
+from tunesmith.training.callbacks import Control, call
 from tunesmith.training.checkpoint import (
     TrainState,
     list_checkpoints,
     load_checkpoint,
-    load_weights,
-    prune_checkpoints,
+    rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from tunesmith.training.loss import TargetLoss
-from tunesmith.training.precision import cast_frozen, resolve_precision
+from tunesmith.training.objectives import LMObjective
+from tunesmith.training.policies import standard_policies
+from tunesmith.training.setup import LoopSettings, TrainParts, Wrapper, setup
 
-
-@dataclass(frozen=True)
-class LoopSettings:
-    """Concrete hyperparameters of one training run (no 'auto' left)."""
-
-    learning_rate: float
-    epochs: int
-    batch_size: int
-    total_steps: int
-    warmup_steps: int = 0
-    eval_every: int = 50
-    micro_batch_size: int | None = None
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    early_stopping_patience: int | None = 3
-    keep_checkpoints: int = 2
-    schedule: str = "cosine"
-    layer_lr_decay: float = 1.0
-    packing: bool = False
-    pack_capacity: int = 512
-    group_by_length: bool = False
-    precision: str = "fp32"
-    gradient_checkpointing: bool = False
-    seed: int = 42
-    eval_batch_size: int = 16
+__all__ = ["Loop", "LoopSettings", "TrainResult", "evaluate_objective", "fit", "train",
+           "train_step"]
 
 
 @dataclass
@@ -73,40 +43,8 @@ class TrainResult:
     state: TrainState
     best_checkpoint: Path | None
     precision: str = "fp32"
+    stop_reason: str = "completed"  # completed | early_stopping | whatever a callback said
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
-
-
-def _no_decay(name: str, param: torch.Tensor) -> bool:
-    return param.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
-
-
-def _layer_scale(name: str, n_layers: int, decay: float) -> float:
-    """lr multiplier: decay^(n-1-i) for layer i, decay^n for embeddings, 1 for the head."""
-    if decay == 1.0:
-        return 1.0
-    found = _LAYER.search(name)
-    if found:
-        return decay ** (n_layers - 1 - int(found.group(1)))
-    return decay ** n_layers if "embed" in name else 1.0
-
-
-def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float,
-                    layer_lr_decay: float = 1.0, n_layers: int = 0) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no decay on norms/biases; optional layer-wise lr."""
-    groups: dict[tuple[bool, float], list[torch.Tensor]] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            key = (_no_decay(name, p), _layer_scale(name, n_layers, layer_lr_decay))
-            groups.setdefault(key, []).append(p)
-    if not groups:
-        raise TrainingError("the model has no trainable parameters; check train.method and "
-                            "train.lora.target_modules")
-    return torch.optim.AdamW(
-        [{"params": ps, "weight_decay": 0.0 if plain else weight_decay, "lr": lr * scale}
-         for (plain, scale), ps in groups.items()], lr=lr)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -114,182 +52,206 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 
 @torch.no_grad()
-def evaluate_loss(loss_module: torch.nn.Module, data: Sequence[Encoded], *, batch_size: int,
-                  pad_id: int, device: torch.device) -> dict[str, float]:
-    """Mean loss and token accuracy over the target tokens of ``data``."""
-    was_training = loss_module.training
-    loss_module.eval()
-    total, tokens, correct = 0.0, 0, 0
-    for batch in eval_batches(data, batch_size):
-        out = loss_module(**_to(collate(batch, pad_id=pad_id), device))
-        total += float(out.loss_sum)
-        tokens += out.n_tokens
-        correct += out.n_correct
-    loss_module.train(was_training)
-    if tokens == 0:
-        return {"valid_loss": float("nan"), "valid_token_accuracy": float("nan")}
-    return {"valid_loss": total / tokens, "valid_token_accuracy": correct / tokens}
+def evaluate_objective(objective: Any, data: Sequence[Any], *, batch_size: int,
+                       device: torch.device) -> dict[str, float]:
+    """``valid_loss`` and ``valid_<metric>`` over ``data``, normalised as in training."""
+    was_training = objective.training
+    objective.eval()
+    loss, norm, sums = 0.0, 0.0, {}
+    for batch in eval_batches(data, batch_size, size=getattr(objective, "size", len)):
+        norm += objective.normaliser(batch)
+        for inputs in objective.collate(batch):
+            out = objective(**_to(inputs, device))
+            loss += float(out.loss_sum)
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+    objective.train(was_training)
+    if norm == 0:
+        return {"valid_loss": float("nan")}
+    return {"valid_loss": loss / norm, **{f"valid_{k}": v / norm for k, v in sums.items()}}
 
 
-def train_step(loss_module: torch.nn.Module, batch: Sequence[Encoded], *, optimizer: Any,
-               scheduler: Any, accelerator: Accelerator, settings: LoopSettings, pad_id: int
-               ) -> dict[str, float]:
+def _passes(objective: Any, batch: Sequence[Any], accelerator: Any, micro: int | None
+            ) -> tuple[list[dict[str, torch.Tensor]], bool]:
+    """This process's forward/backward passes for a global batch, and whether they are real.
+
+    With DDP every process must join the gradient all-reduce of a step. A process whose share
+    of a small last batch is empty runs one pass on another example with its loss scaled to
+    zero, so it contributes nothing and nobody waits forever.
+    """
+    local = local_share(batch, rank=accelerator.process_index,
+                        world_size=accelerator.num_processes)
+    if local:
+        return [p for part in micro_batches(local, micro) for p in objective.collate(part)], True
+    return objective.collate(list(batch[:1])), False
+
+
+def train_step(parts: TrainParts, batch: Sequence[Any], settings: LoopSettings
+               ) -> dict[str, Any]:
     """One optimiser step over the global ``batch``, accumulated over micro-batches.
 
-    The loss is normalised by the target tokens of the whole global batch, not per micro-batch
-    or per process, so accumulation and data parallelism give the gradient of one big batch.
+    The loss is normalised by the objective's normaliser of the whole global batch (target
+    tokens for SFT), not per micro-batch or per process, so accumulation and data parallelism
+    give the gradient of one big batch.
     """
-    s = settings
-    n_targets = sum(e.n_targets for e in batch)
-    if n_targets == 0:
-        raise TrainingError("a batch has no assistant tokens to learn from")
-    world = accelerator.num_processes
-    inputs = step_inputs(batch, pad_id=pad_id, micro_batch_size=s.micro_batch_size,
-                         packing=s.packing, pack_capacity=s.pack_capacity,
-                         rank=accelerator.process_index, world_size=world)
-    total = torch.zeros(2, dtype=torch.float64)  # loss sum, correct tokens (this process)
-    for i, micro in enumerate(inputs):
-        # DDP averages gradients over processes; scaling by world size makes that a sum.
-        sync = i == len(inputs) - 1
-        with accelerator.no_sync(loss_module) if not sync and world > 1 else nullcontext():
-            out = loss_module(**_to(micro, accelerator.device))
-            accelerator.backward(out.loss_sum * world / n_targets)
-        total += torch.tensor([float(out.loss_sum.detach()), out.n_correct], dtype=torch.float64)
+    acc, module = parts.accelerator, parts.module
+    objective = acc.unwrap_model(module)
+    norm = objective.normaliser(batch) if batch else 0.0
+    if batch and norm == 0:
+        raise TrainingError("a batch has nothing to learn from (no target tokens); check the "
+                            "data's assistant turns")
+    world = acc.num_processes
+    totals: dict[str, float] = {"loss": 0.0}
+    if batch:  # a Poisson batch may be empty: the step then updates with zero gradient
+        passes, real = _passes(objective, batch, acc, settings.micro_batch_size)
+        for i, inputs in enumerate(passes):
+            # DDP averages gradients over processes; scaling by world size makes that a sum.
+            sync = i == len(passes) - 1
+            with acc.no_sync(module) if not sync and world > 1 else nullcontext():
+                out = module(**_to(inputs, acc.device))
+                acc.backward(out.loss_sum * (world / norm if real else 0.0))
+            if real:
+                totals["loss"] += float(out.loss_sum.detach())
+            for k, v in out.metrics.items():
+                totals[k] = totals.get(k, 0.0) + (float(v) if real else 0.0)
     if world > 1:
-        total = accelerator.reduce(total.to(accelerator.device), reduction="sum").cpu()
+        names = sorted(totals)  # the same order on every process
+        summed = acc.reduce(torch.tensor([totals[k] for k in names], dtype=torch.float64,
+                                         device=acc.device), reduction="sum").cpu().tolist()
+        totals = dict(zip(names, summed, strict=True))
     grad_norm = None
-    if s.max_grad_norm is not None:
-        grad_norm = float(accelerator.clip_grad_norm_(
-            [p for p in loss_module.parameters() if p.requires_grad], s.max_grad_norm))
-    lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"train_loss": float(total[0]) / n_targets,
-            "train_token_accuracy": float(total[1]) / n_targets,
+    if settings.max_grad_norm is not None:
+        params = [p for p in module.parameters() if p.requires_grad]
+        grad_norm = float(acc.clip_grad_norm_(params, settings.max_grad_norm))
+    lr = parts.scheduler.get_last_lr()[0]
+    parts.optimizer.step()
+    parts.scheduler.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    scale = 1.0 / norm if norm else 0.0
+    size = getattr(objective, "size", len)
+    return {"train_loss": totals.pop("loss") * scale,
+            **{f"train_{k}": v * scale for k, v in totals.items()},
             "learning_rate": lr, "grad_norm": grad_norm,
-            "tokens": sum(len(e) for e in batch)}
+            "tokens": sum(size(e) for e in batch)}
 
 
-def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+class Loop:
+    """The running loop as callbacks see it: state, control, and the few things policies do
+    (evaluate, save a checkpoint, load weights, emit an event to every callback)."""
+
+    def __init__(self, parts: TrainParts, settings: LoopSettings, callbacks: Sequence[Any]
+                 ) -> None:
+        self.parts, self.settings = parts, settings
+        self.callbacks = list(callbacks)
+        self.state, self.control = TrainState(), Control()
+        self.total_steps = settings.total_steps
+
+    def emit(self, event: str, *args: Any) -> None:
+        call(self.callbacks, event, self, *args)
+
+    def evaluate(self, data: Sequence[Any], *, batch_size: int) -> dict[str, float]:
+        objective = self.parts.accelerator.unwrap_model(self.parts.module)
+        return evaluate_objective(objective, data, batch_size=batch_size,
+                                  device=self.parts.accelerator.device)
+
+    def load_trainable(self, weights: dict[str, torch.Tensor]) -> None:
+        load_trainable_state(self.parts.model, weights)
+
+    def save_checkpoint(self, directory: Path) -> Path | None:
+        """Every process's RNG state goes in; the main process writes. Returns the path there."""
+        acc = self.parts.accelerator
+        states = [rng_state()]
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            states = gather_object(states)  # in memory, rank order
+        path = None
+        if acc.is_main_process:
+            path = save_checkpoint(directory, weights=trainable_state(self.parts.model),
+                                   optimizer=self.parts.optimizer,
+                                   scheduler=self.parts.scheduler, state=self.state, rng=states)
+        acc.wait_for_everyone()
+        return path
+
+    def resume(self, checkpoint: Path) -> None:
+        weights, extra, self.state = load_checkpoint(checkpoint)
+        load_trainable_state(self.parts.model, weights)
+        self.parts.optimizer.load_state_dict(extra["optimizer"])
+        self.parts.scheduler.load_state_dict(extra["scheduler"])
+        states = extra["rng"]
+        rank = self.parts.accelerator.process_index
+        # the same number of processes continues exactly; another number continues from rank
+        # 0's generators (the data order does not depend on them)
+        set_rng_state(states[rank] if rank < len(states) else states[0])
+
+    def run(self) -> TrainResult:
+        p, s, state = self.parts, self.settings, self.state
+        self.emit("on_train_begin")
+        per_epoch = p.batches.steps_per_epoch()
+        while (state.step < s.total_steps and state.epoch < s.epochs
+               and not self.control.should_stop):
+            for batch in p.batches.epoch(state.epoch, state.step_in_epoch):
+                started = time.perf_counter()
+                metrics = train_step(p, batch, s)
+                elapsed = time.perf_counter() - started
+                state.step += 1
+                state.step_in_epoch += 1
+                state.tokens_seen += int(metrics["tokens"])
+                if state.step_in_epoch >= per_epoch:
+                    state.epoch, state.step_in_epoch = state.epoch + 1, 0
+                metrics.update(step=state.step, epoch=state.epoch,
+                               tokens_per_s=metrics["tokens"] / max(elapsed, 1e-9))
+                if not math.isfinite(metrics["train_loss"]):
+                    raise TrainingError(f"the training loss became {metrics['train_loss']} at "
+                                        f"step {state.step}; lower train.learning_rate")
+                self.emit("on_step", metrics)
+                if state.step >= s.total_steps or self.control.should_stop:
+                    break
+        self.emit("on_train_end")
+        return TrainResult(state=state, best_checkpoint=None, precision=p.precision,
+                           stop_reason=self.control.reason or "completed")
 
 
-def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    params = _trainable(model)
-    missing = set(params) - set(weights)
-    if missing:
-        raise TrainingError(f"the checkpoint lacks {len(missing)} trainable tensors (e.g. "
-                            f"{sorted(missing)[0]}); it belongs to another model or LoRA setup")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name])
+def fit(parts: TrainParts, *, settings: LoopSettings, callbacks: Sequence[Any] = (),
+        resume_from: Path | None = None) -> TrainResult:
+    """Train with ``parts`` under ``callbacks`` (the run's own first, then its policies)."""
+    acc = parts.accelerator
+    module, optimizer = acc.prepare(parts.objective, parts.optimizer)
+    parts.module, parts.optimizer = module, optimizer
+    module.train()
+    loop = Loop(parts, settings, callbacks)
+    if resume_from is not None:
+        loop.resume(resume_from)
+    return loop.run()
 
 
-def _prepare_model(model: torch.nn.Module, s: LoopSettings, device: torch.device) -> str:
-    precision = resolve_precision(s.precision, device)
-    if precision == "bf16":
-        cast_frozen(model, torch.bfloat16)
-    if s.gradient_checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    return precision
-
-
-def _lm_loss(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    return TargetLoss(model, precision=precision)
-
-
-def _n_layers(model: torch.nn.Module) -> int:
-    config = getattr(model, "config", None)
-    return int(getattr(config, "num_hidden_layers", 0) or 0)
-
-
-def train(model: torch.nn.Module, train_data: Sequence[Encoded], valid_data: Sequence[Encoded],
+def train(model: torch.nn.Module, train_data: Sequence[Any], valid_data: Sequence[Any],
           *, settings: LoopSettings, pad_id: int, checkpoint_dir: Path,
           callbacks: Sequence[Any] = (), resume: bool = False,
-          make_loss: Callable[[torch.nn.Module, str], torch.nn.Module] | None = None
-          ) -> TrainResult:
-    """Train ``model`` in place; on return it holds the weights of the best checkpoint.
+          make_objective: Callable[[torch.nn.Module, str], Any] | None = None,
+          wrappers: Sequence[Wrapper] = ()) -> TrainResult:
+    """The usual run: setup, wrappers, then the loop with the standard policies.
 
-    ``make_loss(model, precision)`` builds the objective (default: causal-LM loss on target
-    tokens); any module returning ``LossSums`` fits, e.g. ``ClassifierLoss``.
+    ``make_objective(model, precision)`` builds the objective (default: causal-LM loss on
+    target tokens, packed when ``settings.packing``). With ``settings.restore_best`` the model
+    ends holding the best checkpoint's weights, otherwise its last ones.
     """
     s = settings
-    accelerator = Accelerator()
-    precision = _prepare_model(model, s, accelerator.device)
-    loss_module = (make_loss or _lm_loss)(model, precision)
-    optimizer = build_optimizer(loss_module, lr=s.learning_rate, weight_decay=s.weight_decay,
-                                layer_lr_decay=s.layer_lr_decay, n_layers=_n_layers(model))
-    scheduler = get_scheduler(s.schedule, optimizer, num_warmup_steps=s.warmup_steps,
-                              num_training_steps=max(1, s.total_steps))
-    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
-    loss_module.train()
 
-    state = TrainState()
+    def lm(m: torch.nn.Module, precision: str) -> LMObjective:
+        return LMObjective(m, pad_id=pad_id, precision=precision, packing=s.packing,
+                           pack_capacity=s.pack_capacity)
+
+    parts = setup(model, make_objective or lm, train_data, settings=s)
+    for wrap in wrappers:
+        parts = wrap(parts)
+    policies = standard_policies(
+        valid_data, checkpoint_dir=checkpoint_dir, eval_every=s.eval_every,
+        eval_batch_size=s.eval_batch_size, early_stopping_patience=s.early_stopping_patience,
+        keep_checkpoints=s.keep_checkpoints, restore_best=s.restore_best)
     existing = list_checkpoints(checkpoint_dir) if resume else []
-    if existing:
-        weights, extra, state = load_checkpoint(existing[-1])
-        load_trainable(model, weights)
-        optimizer.load_state_dict(extra["optimizer"])
-        scheduler.load_state_dict(extra["scheduler"])
-        set_rng_state(extra["rng"])
-
-    def evaluate_and_checkpoint() -> None:
-        metrics = {"step": state.step, "epoch": state.epoch, **evaluate_loss(
-            loss_module, valid_data, batch_size=s.eval_batch_size, pad_id=pad_id,
-            device=accelerator.device)}
-        loss = metrics["valid_loss"]
-        if state.best_valid_loss is None or (math.isfinite(loss) and loss < state.best_valid_loss):
-            state.best_valid_loss, state.best_step = loss, state.step
-            state.evals_without_improvement = 0
-        else:
-            state.evals_without_improvement += 1
-            patience = s.early_stopping_patience
-            state.stopped_early = bool(patience and state.evals_without_improvement >= patience)
-        metrics["best_step"] = state.best_step
-        call(callbacks, "on_evaluate", state, metrics)
-        if accelerator.is_main_process:
-            path = save_checkpoint(checkpoint_dir, weights=_trainable(model),
-                                   optimizer=optimizer, scheduler=scheduler, state=state)
-            prune_checkpoints(checkpoint_dir, keep_last=s.keep_checkpoints,
-                              best_step=state.best_step)
-            call(callbacks, "on_checkpoint", state, path)
-        accelerator.wait_for_everyone()
-
-    call(callbacks, "on_train_begin", state, s.total_steps)
-    if state.step == 0 and valid_data:
-        evaluate_and_checkpoint()  # the starting point of the validation curve
-    per_epoch = steps_per_epoch(len(train_data), s.batch_size)
-    while state.step < s.total_steps and not state.stopped_early and state.epoch < s.epochs:
-        for batch in epoch_batches(train_data, batch_size=s.batch_size, seed=s.seed,
-                                   epoch=state.epoch, start_step=state.step_in_epoch,
-                                   group_by_length=s.group_by_length and not s.packing):
-            started = time.perf_counter()
-            metrics = train_step(loss_module, batch, optimizer=optimizer, scheduler=scheduler,
-                                 accelerator=accelerator, settings=s, pad_id=pad_id)
-            elapsed = time.perf_counter() - started
-            state.step += 1
-            state.step_in_epoch += 1
-            state.tokens_seen += int(metrics["tokens"])
-            if state.step_in_epoch >= per_epoch:
-                state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            metrics.update(step=state.step, epoch=state.epoch,
-                           tokens_per_s=metrics["tokens"] / max(elapsed, 1e-9))
-            if not math.isfinite(metrics["train_loss"]):
-                raise TrainingError(f"the training loss became {metrics['train_loss']} at step "
-                                    f"{state.step}; lower train.learning_rate")
-            call(callbacks, "on_step", state, metrics)
-            if valid_data and (state.step % s.eval_every == 0 or state.step >= s.total_steps):
-                evaluate_and_checkpoint()
-            if state.step >= s.total_steps or state.stopped_early:
-                break
-    call(callbacks, "on_train_end", state)
-
-    best = checkpoint_dir / f"step-{state.best_step}" if state.best_step is not None else None
-    if best is not None and best.is_dir():
-        load_trainable(model, load_weights(best))
-    return TrainResult(state=state, best_checkpoint=best, precision=precision)
+    result = fit(parts, settings=s, callbacks=[*callbacks, *policies],
+                 resume_from=existing[-1] if existing else None)
+    best = result.state.best_step
+    result.best_checkpoint = checkpoint_dir / f"step-{best}" if best is not None else None
+    return result

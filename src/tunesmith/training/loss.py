@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.encode import IGNORE_INDEX
-from tunesmith.models.classifier import class_logits, unwrap
+from tunesmith.models.classifier import unwrap
 from tunesmith.training.precision import autocast
 
 HEAD_CHUNK = 1024
@@ -85,29 +85,3 @@ class TargetLoss(nn.Module):
             loss_sum = loss_sum + part
             correct = correct + ok.cpu()
         return LossSums(loss_sum, int(wanted.shape[0]), int(correct))
-
-
-class ClassifierLoss(nn.Module):
-    """Cross-entropy of a sequence-classification head on the last attended token.
-
-    Examples are encoded by ``encode_class_example``: the class index is the one label that is
-    not -100, on the last prompt position. ``class_weights`` counter label imbalance.
-    """
-
-    def __init__(self, model: Any, *, class_weights: torch.Tensor | None = None,
-                 precision: str = "fp32") -> None:
-        super().__init__()
-        self.model = model
-        self.precision = precision
-        self.register_buffer("class_weights", class_weights, persistent=False)
-
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> LossSums:
-        with autocast(self.precision, input_ids.device):
-            logits = class_logits(self.model, input_ids, attention_mask)
-        targets = labels.masked_fill(labels == IGNORE_INDEX, 0).max(dim=1).values
-        loss = F.cross_entropy(logits, targets, weight=self.class_weights, reduction="none")
-        correct = int((logits.argmax(-1) == targets).sum())
-        return LossSums(loss.sum(), int(targets.shape[0]), correct)
-

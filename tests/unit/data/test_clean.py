@@ -4,7 +4,8 @@ from tunesmith.data.chat import ChatExample
 from tunesmith.data.clean import CleanOptions, clean_examples
 from tunesmith.data.normalize import TextOptions, clean_text
 from tunesmith.data.pii import RedactOptions
-from tunesmith.prepare import clean_file
+from tunesmith.data.rejects import KEYS
+from tunesmith.flows.prepare import clean_file
 
 from .helpers import chat_row, distinct_rows, read_jsonl
 
@@ -45,9 +46,10 @@ def test_exact_and_near_duplicates_are_removed_first_kept():
     kept, report = clean_examples(_examples(rows))
     assert [e.line for e in kept] == [1, 2, 3, 4, 5, 6]
     assert report.removed == {"duplicate": 1, "near_duplicate": 2}
-    reasons = {r.line: r.to_json()["message"] for r in report.left_out}
-    assert reasons[7] == "duplicate: same as line 1"
-    assert "similar to line 1" in reasons[8]
+    reasons = {r.line: r.to_json() for r in report.left_out}
+    assert reasons[7]["code"] == "duplicate" and reasons[7]["stage"] == "dedup"
+    assert reasons[7]["reason"] == "same as line 1, which is kept"
+    assert reasons[8]["code"] == "near_duplicate" and "similar to line 1" in reasons[8]["reason"]
 
 
 def test_length_filters_and_empty_after_cleaning():
@@ -83,9 +85,17 @@ def test_counts_add_up_and_rejects_hold_every_row_left_out(tmp_path, write_lines
     assert "read 20 = written 16 + invalid 2" in t.summary()
     rejects = read_jsonl(report.rejects)
     assert len(read_jsonl(out)) == t.written and len(rejects) == t.left_out
-    assert {r["line"]: r["reason"] for r in rejects} == {
-        4: "duplicate", 8: "invalid_json", 10: "example_missing_assistant_message", 13: "empty"}
-    assert next(r for r in rejects if r["line"] == 8)["record"] == "{not json"
+    assert {r["line"]: (r["stage"], r["code"]) for r in rejects} == {
+        4: ("dedup", "duplicate"), 8: ("validate", "invalid_json"),
+        10: ("validate", "example_missing_assistant_message"), 13: ("clean", "empty")}
+    assert all(set(r) == set(KEYS) and r["file"] == str(src) and r["split"] is None
+               for r in rejects)
+    bad_json = next(r for r in rejects if r["line"] == 8)
+    assert bad_json["row"] == "{not json" and "each line must be one JSON object" in \
+        bad_json["reason"]
+    assert bad_json["problems"] == [{"code": "invalid_json", "line": 8, "field": None,
+                                     "message": bad_json["reason"]}]
+    assert next(r for r in rejects if r["line"] == 4)["reason"] == "same as line 2, which is kept"
 
 
 def test_preference_pairs_are_cleaned_and_deduplicated():

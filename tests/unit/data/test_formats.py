@@ -10,7 +10,7 @@ from tunesmith.data.formats import ReadOptions, detect_format, iter_records
 from tunesmith.data.preference import PreferenceExample
 from tunesmith.data.records import Rejected
 from tunesmith.errors import DataError
-from tunesmith.prepare import convert_file
+from tunesmith.flows.prepare import convert_file
 
 from .helpers import read_jsonl
 
@@ -155,7 +155,7 @@ def test_preference_problems_name_their_fields(write_lines):
              "preferred_output": [same], "non_preferred_output": [{"role": "user",
                                                                    "content": "B"}]}]
     first, second = iter_records(write_lines(rows))
-    assert first.problems[0].message.startswith("identical_outputs")
+    assert first.code == "identical_outputs" and "teaches nothing" in first.reason
     fields = {p.field for p in second.problems}
     assert "input.messages[1].role" in fields and "non_preferred_output[0].role" in fields
 

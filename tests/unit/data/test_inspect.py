@@ -1,7 +1,7 @@
 import json
 
 from tunesmith.data.encode import encode_chat
-from tunesmith.prepare import inspect_file
+from tunesmith.flows.prepare import inspect_file
 
 from .helpers import chat_row, distinct_rows
 

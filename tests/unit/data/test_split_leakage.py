@@ -3,7 +3,7 @@ from collections import Counter
 
 from tunesmith.data.dedup import MinHasher
 from tunesmith.data.split import split_examples
-from tunesmith.prepare import split_file
+from tunesmith.flows.prepare import split_file
 
 from .helpers import chat_row, distinct_rows, read_jsonl
 

@@ -1,6 +1,6 @@
 import pytest
 
-from tunesmith.prepare import validate_file
+from tunesmith.flows.prepare import validate_file
 
 from .helpers import chat_row, distinct_rows
 
@@ -39,7 +39,7 @@ def test_invalid_json_and_non_utf8_lines(write_lines):
     report = validate_file(write_lines(rows))
     assert ("invalid_json", 12, None) in found(report)
     assert ("not_utf8", 13, None) in found(report)
-    assert "line 13: not UTF-8 (byte 0xe9" in "\n".join(report.lines())
+    assert "line 13: not_utf8: not UTF-8 (byte 0xe9" in "\n".join(report.lines())
 
 
 def test_empty_file_and_too_few_examples(write_lines):

@@ -5,29 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.conftest import review_rows
-
-
-def train_tiny(model, tokenizer, encoded, *, steps: int, lr: float, batch_size: int = 16):
-    """Full fine-tuning of the tiny model with the training loss (no checkpoints, no logs)."""
-    from tunesmith.training.batches import collate
-    from tunesmith.training.loss import TargetLoss
-
-    torch.manual_seed(0)
-    loss_module = TargetLoss(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    for step in range(steps):
-        start = (step * batch_size) % len(encoded)
-        batch = (encoded + encoded)[start:start + batch_size]
-        out = loss_module(**collate(batch, pad_id=tokenizer.pad_token_id))
-        (out.loss_sum / out.n_tokens).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    return model
+from tests.helpers import review_rows, train_tiny
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from tests.unit.evaluation.conftest import train_tiny
+from tests.helpers import train_tiny
 from tunesmith.data.encode import Encoded
 from tunesmith.errors import DataError
 from tunesmith.evaluation.forgetting import (

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from tests.conftest import review_rows
+from tests.helpers import review_rows
 from tunesmith.evaluation.analysis import most_confident_errors, prompt_text
 from tunesmith.evaluation.calibration import calibrate, load_calibration, save_calibration
 from tunesmith.evaluation.checks import check_model_tokenizer

@@ -38,9 +38,9 @@ def test_invalid_json_and_non_utf8_are_reported_by_line(tmp_path):
     with pytest.raises(DataError) as exc:
         read_chat_jsonl(p)
     text = str(exc.value)
-    assert "line 2: invalid JSON" in text
-    assert "line 3: not UTF-8 (byte 0xff" in text
-    assert len(exc.value.problems) == 2
+    assert "line 2: invalid_json: invalid JSON" in text
+    assert "line 3: not_utf8: not UTF-8 (byte 0xff" in text
+    assert [p.code for p in exc.value.problems] == ["invalid_json", "not_utf8"]
 
 
 def test_empty_and_missing_files(tmp_path):
@@ -62,8 +62,9 @@ def test_empty_and_missing_files(tmp_path):
 ])
 def test_openai_error_categories(record, category):
     problems = check_chat_record(record, 5)
-    assert problems and problems[0].message.startswith(category)
+    assert problems and problems[0].code == category
     assert problems[0].line == 5
+    assert not problems[0].message.startswith(category)  # the code is data, not in the text
 
 
 def test_tool_call_message_without_content_is_fine():

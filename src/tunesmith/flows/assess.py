@@ -1,6 +1,6 @@
 """The measuring half of a run: evaluate base and tuned model, and what the fine-tune cost.
 
-Used by ``tunesmith.api.run`` and ``tunesmith.api.evaluate``; the pieces live in
+Used by ``tunesmith.flows.run`` and ``tunesmith.flows.evaluate``; the pieces live in
 ``tunesmith.evaluation``. Each function takes what it needs and returns a plain value.
 """
 
@@ -31,7 +31,7 @@ from tunesmith.evaluation.forgetting import (
     read_general_prompts,
 )
 from tunesmith.evaluation.metrics import confusion
-from tunesmith.evaluation.overfitting import overfitting_check
+from tunesmith.evaluation.overfitting import overfitting_check, training_metrics
 from tunesmith.evaluation.plots import plot_token_lengths
 from tunesmith.evaluation.report import make_plots, write_reports, write_results
 from tunesmith.evaluation.scoring import label_probabilities
@@ -218,6 +218,7 @@ def assemble(*, name: str, model: str, ev: EvalConfig, labels: list[str] | None,
             "tuned": confusion(tuned.predictions.predicted, tuned.predictions.expected, labels)}
     if records:
         results["overfitting"] = overfitting_check(records).to_dict()
+        results["training_metrics"] = training_metrics(records)
     return results
 
 

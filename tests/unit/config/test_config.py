@@ -1,20 +1,16 @@
 from pathlib import Path
 
 import pytest
-import yaml
 
+from tests.helpers import REPO
 from tunesmith.config import (
-    RunConfig,
     TrainConfig,
     auto_batch_size,
     auto_epochs,
-    default_config_text,
     load_config,
     resolve_hyperparameters,
 )
 from tunesmith.errors import ConfigError
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -81,15 +77,6 @@ def test_paths_are_relative_to_the_config_file(tmp_path):
     cfg = load_config(write(tmp_path, "data:\n  train_file: sub/t.jsonl\n"))
     assert cfg.data.train_file == tmp_path / "sub" / "t.jsonl"
     assert cfg.name == "run"
-
-
-def test_config_init_text_is_commented_and_loads(tmp_path):
-    text = default_config_text("train.jsonl")
-    assert "# Peak learning rate." in text
-    data = yaml.safe_load(text)
-    assert RunConfig.model_validate(data).train.epochs == "auto"
-    cfg = load_config(write(tmp_path, text))
-    assert cfg.data.train_file == tmp_path / "train.jsonl"
 
 
 @pytest.mark.parametrize("path", sorted(REPO.glob("examples/**/*.yaml")), ids=str)

@@ -1,4 +1,4 @@
-"""The public Python API: the flows a user calls. Each reads as the steps of fine-tuning.
+"""``run``: data -> base model -> fine-tune -> evaluate -> report, as one flow.
 
     from tunesmith import run
     result = run("examples/sms_spam/config.yaml")
@@ -19,10 +19,7 @@ import yaml
 from rich.console import Console
 from rich.progress import Progress
 
-from tunesmith import assess
 from tunesmith.config import (
-    DataConfig,
-    EvalConfig,
     ResolvedHyperparameters,
     RunConfig,
     dump_config,
@@ -30,28 +27,25 @@ from tunesmith.config import (
     resolve_hyperparameters,
 )
 from tunesmith.data.encode import Encoded
+from tunesmith.data.rejects import Rejected, write_rejects
 from tunesmith.data.split import Splits, sample
-from tunesmith.errors import DataError, ModelError
-from tunesmith.evaluation.task import check_labels
-from tunesmith.models.classifier import load_classifier, load_trained_classifier
-from tunesmith.models.load import load, load_tokenizer, save_merged
-from tunesmith.models.resolve import default_home, resolve_model
-from tunesmith.steps import (
-    attach_log_file,
+from tunesmith.errors import DataError
+from tunesmith.flows import assess
+from tunesmith.flows.finetune import fine_tune
+from tunesmith.flows.logs import attach_log_file, detach_log_file
+from tunesmith.flows.steps import (
+    advance_task,
     base_dtype,
     classification_labels,
-    classifier_objective,
     encode_examples,
     load_splits,
-    loop_settings,
-    prepare_model_for_training,
     prepare_run_dir,
-    read_examples,
     training_encoder,
     write_splits,
 )
+from tunesmith.models.load import load
+from tunesmith.models.resolve import default_home, resolve_model
 from tunesmith.training.callbacks import MetricsLog, ProgressBar, read_metrics
-from tunesmith.training.loop import TrainResult, train
 
 log = logging.getLogger("tunesmith")
 
@@ -67,6 +61,7 @@ class RunResult:
     best_step: int | None
     seconds: float
     results: dict[str, Any] = field(default_factory=dict)  # everything in metrics.json
+    stopped: str | None = None  # a callback's reason, when one stopped training before the end
 
 
 # ----------------------------------------------------------------------------- steps
@@ -84,14 +79,15 @@ def run(config: RunConfig | str | Path, *, overwrite: bool = False, resume: bool
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     console = console or Console(stderr=True)
     home = home or default_home()
+    # an unknown or broken base model fails here, before any data is read or a run dir made
+    model_dir = resolve_model(cfg.model.base, home=home)
     run_dir = prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
     handler = attach_log_file(run_dir)
     try:
-        return _run(cfg, run_dir, home, console, show_progress, started, resume=resume,
+        return _run(cfg, run_dir, model_dir, console, show_progress, started, resume=resume,
                     extra_callbacks=list(callbacks))
     finally:
-        log.removeHandler(handler)
-        handler.close()
+        detach_log_file(handler)
 
 
 @dataclass
@@ -100,13 +96,13 @@ class _Prepared:
 
     train: list[Encoded]
     valid: list[Encoded]
-    rejects: list[dict[str, Any]]
+    rejects: list[Rejected]
     hp: ResolvedHyperparameters
 
 
 def _prepare(cfg: RunConfig, run_dir: Path, tokenizer: Any, splits: Splits,
              labels: list[str] | None, progress: Progress, say: Callable[[str], None],
-             rejects: list[dict[str, Any]]) -> _Prepared:
+             rejects: list[Rejected]) -> _Prepared:
     """Encode, leaving out what cannot be trained on; resolve 'auto'; write config.yaml.
 
     ``rejects`` (rows the data phase left out) and the rows left out here go to rejects.jsonl.
@@ -123,10 +119,9 @@ def _prepare(cfg: RunConfig, run_dir: Path, tokenizer: Any, splits: Splits,
                                       max_length=cfg.data.max_length, split="validation",
                                       progress=progress)
     rejects += more
-    if rejects:
-        with (run_dir / "rejects.jsonl").open("w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rejects)
-        say(f"left out {len(rejects)} example(s); reasons in {run_dir / 'rejects.jsonl'}")
+    written = write_rejects(run_dir / "rejects.jsonl", rejects)
+    if written:
+        say(f"left out {len(rejects)} example(s); reasons in {written}")
     if not train_enc:
         raise DataError("no training example fits data.max_length; raise it",
                         path=cfg.data.train_file)
@@ -139,11 +134,6 @@ def _prepare(cfg: RunConfig, run_dir: Path, tokenizer: Any, splits: Splits,
     return _Prepared(train_enc, valid_enc, rejects, hp)
 
 
-def _advance(progress: Progress, title: str, total: int) -> Callable[[int], None]:
-    task = progress.add_task(title, total=total)
-    return lambda n: progress.advance(task, n)
-
-
 def _base_eval(cfg: RunConfig, run_dir: Path, model: Any, tokenizer: Any, test: list,
                labels: list[str] | None, progress: Progress, resume: bool
                ) -> assess.ModelEval | None:
@@ -154,34 +144,14 @@ def _base_eval(cfg: RunConfig, run_dir: Path, model: Any, tokenizer: Any, test: 
     found = assess.load_model_eval(path) if resume else None
     if found is None:
         found = assess.evaluate_lm(model, tokenizer, test, cfg.eval, labels,
-                                   _advance(progress, "evaluating base", len(test)),
+                                   advance_task(progress, "evaluating base", len(test)),
                                    score_labels=False)
         assess.save_model_eval(path, found)
     log.info("base model on the test set: %s", json.dumps(found.metrics))
     return found
 
 
-def _fine_tune(cfg: RunConfig, run_dir: Path, model: Any, model_dir: Path, tokenizer: Any,
-               prepared: _Prepared, labels: list[str] | None, callbacks: list[Any],
-               resume: bool) -> tuple[Any, TrainResult]:
-    """Train adapters (or all weights, or a classification head); save adapter and merged."""
-    classifier = cfg.train.head == "classifier"
-    if classifier:
-        del model  # the causal LM; the classifier is loaded from the same weights
-        model = load_classifier(model_dir, labels, pad_token_id=tokenizer.pad_token_id,
-                                dtype=base_dtype(cfg))
-    model = prepare_model_for_training(model, cfg)
-    result = train(
-        model, prepared.train, prepared.valid, settings=loop_settings(cfg, prepared.hp),
-        pad_id=tokenizer.pad_token_id, checkpoint_dir=run_dir / "checkpoints",
-        callbacks=callbacks, resume=resume,
-        make_loss=classifier_objective(cfg, prepared.train, len(labels)) if classifier else None)
-    if cfg.train.method == "lora":
-        model.save_pretrained(run_dir / "adapter")
-    return save_merged(model, tokenizer, run_dir / "merged"), result
-
-
-def _run(cfg: RunConfig, run_dir: Path, home: Path, console: Console, show_progress: bool,
+def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_progress: bool,
          started: float, *, resume: bool, extra_callbacks: list[Any]) -> RunResult:
     def say(msg: str) -> None:
         log.info(msg)
@@ -189,7 +159,7 @@ def _run(cfg: RunConfig, run_dir: Path, home: Path, console: Console, show_progr
 
     ev, head = cfg.eval, cfg.train.head == "classifier"
     # 1. data: read, validate, clean, split
-    data_rejects: list[dict[str, Any]] = []
+    data_rejects: list[Rejected] = []
     splits = load_splits(cfg, data_rejects)
     labels = classification_labels(cfg, splits)
     say(f"data: {len(splits.train)} train, {len(splits.validation)} validation, "
@@ -197,7 +167,6 @@ def _run(cfg: RunConfig, run_dir: Path, home: Path, console: Console, show_progr
     write_splits(run_dir / "data", splits)
 
     # 2. the base model
-    model_dir = resolve_model(cfg.model.base, home=home)
     say(f"base model: {cfg.model.base} ({model_dir})")
     dtype = base_dtype(cfg)
     model, tokenizer = load(model_dir, dtype=dtype)
@@ -212,16 +181,24 @@ def _run(cfg: RunConfig, run_dir: Path, home: Path, console: Console, show_progr
             if ev.forgetting and not head else None
 
     # 5. fine-tune, save the adapter and the merged model
-    model, result = _fine_tune(
-        cfg, run_dir, model, model_dir, tokenizer, prepared, labels,
-        [MetricsLog(run_dir / "metrics.jsonl"), ProgressBar(console, enabled=show_progress),
-         *extra_callbacks], resume)
+    tuned_run = fine_tune(
+        cfg, run_dir, model, model_dir, tokenizer, train_rows=prepared.train,
+        valid_rows=prepared.valid, hp=prepared.hp, labels=labels, resume=resume,
+        callbacks=[MetricsLog(run_dir / "metrics.jsonl"),
+                   ProgressBar(console, enabled=show_progress), *extra_callbacks])
+    model, result = tuned_run.model, tuned_run.result
+    if not tuned_run.finished:
+        say(f"training stopped at step {result.state.step} ({result.stop_reason}); "
+            "checkpoints kept, --resume continues")
+        return RunResult(run_dir=run_dir, base=base.metrics if base else None, tuned={},
+                         hyperparameters=prepared.hp, best_step=result.state.best_step,
+                         seconds=time.perf_counter() - started, stopped=result.stop_reason)
     say(f"training: best validation loss {result.state.best_valid_loss:.4f} at step "
         f"{result.state.best_step}" + (" (stopped early)" if result.state.stopped_early else ""))
 
     # 6. evaluate what was saved: test set, calibration, forgetting
     with Progress(console=console, disable=not show_progress) as progress:
-        advance = _advance(progress, "evaluating tuned", len(splits.test))
+        advance = advance_task(progress, "evaluating tuned", len(splits.test))
         tuned = assess.evaluate_head(model, tokenizer, splits.test, ev, labels, advance) \
             if head else assess.evaluate_lm(model, tokenizer, splits.test, ev, labels, advance)
         log.info("tuned model on the test set: %s", json.dumps(tuned.metrics))
@@ -261,108 +238,3 @@ def _run(cfg: RunConfig, run_dir: Path, home: Path, console: Console, show_progr
     return RunResult(run_dir=run_dir, base=base.metrics if base else None, tuned=tuned.metrics,
                      hyperparameters=prepared.hp, best_step=result.state.best_step,
                      seconds=seconds, results=results)
-
-
-def _run_config(run_dir: Path) -> RunConfig | None:
-    """The configuration a run directory was trained with, if it is one."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        return None
-    from tunesmith.config import parse_config
-
-    resolved = yaml.safe_load(path.read_text())
-    resolved.pop("resolved", None)
-    return parse_config(resolved, source=str(path))
-
-
-def evaluate(model: str, test_file: str | Path, *, base: str | None = None,
-             output_dir: str | Path | None = None, eval_config: EvalConfig | None = None,
-             home: Path | None = None, console: Console | None = None,
-             show_progress: bool = True) -> dict[str, Any]:
-    """Evaluate a model (a run directory or a model reference) on a chat JSONL test file.
-
-    For a run directory the base model, task and labels default to the run's; the results
-    (the same ``metrics.json``, ``report.md`` and ``report.html`` as a run) go to
-    ``output_dir`` (default: ``<run>/eval-<test file name>``). Returns the results dict.
-    """
-    home = home or default_home()
-    console = console or Console(stderr=True)
-    run_cfg = _run_config(Path(model)) if Path(model).is_dir() else None
-    ev = eval_config or (run_cfg.eval if run_cfg else EvalConfig())
-    base = base if base is not None else (run_cfg.model.base if run_cfg else None)
-    # the same reader as a run (any supported format, the run's column settings); a bad test
-    # row always stops the evaluation, since no rejects file is kept here
-    read = (run_cfg.data if run_cfg else DataConfig(train_file=Path(test_file))).model_copy(
-        update={"on_error": "raise"})
-    test = read_examples(Path(test_file), read, rejects=[])
-    labels = None
-    if ev.task == "classification":
-        labels = ev.labels or sorted({ex.label for ex in test})
-        check_labels(test, labels, "test")
-    out = Path(output_dir) if output_dir else (
-        Path(model) / f"eval-{Path(test_file).stem}" if run_cfg else Path("runs") / "eval")
-    out.mkdir(parents=True, exist_ok=True)
-    head = run_cfg is not None and run_cfg.train.head == "classifier"
-    with Progress(console=console, disable=not show_progress) as progress:
-        base_eval = None
-        if base is not None and ev.compare_base:
-            b_model, b_tok = load(resolve_model(base, home=home))
-            base_eval = assess.evaluate_lm(b_model, b_tok, test, ev, labels,
-                                           _advance(progress, "evaluating base", len(test)),
-                                           score_labels=False)
-            del b_model
-        path = resolve_model(model, home=home)
-        advance = _advance(progress, "evaluating model", len(test))
-        if head:
-            tuned = assess.evaluate_head(load_trained_classifier(path), load_tokenizer(path),
-                                         test, ev, labels, advance)
-        else:
-            m, tok = load(path)
-            tuned = assess.evaluate_lm(m, tok, test, ev, labels, advance)
-    results = assess.assemble(
-        name=f"{Path(model).name} on {Path(test_file).name}", model=base or model, ev=ev,
-        labels=labels, data_counts={"test": len(test)}, token_lengths={},
-        hyperparameters={}, training={}, test=test, base=base_eval, tuned=tuned,
-        calibration_result=None, forgetting=None, records=[])
-    assess.write_run_results(out, results, [], {}, 0)
-    log.info("evaluation written to %s", out)
-    results["output_dir"] = str(out)
-    return results
-
-
-def load_for_chat(model: str, *, home: Path | None = None) -> tuple[Any, Any]:
-    """Model and tokenizer for chatting: a model reference or a finished run directory."""
-    path = resolve_model(model, home=home or default_home())
-    config = json.loads((path / "config.json").read_text())
-    if any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
-        raise ModelError(f"{path}: this model has a classification head; it labels text and "
-                         "cannot chat. Chat with a run trained with train.head: lm")
-    return load(path)
-
-
-def load_checkpoint_for_chat(run_dir: Path, step: int, *, home: Path | None = None
-                             ) -> tuple[Any, Any]:
-    """Model and tokenizer of checkpoint ``step-N`` of a run: the base model plus its adapter."""
-    from tunesmith.training.checkpoint import load_weights
-    from tunesmith.training.loop import load_trainable
-
-    cfg = _run_config(Path(run_dir))
-    if cfg is None:
-        raise ModelError(f"{run_dir}: not a tunesmith run directory (no config.yaml)")
-    model, tokenizer = load(resolve_model(cfg.model.base, home=home or default_home()),
-                            dtype=base_dtype(cfg))
-    model = prepare_model_for_training(model, cfg)
-    load_trainable(model, load_weights(Path(run_dir) / "checkpoints" / f"step-{step}"))
-    model.eval()
-    return model, tokenizer
-
-
-def chat(model: str, messages: Sequence[dict[str, str]], *, max_new_tokens: int = 256,
-         temperature: float = 0.0, home: Path | None = None, loaded: tuple[Any, Any] | None = None
-         ) -> str:
-    """The model's reply to a conversation (``[{"role": "user", "content": ...}]``)."""
-    from tunesmith.evaluation.generate import generate
-
-    m, tok = loaded or load_for_chat(model, home=home)
-    return generate(m, tok, [list(messages)], max_new_tokens=max_new_tokens,
-                    temperature=temperature, batch_size=1)[0]

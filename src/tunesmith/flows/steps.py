@@ -1,4 +1,4 @@
-"""The steps of a run, as functions the flows in ``tunesmith.api`` call one after another.
+"""The steps of a run, as functions the flows call one after another.
 
 Each takes plain values and returns one: read and clean the data, split it, encode it for
 training, turn the configuration into loop settings, prepare the model, lay out the run dir.
@@ -6,6 +6,7 @@ training, turn the configuration into loop settings, prepare the model, lay out 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -14,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from rich.progress import Progress
 
 from tunesmith.config import (
     DataConfig,
-    ResolvedHyperparameters,
     RunConfig,
+    parse_config,
 )
 from tunesmith.data.chat import ChatExample
 from tunesmith.data.clean import CleanOptions, clean_examples
@@ -28,21 +30,19 @@ from tunesmith.data.encode import Encoded, encode_chat, encode_class_example
 from tunesmith.data.formats import ReadOptions, iter_records
 from tunesmith.data.normalize import TextOptions
 from tunesmith.data.pii import RedactOptions
-from tunesmith.data.records import Rejected
+from tunesmith.data.records import removed
+from tunesmith.data.rejects import Rejected
 from tunesmith.data.split import Splits, sample, split_examples
 from tunesmith.errors import ConfigError, DataError, Problem
 from tunesmith.evaluation.task import check_labels
 from tunesmith.models.load import add_lora
-from tunesmith.training.loop import LoopSettings
-from tunesmith.training.loss import ClassifierLoss
 from tunesmith.training.precision import load_dtype
 
 log = logging.getLogger("tunesmith")
 
 
 
-def read_examples(path: Path, d: DataConfig, rejects: list[dict[str, Any]]
-                  ) -> list[ChatExample]:
+def read_examples(path: Path, d: DataConfig, rejects: list[Rejected]) -> list[ChatExample]:
     """Every example of a data file in any supported format, as canonical chat examples.
 
     Invalid rows stop the run with every problem listed (``on_error: raise``), or are left
@@ -50,6 +50,9 @@ def read_examples(path: Path, d: DataConfig, rejects: list[dict[str, Any]]
     """
     read = ReadOptions(format=d.format, text_column=d.text_column, label_column=d.label_column,
                        system_prompt=d.system_prompt)
+    # the train file is split later, so its rows have no split yet
+    split = ("validation" if path == d.validation_file
+             else "test" if path == d.test_file else None)
     examples: list[ChatExample] = []
     problems: list[Problem] = []
     for item in iter_records(path, read):
@@ -57,7 +60,7 @@ def read_examples(path: Path, d: DataConfig, rejects: list[dict[str, Any]]
             if d.on_error == "raise":
                 problems.extend(item.problems)
             else:
-                rejects.append(_reject_row(item, "data"))
+                rejects.append(dataclasses.replace(item, split=split))
         elif not isinstance(item, ChatExample):
             raise DataError("preference pairs (DPO) cannot be trained by `tunesmith run` yet; "
                             "give chat examples", path=path, line=item.line)
@@ -69,16 +72,11 @@ def read_examples(path: Path, d: DataConfig, rejects: list[dict[str, Any]]
     if not examples:
         raise DataError("the file is empty (or every row was rejected); expected one example "
                         'per line like {"messages": [{"role": "user", ...}, '
-                        '{"role": "assistant", ...}]}', path=path)
+                        '{"role": "assistant", ...}]}', path=path, code="empty_file")
     return examples
 
 
-def _reject_row(item: Rejected, split: str) -> dict[str, Any]:
-    return {"split": split, "file": item.source, "line": item.line, "reason": item.code,
-            "problems": [p.render(None) for p in item.problems], "row": item.raw}
-
-
-def clean_stage(examples: list[ChatExample], d: DataConfig, rejects: list[dict[str, Any]]
+def clean_stage(examples: list[ChatExample], d: DataConfig, rejects: list[Rejected]
                 ) -> list[ChatExample]:
     """The configured cleaning and redaction; what is dropped goes to ``rejects``."""
     if not (d.clean or d.redact):
@@ -88,12 +86,12 @@ def clean_stage(examples: list[ChatExample], d: DataConfig, rejects: list[dict[s
     kept, report = clean_examples(examples, CleanOptions(
         text=TextOptions() if d.clean else off, redact=RedactOptions() if d.redact else None,
         exact_duplicates=d.clean, near_duplicates=d.clean))
-    rejects.extend(_reject_row(r, "data") for r in report.left_out)
+    rejects.extend(report.left_out)
     log.info("cleaning: %s", "; ".join(report.lines()))
     return [ex for ex in kept if isinstance(ex, ChatExample)]
 
 
-def load_splits(cfg: RunConfig, rejects: list[dict[str, Any]] | None = None) -> Splits:
+def load_splits(cfg: RunConfig, rejects: list[Rejected] | None = None) -> Splits:
     """Read, validate and clean the data; split off validation/test where no file is given.
 
     Near-duplicates are kept in the same split, so nothing leaks from train into test.
@@ -142,26 +140,40 @@ def training_encoder(tokenizer: Any, cfg: RunConfig, labels: list[str] | None
                      ) -> Callable[[ChatExample], Encoded]:
     """How examples become training rows: the chat with its assistant turns as targets, or,
     for a classification head, the prompt with the class index as the one target."""
-    if cfg.train.head == "classifier":
-        assert labels is not None
-        return lambda ex: encode_class_example(tokenizer, ex.prompt, labels.index(ex.label))
-    return lambda ex: encode_chat(tokenizer, ex.messages)
+    if cfg.train.head != "classifier":
+        return lambda ex: encode_chat(tokenizer, ex.messages)
+    if not labels:
+        raise ConfigError("train.head 'classifier' needs the class labels; set eval.labels")
+    index = {label: i for i, label in enumerate(labels)}
+
+    def encode_class(ex: ChatExample) -> Encoded:
+        if ex.label not in index:  # validation examples are not checked against the labels
+            raise DataError(f"label {ex.label!r} is not one of the labels {labels}; add it to "
+                            "eval.labels or remove the example", path=ex.source, line=ex.line,
+                            field="messages[-1].content", code="label_not_allowed")
+        return encode_class_example(tokenizer, ex.prompt, index[ex.label])
+
+    return encode_class
 
 
 def encode_examples(encode: Callable[[ChatExample], Encoded], examples: Sequence[ChatExample],
                     *, max_length: int, split: str, progress: Progress | None = None
-                    ) -> tuple[list[Encoded], list[dict[str, Any]]]:
+                    ) -> tuple[list[Encoded], list[Rejected]]:
     """Encode for training; too-long or target-less examples are returned as rejects."""
-    kept, rejects = [], []
+    kept: list[Encoded] = []
+    rejects: list[Rejected] = []
     task = progress.add_task(f"tokenising {split}", total=len(examples)) if progress else None
     for ex in examples:
         enc = encode(ex)
         if len(enc) > max_length:
-            rejects.append({"split": split, "file": ex.source, "line": ex.line,
-                            "reason": f"{len(enc)} tokens, over data.max_length={max_length}"})
+            rejects.append(removed(ex, "encode", Problem(
+                "too_long", f"{len(enc)} tokens with the chat template, over "
+                f"data.max_length={max_length}; shorten the example or raise data.max_length",
+                ex.line, "messages"), split))
         elif enc.n_targets == 0:
-            rejects.append({"split": split, "file": ex.source, "line": ex.line,
-                            "reason": "no assistant tokens to train on"})
+            rejects.append(removed(ex, "encode", Problem(
+                "no_trainable_tokens", "no assistant tokens to train on; give at least one "
+                "assistant message weight 1", ex.line, "messages"), split))
         else:
             kept.append(enc)
         if progress:
@@ -179,20 +191,6 @@ def classification_labels(cfg: RunConfig, splits: Splits) -> list[str] | None:
         raise ConfigError(f"eval.positive_label '{cfg.eval.positive_label}' is not one of the "
                           f"labels {labels}")
     return labels
-
-
-def loop_settings(cfg: RunConfig, hp: ResolvedHyperparameters) -> LoopSettings:
-    t = cfg.train
-    return LoopSettings(
-        learning_rate=hp.learning_rate, epochs=hp.epochs, batch_size=hp.batch_size,
-        total_steps=hp.total_steps, warmup_steps=hp.warmup_steps, eval_every=hp.eval_every,
-        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-        early_stopping_patience=t.early_stopping_patience, keep_checkpoints=t.keep_checkpoints,
-        micro_batch_size=t.micro_batch_size, schedule=t.schedule, layer_lr_decay=t.layer_lr_decay,
-        packing=t.packing and t.head == "lm", pack_capacity=cfg.data.max_length,
-        group_by_length=t.group_by_length,
-        precision=t.precision, gradient_checkpointing=t.gradient_checkpointing,
-        seed=t.seed, eval_batch_size=cfg.eval.batch_size)
 
 
 def base_dtype(cfg: RunConfig) -> str:
@@ -213,18 +211,6 @@ def prepare_model_for_training(model: Any, cfg: RunConfig) -> Any:
                     task_type="SEQ_CLS" if cfg.train.head == "classifier" else "CAUSAL_LM")
 
 
-def classifier_objective(cfg: RunConfig, train_rows: Sequence[Encoded], n_labels: int
-                         ) -> Callable[[Any, str], Any]:
-    """The classification-head loss, with inverse-frequency class weights when configured."""
-    weights = None
-    if cfg.train.class_weights == "balanced":
-        counts = torch.bincount(torch.tensor([max(e.labels) for e in train_rows]),
-                                minlength=n_labels).float()
-        weights = counts.sum() / (n_labels * counts.clamp(min=1))
-    return lambda model, precision: ClassifierLoss(model, class_weights=weights,
-                                                   precision=precision)
-
-
 def prepare_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool = False) -> Path:
     run_dir = cfg.output_dir or Path("runs") / (cfg.name or "run")
     if resume:
@@ -239,12 +225,16 @@ def prepare_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool = False) ->
     return run_dir
 
 
-def attach_log_file(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    return handler
+def run_config(run_dir: Path) -> RunConfig | None:
+    """The configuration a run directory was trained with, if it is one."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    resolved = yaml.safe_load(path.read_text())
+    resolved.pop("resolved", None)
+    return parse_config(resolved, source=str(path))
 
 
-# ----------------------------------------------------------------------------- flows
+def advance_task(progress: Progress, title: str, total: int) -> Callable[[int], None]:
+    task = progress.add_task(title, total=total)
+    return lambda n: progress.advance(task, n)

@@ -2,10 +2,11 @@
 
 Each reads a data file in any supported format (see ``tunesmith.data.formats``), streams it
 through the stage, writes canonical JSONL and returns a typed report. Nothing is lost:
-every row left out goes to a rejects file with its line and reason, and each report's
-``tally`` states ``read = written + invalid + removed``.
+every row left out goes to a rejects file with its line and reason (the same file format as
+a run's rejects.jsonl, see ``tunesmith.data.rejects``), and each report's ``tally`` states
+``read = written + invalid + removed``.
 
-    from tunesmith.prepare import clean_file
+    from tunesmith.flows.prepare import clean_file
     report = clean_file("tickets.csv", "tickets.clean.jsonl", on_error="skip")
     print(report.tally.summary())
 
@@ -28,7 +29,8 @@ from tunesmith.data.clean import CleanOptions, CleanReport, iter_clean
 from tunesmith.data.formats import ReadOptions, detect_format, iter_records
 from tunesmith.data.inspect import InspectReport, inspect_records
 from tunesmith.data.pii import RedactOptions, redact_text
-from tunesmith.data.records import Record, Rejected, Tally, map_contents, record_to_json
+from tunesmith.data.records import Record, Tally, map_contents, record_to_json
+from tunesmith.data.rejects import Rejected, write_rejects
 from tunesmith.data.validate import MIN_EXAMPLES, ValidationReport, Validator
 from tunesmith.errors import DataError, Problem
 
@@ -78,7 +80,10 @@ class SplitReport:
 
 
 class _Jsonl:
-    """A JSONL file written beside its target and renamed into place only on success."""
+    """A JSONL file written beside its target and renamed into place only on success.
+
+    For outputs; rows left out go through ``write_rejects``, the one writer of rejects files.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path, self.count = path, 0
@@ -91,18 +96,19 @@ class _Jsonl:
         self._fh.write(json.dumps(value, ensure_ascii=False, default=str) + "\n")
         self.count += 1
 
-    def commit(self, keep_empty: bool = True) -> Path | None:
+    def commit(self) -> Path:
         self._fh.close()
-        if self.count == 0 and not keep_empty:
-            self._tmp.unlink()
-            self.path.unlink(missing_ok=True)  # a stale file from an earlier run would mislead
-            return None
         os.replace(self._tmp, self.path)
         return self.path
 
     def discard(self) -> None:
         self._fh.close()
         self._tmp.unlink(missing_ok=True)
+
+    def drop(self) -> None:
+        """Write nothing, and remove a file an earlier run left there: it would mislead."""
+        self.discard()
+        self.path.unlink(missing_ok=True)
 
 
 def _resolve(path: Path | str, read: ReadOptions | None) -> tuple[Path, ReadOptions]:
@@ -136,29 +142,29 @@ def _run_stage(path: Path | str, output: Path | str, stage: Stage, *, read: Read
     if output.resolve() == path.resolve():
         raise DataError("the output would overwrite the input; write to another file",
                         path=output)
-    tally = Tally()
-    out, left = _Jsonl(output), _Jsonl(Path(rejects) if rejects else _default_rejects(output))
+    tally, out = Tally(), _Jsonl(output)
     problems: list[Problem] = []
-    try:
+
+    def left_out() -> Iterator[Rejected]:
+        # records go to the output as they pass; rows left out stream on to the rejects file
         for item in stage(_counted(iter_records(path, read), tally)):
             tally.add(item)
             if not isinstance(item, Rejected):
                 out.write(record_to_json(item))
                 continue
-            if item.reason == "invalid" and on_error == "raise":
+            if item.invalid and on_error == "raise":
                 problems.extend(item.problems[: max(0, 200 - len(problems))])
-            left.write(item.to_json())
+            yield item
+        if tally.invalid and on_error == "raise":
+            # raised inside the stream, so write_rejects keeps no rejects file either
+            raise _invalid_error(path, problems, sum(tally.invalid.values()))
+
+    try:
+        left = write_rejects(Path(rejects) if rejects else _default_rejects(output), left_out())
     except BaseException:
         out.discard()
-        left.discard()
         raise
-    if tally.invalid and on_error == "raise":
-        out.discard()
-        left.discard()
-        raise _invalid_error(path, problems, sum(tally.invalid.values()))
-    written = out.commit()
-    assert written is not None
-    return StageReport(path, written, str(read.format), tally, left.commit(keep_empty=False))
+    return StageReport(path, out.commit(), str(read.format), tally, left)
 
 
 # ----------------------------------------------------------------------------- flows
@@ -294,21 +300,36 @@ def split_file(path: Path | str, out_dir: Path | str, *, read: ReadOptions | Non
         seed=seed, stratify=stratify, near_threshold=near_threshold, on_error=on_error)
     out_dir = Path(out_dir)
     writers = {name: _Jsonl(out_dir / f"{name}.jsonl") for name in SPLITS}
-    left, tally = _Jsonl(out_dir / "rejects.jsonl"), Tally()
+    tally = Tally()
     labels: dict[str, Counter[str]] = {name: Counter() for name in SPLITS}
-    index = 0
-    for item in _counted(iter_records(path, read), tally):
-        tally.add(item)
-        if isinstance(item, Rejected):
-            left.write(item.to_json())
-            continue
-        name = SPLITS[which[index]]
-        writers[name].write(record_to_json(item))
-        labels[name][record_label(item) or ""] += 1
-        index += 1
-    files = {name: w.commit(keep_empty=name == "train") for name, w in writers.items()}
+
+    def left_out() -> Iterator[Rejected]:
+        # pass 2: each example to the split the plan chose; rows left out to the rejects file
+        index = 0
+        for item in _counted(iter_records(path, read), tally):
+            tally.add(item)
+            if isinstance(item, Rejected):
+                yield item
+                continue
+            name = SPLITS[which[index]]
+            writers[name].write(record_to_json(item))
+            labels[name][record_label(item) or ""] += 1
+            index += 1
+
+    try:
+        rejects = write_rejects(out_dir / "rejects.jsonl", left_out())
+    except BaseException:
+        for w in writers.values():
+            w.discard()
+        raise
+    files: dict[str, Path] = {}
+    for name, w in writers.items():
+        if w.count or name == "train":
+            files[name] = w.commit()
+        else:
+            w.drop()
     return SplitReport(
-        path, {k: v for k, v in files.items() if v is not None}, str(read.format), tally,
+        path, files, str(read.format), tally,
         counts={name: w.count for name, w in writers.items()},
         labels={k: dict(v.most_common()) for k, v in labels.items() if len(v) <= 50},
-        duplicate_groups=duplicate_groups, rejects=left.commit(keep_empty=False))
+        duplicate_groups=duplicate_groups, rejects=rejects)

@@ -11,6 +11,8 @@ from typing import Any
 
 import typer
 
+from tunesmith.cli.common import friendly
+
 DataDir = typer.Option(None, "--data-dir", help="Uploaded files, runs and the SQLite database. "
                        "Default: $TUNESMITH_HOME/service.")
 DatabaseUrl = typer.Option(None, "--database-url", help="SQLAlchemy URL of the job store, e.g. "
@@ -117,8 +119,6 @@ def keys_revoke(
 
 def register(app: typer.Typer) -> None:
     """Add the service commands to the main CLI."""
-    from tunesmith.cli import friendly  # imported here: tunesmith.cli imports this module
-
     app.command("serve")(friendly(serve_cmd))
     app.command("worker")(friendly(worker_cmd))
     keys_app = typer.Typer(no_args_is_help=True, help="API keys of the HTTP service.")

@@ -1,14 +1,14 @@
-"""`tunesmith data ...`: data preparation commands (thin: parse, call tunesmith.prepare, print)."""
+"""`tunesmith data ...`: data preparation commands (parse, call tunesmith.flows.prepare, print)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import typer
+
+from tunesmith.cli.common import friendly, out
 
 data_app = typer.Typer(no_args_is_help=True,
                        help="Check, convert, clean, redact, split and inspect training data.")
@@ -27,17 +27,6 @@ MODEL = typer.Option(DEFAULT_MODEL, help="Model whose tokenizer and chat templat
 NO_TOKENS = typer.Option(False, "--no-tokens", help="Skip token counts (no model is loaded).")
 
 
-def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    # tunesmith.cli imports this module while it is being built: fetch its decorator lazily
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from tunesmith.cli import friendly
-
-        return friendly(fn)(*args, **kwargs)
-
-    return wrapper
-
-
 def _read(format: str | None, text_column: str, label_column: str,
           system_prompt: str | None) -> Any:
     from tunesmith.data.formats import ReadOptions
@@ -51,8 +40,6 @@ def _csv(value: str | None) -> list[str] | None:
 
 
 def _say(lines: list[str], *, style: str | None = None) -> None:
-    from tunesmith.cli import out
-
     for line in lines:
         out.print(line, style=style, markup=False, highlight=False, soft_wrap=True)
 
@@ -72,7 +59,7 @@ def _stage_lines(report: Any) -> list[str]:
 
 
 @data_app.command("validate")
-@_friendly
+@friendly
 def validate_cmd(
     file: Path = typer.Argument(..., help="Data file (JSONL, JSON, CSV, TSV or Parquet)."),
     format: str | None = FORMAT, text_column: str = TEXT_COLUMN,
@@ -84,7 +71,7 @@ def validate_cmd(
     as_json: bool = AS_JSON,
 ) -> None:
     """Check a data file: every problem with its line and field. Exit 1 when there are errors."""
-    from tunesmith.prepare import load_tokenizer_for, validate_file
+    from tunesmith.flows.prepare import load_tokenizer_for, validate_file
 
     tokenizer = None if no_tokens else load_tokenizer_for(model)
     report = validate_file(file, read=_read(format, text_column, label_column, system_prompt),
@@ -96,7 +83,7 @@ def validate_cmd(
 
 
 @data_app.command("convert")
-@_friendly
+@friendly
 def convert_cmd(
     file: Path = typer.Argument(..., help="Data file in any supported format."),
     output: Path = typer.Argument(..., help="Canonical JSONL to write."),
@@ -105,7 +92,7 @@ def convert_cmd(
     on_error: str = ON_ERROR, rejects: Path | None = REJECTS, as_json: bool = AS_JSON,
 ) -> None:
     """Convert to canonical JSONL (OpenAI chat, or OpenAI preference pairs)."""
-    from tunesmith.prepare import convert_file
+    from tunesmith.flows.prepare import convert_file
 
     report = convert_file(file, output, read=_read(format, text_column, label_column,
                                                    system_prompt),
@@ -114,7 +101,7 @@ def convert_cmd(
 
 
 @data_app.command("clean")
-@_friendly
+@friendly
 def clean_cmd(
     file: Path = typer.Argument(..., help="Data file in any supported format."),
     output: Path = typer.Argument(..., help="Cleaned canonical JSONL to write."),
@@ -137,7 +124,7 @@ def clean_cmd(
     """Normalise text, drop duplicates and out-of-range lengths, optionally redact."""
     from tunesmith.data.clean import CleanOptions
     from tunesmith.data.normalize import TextOptions
-    from tunesmith.prepare import clean_file
+    from tunesmith.flows.prepare import clean_file
 
     options = CleanOptions(
         text=TextOptions(confusables=confusables), exact_duplicates=dedup,
@@ -147,8 +134,7 @@ def clean_cmd(
     report = clean_file(file, output, options=options,
                         read=_read(format, text_column, label_column, system_prompt),
                         on_error=on_error, rejects=rejects)  # type: ignore[arg-type]
-    assert report.clean is not None
-    _emit(report, as_json, _stage_lines(report) + report.clean.lines())
+    _emit(report, as_json, _stage_lines(report) + (report.clean.lines() if report.clean else []))
 
 
 def _redact_options(entities: str | None, urls: bool, names: bool, regions: str | None) -> Any:
@@ -167,7 +153,7 @@ def _redact_options(entities: str | None, urls: bool, names: bool, regions: str 
 
 
 @data_app.command("redact")
-@_friendly
+@friendly
 def redact_cmd(
     file: Path = typer.Argument(..., help="Data file in any supported format."),
     output: Path = typer.Argument(..., help="Redacted canonical JSONL to write."),
@@ -182,7 +168,7 @@ def redact_cmd(
     on_error: str = ON_ERROR, rejects: Path | None = REJECTS, as_json: bool = AS_JSON,
 ) -> None:
     """Replace personal data with typed placeholders such as [EMAIL] and [PHONE]."""
-    from tunesmith.prepare import redact_file
+    from tunesmith.flows.prepare import redact_file
 
     report = redact_file(file, output, options=_redact_options(entities, urls, names, regions),
                          read=_read(format, text_column, label_column, system_prompt),
@@ -193,7 +179,7 @@ def redact_cmd(
 
 
 @data_app.command("split")
-@_friendly
+@friendly
 def split_cmd(
     file: Path = typer.Argument(..., help="Data file in any supported format."),
     out_dir: Path = typer.Argument(..., help="Directory for train/validation/test.jsonl."),
@@ -210,7 +196,7 @@ def split_cmd(
     on_error: str = ON_ERROR, as_json: bool = AS_JSON,
 ) -> None:
     """Seeded, stratified train/validation/test split with no near-duplicate leaking across."""
-    from tunesmith.prepare import split_file
+    from tunesmith.flows.prepare import split_file
 
     report = split_file(file, out_dir, read=_read(format, text_column, label_column,
                                                   system_prompt),
@@ -228,7 +214,7 @@ def split_cmd(
 
 
 @data_app.command("inspect")
-@_friendly
+@friendly
 def inspect_cmd(
     file: Path = typer.Argument(..., help="Data file in any supported format."),
     format: str | None = FORMAT, text_column: str = TEXT_COLUMN,
@@ -243,7 +229,7 @@ def inspect_cmd(
     as_json: bool = AS_JSON,
 ) -> None:
     """Sizes, token lengths, truncation, turns, labels, groups and the trained-token estimate."""
-    from tunesmith.prepare import inspect_file, load_tokenizer_for
+    from tunesmith.flows.prepare import inspect_file, load_tokenizer_for
 
     report = inspect_file(file, read=_read(format, text_column, label_column, system_prompt),
                           tokenizer=None if no_tokens else load_tokenizer_for(model),
@@ -253,7 +239,7 @@ def inspect_cmd(
 
 
 @data_app.command("from-feedback")
-@_friendly
+@friendly
 def from_feedback_cmd(
     org: str = typer.Option(..., "--org", help="Whose feedback (an org of the service)."),
     out: Path = typer.Option(Path("feedback"), "--out", help="Folder for the two files."),

@@ -5,17 +5,21 @@ from sacrebleu import corpus_bleu
 
 from tunesmith.errors import DataError
 from tunesmith.evaluation.metrics import (
+    INVALID,
     bleu,
     bleu_from_statistics,
     bleu_statistics,
+    classification_metrics,
     exact_match,
     generation_metrics,
+    parse_label,
     perplexity,
     rouge_l_scores,
     token_accuracy_scores,
 )
 
 HYP, REF = "the cat sat on the mat", "the cat is on the mat"
+LABELS = ["spam", "ham"]
 
 
 def test_bleu_by_hand():
@@ -83,3 +87,28 @@ def test_perplexity():
     assert perplexity(1e6, 1) == math.inf
     with pytest.raises(DataError, match="at least one scored token"):
         perplexity(1.0, 0)
+
+
+@pytest.mark.parametrize("reply, label", [
+    ("spam", "spam"), ("Ham.", "ham"), ("SPAM!", "spam"), ("spam - it offers a prize", "spam"),
+    ("The spam message is a scam", "spam"), ("hamster", INVALID), ("spam or ham", INVALID),
+    ("", INVALID), ("I'm sorry for your loss", INVALID),
+])
+def test_parse_label(reply, label):
+    assert parse_label(reply, LABELS) == label
+
+
+def test_classification_metrics_by_hand():
+    expected = ["spam", "spam", "ham", "ham", "ham"]
+    predicted = ["spam", INVALID, "ham", "spam", "ham"]
+    m = classification_metrics(predicted, expected, LABELS, positive="spam")
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    # spam: precision 1/2, recall 1/2 -> F1 1/2; ham: precision 2/2, recall 2/3 -> F1 0.8
+    assert m["f1_spam"] == pytest.approx(0.5)
+    assert m["per_class"]["ham"]["f1"] == pytest.approx(0.8)
+    assert m["macro_f1"] == pytest.approx(0.65)
+    assert m["invalid_rate"] == pytest.approx(0.2)
+
+
+def test_exact_match():
+    assert exact_match(["Paris.", "rome"], ["paris", "Madrid"])["exact_match"] == 0.5

@@ -1,0 +1,31 @@
+"""The command line: parses, calls the Python API, prints. No pipeline logic lives here.
+
+One module per command group; ``common`` holds the consoles and the error handler.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from tunesmith.cli import data, run, service
+from tunesmith.cli.common import state
+from tunesmith.cli.config import config_app
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Fine-tune an open language model on your own data, on your own machine.")
+
+
+@app.callback()
+def main_options(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks.")
+                 ) -> None:
+    state["debug"] = debug
+
+
+run.register(app)
+app.add_typer(config_app, name="config")
+app.add_typer(data.data_app, name="data")
+service.register(app)
+
+
+def main() -> None:
+    app()

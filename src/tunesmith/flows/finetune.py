@@ -1,0 +1,105 @@
+"""The fine-tuning step of a run: a configuration's loop settings and objective, the loop, and
+the adapter and merged model it leaves.
+
+``fine_tune`` is what ``tunesmith run`` calls between encoding the data and assessing the
+result; a trial, a federated client or a test calls it alone, with its own objective,
+wrappers and callbacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunesmith.config import ResolvedHyperparameters, RunConfig
+from tunesmith.data.encode import Encoded
+from tunesmith.errors import ConfigError
+from tunesmith.flows.steps import base_dtype, prepare_model_for_training
+from tunesmith.models.classifier import load_classifier
+from tunesmith.models.load import save_merged
+from tunesmith.training.loop import TrainResult, train
+from tunesmith.training.objectives import ClassifierObjective
+from tunesmith.training.setup import LoopSettings, Wrapper
+
+# Stops that end a run normally; any other reason (a callback's) leaves it unfinished.
+FINISHED = ("completed", "early_stopping")
+
+
+def loop_settings(cfg: RunConfig, hp: ResolvedHyperparameters, *, restore_best: bool = True
+                  ) -> LoopSettings:
+    """The loop's settings for a run: every field from the configuration and resolved values."""
+    t = cfg.train
+    return LoopSettings(
+        learning_rate=hp.learning_rate, epochs=hp.epochs, batch_size=hp.batch_size,
+        total_steps=hp.total_steps, warmup_steps=hp.warmup_steps, eval_every=hp.eval_every,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        early_stopping_patience=t.early_stopping_patience, keep_checkpoints=t.keep_checkpoints,
+        micro_batch_size=t.micro_batch_size, schedule=t.schedule, layer_lr_decay=t.layer_lr_decay,
+        packing=t.packing and t.head == "lm", pack_capacity=cfg.data.max_length,
+        group_by_length=t.group_by_length, precision=t.precision,
+        gradient_checkpointing=t.gradient_checkpointing, seed=t.seed,
+        eval_batch_size=cfg.eval.batch_size, restore_best=restore_best)
+
+
+def classifier_objective(cfg: RunConfig, train_rows: Sequence[Encoded], n_labels: int,
+                         pad_id: int) -> Callable[[Any, str], ClassifierObjective]:
+    """The classification-head loss, with inverse-frequency class weights when configured."""
+    weights = None
+    if cfg.train.class_weights == "balanced":
+        counts = torch.bincount(torch.tensor([max(e.labels) for e in train_rows]),
+                                minlength=n_labels).float()
+        weights = counts.sum() / (n_labels * counts.clamp(min=1))
+    return lambda model, precision: ClassifierObjective(
+        model, pad_id=pad_id, precision=precision, class_weights=weights)
+
+
+@dataclass
+class FineTuned:
+    """The trained model (merged, ready to evaluate) and what the loop reported."""
+
+    model: Any
+    result: TrainResult
+
+    @property
+    def finished(self) -> bool:
+        return self.result.stop_reason in FINISHED
+
+
+def fine_tune(cfg: RunConfig, run_dir: Path, model: Any, model_dir: Path, tokenizer: Any, *,
+              train_rows: Sequence[Any], valid_rows: Sequence[Any],
+              hp: ResolvedHyperparameters, labels: list[str] | None,
+              callbacks: Sequence[Any] = (), resume: bool = False,
+              make_objective: Callable[[Any, str], Any] | None = None,
+              wrappers: Sequence[Wrapper] = (), restore_best: bool = True) -> FineTuned:
+    """Train adapters (or all weights, or a classification head); save adapter and merged.
+
+    ``make_objective`` replaces the configured objective (LM loss, or the classifier's);
+    ``wrappers`` may replace any part before the loop starts. A run stopped by a callback
+    (not by early stopping) saves its checkpoint but no adapter or merged model.
+    """
+    classifier = cfg.train.head == "classifier"
+    if classifier:
+        if not labels:
+            raise ConfigError("train.head: classifier needs the classification labels")
+        del model  # the causal LM; the classifier is loaded from the same weights
+        model = load_classifier(model_dir, labels, pad_token_id=tokenizer.pad_token_id,
+                                dtype=base_dtype(cfg))
+        make_objective = make_objective or classifier_objective(
+            cfg, train_rows, len(labels), tokenizer.pad_token_id)
+    model = prepare_model_for_training(model, cfg)
+    result = train(model, train_rows, valid_rows,
+                   settings=loop_settings(cfg, hp, restore_best=restore_best),
+                   pad_id=tokenizer.pad_token_id, checkpoint_dir=run_dir / "checkpoints",
+                   callbacks=callbacks, resume=resume, make_objective=make_objective,
+                   wrappers=wrappers)
+    done = FineTuned(model, result)
+    if not done.finished:
+        return done
+    if cfg.train.method == "lora":
+        model.save_pretrained(run_dir / "adapter")
+    done.model = save_merged(model, tokenizer, run_dir / "merged")
+    return done

@@ -1,0 +1,214 @@
+"""Helpers the tests share: small datasets, the tiny model's training, a live server.
+
+Tests import these directly; conftest modules import them for their fixtures. Only the
+standard library is imported up front, because a training script run under torchrun
+(``tests/flow/ddp_train.py``) imports this module too: torch and the service's packages are
+imported where they are used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import openai
+    import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+# Imported models are cached across test sessions here (ignored by git), never in $HOME.
+TEST_HOME = REPO / ".cache" / "test-home"
+
+# ----------------------------------------------------------------------------- datasets
+
+SYSTEM = "Label the review as good or bad."
+GOOD = ["great product, works well", "I love it", "excellent value", "very happy with this",
+        "works perfectly", "fantastic quality", "best purchase ever", "really good"]
+BAD = ["broke after a day", "terrible quality", "I hate it", "waste of money",
+       "does not work", "awful experience", "very disappointed", "really bad"]
+
+
+def review_rows(n: int) -> list[dict]:
+    """``n`` chat rows labelling reviews good or bad, alternating."""
+    rows = []
+    for i in range(n):
+        good = i % 2 == 0
+        text = (GOOD if good else BAD)[(i // 2) % 8] + f" (#{i})"
+        rows.append({"messages": [{"role": "system", "content": SYSTEM},
+                                  {"role": "user", "content": text},
+                                  {"role": "assistant", "content": "good" if good else "bad"}]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def jsonl_bytes(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_tiny(model: Any, tokenizer: Any, encoded: list, *, steps: int, lr: float,
+               batch_size: int = 16) -> Any:
+    """Full fine-tuning of the tiny model with the training loss (no checkpoints, no logs)."""
+    import torch
+
+    from tunesmith.training.batches import collate
+    from tunesmith.training.loss import TargetLoss
+
+    torch.manual_seed(0)
+    loss_module = TargetLoss(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        start = (step * batch_size) % len(encoded)
+        batch = (encoded + encoded)[start:start + batch_size]
+        out = loss_module(**collate(batch, pad_id=tokenizer.pad_token_id))
+        (out.loss_sum / out.n_tokens).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------- live server
+
+START_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    """One `tunesmith serve` process; ``data_dir`` outlives it (restart on the same dir)."""
+
+    data_dir: Path
+    proc: subprocess.Popen
+    url: str
+    log_path: Path
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def key(self, org: str) -> str:
+        from tunesmith.service import Store, create_key, sqlite_url
+
+        if org not in self.keys:
+            store = Store(sqlite_url(self.data_dir))
+            self.keys[org], _ = create_key(store, org)
+            store.close()
+        return self.keys[org]
+
+    def client(self, org: str = "acme", *, timeout: float = 60) -> openai.OpenAI:
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.key(org),
+                             max_retries=0, timeout=timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+def start_server(data_dir: Path, model_dir: Path, home: Path, *extra: str) -> LiveServer:
+    """Start `tunesmith serve` in its own process group and wait until it answers."""
+    import httpx
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = data_dir / f"server-{port}.log"
+    cmd = [sys.executable, "-m", "tunesmith.cli", "serve", "--port", str(port),
+           "--data-dir", str(data_dir), "--model", f"tiny={model_dir}", "--threads", "1",
+           "--lease-seconds", "5", "--audit-log", *extra]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True,
+                                env={**os.environ, "TUNESMITH_HOME": str(home),
+                                     "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    server = LiveServer(data_dir, proc, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({proc.returncode}):\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    server.kill_group()
+    raise RuntimeError(f"the server did not start in {START_TIMEOUT_S} s:\n{server.log()}")
+
+
+def wait_for(predicate: Callable[[], object], *, timeout: float, every: float = 0.3,
+             what: str = "condition") -> object:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def wait_status(client: openai.OpenAI, job_id: str, statuses: tuple[str, ...], *,
+                timeout: float) -> object:
+    def check() -> object:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status == "failed" and "failed" not in statuses:
+            raise AssertionError(f"job failed: {job.error}")
+        return job if job.status in statuses else None
+
+    return wait_for(check, timeout=timeout, what=f"{job_id} to be {statuses}")
+
+
+def all_events(client: openai.OpenAI, job_id: str) -> list:
+    """Every event, oldest first, paging through the API (bounded)."""
+    events, after = [], None
+    for _ in range(200):
+        page = client.fine_tuning.jobs.list_events(job_id, limit=100,
+                                                   **({"after": after} if after else {}))
+        events += page.data
+        if not page.has_more:
+            return events[::-1]
+        after = page.data[-1].id
+    raise AssertionError("more than 20000 events")
+
+
+def training_children(pid: int) -> list[psutil.Process]:
+    """The server's training processes (multiprocessing 'spawn' children)."""
+    import psutil
+
+    try:
+        kids = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for p in kids:
+        try:  # a child that just ended is a zombie until its parent reaps it: not training
+            if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found

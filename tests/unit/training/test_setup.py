@@ -1,0 +1,38 @@
+import dataclasses
+
+from tunesmith.config import TrainConfig
+from tunesmith.training.setup import LoopSettings, build_optimizer
+
+
+def test_layer_wise_lr_decay_slows_earlier_layers(tiny):
+    model, _ = tiny
+    opt = build_optimizer(model, lr=1.0, weight_decay=0.1, layer_lr_decay=0.5, n_layers=2)
+    by_lr = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            by_lr[names[id(p)]] = g["lr"]
+    layer0 = {lr for n, lr in by_lr.items() if ".layers.0." in n}
+    layer1 = {lr for n, lr in by_lr.items() if ".layers.1." in n}
+    assert layer0 == {0.5} and layer1 == {1.0}
+
+
+def test_no_weight_decay_on_norms_and_biases(tiny):
+    model, _ = tiny
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = build_optimizer(model, lr=1.0, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            plain = p.ndim < 2 or "norm" in names[id(p)]
+            assert group["weight_decay"] == (0.0 if plain else 0.1), names[id(p)]
+
+
+def test_loop_defaults_are_the_run_configs():
+    config_defaults = {n: f.default for n, f in TrainConfig.model_fields.items()}
+    shared = [f for f in dataclasses.fields(LoopSettings) if f.name in config_defaults
+              and f.default is not dataclasses.MISSING]
+    assert len(shared) >= 12
+    for f in shared:
+        assert f.default == config_defaults[f.name], f.name
