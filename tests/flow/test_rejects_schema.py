@@ -2,7 +2,7 @@
 
 import json
 
-from tests.conftest import review_rows, write_jsonl
+from tests.helpers import review_rows, write_jsonl
 from tunesmith.data.rejects import KEYS, PROBLEM_CODES, STAGES
 
 

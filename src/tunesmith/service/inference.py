@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 # the service's unit tests import the stop-sequence hold-back from here
-from tunesmith.models.generation import held_back as _held_back  # noqa: F401
 
 log = logging.getLogger("tunesmith.service")
 
