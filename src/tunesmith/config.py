@@ -102,6 +102,11 @@ class TrainConfig(_Section):
     class_weights: Literal["balanced", "none"] = Field(
         "balanced", description="With head 'classifier': weigh classes by inverse frequency."
     )
+    head_learning_rate: float | Auto = Field(
+        "auto", description="With head 'classifier': learning rate of the new classification "
+        "layer. 'auto': learning_rate / 10 (with Adam, a new layer on large hidden states moves "
+        "its logits by lr x |hidden| per step; the adapters' rate makes it overshoot).",
+    )
     epochs: int | Auto = Field(
         "auto", description="Passes over the training data. 'auto': 3, more for tiny sets, "
         "fewer for huge ones (as OpenAI's fine-tuning does).",
@@ -154,7 +159,7 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="Recent checkpoints kept (plus the best).")
     seed: int = Field(42, description="Seed for splitting, sampling, initialisation and order.")
 
-    @field_validator("learning_rate")
+    @field_validator("learning_rate", "head_learning_rate")
     @classmethod
     def _positive_lr(cls, v: float | str) -> float | str:
         if not isinstance(v, str) and v <= 0:
@@ -232,7 +237,11 @@ class ResolvedHyperparameters(BaseModel):
     total_steps: int
     warmup_steps: int
     eval_every: int
+    head_learning_rate: float | None = None  # with a classification head
 
+
+# The new classification layer's share of the learning rate, when 'auto' (see TrainConfig).
+HEAD_LR_FACTOR = 0.1
 
 # OpenAI's documented behaviour for n_epochs="auto": 3 epochs, adjusted so the number of
 # examples seen stays between these bounds.
@@ -281,7 +290,10 @@ def resolve_hyperparameters(train: TrainConfig, n_train: int) -> ResolvedHyperpa
         every = int(train.eval_every)
     return ResolvedHyperparameters(
         epochs=epochs, batch_size=batch, learning_rate=lr, total_steps=steps,
-        warmup_steps=int(steps * train.warmup_ratio), eval_every=every)
+        warmup_steps=int(steps * train.warmup_ratio), eval_every=every,
+        head_learning_rate=None if train.head != "classifier" else (
+            lr * HEAD_LR_FACTOR if train.head_learning_rate == "auto"
+            else float(train.head_learning_rate)))
 
 
 # ----------------------------------------------------------------------------- loading

@@ -18,7 +18,8 @@ from tunesmith.evaluation.metrics import check_references
 from tunesmith.evaluation.task import check_labels
 from tunesmith.models.classifier import unwrap
 
-__all__ = ["check_adapter", "check_labels", "check_model_tokenizer", "check_references"]
+__all__ = ["check_adapter", "check_labels", "check_model_tokenizer", "check_references",
+           "training_warnings"]
 
 
 def check_model_tokenizer(model: Any, tokenizer: Any) -> None:
@@ -115,3 +116,21 @@ def check_adapter(adapter_dir: Path, model: Any, *, strict_name: bool = False) -
             raise ModelError(message + "; load the base model it was trained on")
         warnings.append(message + "; the shapes fit, so check it is the same model")
     return warnings
+
+
+def training_warnings(*, best_step: int | None, last_step: int,
+                      predicted: list[str] | None = None,
+                      labels: list[str] | None = None) -> list[str]:
+    """What about a finished training should make a reader stop: a "best" model that is the
+    untrained start, or a classifier that answers one class for every example."""
+    out = []
+    if best_step == 0 and last_step > 0:
+        out.append("training never improved on the starting point: the best validation loss "
+                   "was at step 0, so the saved model is the untrained one; lower "
+                   "train.learning_rate or raise train.early_stopping_patience")
+    if predicted and labels and len(labels) > 1:
+        seen = {p for p in predicted if p in labels}
+        if len(seen) == 1:
+            out.append(f"degenerate classifier: it predicted '{next(iter(seen))}' for every "
+                       f"one of the {len(predicted)} test examples")
+    return out

@@ -88,7 +88,7 @@ def headline_metrics(metrics: dict[str, Any]) -> list[str]:
 
 def collect_warnings(results: dict[str, Any]) -> list[str]:
     """Everything in the results that should make a reader stop and look."""
-    out = []
+    out = list((results.get("training") or {}).get("warnings") or [])
     forgetting = results.get("forgetting") or {}
     if forgetting.get("warning"):
         out.append(forgetting["warning"])
@@ -271,7 +271,7 @@ def report_sections(results: dict[str, Any]) -> list[Section]:
     """Every section of the run report, in reading order; empty sections are left out."""
     plots = results.get("plots") or {}
     training: list = [Bullets([f"{k}: {fmt(v)}" for k, v in (results.get("training") or {}
-                                                             ).items()])]
+                                                             ).items() if k != "warnings"])]
     named = results.get("training_metrics") or {}
     if named:
         training.append(Table(["metric", "first", "last", "at best step"], [

@@ -25,6 +25,8 @@ from tunesmith.training.loop import TrainResult, train
 from tunesmith.training.objectives import ClassifierObjective
 from tunesmith.training.setup import LoopSettings, Wrapper
 
+# The name fragment of a classification head's parameters (transformers calls it "score").
+HEAD_PARAMETERS = "score."
 # Stops that end a run normally; any other reason (a callback's) leaves it unfinished.
 FINISHED = ("completed", "early_stopping")
 
@@ -39,10 +41,12 @@ def loop_settings(cfg: RunConfig, hp: ResolvedHyperparameters, *, restore_best: 
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         early_stopping_patience=t.early_stopping_patience, keep_checkpoints=t.keep_checkpoints,
         micro_batch_size=t.micro_batch_size, schedule=t.schedule, layer_lr_decay=t.layer_lr_decay,
-        packing=t.packing and t.head == "lm", pack_capacity=cfg.data.max_length,
+        packing=t.packing, pack_capacity=cfg.data.max_length,
         group_by_length=t.group_by_length, precision=t.precision,
         gradient_checkpointing=t.gradient_checkpointing, seed=t.seed,
-        eval_batch_size=cfg.eval.batch_size, restore_best=restore_best)
+        eval_batch_size=cfg.eval.batch_size, restore_best=restore_best,
+        lr_overrides=(() if hp.head_learning_rate is None
+                      else ((HEAD_PARAMETERS, hp.head_learning_rate),)))
 
 
 def classifier_objective(cfg: RunConfig, train_rows: Sequence[Encoded], n_labels: int,
@@ -54,7 +58,8 @@ def classifier_objective(cfg: RunConfig, train_rows: Sequence[Encoded], n_labels
                                 minlength=n_labels).float()
         weights = counts.sum() / (n_labels * counts.clamp(min=1))
     return lambda model, precision: ClassifierObjective(
-        model, pad_id=pad_id, precision=precision, class_weights=weights)
+        model, pad_id=pad_id, precision=precision, class_weights=weights,
+        packing=cfg.train.packing, pack_capacity=cfg.data.max_length)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from tunesmith.data.encode import Encoded
 from tunesmith.data.rejects import Rejected, write_rejects
 from tunesmith.data.split import Splits, sample
 from tunesmith.errors import DataError
+from tunesmith.evaluation.checks import training_warnings
 from tunesmith.flows import assess
 from tunesmith.flows.finetune import fine_tune
 from tunesmith.flows.logs import attach_log_file, detach_log_file
@@ -214,6 +215,12 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
         ).to_dict() if snapshot is not None else None
     if forgetting and forgetting["warning"]:
         console.print(f"warning: {forgetting['warning']}", style="yellow")
+    warnings = training_warnings(best_step=result.state.best_step, last_step=result.state.step,
+                                 predicted=tuned.predictions.predicted if labels else None,
+                                 labels=labels)
+    for text in warnings:
+        log.warning(text)
+        console.print(f"warning: {text}", style="yellow")
 
     # 7. report
     seconds = time.perf_counter() - started
@@ -230,7 +237,7 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
                   "best_valid_loss": result.state.best_valid_loss,
                   "stopped_early": result.state.stopped_early,
                   "tokens_seen": result.state.tokens_seen, "precision": result.precision,
-                  "seconds": round(seconds, 1)},
+                  "seconds": round(seconds, 1), "warnings": warnings},
         test=splits.test, base=base, tuned=tuned, calibration_result=cal,
         forgetting=forgetting, records=records)
     assess.write_run_results(run_dir, results, records, lengths, cfg.data.max_length)

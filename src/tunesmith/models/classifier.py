@@ -50,6 +50,28 @@ def load_trained_classifier(path: Path) -> Any:
         raise ModelError(f"{path}: cannot load the classifier ({err})") from err
 
 
+def _head(clf: Any, pooled: torch.Tensor) -> torch.Tensor:
+    # the head may be fp32 (trained) on top of bf16 frozen layers
+    head_dtype = next(clf.score.parameters()).dtype
+    return clf.score(pooled.to(head_dtype)).float()
+
+
+def class_logits_at(model: Any, input_ids: torch.Tensor, marks: torch.Tensor, *,
+                    attention_mask: torch.Tensor | None = None,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [n, classes] at the ``n`` positions where ``marks`` is true, in row order.
+
+    Training marks each sequence's last prompt token (where its class label sits), so one
+    function pools padded rows and packed rows alike: in a packed row (``position_ids``
+    restarting per sequence, no mask) every sequence is pooled at its own last token, never
+    at its neighbour's.
+    """
+    clf = unwrap(model)
+    hidden = clf.model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids, use_cache=False).last_hidden_state
+    return _head(clf, hidden[marks])
+
+
 def class_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                  ) -> torch.Tensor:
     """Logits [batch, classes] of a *ForSequenceClassification model at each last real token."""
@@ -62,7 +84,4 @@ def class_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
         # rightmost attended position: works for left and right padding alike
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         last = (positions * attention_mask).argmax(-1)
-    pooled = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last]
-    # the head may be fp32 (trained) on top of bf16 frozen layers
-    head_dtype = next(clf.score.parameters()).dtype
-    return clf.score(pooled.to(head_dtype)).float()
+    return _head(clf, hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last])

@@ -28,6 +28,11 @@ def _finite(x: Any) -> float | None:
     return float(x) if isinstance(x, int | float) and math.isfinite(x) else None
 
 
+def _named(metrics: dict[str, Any], prefix: str) -> dict[str, float | None]:
+    """Every metric the objective named (e.g. ``train_reward_margin``), beside OpenAI's."""
+    return {k: _finite(v) for k, v in metrics.items() if k.startswith(prefix)}
+
+
 class JobReporter:
     """A tunesmith training callback (see ``tunesmith.training.callbacks``) for one job."""
 
@@ -64,15 +69,18 @@ class JobReporter:
         state = loop.state
         self._flush()
         self.pending = {"step": state.step, "total_steps": self.total_steps,
+                        **_named(metrics, "train_"),
                         "train_loss": _finite(metrics.get("train_loss")),
                         "train_mean_token_accuracy": _finite(
                             metrics.get("train_token_accuracy"))}
         if time.time() - self.last_progress >= PROGRESS_EVERY_S:
             if not self._progress(state):
                 # cancelled, paused or taken over: the loop stops after this step, writes its
-                # checkpoint and returns; the run flow then ends without evaluating
+                # checkpoint and returns; the run flow then ends without evaluating. The job's
+                # rows are no longer ours to write, so its checkpoints are not listed either.
                 self.superseded = True
                 loop.control.stop("superseded")
+                return
             self._sync_checkpoints()
 
     def on_evaluate(self, loop: Any, metrics: dict[str, Any]) -> None:
@@ -83,6 +91,7 @@ class JobReporter:
             if state.step == 0:
                 self._event(f"Validation loss before training: {loss}", level="info")
             return
+        self.pending.update(_named(metrics, "valid_"))
         self.pending.update(valid_loss=loss, valid_mean_token_accuracy=accuracy,
                             full_valid_loss=loss, full_valid_mean_token_accuracy=accuracy)
         self._flush()

@@ -108,6 +108,8 @@ def child_main(args: ChildArgs, parent: Any) -> None:
     if reporter.superseded:
         os._exit(EXIT_SUPERSEDED)
     write_outcome(run_dir, {"ok": True, "tuned": result.tuned,
+                            "warnings": (result.results.get("training") or {}).get("warnings",
+                                                                                  []),
                             "rejected": _count_lines(run_dir / "rejects.jsonl")})
 
 

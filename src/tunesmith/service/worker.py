@@ -194,6 +194,10 @@ class Worker:
                 add_event(s, job.id, f"{outcome['rejected']} example(s) were left out of "
                           "training (too long or nothing to learn); see rejects.jsonl",
                           level="warn")
+            for warning in outcome.get("warnings") or []:
+                # e.g. the best model is the untrained start, or a one-class classifier
+                add_event(s, job.id, f"Warning: {warning}", level="warn",
+                          data={"warning": warning})
             tuned = outcome.get("tuned") or {}
             add_event(s, job.id, "Evaluation on held-out examples: " + json.dumps(
                 {k: v for k, v in tuned.items() if not isinstance(v, dict)}),

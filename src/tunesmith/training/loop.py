@@ -248,7 +248,8 @@ def train(model: torch.nn.Module, train_data: Sequence[Any], valid_data: Sequenc
     policies = standard_policies(
         valid_data, checkpoint_dir=checkpoint_dir, eval_every=s.eval_every,
         eval_batch_size=s.eval_batch_size, early_stopping_patience=s.early_stopping_patience,
-        keep_checkpoints=s.keep_checkpoints, restore_best=s.restore_best)
+        keep_checkpoints=s.keep_checkpoints, restore_best=s.restore_best,
+        min_steps=s.warmup_steps)
     existing = list_checkpoints(checkpoint_dir) if resume else []
     result = fit(parts, settings=s, callbacks=[*callbacks, *policies],
                  resume_from=existing[-1] if existing else None)

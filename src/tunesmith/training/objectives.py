@@ -28,7 +28,7 @@ from torch import nn
 
 from tunesmith.data.encode import IGNORE_INDEX, Encoded
 from tunesmith.data.packing import collate_packed, pack_rows
-from tunesmith.models.classifier import class_logits
+from tunesmith.models.classifier import class_logits_at
 from tunesmith.training.batches import collate
 from tunesmith.training.loss import TargetLoss
 from tunesmith.training.precision import autocast
@@ -125,16 +125,20 @@ class ClassifierObjective(nn.Module):
     """Cross-entropy of a sequence-classification head on each example's last prompt token.
 
     Examples are encoded by ``encode_class_example``: the class index is the one label that is
-    not -100. ``class_weights`` counter label imbalance; the loss is normalised by the summed
-    weight of the batch's examples (as ``F.cross_entropy(reduction="mean")`` does), so a batch
-    of only majority-class examples does not weigh less than one holding a minority example.
+    not -100, on the last prompt token, which is also where the head pools; so examples may be
+    packed like LM rows, each pooled at its own last token. ``class_weights`` counter label
+    imbalance; the loss is normalised by the summed weight of the batch's examples (as
+    ``F.cross_entropy(reduction="mean")`` does), so a batch of only majority-class examples
+    does not weigh less than one holding a minority example.
     """
 
     def __init__(self, model: nn.Module, *, pad_id: int, precision: str = "fp32",
-                 class_weights: torch.Tensor | None = None) -> None:
+                 class_weights: torch.Tensor | None = None, packing: bool = False,
+                 pack_capacity: int = 512) -> None:
         super().__init__()
         self.model = model
         self.pad_id, self.precision = pad_id, precision
+        self.packing, self.pack_capacity = packing, pack_capacity
         self.register_buffer("class_weights", class_weights, persistent=False)
 
     @staticmethod
@@ -142,7 +146,12 @@ class ClassifierObjective(nn.Module):
         return max(example.labels)
 
     def collate(self, examples: Sequence[Encoded]) -> list[dict[str, torch.Tensor]]:
-        return [collate(examples, pad_id=self.pad_id)]
+        if not self.packing:
+            return [collate(examples, pad_id=self.pad_id)]
+        rows = pack_rows(examples, self.pack_capacity)
+        return [collate_packed(rows[i:i + ROWS_PER_PASS], pad_id=self.pad_id,
+                               multiple=SHAPE_MULTIPLE)
+                for i in range(0, len(rows), ROWS_PER_PASS)]
 
     def normaliser(self, examples: Sequence[Encoded]) -> float:
         if self.class_weights is None:
@@ -154,12 +163,15 @@ class ClassifierObjective(nn.Module):
         return len(example)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> ObjectiveOutput:
+                attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> ObjectiveOutput:
+        marks = labels != IGNORE_INDEX
         with autocast(self.precision, input_ids.device):
-            logits = class_logits(self.model, input_ids, attention_mask)
-        targets = labels.masked_fill(labels == IGNORE_INDEX, 0).max(dim=1).values
+            logits = class_logits_at(self.model, input_ids, marks,
+                                     attention_mask=attention_mask, position_ids=position_ids)
+        targets = labels[marks]
         loss = F.cross_entropy(logits, targets, weight=self.class_weights, reduction="sum")
-        hits = logits.argmax(-1) == targets
+        hits = (logits.argmax(-1) == targets).float()
         if self.class_weights is not None:
             hits = hits * self.class_weights[targets]
         return ObjectiveOutput(loss, {"accuracy": float(hits.sum())})

@@ -60,6 +60,9 @@ class LoopSettings:
     seed: int = _default("seed")
     eval_batch_size: int = 16
     restore_best: bool = True
+    # (name fragment, learning rate): parameters whose name holds the fragment learn at that
+    # rate instead, e.g. a new classification layer (("score.", 3e-5),)
+    lr_overrides: tuple[tuple[str, float], ...] = ()
 
 
 ObjectiveFactory = Callable[[torch.nn.Module, str], Objective]
@@ -104,19 +107,22 @@ def _layer_scale(name: str, n_layers: int, decay: float) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float,
-                    layer_lr_decay: float = 1.0, n_layers: int = 0) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no decay on norms/biases; optional layer-wise lr."""
+                    layer_lr_decay: float = 1.0, n_layers: int = 0,
+                    lr_overrides: Sequence[tuple[str, float]] = ()) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no decay on norms/biases; optional layer-wise lr;
+    ``lr_overrides`` give parameters whose name holds a fragment their own rate."""
     groups: dict[tuple[bool, float], list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            key = (_no_decay(name, p), _layer_scale(name, n_layers, layer_lr_decay))
-            groups.setdefault(key, []).append(p)
+            rate = next((r for frag, r in lr_overrides if frag in name),
+                        lr * _layer_scale(name, n_layers, layer_lr_decay))
+            groups.setdefault((_no_decay(name, p), rate), []).append(p)
     if not groups:
         raise TrainingError("the model has no trainable parameters; check train.method and "
                             "train.lora.target_modules")
     return torch.optim.AdamW(
-        [{"params": ps, "weight_decay": 0.0 if plain else weight_decay, "lr": lr * scale}
-         for (plain, scale), ps in groups.items()], lr=lr)
+        [{"params": ps, "weight_decay": 0.0 if plain else weight_decay, "lr": rate}
+         for (plain, rate), ps in groups.items()], lr=lr)
 
 
 def prepare_model(model: torch.nn.Module, *, precision: str, gradient_checkpointing: bool,
@@ -155,7 +161,8 @@ def setup(model: torch.nn.Module, make_objective: ObjectiveFactory, train_data: 
     # only the trainable parameters of the model: a frozen model an objective holds is not
     # reachable through objective.parameters() (see objectives.Frozen)
     optimizer = build_optimizer(objective, lr=s.learning_rate, weight_decay=s.weight_decay,
-                                layer_lr_decay=s.layer_lr_decay, n_layers=_n_layers(model))
+                                layer_lr_decay=s.layer_lr_decay, n_layers=_n_layers(model),
+                                lr_overrides=s.lr_overrides)
     scheduler = get_scheduler(s.schedule, optimizer, num_warmup_steps=s.warmup_steps,
                               num_training_steps=max(1, s.total_steps))
     size = getattr(objective, "size", len)

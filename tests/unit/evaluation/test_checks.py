@@ -92,3 +92,30 @@ def test_labels_the_model_was_not_trained_on():
 def test_empty_references():
     with pytest.raises(DataError, match="no reference answers"):
         check_references([], [])
+
+
+def test_training_warnings_flag_a_best_step_of_zero_and_a_one_class_predictor():
+    from tunesmith.evaluation.checks import training_warnings
+
+    assert training_warnings(best_step=5, last_step=10, predicted=["a", "b"],
+                             labels=["a", "b"]) == []
+    never = training_warnings(best_step=0, last_step=10)
+    assert len(never) == 1 and "never improved on the starting point" in never[0]
+    assert training_warnings(best_step=0, last_step=0) == []  # nothing trained yet
+    one = training_warnings(best_step=5, last_step=10, predicted=["ham"] * 7 + ["garbled"],
+                            labels=["spam", "ham"])
+    assert len(one) == 1 and "degenerate classifier" in one[0] and "'ham'" in one[0]
+
+
+def test_training_warnings_lead_the_report(tmp_path):
+    from tunesmith.evaluation.report import write_reports
+
+    results = {"name": "r", "model": "m", "task": "generation", "data_counts": {"test": 1},
+               "hyperparameters": {}, "base": None, "tuned": {"n": 1, "exact_match": 0.0},
+               "training": {"best_step": 0, "warnings": ["training never improved on the "
+                                                         "starting point"]}}
+    md, _ = write_reports(tmp_path, results)
+    text = md.read_text()
+    assert text.index("## Warnings") < text.index("## Training")
+    assert "training never improved on the starting point" in text
+    assert "warnings:" not in text  # not repeated as a plain training fact
