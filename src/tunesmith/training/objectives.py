@@ -93,6 +93,17 @@ def frozen_models(objective: Any) -> list[Frozen]:
     return [v for v in vars(objective).values() if isinstance(v, Frozen)]
 
 
+def encoded_passes(examples: Sequence[Encoded], *, pad_id: int, packing: bool,
+                   pack_capacity: int) -> list[dict[str, torch.Tensor]]:
+    """Encoded examples as model inputs: one padded batch, or packed rows ROWS_PER_PASS at a
+    time (each sequence attending only to itself, positions restarting)."""
+    if not packing:
+        return [collate(examples, pad_id=pad_id)]
+    rows = pack_rows(examples, pack_capacity)
+    return [collate_packed(rows[i:i + ROWS_PER_PASS], pad_id=pad_id, multiple=SHAPE_MULTIPLE)
+            for i in range(0, len(rows), ROWS_PER_PASS)]
+
+
 class LMObjective(nn.Module):
     """Causal-LM loss on target (assistant) tokens, normalised by the batch's target tokens."""
 
@@ -103,12 +114,8 @@ class LMObjective(nn.Module):
         self.pad_id, self.packing, self.pack_capacity = pad_id, packing, pack_capacity
 
     def collate(self, examples: Sequence[Encoded]) -> list[dict[str, torch.Tensor]]:
-        if not self.packing:
-            return [collate(examples, pad_id=self.pad_id)]
-        rows = pack_rows(examples, self.pack_capacity)
-        return [collate_packed(rows[i:i + ROWS_PER_PASS], pad_id=self.pad_id,
-                               multiple=SHAPE_MULTIPLE)
-                for i in range(0, len(rows), ROWS_PER_PASS)]
+        return encoded_passes(examples, pad_id=self.pad_id, packing=self.packing,
+                              pack_capacity=self.pack_capacity)
 
     def normaliser(self, examples: Sequence[Encoded]) -> float:
         return float(sum(e.n_targets for e in examples))
@@ -146,12 +153,8 @@ class ClassifierObjective(nn.Module):
         return max(example.labels)
 
     def collate(self, examples: Sequence[Encoded]) -> list[dict[str, torch.Tensor]]:
-        if not self.packing:
-            return [collate(examples, pad_id=self.pad_id)]
-        rows = pack_rows(examples, self.pack_capacity)
-        return [collate_packed(rows[i:i + ROWS_PER_PASS], pad_id=self.pad_id,
-                               multiple=SHAPE_MULTIPLE)
-                for i in range(0, len(rows), ROWS_PER_PASS)]
+        return encoded_passes(examples, pad_id=self.pad_id, packing=self.packing,
+                              pack_capacity=self.pack_capacity)
 
     def normaliser(self, examples: Sequence[Encoded]) -> float:
         if self.class_weights is None:
