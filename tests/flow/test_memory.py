@@ -15,4 +15,5 @@ def test_three_runs_in_one_process_keep_peak_memory_flat(make_config, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("PEAKS "))
     first, _, third = json.loads(line.removeprefix("PEAKS "))
+    print(f"peak RSS after runs 1 and 3: {first:.0f} MiB, {third:.0f} MiB")
     assert third <= first * 1.10, (first, third)
