@@ -92,7 +92,7 @@ def run(config: RunConfig | str | Path, *, overwrite: bool = False, resume: bool
 
 
 @dataclass
-class _Prepared:
+class Prepared:
     """What the data phase hands to training: encoded rows and the resolved hyperparameters."""
 
     train: list[Encoded]
@@ -101,9 +101,9 @@ class _Prepared:
     hp: ResolvedHyperparameters
 
 
-def _prepare(cfg: RunConfig, run_dir: Path, tokenizer: Any, splits: Splits,
-             labels: list[str] | None, progress: Progress, say: Callable[[str], None],
-             rejects: list[Rejected]) -> _Prepared:
+def prepare_training(cfg: RunConfig, run_dir: Path, tokenizer: Any, splits: Splits,
+                     labels: list[str] | None, progress: Progress, say: Callable[[str], None],
+                     rejects: list[Rejected]) -> Prepared:
     """Encode, leaving out what cannot be trained on; resolve 'auto'; write config.yaml.
 
     ``rejects`` (rows the data phase left out) and the rows left out here go to rejects.jsonl.
@@ -132,10 +132,10 @@ def _prepare(cfg: RunConfig, run_dir: Path, tokenizer: Any, splits: Splits,
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     say(f"hyperparameters: {hp.epochs} epoch(s), batch {hp.batch_size}, "
         f"lr {hp.learning_rate:.2e}, {hp.total_steps} steps")
-    return _Prepared(train_enc, valid_enc, rejects, hp)
+    return Prepared(train_enc, valid_enc, rejects, hp)
 
 
-def _base_eval(cfg: RunConfig, run_dir: Path, model: Any, tokenizer: Any, test: list,
+def base_eval(cfg: RunConfig, run_dir: Path, model: Any, tokenizer: Any, test: list,
                labels: list[str] | None, progress: Progress, resume: bool
                ) -> assess.ModelEval | None:
     """The base model on the test set, before any training (kept on disk for --resume)."""
@@ -174,10 +174,10 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
 
     with Progress(console=console, disable=not show_progress) as progress:
         # 3. encode and resolve the hyperparameters
-        prepared = _prepare(cfg, run_dir, tokenizer, splits, labels, progress, say,
+        prepared = prepare_training(cfg, run_dir, tokenizer, splits, labels, progress, say,
                             data_rejects)
         # 4. the base model on the test set and on general text, before any training
-        base = _base_eval(cfg, run_dir, model, tokenizer, splits.test, labels, progress, resume)
+        base = base_eval(cfg, run_dir, model, tokenizer, splits.test, labels, progress, resume)
         snapshot = assess.forgetting_snapshot(model, tokenizer, ev) \
             if ev.forgetting and not head else None
 
