@@ -136,8 +136,8 @@ def prepare_training(cfg: RunConfig, run_dir: Path, tokenizer: Any, splits: Spli
 
 
 def base_eval(cfg: RunConfig, run_dir: Path, model: Any, tokenizer: Any, test: list,
-               labels: list[str] | None, progress: Progress, resume: bool
-               ) -> assess.ModelEval | None:
+              labels: list[str] | None, progress: Progress, resume: bool
+              ) -> assess.ModelEval | None:
     """The base model on the test set, before any training (kept on disk for --resume)."""
     if not cfg.eval.compare_base:
         return None
