@@ -1,8 +1,8 @@
 """The real bundled model with a classification head learns both classes of SMS spam.
 
 240 training rows, 30 steps: enough to see the failure this guards against (the head
-collapsing to the majority class and early stopping keeping the untrained start). About 15
-minutes on a 2-core AVX2 CPU in fp32, so it is marked slow: `make test-slow` runs it.
+collapsing to the majority class and early stopping keeping the untrained start). About 4
+minutes on a quiet 2-core AVX2 CPU in fp32, so it is marked slow: `make test-slow` runs it.
 """
 
 import json
