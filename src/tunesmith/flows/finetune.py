@@ -91,9 +91,6 @@ def fine_tune(cfg: RunConfig, run_dir: Path, model: Any, model_dir: Path, tokeni
         if not labels:
             raise ConfigError("train.head: classifier needs the classification labels")
         del model  # the causal LM; the classifier is loaded from the same weights
-        # the new head's initial weights come from torch's global generator: seed it, or they
-        # depend on whatever drew random numbers earlier in the process
-        torch.manual_seed(cfg.train.seed)
         model = load_classifier(model_dir, labels, pad_token_id=tokenizer.pad_token_id,
                                 dtype=base_dtype(cfg))
         make_objective = make_objective or classifier_objective(
