@@ -20,8 +20,9 @@ from tunesmith.service.store import Store
 from tunesmith.service.tables import Checkpoint, Job, JobEvent, new_id, now
 from tunesmith.training.checkpoint import TrainState, list_checkpoints
 
-# How often the progress fields of the job row are written, and its ownership re-checked.
-PROGRESS_EVERY_S = 1.0
+# How often the progress fields of the job row are written, and its ownership re-checked: a
+# pause or cancel takes effect within this time (a quarter second of small-model steps).
+PROGRESS_EVERY_S = 0.25
 
 
 def _finite(x: Any) -> float | None:
