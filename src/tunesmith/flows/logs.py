@@ -8,6 +8,7 @@ its ``run.log``; the command line keeps them off the user's screen unless ``--de
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 # Loggers whose records belong in a run's log: ours, the libraries', and Python warnings
 # (routed to "py.warnings" by logging.captureWarnings).
@@ -16,11 +17,9 @@ LIBRARY_LOGGERS = ("transformers", "peft", "accelerate", "huggingface_hub", "py.
 log = logging.getLogger("tunesmith")
 
 
-def attach_log_file(run_dir: object) -> logging.Handler:
+def attach_log_file(run_dir: Path) -> logging.Handler:
     """Send tunesmith's and the libraries' log records (and warnings) to ``run_dir/run.log``."""
-    from pathlib import Path
-
-    handler = logging.FileHandler(Path(str(run_dir)) / "run.log", encoding="utf-8")
+    handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
