@@ -78,17 +78,25 @@ def render_html(results: dict[str, Any], run_dir: Path,
                 sections: Sequence[Section] | None = None) -> str:
     """The whole report as one HTML page; plots are read from ``run_dir`` and embedded."""
     sections = sections if sections is not None else report_sections(results)
-    title = f"Run report: {results['name']}"
+    return render_page(f"Run report: {results['name']}",
+                       f"Base model: `{results['model']}` · task: {results['task']}",
+                       sections, run_dir)
+
+
+def render_page(title: str, meta: str, sections: Sequence[Section], base_dir: Path) -> str:
+    """One self-contained page: a title, a meta line and sections; plots read from ``base_dir``.
+
+    ``meta`` is plain text; a span in backticks shows as code, as it does in the Markdown.
+    """
     nav = " ".join(f'<a href="#{_slug(s.title)}">{escape(s.title)}</a>' for s in sections)
     body = []
     for s in sections:
-        inner = "\n".join(_block(b, Path(run_dir)) for b in s.blocks)
+        inner = "\n".join(_block(b, Path(base_dir)) for b in s.blocks)
         body.append(f'<section id="{_slug(s.title)}"><h2>{escape(s.title)}</h2>\n{inner}'
                     "</section>")
+    meta_html = re.sub(r"`([^`]*)`", r"<code>\1</code>", escape(meta))
     return "\n".join([
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
         f"<title>{escape(title)}</title>", f"<style>{CSS}</style>", "</head>", "<body>",
-        f"<h1>{escape(title)}</h1>",
-        f'<p class="meta">Base model: <code>{escape(str(results["model"]))}</code> · task: '
-        f"{escape(str(results['task']))}</p>",
+        f"<h1>{escape(title)}</h1>", f'<p class="meta">{meta_html}</p>',
         f"<nav>{nav}</nav>", *body, "</body>", "</html>", ""])

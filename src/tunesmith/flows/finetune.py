@@ -79,12 +79,15 @@ def fine_tune(cfg: RunConfig, run_dir: Path, model: Any, model_dir: Path, tokeni
               hp: ResolvedHyperparameters, labels: list[str] | None,
               callbacks: Sequence[Any] = (), resume: bool = False,
               make_objective: Callable[[Any, str], Any] | None = None,
-              wrappers: Sequence[Wrapper] = (), restore_best: bool = True) -> FineTuned:
+              wrappers: Sequence[Wrapper] = (), restore_best: bool = True,
+              save: bool = True) -> FineTuned:
     """Train adapters (or all weights, or a classification head); save adapter and merged.
 
     ``make_objective`` replaces the configured objective (LM loss, or the classifier's);
     ``wrappers`` may replace any part before the loop starts. A run stopped by a callback
-    (not by early stopping) saves its checkpoint but no adapter or merged model.
+    (not by early stopping) saves its checkpoint but no adapter or merged model; with
+    ``save=False`` (a search trial) nothing but checkpoints is written, and the returned model
+    is the trained one, adapters unmerged.
     """
     classifier = cfg.train.head == "classifier"
     if classifier:
@@ -102,7 +105,7 @@ def fine_tune(cfg: RunConfig, run_dir: Path, model: Any, model_dir: Path, tokeni
                    callbacks=callbacks, resume=resume, make_objective=make_objective,
                    wrappers=wrappers)
     done = FineTuned(model, result)
-    if not done.finished:
+    if not done.finished or not save:
         return done
     if cfg.train.method == "lora":
         model.save_pretrained(run_dir / "adapter")

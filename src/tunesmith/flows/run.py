@@ -203,6 +203,8 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
         tuned = assess.evaluate_head(model, tokenizer, splits.test, ev, labels, advance) \
             if head else assess.evaluate_lm(model, tokenizer, splits.test, ev, labels, advance)
         log.info("tuned model on the test set: %s", json.dumps(tuned.metrics))
+        # per-example predictions, for comparing runs on the same test items (tune --final)
+        assess.save_model_eval(run_dir / "tuned_eval.json", tuned)
         cal = None
         if labels and ev.calibration and splits.validation:
             valid_lp = assess.validation_log_probs(model, tokenizer, splits.validation, labels,

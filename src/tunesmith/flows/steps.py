@@ -91,16 +91,20 @@ def clean_stage(examples: list[ChatExample], d: DataConfig, rejects: list[Reject
     return [ex for ex in kept if isinstance(ex, ChatExample)]
 
 
-def load_splits(cfg: RunConfig, rejects: list[Rejected] | None = None) -> Splits:
+def load_splits(cfg: RunConfig, rejects: list[Rejected] | None = None, *,
+                with_test: bool = True) -> Splits:
     """Read, validate and clean the data; split off validation/test where no file is given.
 
     Near-duplicates are kept in the same split, so nothing leaks from train into test.
+    ``with_test=False`` (a search trial) never opens ``data.test_file`` and returns no test
+    examples; a test split carved from the training file is still carved, so the training
+    data is the same as a run's.
     """
     d, seed = cfg.data, cfg.train.seed
     rejects = rejects if rejects is not None else []
     train_set = clean_stage(read_examples(d.train_file, d, rejects), d, rejects)
     valid = read_examples(d.validation_file, d, rejects) if d.validation_file else None
-    test = read_examples(d.test_file, d, rejects) if d.test_file else None
+    test = None if not d.test_file else read_examples(d.test_file, d, rejects) if with_test else []
     is_cls = cfg.eval.task == "classification"
     labels = [ex.label for ex in train_set] if is_cls else None
     if valid is None or test is None:
@@ -123,7 +127,7 @@ def load_splits(cfg: RunConfig, rejects: list[Rejected] | None = None) -> Splits
     return Splits(train=cap(train_set, d.max_train_examples),
                   # capped for the validation loss in _prepare; calibration uses all of it
                   validation=valid,
-                  test=cap(test, d.max_test_examples))
+                  test=cap(test, d.max_test_examples) if with_test else [])
 
 
 def write_splits(folder: Path, splits: Splits) -> None:

@@ -1,4 +1,4 @@
-"""Typed run configuration: one YAML file, validated at once, every problem reported together.
+"""The sections of a run configuration (model, data, train, eval), one pydantic model each.
 
 The field descriptions are the documentation: they become the comments written by
 ``tunesmith config init`` and the reference in the README.
@@ -6,15 +6,10 @@ The field descriptions are the documentation: they become the comments written b
 
 from __future__ import annotations
 
-import difflib
-import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from tunesmith.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Auto = Literal["auto"]
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -211,180 +206,4 @@ class EvalConfig(_Section):
     confident_errors: int = Field(
         10, ge=0, description="How many of the most confident wrong predictions to list.")
 
-
-class RunConfig(_Section):
-    name: str | None = Field(None, description="Run name. Empty: the config file's name.")
-    output_dir: Path | None = Field(
-        None, description="Run directory. Empty: runs/<name> under the current directory.")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
-    data: DataConfig = Field(..., description="Where the data is and how it is split.")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="How to train.")
-    eval: EvalConfig = Field(default_factory=EvalConfig, description="How to evaluate.")
-
-    @model_validator(mode="after")
-    def _head_needs_classification(self) -> RunConfig:
-        if self.train.head == "classifier" and self.eval.task != "classification":
-            raise ValueError("train.head 'classifier' needs eval.task: classification")
-        return self
-
-
-class ResolvedHyperparameters(BaseModel):
-    """The concrete values an 'auto' configuration ran with; written into the run directory."""
-
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    total_steps: int
-    warmup_steps: int
-    eval_every: int
-    head_learning_rate: float | None = None  # with a classification head
-
-
-# The new classification layer's share of the learning rate, when 'auto' (see TrainConfig).
-HEAD_LR_FACTOR = 0.1
-
-# OpenAI's documented behaviour for n_epochs="auto": 3 epochs, adjusted so the number of
-# examples seen stays between these bounds.
-_MIN_TARGET_EXAMPLES = 100
-_MAX_TARGET_EXAMPLES = 25_000
-
-
-def auto_epochs(n_train: int) -> int:
-    if n_train <= 0:
-        return 1
-    if n_train * 3 < _MIN_TARGET_EXAMPLES:
-        return min(25, math.ceil(_MIN_TARGET_EXAMPLES / n_train))
-    if n_train * 3 > _MAX_TARGET_EXAMPLES:
-        return max(1, _MAX_TARGET_EXAMPLES // n_train)
-    return 3
-
-
-def auto_batch_size(n_train: int) -> int:
-    """A power of two near n/128, between 1 and 32: small sets get more optimiser steps."""
-    if n_train <= 4:
-        return max(1, n_train)
-    exponent = round(math.log2(max(1.0, n_train / 128)))
-    return int(min(32, max(4, 2**exponent)))
-
-
-def auto_learning_rate(method: str, batch_size: int) -> float:
-    base = 2e-4 if method == "lora" else 2e-5
-    return base * math.sqrt(batch_size / 8)
-
-
-def resolve_hyperparameters(train: TrainConfig, n_train: int) -> ResolvedHyperparameters:
-    """Turn every 'auto' into a number for a training set of ``n_train`` examples."""
-    epochs = auto_epochs(n_train) if train.epochs == "auto" else int(train.epochs)
-    batch = auto_batch_size(n_train) if train.batch_size == "auto" else int(train.batch_size)
-    batch = max(1, min(batch, n_train)) if n_train else batch
-    lr = (auto_learning_rate(train.method, batch) if train.learning_rate == "auto"
-          else float(train.learning_rate))
-    steps = epochs * math.ceil(n_train / batch) if n_train else 0
-    if train.max_steps is not None:
-        steps = min(steps, train.max_steps)
-    if train.eval_every == "auto":
-        every = max(1, steps // 10)
-    elif train.eval_every == "epoch":
-        every = max(1, math.ceil(n_train / batch)) if n_train else 1
-    else:
-        every = int(train.eval_every)
-    return ResolvedHyperparameters(
-        epochs=epochs, batch_size=batch, learning_rate=lr, total_steps=steps,
-        warmup_steps=int(steps * train.warmup_ratio), eval_every=every,
-        head_learning_rate=None if train.head != "classifier" else (
-            lr * HEAD_LR_FACTOR if train.head_learning_rate == "auto"
-            else float(train.head_learning_rate)))
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The field names allowed at ``loc`` (for 'did you mean' suggestions)."""
-    current: Any = model
-    for part in loc[:-1]:
-        field = current.model_fields.get(part) if isinstance(part, str) else None
-        current = field.annotation if field is not None else None
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return []
-    return list(current.model_fields)
-
-
-def format_validation_error(err: ValidationError, model: type[BaseModel]) -> list[str]:
-    """One line per wrong field, saying what to change."""
-    by_field: dict[str, list[str]] = {}
-    for e in err.errors():
-        # drop the union-branch markers pydantic puts in the location ("int", "literal[...]")
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (
-            p in {"int", "float", "list[str]"} or p.startswith("literal["))))
-        dotted = ".".join(str(p) for p in loc) or "<top>"
-        if e["type"] == "extra_forbidden":
-            key = str(loc[-1])
-            close = difflib.get_close_matches(key, _known_keys(model, loc), n=1)
-            text = "unknown key" + (f"; did you mean '{close[0]}'?" if close else "; remove it")
-        elif e["type"] == "missing":
-            text = "required, add it"
-        else:
-            text = f"{e['msg']} (got {e.get('input')!r})"
-        by_field.setdefault(dotted, []).append(text)
-    # a union such as int | 'auto' fails once per branch: one line with both
-    return [f"{k}: " + " or ".join(dict.fromkeys(v)) for k, v in by_field.items()]
-
-
-def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None = None) -> RunConfig:
-    """Validate a mapping into a RunConfig; relative paths resolve against ``base_dir``."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections (model, data, train, eval)")
-    try:
-        cfg = RunConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(f"{source}: the configuration is invalid",
-                          format_validation_error(err, RunConfig)) from err
-    if base_dir is not None:
-        cfg = _resolve_paths(cfg, base_dir)
-    return cfg
-
-
-def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
-    def fix(section: BaseModel, *names: str) -> Any:
-        paths = {n: getattr(section, n) for n in names}
-        return section.model_copy(update={n: p if p is None or p.is_absolute() else base_dir / p
-                                          for n, p in paths.items()})
-
-    data = fix(cfg.data, "train_file", "validation_file", "test_file")
-    evaluation = fix(cfg.eval, "forgetting_text", "forgetting_prompts")
-    model = cfg.model
-    candidate = base_dir / cfg.model.base
-    if not Path(cfg.model.base).is_absolute() and candidate.exists():
-        model = cfg.model.model_copy(update={"base": str(candidate)})
-    return cfg.model_copy(update={"data": data, "model": model, "eval": evaluation})
-
-
-def load_config(path: Path | str) -> RunConfig:
-    """Read a YAML run configuration. Data paths are relative to the file's directory."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file; create one with `tunesmith config init`")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", err)
-        raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from err
-    if data is None:
-        raise ConfigError(f"{path}: the file is empty; create one with `tunesmith config init`")
-    cfg = parse_config(data, source=str(path), base_dir=path.parent.resolve())
-    if cfg.name is None:
-        cfg = cfg.model_copy(update={"name": path.stem})
-    return cfg
-
-
-def dump_config(cfg: RunConfig) -> dict[str, Any]:
-    """A plain mapping of the configuration, ready for YAML."""
-    return cfg.model_dump(mode="json")
 

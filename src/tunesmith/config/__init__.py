@@ -1,0 +1,37 @@
+"""Typed run configuration: one YAML file, validated at once, every problem reported together.
+
+``sections`` holds the model/data/train/eval sections, ``search`` the ``tune:`` section,
+``load`` the whole configuration and its YAML reading, ``hyper`` the ``auto`` values.
+"""
+
+from tunesmith.config.hyper import (
+    HEAD_LR_FACTOR,
+    ResolvedHyperparameters,
+    auto_batch_size,
+    auto_epochs,
+    auto_learning_rate,
+    resolve_hyperparameters,
+)
+from tunesmith.config.load import (
+    RunConfig,
+    dump_config,
+    format_validation_error,
+    load_config,
+    parse_config,
+)
+from tunesmith.config.search import SearchDimension, TuneConfig
+from tunesmith.config.sections import (
+    DEFAULT_MODEL,
+    Auto,
+    DataConfig,
+    EvalConfig,
+    LoraConfig,
+    ModelConfig,
+    TrainConfig,
+)
+
+__all__ = ["DEFAULT_MODEL", "HEAD_LR_FACTOR", "Auto", "DataConfig", "EvalConfig", "LoraConfig",
+           "ModelConfig", "ResolvedHyperparameters", "RunConfig", "SearchDimension",
+           "TrainConfig", "TuneConfig", "auto_batch_size", "auto_epochs", "auto_learning_rate",
+           "dump_config", "format_validation_error", "load_config", "parse_config",
+           "resolve_hyperparameters"]
