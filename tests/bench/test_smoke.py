@@ -25,3 +25,12 @@ def test_data_speed_smoke(tmp_path, bundled_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout[done.stdout.index("{"):])
     assert result["examples"] == 300 and result["validate_plus_clean_seconds"] > 0
+
+
+def test_search_memory_smoke(tiny_model_dir):
+    done = subprocess.run([sys.executable, str(BENCH / "search_memory.py"), "--trials", "2",
+                           "--steps", "1", "--model", str(tiny_model_dir)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "HF search process" in done.stdout and "Peak growth from trial 1 to trial 2" \
+        in done.stdout

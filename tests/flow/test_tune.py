@@ -161,3 +161,32 @@ def test_final_trains_the_best_and_the_default_and_compares_them_on_test(make_co
                        "0", "--no-progress")
     assert code == 0, err
     assert not (study_dir / "final").exists()  # --new started again
+
+
+def test_bad_search_input_is_one_message_with_every_problem_and_exit_2(make_config, cli,
+                                                                        tmp_path):
+    cfg = make_config(tune={"space": {
+        "train.lerning_rate": {"type": "log_uniform", "low": 1e-5, "high": 1e-3},
+        "train.lora.r": {"type": "int", "low": 16, "high": 4},
+        "train.learning_rate": {"type": "log_uniform", "low": 0.0, "high": 1e-3},
+        "train.epochs": {"type": "choice", "values": []}}})
+    code, _, err = cli("tune", str(cfg))
+    assert code == 2 and "Traceback" not in err
+    for text in ("did you mean 'train.learning_rate'?", "low (16.0) must be below high (4.0)",
+                 "needs low > 0", "a choice needs at least one value"):
+        assert text in err
+    no_search = make_config()
+    code, _, err = cli("tune", str(no_search))
+    assert code == 2 and "no tune: section" in err
+    not_a_study = tmp_path / "elsewhere"
+    (not_a_study / "something").mkdir(parents=True)
+    good = make_config(tune={"space": {"train.epochs": {"type": "int", "low": 1, "high": 2}}})
+    code, _, err = cli("tune", str(good), "--study-dir", str(not_a_study))
+    assert code == 2 and "is not a study directory" in err
+
+
+def test_no_trial_starts_after_the_timeout(make_config, tmp_path):
+    cfg = make_config(tune={"space": {"train.epochs": {"type": "int", "low": 1, "high": 2}}})
+    result = tune(cfg, study_dir=tmp_path / "study", timeout_minutes=1e-6, show_progress=False)
+    assert result.best_trial is None and sum(result.counts.values()) == 0
+    assert (result.study_dir / "report.html").is_file()

@@ -121,7 +121,7 @@ def test_writes_csv_plots_reports_and_json(full_study, tmp_path):
 
     html = (study_dir / "report.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") == 4
-    assert "Study report: reviews-tune" in html and "<code>smollm2-135m-instruct</code>" in html
+    assert "Study report: reviews" in html and "<code>smollm2-135m-instruct</code>" in html
     for title in ("Summary", "Best configuration", "Trials", "Search space", "Plots"):
         assert f"<h2>{title}</h2>" in html
     assert "Final run on the test split" not in html
@@ -134,7 +134,7 @@ def test_writes_csv_plots_reports_and_json(full_study, tmp_path):
     assert '<td class="num">3</td><td>pruned</td><td class="num">1.7500</td>' in html
     assert "[1e-05, 0.0010]" in html and "cosine, linear" in html  # the search space
     md = (study_dir / "report.md").read_text(encoding="utf-8")
-    assert md.startswith("# Study report: reviews-tune")
+    assert md.startswith("# Study report: reviews\n")
     assert "![parameter importances](importances.png)" in md
     assert "| train.learning_rate | 9e-05 |" in md
 

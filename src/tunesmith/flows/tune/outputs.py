@@ -179,10 +179,8 @@ def _title_and_meta(study: optuna.Study, summary: dict[str, Any]) -> tuple[str, 
     meta = []
     if summary.get("base_model"):
         meta.append(f"Base model: `{summary['base_model']}`")
-    if summary.get("config_name"):
-        meta.append(f"config: {summary['config_name']}")
     meta.append(f"objective: {summary.get('objective') or 'value'} ({summary['direction']})")
-    return f"Study report: {study.study_name}", " · ".join(meta)
+    return f"Study report: {summary.get('config_name') or study.study_name}", " · ".join(meta)
 
 
 def write_study_outputs(study: optuna.Study, study_dir: Path, *,

@@ -71,11 +71,18 @@ class ReportToStudy:
     def __init__(self, trial: Any, direction: str, parent_pid: int) -> None:
         self.trial, self.direction, self.parent_pid = trial, direction, parent_pid
 
-    def on_step(self, loop: Any, metrics: dict[str, Any]) -> None:
+    def _study_gone(self, loop: Any) -> bool:
         if os.getppid() != self.parent_pid:
             loop.control.stop("study gone")
+            return True
+        return False
+
+    def on_step(self, loop: Any, metrics: dict[str, Any]) -> None:
+        self._study_gone(loop)
 
     def on_evaluate(self, loop: Any, metrics: dict[str, Any]) -> None:
+        if self._study_gone(loop):
+            return
         step, loss = metrics["step"], metrics["valid_loss"]
         if step == 0 or not math.isfinite(loss):
             return  # step 0 is the base model, the same for every trial
