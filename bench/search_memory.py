@@ -29,7 +29,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from train_speed import BATCH, LORA, MAX_LEN, SEED, replace_section, rows  # noqa: E402
+from train_speed import (  # noqa: E402
+    BATCH,
+    LORA,
+    MAX_LEN,
+    SEED,
+    padding_collator,
+    replace_section,
+    rows,
+)
 
 LR_LOW, LR_HIGH = 5e-5, 3e-3
 
@@ -68,17 +76,6 @@ def run_hf(trials: int, steps: int, model_ref: str) -> dict:
         return add_lora(model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
                         target_modules=LORA["target_modules"])
 
-    def collate(batch):
-        width = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), width), tok.pad_token_id)
-        labels = torch.full((len(batch), width), -100)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, b in enumerate(batch):
-            n = len(b["input_ids"])
-            ids[i, :n], labels[i, :n], mask[i, :n] = (torch.tensor(b["input_ids"]),
-                                                      torch.tensor(b["labels"]), 1)
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
     after: list[dict] = []
     started = [time.perf_counter()]
 
@@ -94,7 +91,8 @@ def run_hf(trials: int, steps: int, model_ref: str) -> dict:
         save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True, seed=SEED,
         remove_unused_columns=False, disable_tqdm=True, per_device_eval_batch_size=16)
     trainer = Trainer(model_init=model_init, args=args, train_dataset=train,
-                      eval_dataset=valid, data_collator=collate, callbacks=[Measure()])
+                      eval_dataset=valid, data_collator=padding_collator(tok.pad_token_id),
+                      callbacks=[Measure()])
     import optuna
 
     trainer.hyperparameter_search(

@@ -66,15 +66,12 @@ def final_valid_loss(model, tok, valid) -> float:
                               batch_size=16, device=torch.device("cpu"))["valid_loss"]
 
 
-def run_hf(steps: int) -> dict:
-    from transformers import Trainer, TrainingArguments
+def padding_collator(pad_id: int):
+    """HF Trainer's usual batches: dynamic padding to the longest row, labels -100 there."""
 
-    model, tok, train, valid = setup(steps)
-    dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in train]
-
-    def collate(batch):  # dynamic padding to the longest of the batch, labels -100
+    def collate(batch):
         width = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), width), tok.pad_token_id)
+        ids = torch.full((len(batch), width), pad_id)
         labels = torch.full((len(batch), width), -100)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, b in enumerate(batch):
@@ -83,13 +80,23 @@ def run_hf(steps: int) -> dict:
                                                       torch.tensor(b["labels"]), 1)
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
+    return collate
+
+
+def run_hf(steps: int) -> dict:
+    from transformers import Trainer, TrainingArguments
+
+    model, tok, train, valid = setup(steps)
+    dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in train]
+
     args = TrainingArguments(
         output_dir="/tmp/bench-hf", per_device_train_batch_size=BATCH, max_steps=steps,
         learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, logging_steps=10_000, save_strategy="no", report_to=[],
         use_cpu=True, seed=SEED, dataloader_num_workers=0, remove_unused_columns=False,
         disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                      data_collator=padding_collator(tok.pad_token_id))
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started

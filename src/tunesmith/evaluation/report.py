@@ -65,7 +65,7 @@ from tunesmith.evaluation.sections import (
 )
 from tunesmith.training.callbacks import read_metrics
 
-__all__ = ["REQUIRED", "comparison_rows", "compare_runs", "headline_metrics",
+__all__ = ["REQUIRED", "comparison_rows", "compare_runs", "headline_metrics", "json_safe",
            "make_plots", "plot_loss_curves", "read_results", "render_markdown",
            "sections_markdown",
            "write_reports", "write_results"]
@@ -75,17 +75,20 @@ RESULTS_FILE = "metrics.json"
 REQUIRED = ("name", "model", "task", "data_counts", "hyperparameters", "tuned")
 
 
-def _json_safe(x: Any) -> Any:
-    # NaN and infinity are not JSON; null says "no value" to every reader
+def json_safe(x: Any) -> Any:
+    """``x`` as plain JSON values: NaN and infinity become null (they are not JSON), numpy and
+    torch scalars plain numbers, anything else (paths, enums, datetimes) its text."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
+        return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
+        return [json_safe(v) for v in x]
+    if isinstance(x, str | int | float | bool) or x is None:
+        return x
     if hasattr(x, "item") and callable(x.item):  # numpy and torch scalars
-        return _json_safe(x.item())
-    return x
+        return json_safe(x.item())
+    return str(x)
 
 
 def check_results(results: dict[str, Any]) -> None:
@@ -98,7 +101,7 @@ def check_results(results: dict[str, Any]) -> None:
 def write_results(path: Path, results: dict[str, Any]) -> Path:
     """Write the results dict as JSON (``metrics.json``), NaN and infinity as null."""
     check_results(results)
-    payload = {"schema_version": SCHEMA_VERSION, **_json_safe(results)}
+    payload = {"schema_version": SCHEMA_VERSION, **json_safe(results)}
     Path(path).write_text(json.dumps(payload, indent=2, allow_nan=False), encoding="utf-8")
     return Path(path)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunesmith.evaluation.html import render_page
-from tunesmith.evaluation.report import sections_markdown
+from tunesmith.evaluation.report import json_safe, sections_markdown
 from tunesmith.flows.tune.plots import StudyPlots, write_plots
 from tunesmith.flows.tune.study_report import (
     best_trial,
@@ -124,21 +124,6 @@ def write_trials_csv(study: optuna.Study, path: Path) -> Path:
     return Path(path)
 
 
-def _json_safe(x: Any) -> Any:
-    # NaN and infinity are not JSON; null says "no value" to every reader
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, str | int | float | bool) or x is None:
-        return x
-    if hasattr(x, "item") and callable(x.item):  # numpy scalars
-        return _json_safe(x.item())
-    return str(x)  # paths, enums, datetimes
-
-
 def study_summary(study: optuna.Study, plots: StudyPlots | None = None,
                   final: dict[str, Any] | None = None) -> dict[str, Any]:
     """The numbers of the study report, for machines (``study.json``)."""
@@ -147,7 +132,7 @@ def study_summary(study: optuna.Study, plots: StudyPlots | None = None,
     saved, total = steps_saved(study.trials)
     sampler = getattr(study, "sampler", None)
     pruner = getattr(study, "pruner", None)
-    return _json_safe({
+    return json_safe({
         "schema_version": SCHEMA_VERSION,
         "study_name": study.study_name,
         "config_name": attrs.get("config_name"),
