@@ -8,6 +8,7 @@ from tunesmith.config.hyper import (
     HEAD_LR_FACTOR,
     ResolvedHyperparameters,
     auto_batch_size,
+    auto_beta,
     auto_epochs,
     auto_learning_rate,
     resolve_hyperparameters,
@@ -22,16 +23,18 @@ from tunesmith.config.load import (
 from tunesmith.config.search import SearchDimension, TuneConfig
 from tunesmith.config.sections import (
     DEFAULT_MODEL,
+    REFERENCE_LOSSES,
     Auto,
     DataConfig,
     EvalConfig,
     LoraConfig,
     ModelConfig,
+    PreferenceConfig,
     TrainConfig,
 )
 
-__all__ = ["DEFAULT_MODEL", "HEAD_LR_FACTOR", "Auto", "DataConfig", "EvalConfig", "LoraConfig",
-           "ModelConfig", "ResolvedHyperparameters", "RunConfig", "SearchDimension",
-           "TrainConfig", "TuneConfig", "auto_batch_size", "auto_epochs", "auto_learning_rate",
-           "dump_config", "format_validation_error", "load_config", "parse_config",
-           "resolve_hyperparameters"]
+__all__ = ["DEFAULT_MODEL", "HEAD_LR_FACTOR", "REFERENCE_LOSSES", "Auto", "DataConfig",
+           "EvalConfig", "LoraConfig", "ModelConfig", "PreferenceConfig",
+           "ResolvedHyperparameters", "RunConfig", "SearchDimension", "TrainConfig", "TuneConfig",
+           "auto_batch_size", "auto_beta", "auto_epochs", "auto_learning_rate", "dump_config",
+           "format_validation_error", "load_config", "parse_config", "resolve_hyperparameters"]

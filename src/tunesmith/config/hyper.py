@@ -19,6 +19,7 @@ class ResolvedHyperparameters(BaseModel):
     warmup_steps: int
     eval_every: int
     head_learning_rate: float | None = None  # with a classification head
+    beta: float | None = None  # with a preference objective
 
 
 # The new classification layer's share of the learning rate, when 'auto' (see TrainConfig).
@@ -53,6 +54,12 @@ def auto_learning_rate(method: str, batch_size: int) -> float:
     return base * math.sqrt(batch_size / 8)
 
 
+def auto_beta(objective: str) -> float:
+    """OpenAI's DPO default (0.1), and SimPO's paper setting (2.0: its rewards are mean
+    per-token log-probabilities, an order of magnitude smaller than DPO's summed ratios)."""
+    return 2.0 if objective == "simpo" else 0.1
+
+
 def resolve_hyperparameters(train: TrainConfig, n_train: int) -> ResolvedHyperparameters:
     """Turn every 'auto' into a number for a training set of ``n_train`` examples."""
     epochs = auto_epochs(n_train) if train.epochs == "auto" else int(train.epochs)
@@ -74,6 +81,9 @@ def resolve_hyperparameters(train: TrainConfig, n_train: int) -> ResolvedHyperpa
         warmup_steps=int(steps * train.warmup_ratio), eval_every=every,
         head_learning_rate=None if train.head != "classifier" else (
             lr * HEAD_LR_FACTOR if train.head_learning_rate == "auto"
-            else float(train.head_learning_rate)))
+            else float(train.head_learning_rate)),
+        beta=None if train.objective == "sft" else (
+            auto_beta(train.objective) if train.preference.beta == "auto"
+            else float(train.preference.beta)))
 
 

@@ -35,6 +35,9 @@ class RunConfig(_Section):
     def _head_needs_classification(self) -> RunConfig:
         if self.train.head == "classifier" and self.eval.task != "classification":
             raise ValueError("train.head 'classifier' needs eval.task: classification")
+        if self.train.head == "classifier" and self.train.objective != "sft":
+            raise ValueError(f"train.objective '{self.train.objective}' trains on answers in "
+                             "text; use train.head: lm")
         objective = self.tune.objective if self.tune else "valid_loss"
         task = {"exact_match": "generation"}.get(objective, "classification")
         if objective != "valid_loss" and self.eval.task != task:

@@ -84,7 +84,36 @@ class LoraConfig(_Section):
         "all-linear", description="Modules that get adapters: 'all-linear' or a list of names.")
 
 
+PreferenceLoss = Literal["dpo", "ipo", "simpo", "orpo"]
+# objectives that compare the policy with a reference model (the base, or the run's start)
+REFERENCE_LOSSES = ("dpo", "ipo")
+
+
+class PreferenceConfig(_Section):
+    beta: float | Auto = Field(
+        "auto", description="Strength of the preference term. DPO/IPO: how far the model may "
+        "move from the reference (smaller: further). 'auto': 0.1 (dpo, ipo, orpo; OpenAI's "
+        "default for DPO), 2.0 (simpo).")
+    sft_weight: float = Field(
+        0.0, ge=0, description="Weight of an extra language-modelling loss on the preferred "
+        "answer (per token), added to the preference loss; keeps the chosen answers likely "
+        "(TRL's rpo_alpha, LLaMA-Factory's pref_ftx). 0: off. ORPO always has its own.")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="DPO/SimPO: the assumed share of pairs whose labels are "
+        "flipped (conservative DPO); 0: trust every pair.")
+    simpo_gamma: float = Field(
+        0.5, ge=0, description="SimPO: target reward margin, as a fraction of beta.")
+
+
 class TrainConfig(_Section):
+    objective: Literal["sft", "dpo", "ipo", "simpo", "orpo"] = Field(
+        "sft", description="'sft': learn the assistant answers. Preference pairs (a preferred "
+        "and a non-preferred answer per prompt): 'dpo' (sigmoid loss against the reference "
+        "model), 'ipo' (squared loss, less prone to overfit deterministic preferences), "
+        "'simpo' and 'orpo' (no reference model). With LoRA the reference is the base model "
+        "(adapters off); its log-probabilities are computed once and kept with the run.")
+    preference: PreferenceConfig = Field(
+        default_factory=PreferenceConfig, description="Preference objectives' settings.")
     method: Literal["lora", "full"] = Field(
         "lora", description="'lora' trains small adapters; 'full' trains every weight."
     )
