@@ -103,3 +103,31 @@ def encode_class_example(tokenizer: Any, messages: Sequence[dict], label_index: 
     """A prompt for a classification head: the class index is the label of its last position."""
     ids = encode_prompt(tokenizer, messages)
     return Encoded(ids, [IGNORE_INDEX] * (len(ids) - 1) + [label_index])
+
+
+@dataclass(frozen=True)
+class PairEncoded:
+    """A preference pair as two encoded conversations (prompt + answer each; the answer's
+    tokens are the targets), with the reference model's summed log-probabilities of each
+    answer once they are computed (reference-based objectives)."""
+
+    chosen: Encoded
+    rejected: Encoded
+    reference: tuple[float, float] | None = None
+
+    def __len__(self) -> int:
+        """The longer of the two sequences: what ``data.max_length`` bounds."""
+        return max(len(self.chosen), len(self.rejected))
+
+    @property
+    def n_targets(self) -> int:
+        """Answer tokens of the shorter answer: 0 when either answer has nothing to score."""
+        return min(self.chosen.n_targets, self.rejected.n_targets)
+
+
+def encode_pair(tokenizer: Any, prompt: Sequence[dict], chosen: Sequence[dict],
+                rejected: Sequence[dict]) -> PairEncoded:
+    """Both conversations of a pair, with only the answers' tokens as targets."""
+    quiet = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in prompt]
+    a, b = encode_chats(tokenizer, [[*quiet, *chosen], [*quiet, *rejected]])
+    return PairEncoded(a, b)

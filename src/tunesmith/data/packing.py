@@ -29,26 +29,31 @@ class PackedRow:
         return len(self.input_ids)
 
 
-def pack_rows(examples: Sequence[Encoded], capacity: int) -> list[PackedRow]:
-    """First-fit decreasing: put each example into the first row it fits in, longest first.
+def pack_plan(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: the indices of the sequences each row holds, longest first.
 
-    An example longer than ``capacity`` gets a row of its own.
+    A sequence longer than ``capacity`` gets a row of its own.
     """
-    bins: list[list[Encoded]] = []
+    bins: list[list[int]] = []
     room: list[int] = []
-    for ex in sorted(examples, key=len, reverse=True):
-        for i, free in enumerate(room):
-            if len(ex) <= free:
-                bins[i].append(ex)
-                room[i] -= len(ex)
+    for i in sorted(range(len(lengths)), key=lambda k: lengths[k], reverse=True):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
                 break
         else:
-            bins.append([ex])
-            room.append(max(0, capacity - len(ex)))
+            bins.append([i])
+            room.append(max(0, capacity - lengths[i]))
+    return bins
+
+
+def pack_rows(examples: Sequence[Encoded], capacity: int) -> list[PackedRow]:
+    """The examples packed into rows of at most ``capacity`` tokens (see ``pack_plan``)."""
     rows = []
-    for group in bins:
+    for group in pack_plan([len(e) for e in examples], capacity):
         ids, labels, pos = [], [], []
-        for ex in group:
+        for ex in (examples[i] for i in group):
             ids += ex.input_ids
             # The first token of a sequence is never a target: it must not be predicted from
             # the end of the previous sequence in the row.

@@ -61,17 +61,7 @@ class TargetLoss(nn.Module):
                  attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
                  ) -> LossSums:
         lm = unwrap(self.model)
-        hidden = lm.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            use_cache=False,
-        ).last_hidden_state
-        # Position t predicts token t+1.
-        targets = labels[:, 1:]
-        mask = targets != IGNORE_INDEX
-        selected = hidden[:, :-1][mask]
-        wanted = targets[mask]
-        # free the full hidden states before the head runs
-        del hidden
+        selected, wanted, _ = target_hidden(lm, input_ids, labels, attention_mask, position_ids)
         head = lm.get_output_embeddings()
         loss_sum = selected.new_zeros((), dtype=torch.float32)
         correct = torch.zeros((), dtype=torch.long)
@@ -85,3 +75,57 @@ class TargetLoss(nn.Module):
             loss_sum = loss_sum + part
             correct = correct + ok.cpu()
         return LossSums(loss_sum, int(wanted.shape[0]), int(correct))
+
+
+def target_hidden(lm: Any, input_ids: torch.Tensor, labels: torch.Tensor,
+                  attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The last hidden states that predict a target token, those tokens, and where they are
+    (a mask over ``labels[:, 1:]``). The full hidden states are freed before any head runs."""
+    hidden = lm.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        use_cache=False,
+    ).last_hidden_state
+    # Position t predicts token t+1.
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    selected = hidden[:, :-1][mask]
+    return selected, targets[mask], mask
+
+
+def _token_log_probs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
+                     ) -> torch.Tensor:
+    logits = head(hidden).float()
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def sequence_log_probs(model: Any, input_ids: torch.Tensor, labels: torch.Tensor,
+                       sequence: torch.Tensor, n_sequences: int, *,
+                       attention_mask: torch.Tensor | None = None,
+                       position_ids: torch.Tensor | None = None, precision: str = "fp32"
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each sequence's target tokens, and how many there are.
+
+    ``sequence`` (shaped like ``labels``) says which sequence each token belongs to, so padded
+    rows (one sequence per row) and packed rows (several per row) work alike. Only target
+    positions go through the LM head, in chunks, as for the SFT loss: preference losses never
+    hold full-vocabulary logits of whole sequences.
+    """
+    with autocast(precision, input_ids.device):
+        lm = unwrap(model)
+        selected, wanted, mask = target_hidden(lm, input_ids, labels, attention_mask,
+                                               position_ids)
+        owner = sequence[:, 1:][mask]
+        head = lm.get_output_embeddings()
+        parts = []
+        for start in range(0, wanted.shape[0], HEAD_CHUNK):
+            h, y = selected[start:start + HEAD_CHUNK], wanted[start:start + HEAD_CHUNK]
+            if torch.is_grad_enabled() and wanted.shape[0] > HEAD_CHUNK:
+                parts.append(checkpoint(_token_log_probs, head, h, y, use_reentrant=False))
+            else:
+                parts.append(_token_log_probs(head, h, y))
+    token_lp = torch.cat(parts) if parts else selected.new_zeros(0, dtype=torch.float32)
+    sums = token_lp.new_zeros(n_sequences).index_add(0, owner, token_lp)
+    counts = torch.zeros(n_sequences, dtype=torch.float32, device=owner.device).index_add(
+        0, owner, torch.ones_like(owner, dtype=torch.float32))
+    return sums, counts

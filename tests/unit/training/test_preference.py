@@ -1,0 +1,159 @@
+"""Preference objectives: losses against hand-computed values, log-probs against full logits,
+and LoRA-DPO through the loop with the reference taken from the adapters switched off."""
+
+import math
+
+import pytest
+import torch
+
+from tests.helpers import review_rows
+from tunesmith.data.encode import IGNORE_INDEX, encode_pair
+from tunesmith.models.load import add_lora, load
+from tunesmith.training.callbacks import MetricsLog, read_metrics
+from tunesmith.training.loop import LoopSettings, fit
+from tunesmith.training.policies import standard_policies
+from tunesmith.training.preference import (
+    PreferenceObjective,
+    pair_inputs,
+    pair_losses,
+    reference_log_probs,
+    with_reference,
+)
+from tunesmith.training.setup import setup
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+# policy and reference summed log-probs of two pairs; answers of 2 and 4 tokens
+TOY = {"chosen": torch.tensor([-2.0, -6.0]), "rejected": torch.tensor([-8.0, -4.0]),
+       "chosen_tokens": torch.tensor([2.0, 4.0]), "rejected_tokens": torch.tensor([4.0, 2.0]),
+       "ref_chosen": torch.tensor([-3.0, -5.0]), "ref_rejected": torch.tensor([-7.0, -5.0])}
+
+
+def test_dpo_loss_and_rewards_by_hand():
+    out = pair_losses("dpo", **TOY, beta=0.1)
+    # pair 0: chosen ratio +1, rejected ratio -1 -> logit 2; pair 1: -1 and +1 -> -2
+    assert out.losses.tolist() == pytest.approx([-math.log(_sig(0.2)), -math.log(_sig(-0.2))])
+    assert out.chosen_rewards.tolist() == pytest.approx([0.1, -0.1])
+    assert out.rejected_rewards.tolist() == pytest.approx([-0.1, 0.1])
+    smooth = pair_losses("dpo", **TOY, beta=0.1, label_smoothing=0.2)
+    assert smooth.losses[0].item() == pytest.approx(
+        -0.8 * math.log(_sig(0.2)) - 0.2 * math.log(_sig(-0.2)))
+
+
+def test_ipo_simpo_orpo_by_hand():
+    ipo = pair_losses("ipo", **TOY, beta=0.5)
+    # averaged: pair 0 chosen (-2+3)/2 = 0.5, rejected (-8+7)/4 = -0.25 -> gap 0.75; target 1
+    assert ipo.losses[0].item() == pytest.approx((0.75 - 1.0) ** 2)
+    simpo = pair_losses("simpo", **TOY, beta=2.0, simpo_gamma=0.5)
+    # mean log-probs pair 0: -1 vs -2 -> 2 * 1 - 1 = 1
+    assert simpo.losses[0].item() == pytest.approx(-math.log(_sig(1.0)))
+    assert simpo.chosen_rewards[0].item() == pytest.approx(-2.0)
+    orpo = pair_losses("orpo", **TOY, beta=0.1)
+    a, b = -1.0, -2.0
+    log_odds = (a - b) - (math.log1p(-math.exp(a)) - math.log1p(-math.exp(b)))
+    assert orpo.losses[0].item() == pytest.approx(-0.1 * math.log(_sig(log_odds)))
+    with pytest.raises(ValueError, match="reference"):
+        pair_losses("dpo", **{k: v for k, v in TOY.items() if not k.startswith("ref")}, beta=0.1)
+
+
+def _pairs(tok, n):
+    out = []
+    for r in review_rows(n):
+        prompt, answer = r["messages"][:2], r["messages"][2]["content"]
+        wrong = {"good": "bad", "bad": "good"}[answer]
+        rejected = wrong if len(out) % 2 else f"I think this review is {wrong}, honestly."
+        out.append(encode_pair(tok, prompt, [{"role": "assistant", "content": answer}],
+                               [{"role": "assistant", "content": rejected}]))
+    return out
+
+
+@torch.no_grad()
+def _full_logits_log_probs(model, seqs):
+    """Reference implementation: full-vocabulary log-softmax of each sequence alone."""
+    out = []
+    for s in seqs:
+        ids = torch.tensor([s.input_ids])
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        targets = torch.tensor(s.labels[1:])
+        lp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[:, None])[:, 0]
+        out.append(float((lp * (targets != IGNORE_INDEX)).sum()))
+    return out
+
+
+def test_packed_and_padded_log_probs_equal_full_logits(tiny_model_dir):
+    model, tok = load(tiny_model_dir)
+    pairs = _pairs(tok, 6)
+    assert all(p.chosen.n_targets >= 1 and p.rejected.n_targets >= 1 for p in pairs)
+    expected = _full_logits_log_probs(model, [p.chosen for p in pairs]
+                                      + [p.rejected for p in pairs])
+    ref = reference_log_probs(model, pairs, pad_id=tok.pad_token_id, batch_size=4)
+    assert [a for a, _ in ref] + [b for _, b in ref] == pytest.approx(expected, abs=1e-4)
+    for packing in (True, False):
+        objective = PreferenceObjective(model, loss="dpo", beta=0.1, pad_id=tok.pad_token_id,
+                                        packing=packing, pack_capacity=256)
+        inputs = objective.collate(with_reference(pairs, ref))[0]
+        if packing:  # several sequences share a row
+            assert inputs["input_ids"].shape[0] < 2 * len(pairs)
+        with torch.no_grad():
+            out = objective(**inputs)
+        # policy == reference: every reward 0, loss log 2 per pair
+        assert out.loss_sum.item() == pytest.approx(len(pairs) * math.log(2), abs=1e-3)
+        assert abs(out.metrics["reward_margin"]) < 1e-4
+
+
+def test_lora_dpo_trains_adapters_only_and_the_reference_is_the_base(tiny_model_dir, tmp_path):
+    torch.manual_seed(0)
+    base, tok = load(tiny_model_dir)
+    model = add_lora(base, r=4, alpha=8, dropout=0.1, target_modules="all-linear")
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()
+                     if not p.requires_grad}
+    data = _pairs(tok, 40)
+    ref = reference_log_probs(model, data, pad_id=tok.pad_token_id)
+    data = with_reference(data, ref)
+    train_pairs, valid_pairs = data[:32], data[32:]
+    settings = LoopSettings(learning_rate=5e-3, epochs=2, batch_size=8, total_steps=8,
+                            eval_every=4, precision="fp32")
+    parts = setup(model, lambda m, precision: PreferenceObjective(
+        m, loss="dpo", beta=0.5, pad_id=tok.pad_token_id, sft_weight=0.1), train_pairs,
+        settings=settings)
+    log = tmp_path / "metrics.jsonl"
+    policies = standard_policies(valid_pairs, checkpoint_dir=tmp_path / "ck", eval_every=4,
+                                 eval_batch_size=8, early_stopping_patience=None,
+                                 keep_checkpoints=2, restore_best=False)
+    fit(parts, settings=settings, callbacks=[MetricsLog(log), *policies])
+
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen_before[n]), n
+    # the adapters moved, yet with them off the model still gives the stored reference ...
+    def flat(values):
+        return [v for pair in values for v in pair]
+
+    after = reference_log_probs(model, data, pad_id=tok.pad_token_id)
+    assert flat(after) == pytest.approx(flat(ref), abs=1e-4)
+    # ... which is the base model's own output
+    fresh, _ = load(tiny_model_dir)
+    assert flat(reference_log_probs(fresh, data, pad_id=tok.pad_token_id)) == pytest.approx(
+        flat(ref), abs=1e-4)
+    records = read_metrics(log)
+    evals = [r for r in records if r["kind"] == "eval"]
+    steps = [r for r in records if r["kind"] == "train"]
+    for key in ("reward_chosen", "reward_rejected", "reward_margin", "pair_accuracy"):
+        assert f"valid_{key}" in evals[0] and f"train_{key}" in steps[0]
+    assert evals[0]["valid_reward_margin"] == pytest.approx(0.0, abs=1e-3)
+    assert evals[-1]["valid_reward_margin"] > 0
+    assert evals[-1]["valid_pair_accuracy"] > 0.5
+
+
+def test_pairs_collate_keeps_each_answer_with_its_sequence(tokenizer):
+    pairs = _pairs(tokenizer, 4)
+    inputs = pair_inputs(pairs, pad_id=0, packing=True, pack_capacity=10_000)
+    owner, labels = inputs["sequence"], inputs["labels"]
+    for i, s in enumerate([p.chosen for p in pairs] + [p.rejected for p in pairs]):
+        mine = labels[owner == i]
+        assert sorted(t for t in mine.tolist() if t != IGNORE_INDEX) == sorted(
+            t for t in s.labels[1:] if t != IGNORE_INDEX)
+    assert "reference" not in inputs
