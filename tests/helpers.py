@@ -50,6 +50,20 @@ def review_rows(n: int) -> list[dict]:
     return rows
 
 
+def review_pairs(n: int) -> list[dict]:
+    """``n`` preference pairs (OpenAI's format) on the reviews of ``review_rows``: the right
+    label preferred over the wrong one, or over a chatty answer (every other pair)."""
+    pairs = []
+    for i, row in enumerate(review_rows(n)):
+        prompt, answer = row["messages"][:2], row["messages"][2]["content"]
+        wrong = {"good": "bad", "bad": "good"}[answer]
+        rejected = wrong if i % 2 else f"Well, I would say this review is probably {wrong}."
+        pairs.append({"input": {"messages": prompt},
+                      "preferred_output": [{"role": "assistant", "content": answer}],
+                      "non_preferred_output": [{"role": "assistant", "content": rejected}]})
+    return pairs
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -6,6 +6,9 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+from tests.helpers import review_pairs
 from tunesmith.training.callbacks import read_metrics
 from tunesmith.training.checkpoint import list_checkpoints
 
@@ -24,14 +27,17 @@ def _curve(run_dir):
             if r["kind"] == "train"}
 
 
-def test_sigkill_and_resume_follows_the_same_curve(make_config, tmp_path):
-    reference_cfg = make_config(train=TRAIN, output_dir=str(tmp_path / "reference"))
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_sigkill_and_resume_follows_the_same_curve(make_config, tmp_path, objective):
+    train = {**TRAIN, "objective": objective}
+    rows = review_pairs(80) if objective == "dpo" else None
+    reference_cfg = make_config(rows, train=train, output_dir=str(tmp_path / "reference"))
     ref = _run(reference_cfg)
     out, err = ref.communicate(timeout=600)
     assert ref.returncode == 0, err
     expected = _curve(tmp_path / "reference")
 
-    cfg = make_config(train=TRAIN, output_dir=str(tmp_path / "killed"))
+    cfg = make_config(rows, train=train, output_dir=str(tmp_path / "killed"))
     proc = _run(cfg)
     ckpt = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 300

@@ -15,7 +15,8 @@ data_app = typer.Typer(no_args_is_help=True,
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 FORMAT = typer.Option(None, "--format", help="chat, prompt_completion, alpaca, sharegpt, "
-                      "classification or preference. Empty: detected from the file.")
+                      "classification, preference (OpenAI) or trl_preference. Empty: detected "
+                      "from the file.")
 TEXT_COLUMN = typer.Option("text", help="Classification: the column holding the text.")
 LABEL_COLUMN = typer.Option("label", help="Classification: the column holding the label.")
 SYSTEM_PROMPT = typer.Option(None, help="Classification: a system message for every example.")

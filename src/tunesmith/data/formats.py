@@ -12,6 +12,8 @@ format                    one row                                               
                           assistant; ``extra["label"]`` keeps the label
 ``preference``            ``{"input": {"messages"}, "preferred_output",``        Preference
                           ``"non_preferred_output"}`` (OpenAI DPO)               Example
+``trl_preference``        ``{"prompt"?, "chosen", "rejected"}`` (TRL DPO: text,  Preference
+                          messages, or whole conversations sharing the prompt)   Example
 ========================  =====================================================  ==========
 
 ``iter_records`` streams ``Record | Rejected``: a row that does not fit its format is a
@@ -29,12 +31,14 @@ from typing import Any
 
 from tunesmith.data.chat import ChatExample, check_chat_record
 from tunesmith.data.preference import check_preference_record, preference_from_json
+from tunesmith.data.preference_trl import read_trl_preference
 from tunesmith.data.records import Record
 from tunesmith.data.rejects import Rejected
 from tunesmith.data.sources import container_of, first_objects, iter_rows, table_columns
 from tunesmith.errors import DataError, Problem
 
-FORMATS = ("chat", "prompt_completion", "alpaca", "sharegpt", "classification", "preference")
+FORMATS = ("chat", "prompt_completion", "alpaca", "sharegpt", "classification", "preference",
+           "trl_preference")
 
 # ShareGPT speaker names seen in the wild, mapped to OpenAI roles.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -186,9 +190,15 @@ def _preference(value: Any, line: int, source: str, _: ReadOptions) -> Record | 
     return check_preference_record(value, line) or preference_from_json(value, line, source)
 
 
+def _trl_preference(value: Any, line: int, source: str, _: ReadOptions
+                    ) -> Record | list[Problem]:
+    return read_trl_preference(value, line, source)
+
+
 BUILDERS: dict[str, Builder] = {
     "chat": _chat, "prompt_completion": _prompt_completion, "alpaca": _alpaca,
-    "sharegpt": _sharegpt, "classification": _classification, "preference": _preference}
+    "sharegpt": _sharegpt, "classification": _classification, "preference": _preference,
+    "trl_preference": _trl_preference}
 
 
 def _format_from_keys(keys: set[str], opts: ReadOptions) -> str | None:
@@ -196,6 +206,8 @@ def _format_from_keys(keys: set[str], opts: ReadOptions) -> str | None:
         return "chat"
     if "input" in keys and "preferred_output" in keys:
         return "preference"
+    if "chosen" in keys and "rejected" in keys:
+        return "trl_preference"
     if "conversations" in keys:
         return "sharegpt"
     if "instruction" in keys and "output" in keys:

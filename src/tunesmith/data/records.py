@@ -143,3 +143,15 @@ def record_label(record: Record) -> str | None:
     if isinstance(record, ChatExample):
         return record.label
     return None
+
+
+def as_chat(record: Record) -> ChatExample:
+    """A pair as the chat example it teaches (the prompt and the preferred answer)."""
+    if isinstance(record, ChatExample):
+        return record
+    return ChatExample(record.messages, record.line, record.source, record.extra)
+
+
+def example_label(record: Record) -> str:
+    """The class label a model should answer: the (preferred) answer, stripped."""
+    return as_chat(record).label

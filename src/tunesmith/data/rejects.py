@@ -57,6 +57,13 @@ PROBLEM_CODES = {
     "missing_label": "a classification row without a label",
     "input_ends_with_assistant": "a preference prompt that ends with an assistant turn",
     "identical_outputs": "preferred and non-preferred answers are the same",
+    "multiple_output_messages": "a preference answer of more than one message (it must be "
+                                "exactly one assistant message)",
+    "output_role_not_assistant": "a preference answer whose message is not the assistant's",
+    "no_shared_prompt": "TRL chosen and rejected conversations (no prompt key) that do not "
+                        "share a prompt and differ only in their final answer",
+    "wrong_kind_of_example": "chat examples where the objective needs preference pairs, or "
+                             "pairs where it needs chat examples",
     # a valid record a stage leaves out
     "empty": "a message has no text left after cleaning",
     "too_short": "fewer characters than the minimum",

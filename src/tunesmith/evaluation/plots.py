@@ -42,6 +42,29 @@ def plot_loss_curves(records: Sequence[dict[str, Any]], path: Path, *,
     return _save(fig, path)
 
 
+def plot_rewards(records: Sequence[dict[str, Any]], path: Path) -> Path:
+    """A preference run's implicit rewards: chosen, rejected and their margin, per step (train)
+    and per evaluation (validation)."""
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for kind, prefix, style in (("train", "train_", "-"), ("eval", "valid_", "o-")):
+        rows = [r for r in records if r.get("kind") == kind and f"{prefix}reward_margin" in r]
+        if not rows:
+            continue
+        steps = [r["step"] for r in rows]
+        for name, colour in (("reward_chosen", "tab:green"), ("reward_rejected", "tab:red"),
+                             ("reward_margin", "tab:blue")):
+            ax.plot(steps, [r[f"{prefix}{name}"] for r in rows], style, color=colour,
+                    alpha=0.5 if kind == "train" else 1.0, markersize=4,
+                    label=f"{'validation' if kind == 'eval' else 'train'} {name[7:]}")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("implicit reward")
+    ax.set_title("Preference rewards (the margin is what is optimised)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_confusion_matrix(confusion: Mapping[str, Any], path: Path, *,
                           title: str = "Confusion matrix") -> Path:
     """Counts from ``metrics.confusion``: expected labels down, predicted labels across."""

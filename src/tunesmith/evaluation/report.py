@@ -50,6 +50,7 @@ from tunesmith.evaluation.plots import (
     plot_confusion_matrix,
     plot_loss_curves,
     plot_reliability,
+    plot_rewards,
 )
 from tunesmith.evaluation.sections import (
     Bullets,
@@ -138,6 +139,9 @@ def make_plots(run_dir: Path, results: dict[str, Any],
         best = (results.get("overfitting") or {}).get("best_step")
         plot_loss_curves(records, run_dir / "loss_curve.png", best_step=best)
         plots["loss_curves"] = "loss_curve.png"
+        if any("train_reward_margin" in r for r in records):
+            plot_rewards(records, run_dir / "rewards.png")
+            plots["rewards"] = "rewards.png"
     for which, c in (results.get("confusion") or {}).items():
         if c:
             name = f"confusion_{which}.png"

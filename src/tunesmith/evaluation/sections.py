@@ -253,6 +253,38 @@ def _samples(samples: Sequence[dict[str, Any]]) -> list:
                    for s in samples])]
 
 
+# What the report says about rewards, once: the most common misreading of DPO curves.
+REWARDS_NOTE = ("DPO optimises the margin between the chosen and the rejected reward; both "
+                "rewards may fall while the margin grows, so a falling chosen reward alone is "
+                "not a failure.")
+_PAIR_ROWS = (("pair accuracy (chosen reward > rejected)", "pair_accuracy"),
+              ("mean reward margin", "reward_margin"), ("mean chosen reward", "reward_chosen"),
+              ("mean rejected reward", "reward_rejected"),
+              ("likelihood accuracy (chosen more likely per token)", "likelihood_accuracy"),
+              ("mean log-prob per token, chosen", "logp_chosen"),
+              ("mean log-prob per token, rejected", "logp_rejected"), ("loss", "loss"))
+
+
+def _preference(results: dict[str, Any]) -> list:
+    p = results.get("preference")
+    if not p:
+        return []
+    blocks: list = [
+        Text(f"Objective {p['objective']} (beta {fmt(p['beta'])}, SFT weight "
+             f"{fmt(p['sft_weight'])}) on {p['pairs']} held-out pairs from the {p['split']} "
+             "split." + (" The base model is the reference, so its rewards are 0 by definition "
+                         "and it has no pair accuracy; the likelihood accuracy compares both "
+                         "models alike." if p["objective"] in ("dpo", "ipo") else "")),
+        Table(["measure", "base", "tuned"], [[name, fmt(p["base"].get(k)),
+                                               fmt(p["tuned"].get(k))]
+                                              for name, k in _PAIR_ROWS]),
+        Text(REWARDS_NOTE)]
+    plot = (results.get("plots") or {}).get("rewards")
+    if plot:
+        blocks.append(Image("preference rewards", plot))
+    return blocks
+
+
 def _data(results: dict[str, Any]) -> list:
     blocks: list = [Table(["split", "examples"],
                           [[k, str(v)] for k, v in results["data_counts"].items()])]
@@ -289,6 +321,7 @@ def report_sections(results: dict[str, Any]) -> list[Section]:
         Section("Hyperparameters", [Table(["name", "value"], [
             [k, fmt(v)] for k, v in results["hyperparameters"].items()])]),
         Section("Training", training),
+        Section("Preference pairs: base vs tuned", _preference(results)),
         Section("Test set: base vs tuned", test),
         Section("Per-class metrics", [per_class] if per_class else []),
         Section("Confusion matrices", _confusion_blocks(results)),

@@ -18,6 +18,7 @@ import torch
 from tunesmith.config import ResolvedHyperparameters, RunConfig
 from tunesmith.data.encode import Encoded
 from tunesmith.errors import ConfigError
+from tunesmith.flows.preference import preference_objective, with_references
 from tunesmith.flows.steps import base_dtype, prepare_model_for_training
 from tunesmith.models.classifier import load_classifier
 from tunesmith.models.load import save_merged
@@ -98,6 +99,13 @@ def fine_tune(cfg: RunConfig, run_dir: Path, model: Any, model_dir: Path, tokeni
                                 dtype=base_dtype(cfg))
         make_objective = make_objective or classifier_objective(
             cfg, train_rows, len(labels), tokenizer.pad_token_id)
+    elif cfg.train.objective != "sft":
+        # the reference is the model as loaded, before any adapter or update
+        rows = with_references(cfg, run_dir, model, {"train": train_rows, "validation":
+                                                     valid_rows}, pad_id=tokenizer.pad_token_id,
+                               batch_size=cfg.eval.batch_size)
+        train_rows, valid_rows = rows["train"], rows["validation"]
+        make_objective = make_objective or preference_objective(cfg, hp, tokenizer.pad_token_id)
     model = prepare_model_for_training(model, cfg)
     result = train(model, train_rows, valid_rows,
                    settings=loop_settings(cfg, hp, restore_best=restore_best),

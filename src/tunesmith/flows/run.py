@@ -27,11 +27,12 @@ from tunesmith.config import (
     resolve_hyperparameters,
 )
 from tunesmith.data.encode import Encoded
+from tunesmith.data.records import as_chat, example_label
 from tunesmith.data.rejects import Rejected, write_rejects
 from tunesmith.data.split import Splits, sample
 from tunesmith.errors import DataError
 from tunesmith.evaluation.checks import training_warnings
-from tunesmith.flows import assess
+from tunesmith.flows import assess, preference
 from tunesmith.flows.finetune import fine_tune
 from tunesmith.flows.logs import attach_log_file, detach_log_file
 from tunesmith.flows.steps import (
@@ -115,7 +116,8 @@ def prepare_training(cfg: RunConfig, run_dir: Path, tokenizer: Any, splits: Spli
     # the validation loss runs every eval_every steps: a capped sample keeps that cheap
     valid_for_loss = sample(splits.validation, cfg.data.max_validation_examples,
                             seed=cfg.train.seed,
-                            labels=[e.label for e in splits.validation] if labels else None)
+                            labels=[example_label(e) for e in splits.validation]
+                            if labels else None)
     valid_enc, more = encode_examples(encode, valid_for_loss,
                                       max_length=cfg.data.max_length, split="validation",
                                       progress=progress)
@@ -163,6 +165,9 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
     data_rejects: list[Rejected] = []
     splits = load_splits(cfg, data_rejects)
     labels = classification_labels(cfg, splits)
+    # pairs are evaluated on their task as the chat example of their preferred answer
+    test = [as_chat(e) for e in splits.test]
+    valid_chat = [as_chat(e) for e in splits.validation]
     say(f"data: {len(splits.train)} train, {len(splits.validation)} validation, "
         f"{len(splits.test)} test examples")
     write_splits(run_dir / "data", splits)
@@ -177,7 +182,9 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
         prepared = prepare_training(cfg, run_dir, tokenizer, splits, labels, progress, say,
                             data_rejects)
         # 4. the base model on the test set and on general text, before any training
-        base = base_eval(cfg, run_dir, model, tokenizer, splits.test, labels, progress, resume)
+        base = base_eval(cfg, run_dir, model, tokenizer, test, labels, progress, resume)
+        held = preference.held_out(cfg, run_dir, model, tokenizer, splits, prepared.hp) \
+            if preference.is_preference(cfg) else None
         snapshot = assess.forgetting_snapshot(model, tokenizer, ev) \
             if ev.forgetting and not head else None
 
@@ -199,17 +206,17 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
 
     # 6. evaluate what was saved: test set, calibration, forgetting
     with Progress(console=console, disable=not show_progress) as progress:
-        advance = advance_task(progress, "evaluating tuned", len(splits.test))
-        tuned = assess.evaluate_head(model, tokenizer, splits.test, ev, labels, advance) \
-            if head else assess.evaluate_lm(model, tokenizer, splits.test, ev, labels, advance)
+        advance = advance_task(progress, "evaluating tuned", len(test))
+        tuned = assess.evaluate_head(model, tokenizer, test, ev, labels, advance) \
+            if head else assess.evaluate_lm(model, tokenizer, test, ev, labels, advance)
         log.info("tuned model on the test set: %s", json.dumps(tuned.metrics))
         # per-example predictions, for comparing runs on the same test items (tune --final)
         assess.save_model_eval(run_dir / "tuned_eval.json", tuned)
         cal = None
-        if labels and ev.calibration and splits.validation:
-            valid_lp = assess.validation_log_probs(model, tokenizer, splits.validation, labels,
+        if labels and ev.calibration and valid_chat:
+            valid_lp = assess.validation_log_probs(model, tokenizer, valid_chat, labels,
                                                    head=head, batch_size=ev.batch_size)
-            cal = assess.calibration(valid_lp, splits.validation, tuned, splits.test, labels,
+            cal = assess.calibration(valid_lp, valid_chat, tuned, test, labels,
                                      run_dir / "merged")
         forgetting = assess.compare_snapshots(
             snapshot, assess.forgetting_snapshot(model, tokenizer, ev),
@@ -228,20 +235,23 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
     seconds = time.perf_counter() - started
     records = read_metrics(run_dir / "metrics.jsonl")
     stats, lengths = assess.length_stats(tokenizer, {"train": splits.train,
-                                                     "test": splits.test})
+                                                     "test": test})
     results = assess.assemble(
         name=cfg.name or run_dir.name, model=cfg.model.base, ev=ev, labels=labels,
         data_counts={"train": len(prepared.train), "validation": len(splits.validation),
                      "validation loss sample": len(prepared.valid),
-                     "test": len(splits.test), "left out": len(prepared.rejects)},
+                     "test": len(test), "left out": len(prepared.rejects)},
         token_lengths=stats, hyperparameters=prepared.hp.model_dump(),
         training={"best_step": result.state.best_step,
                   "best_valid_loss": result.state.best_valid_loss,
                   "stopped_early": result.state.stopped_early,
                   "tokens_seen": result.state.tokens_seen, "precision": result.precision,
                   "seconds": round(seconds, 1), "warnings": warnings},
-        test=splits.test, base=base, tuned=tuned, calibration_result=cal,
+        test=test, base=base, tuned=tuned, calibration_result=cal,
         forgetting=forgetting, records=records)
+    if held is not None:
+        results["preference"] = preference.preference_results(cfg, prepared.hp, held, model,
+                                                              tokenizer)
     assess.write_run_results(run_dir, results, records, lengths, cfg.data.max_length)
     say(f"run directory: {run_dir}")
     return RunResult(run_dir=run_dir, base=base.metrics if base else None, tuned=tuned.metrics,

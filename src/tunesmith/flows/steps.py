@@ -26,11 +26,18 @@ from tunesmith.config import (
 from tunesmith.data.chat import ChatExample
 from tunesmith.data.clean import CleanOptions, clean_examples
 from tunesmith.data.dedup import near_duplicate_groups
-from tunesmith.data.encode import Encoded, encode_chat, encode_class_example
+from tunesmith.data.encode import (
+    Encoded,
+    PairEncoded,
+    encode_chat,
+    encode_class_example,
+    encode_pair,
+)
 from tunesmith.data.formats import ReadOptions, iter_records
 from tunesmith.data.normalize import TextOptions
 from tunesmith.data.pii import RedactOptions
-from tunesmith.data.records import removed
+from tunesmith.data.preference import PreferenceExample
+from tunesmith.data.records import Record, as_chat, example_label, record_to_json, removed
 from tunesmith.data.rejects import Rejected
 from tunesmith.data.split import Splits, sample, split_examples
 from tunesmith.errors import ConfigError, DataError, Problem
@@ -42,18 +49,21 @@ log = logging.getLogger("tunesmith")
 
 
 
-def read_examples(path: Path, d: DataConfig, rejects: list[Rejected]) -> list[ChatExample]:
-    """Every example of a data file in any supported format, as canonical chat examples.
+def read_examples(path: Path, d: DataConfig, rejects: list[Rejected], *,
+                  pairs: bool | None = False) -> list[Record]:
+    """Every example of a data file in any supported format, as canonical records.
 
-    Invalid rows stop the run with every problem listed (``on_error: raise``), or are left
-    out and appended to ``rejects`` with the reason (``on_error: skip``).
+    ``pairs``: True wants preference pairs, False chat examples, None either (a test file:
+    pairs are scored as the chat example of their preferred answer). Invalid rows stop the
+    run with every problem listed (``on_error: raise``), or are left out and appended to
+    ``rejects`` with the reason (``on_error: skip``).
     """
     read = ReadOptions(format=d.format, text_column=d.text_column, label_column=d.label_column,
                        system_prompt=d.system_prompt)
     # the train file is split later, so its rows have no split yet
     split = ("validation" if path == d.validation_file
              else "test" if path == d.test_file else None)
-    examples: list[ChatExample] = []
+    examples: list[Record] = []
     problems: list[Problem] = []
     for item in iter_records(path, read):
         if isinstance(item, Rejected):
@@ -61,9 +71,17 @@ def read_examples(path: Path, d: DataConfig, rejects: list[Rejected]) -> list[Ch
                 problems.extend(item.problems)
             else:
                 rejects.append(dataclasses.replace(item, split=split))
-        elif not isinstance(item, ChatExample):
-            raise DataError("preference pairs (DPO) cannot be trained by `tunesmith run` yet; "
-                            "give chat examples", path=path, line=item.line)
+        elif pairs is not None and isinstance(item, PreferenceExample) != pairs:
+            raise DataError(
+                "this file holds preference pairs (input, preferred_output, "
+                "non_preferred_output); train them with train.objective: dpo (or ipo, simpo, "
+                "orpo), or give chat examples" if not pairs else
+                "train.objective needs preference pairs: lines like {\"input\": {\"messages\": "
+                "[...]}, \"preferred_output\": [...], \"non_preferred_output\": [...]} "
+                "(OpenAI) or {\"prompt\": ..., \"chosen\": ..., \"rejected\": ...} (TRL); "
+                "this file holds chat examples (use train.objective: sft for those)",
+                path=path, line=item.line,
+                code="wrong_kind_of_example")
         else:
             examples.append(item)
     if problems:
@@ -76,8 +94,8 @@ def read_examples(path: Path, d: DataConfig, rejects: list[Rejected]) -> list[Ch
     return examples
 
 
-def clean_stage(examples: list[ChatExample], d: DataConfig, rejects: list[Rejected]
-                ) -> list[ChatExample]:
+def clean_stage(examples: list[Record], d: DataConfig, rejects: list[Rejected]
+                ) -> list[Record]:
     """The configured cleaning and redaction; what is dropped goes to ``rejects``."""
     if not (d.clean or d.redact):
         return examples
@@ -88,7 +106,7 @@ def clean_stage(examples: list[ChatExample], d: DataConfig, rejects: list[Reject
         exact_duplicates=d.clean, near_duplicates=d.clean))
     rejects.extend(report.left_out)
     log.info("cleaning: %s", "; ".join(report.lines()))
-    return [ex for ex in kept if isinstance(ex, ChatExample)]
+    return [ex for ex in kept if not isinstance(ex, Rejected)]
 
 
 def load_splits(cfg: RunConfig, rejects: list[Rejected] | None = None, *,
@@ -102,11 +120,14 @@ def load_splits(cfg: RunConfig, rejects: list[Rejected] | None = None, *,
     """
     d, seed = cfg.data, cfg.train.seed
     rejects = rejects if rejects is not None else []
-    train_set = clean_stage(read_examples(d.train_file, d, rejects), d, rejects)
-    valid = read_examples(d.validation_file, d, rejects) if d.validation_file else None
-    test = None if not d.test_file else read_examples(d.test_file, d, rejects) if with_test else []
+    pairs = cfg.train.objective != "sft"
+    train_set = clean_stage(read_examples(d.train_file, d, rejects, pairs=pairs), d, rejects)
+    valid = read_examples(d.validation_file, d, rejects, pairs=pairs) \
+        if d.validation_file else None
+    test = None if not d.test_file else read_examples(
+        d.test_file, d, rejects, pairs=None) if with_test else []
     is_cls = cfg.eval.task == "classification"
-    labels = [ex.label for ex in train_set] if is_cls else None
+    labels = [example_label(ex) for ex in train_set] if is_cls else None
     if valid is None or test is None:
         if len(train_set) < 10:
             raise DataError(f"only {len(train_set)} examples; at least 10 are needed to split off "
@@ -121,8 +142,9 @@ def load_splits(cfg: RunConfig, rejects: list[Rejected] | None = None, *,
         valid = valid if valid is not None else parts.validation
         test = test if test is not None else parts.test
 
-    def cap(items: list[ChatExample], n: int | None) -> list[ChatExample]:
-        return sample(items, n, seed=seed, labels=[e.label for e in items] if is_cls else None)
+    def cap(items: list[Record], n: int | None) -> list[Record]:
+        return sample(items, n, seed=seed,
+                      labels=[example_label(e) for e in items] if is_cls else None)
 
     return Splits(train=cap(train_set, d.max_train_examples),
                   # capped for the validation loss in _prepare; calibration uses all of it
@@ -131,19 +153,23 @@ def load_splits(cfg: RunConfig, rejects: list[Rejected] | None = None, *,
 
 
 def write_splits(folder: Path, splits: Splits) -> None:
-    """The exact examples of each split, as chat JSONL: what the run trained and tested on."""
+    """The exact examples of each split, as canonical JSONL (OpenAI chat, or preference
+    pairs): what the run trained and tested on."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, items in (("train", splits.train), ("validation", splits.validation),
                         ("test", splits.test)):
         with (folder / f"{name}.jsonl").open("w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps({"messages": ex.messages, **ex.extra}, ensure_ascii=False)
-                          + "\n" for ex in items)
+            fh.writelines(json.dumps(record_to_json(ex), ensure_ascii=False) + "\n"
+                          for ex in items)
 
 
 def training_encoder(tokenizer: Any, cfg: RunConfig, labels: list[str] | None
-                     ) -> Callable[[ChatExample], Encoded]:
-    """How examples become training rows: the chat with its assistant turns as targets, or,
-    for a classification head, the prompt with the class index as the one target."""
+                     ) -> Callable[[Any], Encoded | PairEncoded]:
+    """How examples become training rows: the chat with its assistant turns as targets; for a
+    classification head, the prompt with the class index as the one target; for a preference
+    objective, both conversations of a pair with their answers as targets."""
+    if cfg.train.objective != "sft":
+        return lambda ex: encode_pair(tokenizer, ex.prompt, ex.chosen, ex.rejected)
     if cfg.train.head != "classifier":
         return lambda ex: encode_chat(tokenizer, ex.messages)
     if not labels:
@@ -160,20 +186,22 @@ def training_encoder(tokenizer: Any, cfg: RunConfig, labels: list[str] | None
     return encode_class
 
 
-def encode_examples(encode: Callable[[ChatExample], Encoded], examples: Sequence[ChatExample],
+def encode_examples(encode: Callable[[Any], Any], examples: Sequence[Record],
                     *, max_length: int, split: str, progress: Progress | None = None
-                    ) -> tuple[list[Encoded], list[Rejected]]:
+                    ) -> tuple[list[Any], list[Rejected]]:
     """Encode for training; too-long or target-less examples are returned as rejects."""
-    kept: list[Encoded] = []
+    kept: list[Any] = []
+    what = "the pair's longer conversation" if any(
+        isinstance(ex, PreferenceExample) for ex in examples[:1]) else "the example"
     rejects: list[Rejected] = []
     task = progress.add_task(f"tokenising {split}", total=len(examples)) if progress else None
     for ex in examples:
         enc = encode(ex)
         if len(enc) > max_length:
             rejects.append(removed(ex, "encode", Problem(
-                "too_long", f"{len(enc)} tokens with the chat template, over "
-                f"data.max_length={max_length}; shorten the example or raise data.max_length",
-                ex.line, "messages"), split))
+                "too_long", f"{what} has {len(enc)} tokens with the chat template, over "
+                f"data.max_length={max_length}; shorten the prompt or answers, or raise "
+                "data.max_length", ex.line, "messages"), split))
         elif enc.n_targets == 0:
             rejects.append(removed(ex, "encode", Problem(
                 "no_trainable_tokens", "no assistant tokens to train on; give at least one "
@@ -188,9 +216,9 @@ def encode_examples(encode: Callable[[ChatExample], Encoded], examples: Sequence
 def classification_labels(cfg: RunConfig, splits: Splits) -> list[str] | None:
     if cfg.eval.task != "classification":
         return None
-    labels = cfg.eval.labels or sorted({ex.label for ex in splits.train})
-    check_labels(splits.train, labels, "training")
-    check_labels(splits.test, labels, "test")
+    labels = cfg.eval.labels or sorted({example_label(ex) for ex in splits.train})
+    check_labels([as_chat(e) for e in splits.train], labels, "training")
+    check_labels([as_chat(e) for e in splits.test], labels, "test")
     if cfg.eval.positive_label is not None and cfg.eval.positive_label not in labels:
         raise ConfigError(f"eval.positive_label '{cfg.eval.positive_label}' is not one of the "
                           f"labels {labels}")
@@ -242,3 +270,10 @@ def run_config(run_dir: Path) -> RunConfig | None:
 def advance_task(progress: Progress, title: str, total: int) -> Callable[[int], None]:
     task = progress.add_task(title, total=total)
     return lambda n: progress.advance(task, n)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Whole or not at all: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    tmp.replace(path)

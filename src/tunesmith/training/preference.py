@@ -179,6 +179,7 @@ class PreferenceObjective(nn.Module):
             "reward_rejected": float(out.rejected_rewards.sum()),
             "reward_margin": float(margin.sum()),
             "pair_accuracy": float((margin > 0).float().sum()),
+            "likelihood_accuracy": float((mean_lp[:n] > mean_lp[n:]).float().sum()),
             "logp_chosen": float(mean_lp[:n].sum()), "logp_rejected": float(mean_lp[n:].sum())})
 
 

@@ -40,7 +40,7 @@ from tunesmith.flows.logs import (
     keep_library_output_off_screen,
 )
 from tunesmith.flows.run import prepare_training
-from tunesmith.flows.steps import base_dtype, classification_labels, load_splits
+from tunesmith.flows.steps import base_dtype, classification_labels, load_splits, write_json
 from tunesmith.models.load import load
 from tunesmith.models.resolve import resolve_model
 from tunesmith.training.callbacks import MetricsLog
@@ -162,13 +162,6 @@ def run_trial(trial_dir: Path) -> dict[str, Any]:
     outcome["seconds"] = round(time.perf_counter() - started, 1)
     outcome["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return outcome
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Whole or not at all: a reader never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    tmp.replace(path)
 
 
 def main(argv: list[str]) -> int:
