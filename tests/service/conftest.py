@@ -21,6 +21,12 @@ import pytest
 from tests.helpers import LiveServer, free_port, jsonl_bytes, review_rows, start_server
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "dpo_training: trains a DPO job end to end, so it needs the DPO objective in "
+        "`tunesmith run`; deselect with -m 'not dpo_training' where that is not there")
+
+
 @pytest.fixture
 def launch(tiny_model_dir: Path, test_home: Path) -> Iterator[Callable[..., LiveServer]]:
     """Start servers (``launch(data_dir, *extra_args)``); all are killed at the end."""

@@ -142,8 +142,12 @@ def test_job_requests_are_checked(api: TestClient, settings: ServiceSettings) ->
         return api.post("/v1/fine_tuning/jobs", headers=headers,
                         json={"model": "tiny", "training_file": file_id, **body})
 
-    err = assert_error(create(method={"type": "dpo", "dpo": {}}), 400, "unsupported_method")
+    err = assert_error(create(method={"type": "reinforcement", "reinforcement": {}}), 400,
+                       "unsupported_method")
     assert "not supported yet" in err["message"] and err["param"] == "method.type"
+    # a DPO job needs preference pairs, and this file holds chat examples
+    err = assert_error(create(method={"type": "dpo", "dpo": {}}), 400, "invalid_file_format")
+    assert err["param"] == "training_file" and file_id in err["message"]
     assert_error(create(model="gpt-4o-mini"), 400, "model_not_available")
     assert_error(create(training_file="file-nope"), 400, "file_not_found")
     err = assert_error(create(hyperparameters={"n_epochs": 0}), 400)

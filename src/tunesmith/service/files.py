@@ -1,4 +1,9 @@
-"""Files: uploads validated with tunesmith's chat-data validator, stored on disk, listed."""
+"""Files: uploads validated with tunesmith's data checks, stored on disk, listed.
+
+A fine-tuning file holds OpenAI chat examples (supervised jobs) or OpenAI preference pairs (DPO
+jobs); which one is told by its first rows, and every row is checked as that kind with the
+row checks of ``tunesmith data validate`` (``tunesmith.data.formats.iter_records``).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from tunesmith.data.chat import check_chat_record, iter_jsonl
+from tunesmith.data.formats import ReadOptions, detect_format, iter_records
+from tunesmith.data.rejects import Rejected
 from tunesmith.errors import DataError, Problem, ServiceError
 from tunesmith.service.http_errors import bad_request, not_found
 from tunesmith.service.objects import file_object, page
@@ -20,24 +26,48 @@ PURPOSES = ("fine-tune",)
 RESULTS_PURPOSE = "fine-tune-results"
 
 
-def validate_chat_file(path: Path, display_name: str) -> int:
-    """The number of examples in a chat JSONL file, or a 400 naming every bad line and field."""
+# what each kind of file holds, for messages: its name, and its name with its keys
+KIND_NAMES = {"chat": "chat examples", "preference": "preference pairs"}
+KINDS = {"chat": 'chat examples ({"messages": [...]})',
+         "preference": "preference pairs (input, preferred_output, non_preferred_output)"}
+EXAMPLE_LINES = {
+    "chat": '{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}',
+    "preference": '{"input": {"messages": [{"role": "user", ...}]}, "preferred_output": '
+                  '[{"role": "assistant", ...}], "non_preferred_output": [{"role": '
+                  '"assistant", ...}]}'}
+
+
+def file_kind(path: Path) -> str:
+    """'preference' for a file of OpenAI preference pairs, else 'chat' (a file that is neither
+    is checked as chat data, so its problems are reported as chat problems)."""
+    try:
+        return "preference" if detect_format(path) == "preference" else "chat"
+    except DataError:  # keys of no known format
+        return "chat"
+
+
+def validate_training_file(path: Path, display_name: str) -> tuple[int, str]:
+    """The number of examples and the kind of a fine-tuning file (JSONL), or a 400 naming
+    every bad line and field."""
+    kind = file_kind(path)
     problems: list[Problem] = []
     examples = 0
-    for row in iter_jsonl(path):
-        found = [row.problem] if row.problem is not None else check_chat_record(row.value,
-                                                                               row.line)
-        problems.extend(found)
-        examples += not found
+    for item in iter_records(path, ReadOptions(format=kind)):
+        if isinstance(item, Rejected):
+            problems.extend(item.problems)
+        else:
+            examples += 1
     if problems:
-        err = DataError(f"{display_name}: {len(problems)} problem(s) in the data; fix these "
-                        "lines and upload again", path=display_name, problems=problems)
+        err = DataError(f"{display_name}: {len(problems)} problem(s) in the data (read as "
+                        f"{KINDS[kind]}); fix these lines and upload again", path=display_name,
+                        problems=problems)
         raise ServiceError(str(err), status=400, code="invalid_file_format", param="file")
     if examples == 0:
         raise bad_request(f"{display_name}: the file is empty; expected one JSON object per "
-                          'line like {"messages": [{"role": "user", ...}, {"role": '
-                          '"assistant", ...}]}', param="file", code="invalid_file_format")
-    return examples
+                          f"line like {EXAMPLE_LINES['chat']} (or, for DPO, "
+                          f"{EXAMPLE_LINES['preference']})", param="file",
+                          code="invalid_file_format")
+    return examples, kind
 
 
 def save_upload(store: Store, files_dir: Path, org: str, upload: Upload) -> dict[str, Any]:
@@ -50,7 +80,7 @@ def save_upload(store: Store, files_dir: Path, org: str, upload: Upload) -> dict
         if purpose not in PURPOSES:
             raise bad_request(f"purpose {purpose!r} is not supported here; use 'fine-tune'",
                               param="purpose")
-        examples = validate_chat_file(path, upload.filename or "upload.jsonl")
+        examples, _ = validate_training_file(path, upload.filename or "upload.jsonl")
         file_id = new_id("file-")
         final = files_dir / file_id
         os.replace(path, final)

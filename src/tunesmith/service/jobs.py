@@ -15,10 +15,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tunesmith.errors import ServiceError
-from tunesmith.service.files import PURPOSES, get_file
+from tunesmith.service.files import KIND_NAMES, KINDS, PURPOSES, file_kind, get_file
 from tunesmith.service.http_errors import bad_request, conflict, not_found
 from tunesmith.service.models import base_for_training
-from tunesmith.service.objects import checkpoint_object, event_object, job_object, page
+from tunesmith.service.objects import (
+    checkpoint_object,
+    event_object,
+    job_object,
+    method_type,
+    page,
+)
 from tunesmith.service.schemas import Hyperparameters, JobCreate
 from tunesmith.service.settings import ServiceSettings
 from tunesmith.service.store import Store
@@ -34,21 +40,42 @@ def add_event(s: Session, job_id: str, message: str, *, level: str = "info",
                    type=type, message=message, data=data, step=step))
 
 
-def _requested_hyperparameters(req: JobCreate) -> Hyperparameters:
+METHODS = ("supervised", "dpo", "reinforcement")
+# the kind of file each method trains on (see ``files.file_kind``)
+FILE_KIND = {"supervised": "chat", "dpo": "preference"}
+
+
+def requested_hyperparameters(req: JobCreate) -> dict[str, Any]:
+    """The job's hyperparameters as asked ('auto' where not given); a DPO job's have ``beta``.
+
+    They come from ``method.<type>.hyperparameters`` or from the deprecated top-level field,
+    never both. Only the section of the method ``type`` names may be given.
+    """
     method = req.method
-    if method is not None and method.type != "supervised":
-        raise bad_request(f"fine-tuning method '{method.type}' is not supported yet; use "
-                          "method.type 'supervised'", param="method.type",
-                          code="unsupported_method")
-    in_method = method.supervised.hyperparameters if method and method.supervised else None
+    kind = method.type if method is not None else "supervised"
+    if kind not in FILE_KIND:
+        raise bad_request(f"fine-tuning method '{kind}' is not supported yet; use method.type "
+                          "'supervised' (chat examples) or 'dpo' (preference pairs)",
+                          param="method.type", code="unsupported_method")
+    for other in METHODS:
+        if other != kind and method is not None and getattr(method, other) is not None:
+            raise bad_request(f"method.type is '{kind}', but method.{other} is given; put the "
+                              f"hyperparameters under method.{kind}.hyperparameters",
+                              param=f"method.{other}")
+    section = getattr(method, kind) if method is not None else None
+    in_method = section.hyperparameters if section is not None else None
     if in_method is not None and req.hyperparameters is not None:
-        raise bad_request("give hyperparameters once, under method.supervised.hyperparameters "
+        raise bad_request(f"give hyperparameters once, under method.{kind}.hyperparameters "
                           "(the top-level field is the deprecated form)",
                           param="hyperparameters")
-    return in_method or req.hyperparameters or Hyperparameters()
+    values = (in_method or req.hyperparameters or Hyperparameters()).model_dump()
+    if kind == "dpo":
+        values.setdefault("beta", "auto")  # the top-level form has no beta
+    return values
 
 
-def _training_input(store: Store, org: str, file_id: str, param: str) -> str:
+def _training_input(store: Store, settings: ServiceSettings, org: str, file_id: str,
+                    param: str, method: str) -> str:
     try:
         row = get_file(store, org, file_id)
     except ServiceError:
@@ -57,25 +84,39 @@ def _training_input(store: Store, org: str, file_id: str, param: str) -> str:
     if row.purpose not in PURPOSES:
         raise bad_request(f"invalid {param}: {file_id} has purpose '{row.purpose}'; upload "
                           "training data with purpose 'fine-tune'", param=param)
+    path = settings.files_dir / row.id
+    wanted = FILE_KIND[method]
+    # a file gone from disk is reported by the worker, which checks every file again
+    found = file_kind(path) if path.is_file() else wanted
+    if found != wanted:
+        fix = ("upload a file of preference pairs, or use method.type 'supervised' to train "
+               "on chat examples" if method == "dpo" else
+               "use method.type 'dpo' to train on preference pairs, or upload chat examples")
+        raise bad_request(f"invalid {param}: {file_id} holds {KIND_NAMES[found]}; a {method} job "
+                          f"needs {KINDS[wanted]}: {fix}", param=param,
+                          code="invalid_file_format")
     return row.id
 
 
 def create_job(store: Store, settings: ServiceSettings, org: str, req: JobCreate
                ) -> dict[str, Any]:
     """Record a new job (validating_files); a worker validates, queues and trains it."""
-    hp = _requested_hyperparameters(req)
+    hp = requested_hyperparameters(req)
+    method = method_type(hp)
     if req.integrations:
         raise bad_request("integrations are not supported by this server",
                           param="integrations")
     base_ref, base_name = base_for_training(store, settings, org, req.model)
-    training = _training_input(store, org, req.training_file, "training_file")
-    validation = (_training_input(store, org, req.validation_file, "validation_file")
+    training = _training_input(store, settings, org, req.training_file, "training_file",
+                               method)
+    validation = (_training_input(store, settings, org, req.validation_file,
+                                  "validation_file", method)
                   if req.validation_file else None)
     job_id = new_id("ftjob-")
     job = Job(id=job_id, org=org, model=req.model, base_ref=base_ref, training_file=training,
               validation_file=validation, suffix=req.suffix or None,
               seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
-              metadata_=req.metadata, hyperparameters=hp.model_dump(), status="validating_files",
+              metadata_=req.metadata, hyperparameters=hp, status="validating_files",
               output_model=f"ft:{base_name}:{org}:{req.suffix or ''}:{job_id[-8:]}",
               result_files=[], created_at=now())
     with store.begin() as s:

@@ -27,8 +27,22 @@ def organization_id(org: str) -> str:
     return f"org-{org}"
 
 
+def method_type(hyperparameters: dict[str, Any]) -> str:
+    """'dpo' or 'supervised'. A job keeps its method in its hyperparameters (no column of its
+    own, so stores made before DPO need no migration): only DPO has ``beta``."""
+    return "dpo" if "beta" in hyperparameters else "supervised"
+
+
+def method_object(hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's ``method``: ``{"type": "dpo", "dpo": {"hyperparameters": {...}}}``."""
+    kind = method_type(hyperparameters)
+    return {"type": kind, kind: {"hyperparameters": dict(hyperparameters)}}
+
+
 def job_object(job: Job) -> dict[str, Any]:
-    hp = job.hyperparameters
+    method = method_object(job.hyperparameters)
+    # the top-level field is OpenAI's deprecated supervised form: the three shared values
+    hp = {k: v for k, v in job.hyperparameters.items() if k != "beta"}
     return {
         "id": job.id, "object": "fine_tuning.job", "created_at": job.created_at,
         "error": job.error, "fine_tuned_model": job.output_model if job.status == "succeeded"
@@ -38,7 +52,7 @@ def job_object(job: Job) -> dict[str, Any]:
         "training_file": job.training_file, "validation_file": job.validation_file,
         "estimated_finish": job.estimated_finish if job.status == "running" else None,
         "integrations": [], "metadata": job.metadata_, "suffix": job.suffix,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+        "method": method,
         "user_provided_suffix": job.suffix,
     }
 

@@ -2,7 +2,9 @@
 
 The run itself is ``tunesmith.flows.run`` with a RunConfig built here through ``parse_config``,
 and its 'auto' values are resolved by tunesmith's own ``resolve_hyperparameters`` on the
-training split the run makes, so the service trains exactly as the CLI does.
+training split the run makes, so the service trains exactly as the CLI does. A supervised job
+trains chat examples (``train.objective: sft``); a DPO job trains preference pairs with
+``train.objective: dpo`` and its ``beta`` as ``train.preference.beta``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,12 @@ from typing import Any
 
 from tunesmith.config import RunConfig, parse_config, resolve_hyperparameters
 from tunesmith.data.chat import ChatExample, read_chat_jsonl
-from tunesmith.errors import DataError, ServiceError
+from tunesmith.data.formats import ReadOptions, iter_records
+from tunesmith.data.preference import PreferenceExample
+from tunesmith.data.records import as_chat
+from tunesmith.data.rejects import Rejected
+from tunesmith.errors import DataError, Problem, ServiceError
+from tunesmith.service.objects import method_type
 
 MIN_EXAMPLES = 10  # OpenAI's minimum, and what tunesmith needs to split off held-out sets
 METHOD = "lora"
@@ -26,15 +33,39 @@ class JobDataError(ServiceError):
     """A job's data cannot be trained on (the job fails with this code and message)."""
 
 
-def read_examples(path: Path, param: str) -> list[ChatExample]:
+def _check_present(path: Path, param: str) -> None:
     if not path.is_file():
         raise JobDataError(f"the {param.replace('_', ' ')} was deleted before training "
                            "started; upload it again and create a new job",
                            code="file_not_found", param=param)
+
+
+def read_examples(path: Path, param: str) -> list[ChatExample]:
+    _check_present(path, param)
     try:
         return read_chat_jsonl(path)
     except Exception as err:
         raise JobDataError(str(err), code="invalid_file_format", param=param) from err
+
+
+def read_pairs(path: Path, param: str) -> list[PreferenceExample]:
+    """The preference pairs of a DPO job's file, or a JobDataError listing every bad line."""
+    _check_present(path, param)
+    pairs: list[PreferenceExample] = []
+    problems: list[Problem] = []
+    try:
+        for item in iter_records(path, ReadOptions(format="preference")):
+            if isinstance(item, Rejected):
+                problems.extend(item.problems)
+            elif isinstance(item, PreferenceExample):
+                pairs.append(item)
+    except DataError as err:
+        raise JobDataError(str(err), code="invalid_file_format", param=param) from err
+    if problems:
+        err = DataError(f"{path.name}: {len(problems)} problem(s) in the preference pairs",
+                        path=path.name, problems=problems)
+        raise JobDataError(str(err), code="invalid_file_format", param=param)
+    return pairs
 
 
 def detect_task(train: list[ChatExample], valid: list[ChatExample] | None) -> str:
@@ -47,15 +78,29 @@ def detect_task(train: list[ChatExample], valid: list[ChatExample] | None) -> st
     return "classification" if labels_ok else "generation"
 
 
-def check_job_data(train_path: Path, valid_path: Path | None) -> str:
-    """The task of a job whose files are valid chat examples, enough of them; else a
-    JobDataError."""
-    train = read_examples(train_path, "training_file")
-    valid = read_examples(valid_path, "validation_file") if valid_path else None
-    if len(train) < MIN_EXAMPLES:
-        raise JobDataError(f"Training file has {len(train)} example(s), but must have at "
-                           f"least {MIN_EXAMPLES} examples", code="invalid_n_examples",
+def _check_count(n: int) -> None:
+    if n < MIN_EXAMPLES:
+        raise JobDataError(f"Training file has {n} example(s), but must have at least "
+                           f"{MIN_EXAMPLES} examples", code="invalid_n_examples",
                            param="training_file")
+
+
+def check_job_data(train_path: Path, valid_path: Path | None, method: str = "supervised"
+                   ) -> str:
+    """The task of a job whose files are valid examples of its method (chat examples, or
+    preference pairs for 'dpo'), enough of them; else a JobDataError.
+
+    A DPO job's task is told from its preferred answers, as the run evaluates a pair: as the
+    chat example of its preferred answer (``as_chat``).
+    """
+    if method == "dpo":
+        train = [as_chat(p) for p in read_pairs(train_path, "training_file")]
+        valid = ([as_chat(p) for p in read_pairs(valid_path, "validation_file")]
+                 if valid_path else None)
+    else:
+        train = read_examples(train_path, "training_file")
+        valid = read_examples(valid_path, "validation_file") if valid_path else None
+    _check_count(len(train))
     return detect_task(train, valid)
 
 
@@ -80,7 +125,8 @@ def training_size(cfg: RunConfig) -> int:
 def plan_run(*, job_id: str, run_dir: Path, base_ref: str, train_path: Path,
              valid_path: Path | None, requested: dict[str, Any], task: str, seed: int,
              max_eval_examples: int) -> tuple[RunConfig, dict[str, Any]]:
-    """The tunesmith run of a job, and OpenAI's three hyperparameters as the job reports them.
+    """The tunesmith run of a job, and OpenAI's hyperparameters as the job reports them: the
+    three of every job, and ``beta`` for a DPO job (the job's method: ``method_type``).
 
     A checkpoint per epoch, the last 3 kept, no early stop. ``resolve_hyperparameters`` turns
     each 'auto' into a number for the run's training split; ``learning_rate_multiplier``
@@ -99,12 +145,18 @@ def plan_run(*, job_id: str, run_dir: Path, base_ref: str, train_path: Path,
                   "early_stopping_patience": None, "seed": seed},
         "eval": {"task": task, "compare_base": False},
     }
+    dpo = method_type(requested) == "dpo"
+    if dpo:
+        spec["train"].update(objective="dpo",
+                             preference={"beta": requested.get("beta", "auto")})
     asked = parse_config(spec, source=f"job {job_id}")
     hp = resolve_hyperparameters(asked.train, training_size(asked))
     multiplier = requested.get("learning_rate_multiplier", "auto")
     multiplier = 1.0 if multiplier == "auto" else float(multiplier)
     spec["train"].update(epochs=hp.epochs, batch_size=hp.batch_size,
                          learning_rate=hp.learning_rate * multiplier)
-    return parse_config(spec, source=f"job {job_id}"), {
-        "n_epochs": hp.epochs, "batch_size": hp.batch_size,
-        "learning_rate_multiplier": multiplier}
+    reported: dict[str, Any] = {"n_epochs": hp.epochs, "batch_size": hp.batch_size,
+                                "learning_rate_multiplier": multiplier}
+    if dpo:
+        spec["train"]["preference"]["beta"] = reported["beta"] = hp.beta
+    return parse_config(spec, source=f"job {job_id}"), reported

@@ -19,14 +19,27 @@ class Hyperparameters(BaseModel):
     learning_rate_multiplier: Literal["auto"] | Annotated[float, Field(gt=0, le=10)] = "auto"
 
 
+class DpoHyperparameters(Hyperparameters):
+    """OpenAI's DPO hyperparameters: the supervised three and ``beta``, the strength of the
+    penalty for moving away from the reference model ('auto': tunesmith's default, 0.1)."""
+
+    beta: Literal["auto"] | Annotated[float, Field(gt=0)] = "auto"
+
+
 class SupervisedMethod(BaseModel):
     hyperparameters: Hyperparameters | None = None
+
+
+class DpoMethod(BaseModel):
+    # forbid: a misplaced {"dpo": {"beta": ...}} must not be silently ignored
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DpoHyperparameters | None = None
 
 
 class Method(BaseModel):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
-    dpo: dict[str, Any] | None = None
+    dpo: DpoMethod | None = None
     reinforcement: dict[str, Any] | None = None
 
 

@@ -22,6 +22,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.service import queue
 from tunesmith.service.files import RESULTS_PURPOSE, add_file
 from tunesmith.service.jobs import add_event
+from tunesmith.service.objects import method_type
 from tunesmith.service.plan import JobDataError, check_job_data, plan_run
 from tunesmith.service.runner import (
     EXIT_SUPERSEDED,
@@ -118,7 +119,7 @@ class Worker:
     def _validate(self, job_id: str) -> bool:
         job = self._job(job_id)
         try:
-            task = check_job_data(*self._paths(job))
+            task = check_job_data(*self._paths(job), method_type(job.hyperparameters))
             _, hp = self._plan(job, task)
         except JobDataError as err:
             queue.fail(self.store, job_id, self.id, code=err.code or "invalid_training_file",
