@@ -25,13 +25,16 @@ def config_init(
     path: Path = typer.Argument(Path("tunesmith.yaml"), help="Where to write the config."),
     train_file: str = typer.Option("train.jsonl", help="Training data path to put in it."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    objective: str = typer.Option(
+        "sft", help="sft (chat examples) or a preference objective for pairs: dpo, ipo, simpo, "
+        "orpo. Sets train.objective and train_file's expected format."),
 ) -> None:
     """Write a commented default configuration."""
     from tunesmith.errors import ConfigError
 
     if path.exists() and not force:
         raise ConfigError(f"{path}: exists; pass --force to overwrite it")
-    path.write_text(default_config_text(train_file), encoding="utf-8")
+    path.write_text(default_config_text(train_file, objective=objective), encoding="utf-8")
     out.print(f"wrote {path}")
 
 
@@ -47,14 +50,34 @@ def config_check(config: Path = typer.Argument(..., help="Run configuration (YAM
               markup=False, highlight=False)
 
 
-def default_config_text(train_file: str = "train.jsonl") -> str:
-    """The commented default configuration written by ``tunesmith config init``."""
-    from tunesmith.config import DataConfig, RunConfig, dump_config
+PAIRS_HELP = [
+    "# Preference pairs, one per line, OpenAI's format:",
+    '#   {"input": {"messages": [{"role": "user", "content": "..."}]},',
+    '#    "preferred_output": [{"role": "assistant", "content": "..."}],',
+    '#    "non_preferred_output": [{"role": "assistant", "content": "..."}]}',
+    '# or TRL\'s: {"prompt": "...", "chosen": "...", "rejected": "..."} (text or messages).',
+    "# Watch the reward margin and pair accuracy (metrics.jsonl, report.md), not the chosen",
+    "# reward alone. A run directory may be model.base: the next round continues from it.",
+]
 
-    cfg = RunConfig(data=DataConfig(train_file=Path(train_file)))
+
+def default_config_text(train_file: str = "train.jsonl", *, objective: str = "sft") -> str:
+    """The commented default configuration written by ``tunesmith config init``."""
+    from pydantic import ValidationError
+
+    from tunesmith.config import DataConfig, RunConfig, TrainConfig, dump_config
+    from tunesmith.errors import ConfigError
+
+    try:
+        train = TrainConfig(objective=objective)  # type: ignore[arg-type]
+    except ValidationError:
+        raise ConfigError(f"--objective {objective!r}: use one of sft, dpo, ipo, simpo, "
+                          "orpo") from None
+    cfg = RunConfig(data=DataConfig(train_file=Path(train_file)), train=train)
     header = [
         "# tunesmith run configuration. Run it with: tunesmith run <this file>",
         "# Paths are relative to this file's directory.",
+        *(PAIRS_HELP if objective != "sft" else []),
         "",
     ]
     return "\n".join(header + _commented(RunConfig, dump_config(cfg), 0)) + "\n"

@@ -23,3 +23,15 @@ def test_every_field_is_written_under_its_description():
     for name, field in TrainConfig.model_fields.items():
         at = next(i for i, line in enumerate(lines) if line.startswith(f"  {name}:"))
         assert lines[at - 1] == f"  # {field.description}"
+
+
+def test_config_init_for_dpo_writes_a_loadable_preference_config(tmp_path, cli):
+    path = tmp_path / "dpo.yaml"
+    code, out, err = cli("config", "init", str(path), "--objective", "dpo")
+    assert code == 0, err
+    text = path.read_text()
+    assert "preferred_output" in text and "prompt" in text  # both formats shown
+    cfg = load_config(path)
+    assert cfg.train.objective == "dpo" and cfg.train.preference.beta == "auto"
+    code, out, err = cli("config", "init", str(tmp_path / "x.yaml"), "--objective", "dpx")
+    assert code == 2 and "sft, dpo, ipo, simpo, orpo" in out + err
