@@ -25,6 +25,7 @@ _LAZY = {
     "run": "tunesmith.flows", "evaluate": "tunesmith.flows", "chat": "tunesmith.flows",
     "load_for_chat": "tunesmith.flows", "RunResult": "tunesmith.flows",
     "tune": "tunesmith.flows.tune", "TuneResult": "tunesmith.flows.tune",
+    "improve": "tunesmith.flows.improve", "Round": "tunesmith.flows.improve",
     "RunConfig": "tunesmith.config", "load_config": "tunesmith.config",
     "validate_file": "tunesmith.flows.prepare", "convert_file": "tunesmith.flows.prepare",
     "clean_file": "tunesmith.flows.prepare", "redact_file": "tunesmith.flows.prepare",

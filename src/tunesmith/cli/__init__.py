@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from tunesmith.cli import data, run, service, tune
+from tunesmith.cli import data, improve, run, service, tune
 from tunesmith.cli.common import state
 from tunesmith.cli.config import config_app
 
@@ -26,6 +26,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(data.data_app, name="data")
 service.register(app)
 tune.register(app)
+improve.register(app)
 
 
 def main() -> None:
