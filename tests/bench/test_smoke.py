@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
@@ -34,3 +36,17 @@ def test_search_memory_smoke(tiny_model_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "HF search process" in done.stdout and "Peak growth from trial 1 to trial 2" \
         in done.stdout
+
+
+def test_dpo_speed_smoke(tmp_path, tiny_model_dir):
+    pytest.importorskip("trl")
+    out = tmp_path / "dpo.json"
+    done = subprocess.run([sys.executable, str(BENCH / "dpo_speed.py"), "--smoke", "--model",
+                           str(tiny_model_dir), "--data", str(tmp_path / "absent.jsonl"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "pairs/s" in done.stdout and "tunesmith / TRL" in done.stdout
+    result = json.loads(out.read_text())
+    assert result["ratios"]["pairs_per_s"] > 0 and result["data"].startswith("synthetic")
+    # the same batches in the same order, the same LoRA initialisation: the same losses
+    assert result["tunesmith"]["losses"] == pytest.approx(result["trl"]["losses"], abs=1e-3)

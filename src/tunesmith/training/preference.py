@@ -3,8 +3,8 @@
 The losses follow the papers and TRL's implementations (``DPOTrainer`` for sigmoid/IPO,
 ``CPOTrainer`` for SimPO, ``ORPOTrainer``), so their numbers match (tested against TRL's DPO).
 Written here rather than by subclassing TRL because the loop's objective protocol computes
-log-probabilities through the target-only, chunked LM head (``sequence_log_probs``): TRL
-materialises full-vocabulary logits of both sequences, which is most of DPO's memory.
+log-probabilities through the same target-only, chunked LM head as SFT (``sequence_log_probs``)
+on packed rows; bench/dpo_speed.py measures the difference against TRL's DPOTrainer.
 
 Rewards are the papers' implicit rewards: ``beta * (log pi(y|x) - log pi_ref(y|x))`` for DPO and
 IPO, ``beta * mean log pi(y|x)`` for the reference-free losses. DPO optimises the margin
