@@ -42,6 +42,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from train_speed import ratio_table  # noqa: E402
 
 PAIRS = REPO / "examples" / "sms_spam" / "preferences" / "train.jsonl"
 SMS = REPO / "examples" / "sms_spam" / "sms_spam.jsonl"
@@ -203,19 +206,12 @@ def measure(engine: str, args: argparse.Namespace) -> dict:
 
 
 def table(trl: dict, ts: dict) -> str:
-    def row(name, key, fmt):
-        ratio = ts[key] / trl[key]
-        return f"| {name} | {fmt.format(trl[key])} | {fmt.format(ts[key])} | {ratio:.2f}x |"
-
-    return "\n".join([
-        "| measure | TRL DPOTrainer + PEFT | tunesmith | tunesmith / TRL |",
-        "| --- | ---: | ---: | ---: |",
-        row("pairs/s (reference included)", "pairs_per_s", "{:.2f}"),
-        row("peak RSS (GB)", "peak_rss_gb", "{:.2f}"),
-        row("last step's DPO loss", "final_loss", "{:.4f}"),
-        row("mean DPO loss over the steps", "mean_loss", "{:.4f}"),
-        row("seconds", "seconds", "{:.1f}"),
-    ])
+    return ratio_table("TRL DPOTrainer + PEFT", "TRL", trl, ts, [
+        ("pairs/s (reference included)", "pairs_per_s", "{:.2f}"),
+        ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"),
+        ("last step's DPO loss", "final_loss", "{:.4f}"),
+        ("mean DPO loss over the steps", "mean_loss", "{:.4f}"),
+        ("seconds", "seconds", "{:.1f}")])
 
 
 def tiny_model(directory: Path) -> Path:

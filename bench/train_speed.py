@@ -142,19 +142,23 @@ def measure(engine: str, steps: int) -> dict:
     return result
 
 
-def table(hf: dict, ts: dict) -> str:
-    def row(name, key, fmt):
-        ratio = ts[key] / hf[key]
-        return f"| {name} | {fmt.format(hf[key])} | {fmt.format(ts[key])} | {ratio:.2f}x |"
+def ratio_table(peer_name: str, short: str, peer: dict, ts: dict,
+                rows: list[tuple[str, str, str]]) -> str:
+    """A Markdown table of (label, key, format) rows: the peer, tunesmith, and their ratio."""
+    def row(name: str, key: str, fmt: str) -> str:
+        ratio = ts[key] / peer[key]
+        return f"| {name} | {fmt.format(peer[key])} | {fmt.format(ts[key])} | {ratio:.2f}x |"
 
-    return "\n".join([
-        "| measure | HF Trainer + PEFT (fp32) | tunesmith | tunesmith / HF |",
-        "| --- | ---: | ---: | ---: |",
-        row("trained tokens/s", "tokens_per_s", "{:.0f}"),
-        row("peak RSS (GB)", "peak_rss_gb", "{:.2f}"),
-        row("final validation loss", "valid_loss", "{:.4f}"),
-        row("training-loop seconds", "seconds", "{:.1f}"),
-    ])
+    return "\n".join([f"| measure | {peer_name} | tunesmith | tunesmith / {short} |",
+                      "| --- | ---: | ---: | ---: |", *(row(*r) for r in rows)])
+
+
+def table(hf: dict, ts: dict) -> str:
+    return ratio_table("HF Trainer + PEFT (fp32)", "HF", hf, ts, [
+        ("trained tokens/s", "tokens_per_s", "{:.0f}"),
+        ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"),
+        ("final validation loss", "valid_loss", "{:.4f}"),
+        ("training-loop seconds", "seconds", "{:.1f}")])
 
 
 def main() -> None:
