@@ -59,7 +59,7 @@ def iter_jsonl(path: Path) -> Iterator[Row]:
     """Yield each non-blank line of a JSONL file as a Row; streams, never loads the file."""
     if not path.exists():
         raise DataError("no such file; check the path (relative paths are relative to the "
-                        "config file)", path=path)
+                        "config file)", path=path, code="missing_file")
     if path.is_dir():
         raise DataError("is a directory; expected a .jsonl file", path=path)
     with path.open("rb") as fh:

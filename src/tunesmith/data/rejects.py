@@ -75,6 +75,7 @@ PROBLEM_CODES = {
     "template_error": "the model's chat template cannot render the example",
     "label_not_allowed": "a label outside the allowed labels",
     "conflicting_labels": "the same input with another label on an earlier line",
+    "missing_file": "the file or directory named does not exist",
     "empty_file": "the file holds no examples",
     "too_few_examples": "fewer valid examples than needed",
     "data_error": "the file as a whole cannot be used (see the message)",

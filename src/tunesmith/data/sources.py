@@ -49,7 +49,7 @@ def _first_char(path: Path) -> str:
 
 def _check_exists(path: Path) -> None:
     if not path.exists():
-        raise DataError("no such file; check the path", path=path)
+        raise DataError("no such file; check the path", path=path, code="missing_file")
     if path.is_dir():
         raise DataError("is a directory; expected a data file", path=path)
 
