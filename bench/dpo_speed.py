@@ -19,7 +19,10 @@ computed with the adapters off at every step. Its time is ``trainer.train()``. T
 timed for neither.
 
 Each engine runs in its own process, so each peak RSS (ru_maxrss) is its own. Reported: pairs
-per second, peak RSS, the last step's training loss and the mean over all steps.
+per second, peak RSS, the last step's training loss and the mean over all steps. A third
+process runs tunesmith's LoRA SFT on the same rows (prompt + chosen answer) with the same
+settings: LoRA-DPO's peak RSS is held to at most 1.3x of it (a step's pairs run in passes of
+no more tokens than SFT's, see ``training.preference.pair_passes``).
 
 The pairs are ``examples/sms_spam/preferences/train.jsonl`` (OpenAI preference format); where
 that file is missing, synthetic pairs built the same way from ``sms_spam.jsonl``: the SMS
@@ -110,6 +113,16 @@ def prepare(args: argparse.Namespace):
     return model, tok, [p for _, p in kept], [kept[i][0] for i in order], source
 
 
+class Losses:
+    """A loop callback keeping each step's training loss."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_step(self, loop, metrics):  # noqa: ARG002 - the callback protocol
+        self.values.append(metrics["train_loss"])
+
+
 def run_tunesmith(args: argparse.Namespace) -> dict:
     import torch
 
@@ -130,22 +143,41 @@ def run_tunesmith(args: argparse.Namespace) -> dict:
                             total_steps=args.steps, eval_every=args.steps, warmup_steps=0,
                             schedule="cosine", max_grad_norm=1.0, weight_decay=0.0,
                             packing=True, pack_capacity=MAX_LEN, precision="fp32", seed=SEED)
-    losses: list[float] = []
-
-    class Losses:
-        def on_step(self, loop, metrics):  # noqa: ARG002 - the callback protocol
-            losses.append(metrics["train_loss"])
-
+    losses = Losses()
     started = time.perf_counter()
     reference = reference_log_probs(model, pairs, pad_id=tok.pad_token_id)
     ref_seconds = time.perf_counter() - started
     parts = setup(model, lambda m, precision: PreferenceObjective(
         m, loss="dpo", beta=BETA, pad_id=tok.pad_token_id, precision=precision, packing=True,
         pack_capacity=MAX_LEN), with_reference(pairs, reference), settings=settings)
-    fit(parts, settings=settings, callbacks=[Losses()])
+    fit(parts, settings=settings, callbacks=[losses])
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "reference_seconds": ref_seconds, "losses": losses,
+    return {"seconds": seconds, "reference_seconds": ref_seconds, "losses": losses.values,
             "data": source, "tokens": sum(len(p.chosen) + len(p.rejected) for p in pairs)}
+
+
+def run_sft(args: argparse.Namespace) -> dict:
+    """tunesmith's LoRA SFT on the same rows (prompt + chosen answer), the same settings: the
+    memory DPO is held to (at most 1.3x SFT's peak RSS)."""
+    import torch
+
+    from tunesmith.models.load import add_lora
+    from tunesmith.training.loop import LoopSettings, train
+
+    model, tok, pairs, _, source = prepare(args)
+    torch.manual_seed(SEED)
+    model = add_lora(model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
+                     target_modules=LORA["target_modules"])
+    settings = LoopSettings(learning_rate=LR, epochs=1, batch_size=args.batch_size,
+                            total_steps=args.steps, eval_every=args.steps, warmup_steps=0,
+                            schedule="cosine", max_grad_norm=1.0, weight_decay=0.0,
+                            packing=True, pack_capacity=MAX_LEN, precision="fp32", seed=SEED)
+    started = time.perf_counter()
+    losses = Losses()
+    train(model, [p.chosen for p in pairs], [], settings=settings, pad_id=tok.pad_token_id,
+          checkpoint_dir=Path(tempfile.mkdtemp()), callbacks=[losses])
+    return {"seconds": time.perf_counter() - started, "losses": losses.values, "data": source,
+            "tokens": sum(len(p.chosen) for p in pairs)}
 
 
 def run_trl(args: argparse.Namespace) -> dict:
@@ -179,7 +211,7 @@ def run_trl(args: argparse.Namespace) -> dict:
 
 
 def child(args: argparse.Namespace) -> None:
-    result = (run_trl if args.child == "trl" else run_tunesmith)(args)
+    result = {"trl": run_trl, "sft": run_sft, "tunesmith": run_tunesmith}[args.child](args)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     if args.child == "trl":
         import trl
@@ -255,8 +287,13 @@ def main() -> None:
             args.model = str(tiny_model(Path(tempfile.mkdtemp(prefix="dpo-bench-tiny-"))))
     trl = measure("trl", args)
     ts = measure("tunesmith", args)
-    text = table(trl, ts)
-    print(text)
+    sft = measure("sft", args)
+    print(table(trl, ts))
+    print()
+    print(ratio_table("tunesmith LoRA-SFT (prompt + chosen)", "SFT", sft, ts, [
+        ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"),
+        ("tokens trained on", "tokens", "{:d}"),
+        ("seconds", "seconds", "{:.1f}")]))
     print(f"{args.steps} steps of {args.batch_size} pairs, beta {BETA}, lr {LR}, fp32; data: "
           f"{ts['data']}; tunesmith's reference pass: {ts['reference_seconds']:.1f} s")
     if args.out:
@@ -268,7 +305,9 @@ def main() -> None:
             "steps": args.steps, "batch_size": args.batch_size, "beta": BETA,
             "learning_rate": LR, "lora": LORA, "model": args.model, "data": ts["data"],
             "smoke": args.smoke, "trl_version": trl["trl_version"], "trl": trl, "tunesmith": ts,
+            "sft": sft,
             "ratios": {k: ts[k] / trl[k] for k in ("pairs_per_s", "peak_rss_gb", "seconds")},
+            "dpo_over_sft_peak_rss": ts["peak_rss_gb"] / sft["peak_rss_gb"],
         }, indent=2) + "\n", encoding="utf-8")
 
 

@@ -50,3 +50,6 @@ def test_dpo_speed_smoke(tmp_path, tiny_model_dir):
     assert result["ratios"]["pairs_per_s"] > 0 and result["data"].startswith("synthetic")
     # the same batches in the same order, the same LoRA initialisation: the same losses
     assert result["tunesmith"]["losses"] == pytest.approx(result["trl"]["losses"], abs=1e-3)
+    # and SFT on the same rows, the memory LoRA-DPO is held to
+    assert "tunesmith / SFT" in done.stdout and result["dpo_over_sft_peak_rss"] > 0
+    assert len(result["sft"]["losses"]) == result["steps"]

@@ -18,7 +18,14 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.helpers import LiveServer, free_port, jsonl_bytes, review_rows, start_server
+from tests.helpers import (
+    LiveServer,
+    free_port,
+    jsonl_bytes,
+    review_rows,
+    start_server,
+    wait_status,
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -98,3 +105,27 @@ def postgres_url(postgres_server: str) -> Iterator[str]:
     yield f"{postgres_server}/{name}"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
+            test_home: Path) -> Iterator[tuple[LiveServer, object]]:
+    """One server and one job trained to success on it, shared by the tests of a module."""
+    server = start_server(tmp_path_factory.mktemp("svc"), tiny_model_dir, test_home)
+    try:
+        client = server.client("acme")
+        rows = review_rows(32)
+        train = client.files.create(file=("train.jsonl", jsonl_bytes(rows[:24])),
+                                    purpose="fine-tune")
+        valid = client.files.create(file=("valid.jsonl", jsonl_bytes(rows[24:])),
+                                    purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(
+            model="tiny", training_file=train.id, validation_file=valid.id, suffix="reviews",
+            seed=7, metadata={"team": "support", "round": "1"},
+            method={"type": "supervised", "supervised": {"hyperparameters": {
+                "n_epochs": 4, "batch_size": 4, "learning_rate_multiplier": 10}}})
+        assert job.status == "validating_files" and job.fine_tuned_model is None
+        done = wait_status(client, job.id, ("succeeded",), timeout=150)
+        yield server, done
+    finally:
+        server.kill_group()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -15,42 +14,13 @@ import pytest
 
 from tests.helpers import (
     SYSTEM,
-    LiveServer,
     all_events,
-    jsonl_bytes,
-    review_rows,
-    start_server,
-    wait_status,
 )
 from tunesmith.data.chat import check_chat_record
 from tunesmith.service import export_feedback, sqlite_url
 from tunesmith.service.runner import RESULT_COLUMNS
 
 PROMPT = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "I love it"}]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
-            test_home: Path) -> Iterator[tuple[LiveServer, object]]:
-    """One server and one job trained to success on it, shared by this module's tests."""
-    server = start_server(tmp_path_factory.mktemp("svc"), tiny_model_dir, test_home)
-    try:
-        client = server.client("acme")
-        rows = review_rows(32)
-        train = client.files.create(file=("train.jsonl", jsonl_bytes(rows[:24])),
-                                    purpose="fine-tune")
-        valid = client.files.create(file=("valid.jsonl", jsonl_bytes(rows[24:])),
-                                    purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(
-            model="tiny", training_file=train.id, validation_file=valid.id, suffix="reviews",
-            seed=7, metadata={"team": "support", "round": "1"},
-            method={"type": "supervised", "supervised": {"hyperparameters": {
-                "n_epochs": 4, "batch_size": 4, "learning_rate_multiplier": 10}}})
-        assert job.status == "validating_files" and job.fine_tuned_model is None
-        done = wait_status(client, job.id, ("succeeded",), timeout=150)
-        yield server, done
-    finally:
-        server.kill_group()
 
 
 def test_job_succeeds_with_openai_shapes(trained) -> None:

@@ -239,6 +239,21 @@ def inspect_cmd(
     _emit(report, as_json, report.lines())
 
 
+def parse_since(since: str | None) -> int | None:
+    """``--since YYYY-MM-DD`` as Unix time (UTC midnight)."""
+    from datetime import datetime, timezone
+
+    from tunesmith.errors import ConfigError
+
+    if not since:
+        return None
+    try:
+        return int(datetime.strptime(since, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+                   .timestamp())
+    except ValueError as err:
+        raise ConfigError(f"--since {since!r}: expected a date like 2026-01-31") from err
+
+
 @data_app.command("from-feedback")
 @friendly
 def from_feedback_cmd(
@@ -250,24 +265,16 @@ def from_feedback_cmd(
                                             help="The service's database, if not SQLite."),
     since: str | None = typer.Option(None, "--since", help="Only feedback from this date "
                                      "on (YYYY-MM-DD)."),
+    model: str | None = typer.Option(None, "--model", help="Only feedback on this model's "
+                                     "answers (e.g. an ft: id)."),
 ) -> None:
     """Turn chat feedback into the next round's data: corrections as chat JSONL, rating pairs
     as OpenAI-DPO JSONL."""
-    from datetime import datetime, timezone
-
-    from tunesmith.errors import ConfigError
     from tunesmith.models.resolve import default_home
     from tunesmith.service import export_feedback, store_url
 
-    start = None
-    if since:
-        try:
-            start = int(datetime.strptime(since, "%Y-%m-%d").replace(
-                tzinfo=timezone.utc).timestamp())
-        except ValueError as err:
-            raise ConfigError(f"--since {since!r}: expected a date like 2026-01-31") from err
     result = export_feedback(store_url(default_home(), data_dir=data_dir,
                                        database_url=database_url),
-                             org=org, out_dir=out, since=start)
+                             org=org, out_dir=out, since=parse_since(since), model=model)
     _say([f"{result.chat_examples} chat example(s) -> {result.chat_file}",
           f"{result.dpo_pairs} preference pair(s) -> {result.dpo_file}"])

@@ -72,7 +72,7 @@ class FeedbackExport:
     dpo_pairs: int
 
 
-def _latest_feedback(store: Store, org: str, since: int | None
+def _latest_feedback(store: Store, org: str, since: int | None, model: str | None = None
                      ) -> list[tuple[Feedback, Completion]]:
     with store.begin() as s:
         query = (select(Feedback, Completion)
@@ -80,6 +80,8 @@ def _latest_feedback(store: Store, org: str, since: int | None
                  .where(Feedback.org == org).order_by(Feedback.seq))
         if since is not None:
             query = query.where(Feedback.created_at >= since)
+        if model is not None:
+            query = query.where(Completion.model == model)
         latest: dict[tuple[str, int], tuple[Feedback, Completion]] = {}
         for fb, comp in s.execute(query).tuples():
             latest[(fb.completion_id, fb.choice_index)] = (fb, comp)  # later feedback wins
@@ -129,18 +131,19 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def export_feedback(database_url: str, *, org: str, out_dir: Path, since: int | None = None
-                    ) -> FeedbackExport:
+def export_feedback(database_url: str, *, org: str, out_dir: Path, since: int | None = None,
+                    model: str | None = None) -> FeedbackExport:
     """Write the next round's data from ``org``'s feedback.
 
     ``feedback_chat.jsonl``: each corrected answer as a chat training example.
     ``feedback_dpo.jsonl``: preference pairs (input / preferred_output / non_preferred_output)
     from corrections (the correction over the original answer) and from ratings (a 'good'
     answer over a 'bad' one to the same messages). ``since``: Unix time of the oldest feedback.
+    ``model``: only feedback on this model's answers.
     """
     store = Store(database_url)
     try:
-        chat, dpo = feedback_records(_latest_feedback(store, org, since))
+        chat, dpo = feedback_records(_latest_feedback(store, org, since, model))
     finally:
         store.close()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ def model_not_found(model_id: str, param: str | None = None) -> ServiceError:
                         "it.", status=404, code="model_not_found", param=param)
 
 
-def _fine_tune(s: Any, org: str, model_id: str) -> Job | None:
+def fine_tune_job(s: Any, org: str, model_id: str) -> Job | None:
     job = s.scalar(select(Job).where(Job.output_model == model_id, Job.org == org))
     ok = job is not None and job.status == "succeeded" and not job.model_deleted
     return job if ok else None
@@ -54,7 +54,7 @@ def find_model(store: Store, settings: ServiceSettings, org: str, model_id: str,
     if model_id in settings.base_models:
         return ModelSource(model_id, "base", settings.base_models[model_id])
     with store.begin() as s:
-        job = _fine_tune(s, org, model_id)
+        job = fine_tune_job(s, org, model_id)
         if job is not None:
             return ModelSource(model_id, "fine-tune", str(settings.runs_dir / job.id),
                                owner=organization_id(org),

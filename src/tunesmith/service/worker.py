@@ -187,9 +187,7 @@ class Worker:
 
     def _succeed(self, job: Job, outcome: dict[str, Any]) -> None:
         run_dir = self._run_dir(job)
-        csv_file = add_file(self.store, self.settings.files_dir, job.org,
-                            filename="step_metrics.csv", purpose=RESULTS_PURPOSE,
-                            content=results_csv(read_metrics(run_dir / "metrics.jsonl")))
+        csv_file = add_results_file(self.store, self.settings.files_dir, job.org, run_dir)
         with self.store.begin() as s:
             if outcome.get("rejected"):
                 add_event(s, job.id, f"{outcome['rejected']} example(s) were left out of "
@@ -214,6 +212,12 @@ class Worker:
             else:  # cancelled in the last instant: the result is not delivered
                 s.delete(s.get(StoredFile, csv_file.id))
                 (self.settings.files_dir / csv_file.id).unlink(missing_ok=True)
+
+
+def add_results_file(store: Store, files_dir: Path, org: str, run_dir: Path) -> StoredFile:
+    """A finished job's result file (step_metrics.csv, OpenAI's result_files) in the store."""
+    return add_file(store, files_dir, org, filename="step_metrics.csv", purpose=RESULTS_PURPOSE,
+                    content=results_csv(read_metrics(run_dir / "metrics.jsonl")))
 
 
 def _terminate(child: Any) -> None:

@@ -124,6 +124,29 @@ def pair_inputs(pairs: Sequence[PairEncoded], *, pad_id: int, packing: bool,
     return inputs
 
 
+def pair_passes(pairs: Sequence[PairEncoded]) -> list[list[PairEncoded]]:
+    """``pairs`` in consecutive groups of at most as many tokens as their chosen
+    conversations alone (what SFT on the same rows holds in one pass), and at least one pair.
+
+    A pair holds two conversations (prompt + chosen, prompt + rejected), often with a longer
+    rejected answer, so one pass over a step's pairs would keep 2-3x SFT's activations for
+    the backward pass. Splitting is exact: the loss is a sum over pairs, normalised by the
+    whole step's pair count, and the loop accumulates the passes' gradients.
+    """
+    budget = sum(len(p.chosen) for p in pairs)
+    groups: list[list[PairEncoded]] = []
+    used = 0
+    for p in pairs:
+        size = len(p.chosen) + len(p.rejected)
+        if groups and used + size <= budget:
+            groups[-1].append(p)
+            used += size
+        else:
+            groups.append([p])
+            used = size
+    return groups
+
+
 class PreferenceObjective(nn.Module):
     """A preference loss on pairs, normalised by the number of pairs, with named metrics:
     the chosen and rejected rewards, their margin, the share of pairs whose chosen reward is
@@ -144,9 +167,10 @@ class PreferenceObjective(nn.Module):
         self.packing, self.pack_capacity = packing, pack_capacity
 
     def collate(self, pairs: Sequence[PairEncoded]) -> list[dict[str, torch.Tensor]]:
-        # both answers of a pair must be in the same pass: the loss is not a sum over tokens
-        return [pair_inputs(pairs, pad_id=self.pad_id, packing=self.packing,
-                            pack_capacity=self.pack_capacity)]
+        """The passes for ``pairs``: as many as keep each within SFT's memory (see
+        ``pair_passes``); both answers of a pair always share a pass."""
+        return [pair_inputs(group, pad_id=self.pad_id, packing=self.packing,
+                            pack_capacity=self.pack_capacity) for group in pair_passes(pairs)]
 
     def normaliser(self, pairs: Sequence[PairEncoded]) -> float:
         return float(len(pairs))

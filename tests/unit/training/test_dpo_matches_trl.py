@@ -8,6 +8,8 @@ beforehand, by ``reference_log_probs``). TRL tokenizes the chat itself; the test
 prompt and answer tokens are exactly tunesmith's ``encode_pair`` sequences and targets.
 """
 
+from types import SimpleNamespace
+
 import pytest
 
 pytest.importorskip("trl")
@@ -95,10 +97,11 @@ def test_loss_and_rewards_match_trl(tiny_model_dir, tmp_path, ours, theirs):
 
     objective = PreferenceObjective(model, loss=ours, beta=BETA, pad_id=tok.pad_token_id,
                                     packing=True, pack_capacity=256)
-    inputs = objective.collate(with_reference(pairs, reference))[0]
-    assert inputs["input_ids"].shape[0] < 2 * len(pairs)  # packed: our rows are not TRL's
+    passes = objective.collate(with_reference(pairs, reference))  # packed: not TRL's rows
     with torch.no_grad():
-        out = objective(**inputs)
+        outs = [objective(**inputs) for inputs in passes]
+    out = SimpleNamespace(loss_sum=sum(o.loss_sum for o in outs),
+                          metrics={k: sum(o.metrics[k] for o in outs) for k in outs[0].metrics})
     n = len(pairs)
     loss = out.loss_sum.item() / n
     assert loss == pytest.approx(trl_loss, abs=1e-4)

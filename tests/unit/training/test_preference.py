@@ -16,6 +16,7 @@ from tunesmith.training.preference import (
     PreferenceObjective,
     pair_inputs,
     pair_losses,
+    pair_passes,
     reference_log_probs,
     with_reference,
 )
@@ -94,14 +95,49 @@ def test_packed_and_padded_log_probs_equal_full_logits(tiny_model_dir):
     for packing in (True, False):
         objective = PreferenceObjective(model, loss="dpo", beta=0.1, pad_id=tok.pad_token_id,
                                         packing=packing, pack_capacity=256)
-        inputs = objective.collate(with_reference(pairs, ref))[0]
         if packing:  # several sequences share a row
-            assert inputs["input_ids"].shape[0] < 2 * len(pairs)
+            rows = pair_inputs(pairs, pad_id=tok.pad_token_id, packing=True, pack_capacity=256)
+            assert rows["input_ids"].shape[0] < 2 * len(pairs)
         with torch.no_grad():
-            out = objective(**inputs)
+            outs = [objective(**inputs) for inputs in objective.collate(
+                with_reference(pairs, ref))]
         # policy == reference: every reward 0, loss log 2 per pair
-        assert out.loss_sum.item() == pytest.approx(len(pairs) * math.log(2), abs=1e-3)
-        assert abs(out.metrics["reward_margin"]) < 1e-4
+        loss = sum(o.loss_sum.item() for o in outs)
+        assert loss == pytest.approx(len(pairs) * math.log(2), abs=1e-3)
+        assert abs(sum(o.metrics["reward_margin"] for o in outs)) < 1e-4
+
+
+def test_a_step_runs_in_passes_no_bigger_than_sft_and_the_gradient_is_the_same(tiny_model_dir):
+    torch.manual_seed(0)
+    base, tok = load(tiny_model_dir)
+    model = add_lora(base, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    for name, w in model.named_parameters():
+        if "lora_B" in name:  # a policy away from the reference
+            torch.nn.init.normal_(w, std=0.05)
+    pairs = _pairs(tok, 8)
+    pairs = with_reference(pairs, reference_log_probs(model, pairs, pad_id=tok.pad_token_id))
+    groups = pair_passes(pairs)
+    sft_tokens = sum(len(p.chosen) for p in pairs)
+    assert len(groups) > 1 and [p for g in groups for p in g] == pairs
+    assert all(sum(len(p.chosen) + len(p.rejected) for p in g) <= sft_tokens for g in groups)
+    objective = PreferenceObjective(model, loss="dpo", beta=0.1, pad_id=tok.pad_token_id,
+                                    packing=True, pack_capacity=256)
+    passes = objective.collate(pairs)
+    assert len(passes) == len(groups)
+    assert max(int((p["labels"] != IGNORE_INDEX).sum()) for p in passes) <= sft_tokens
+
+    def gradient(inputs_list):
+        model.zero_grad()
+        for inputs in inputs_list:
+            (objective(**inputs).loss_sum / len(pairs)).backward()
+        return {n: w.grad.clone() for n, w in model.named_parameters() if w.requires_grad}
+
+    split = gradient(passes)
+    whole = gradient([pair_inputs(pairs, pad_id=tok.pad_token_id, packing=True,
+                                  pack_capacity=256)])
+    assert split.keys() == whole.keys()
+    for name in split:
+        torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=1e-4)
 
 
 def test_lora_dpo_trains_adapters_only_and_the_reference_is_the_base(tiny_model_dir, tmp_path):
