@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunesmith.config import REFERENCE_LOSSES
+
 
 @dataclass(frozen=True)
 class Text:
@@ -274,7 +276,7 @@ def _preference(results: dict[str, Any]) -> list:
              f"{fmt(p['sft_weight'])}) on {p['pairs']} held-out pairs from the {p['split']} "
              "split." + (" The base model is the reference, so its rewards are 0 by definition "
                          "and it has no pair accuracy; the likelihood accuracy compares both "
-                         "models alike." if p["objective"] in ("dpo", "ipo") else "")),
+                         "models alike." if p["objective"] in REFERENCE_LOSSES else "")),
         Table(["measure", "base", "tuned"], [[name, fmt(p["base"].get(k)),
                                                fmt(p["tuned"].get(k))]
                                               for name, k in _PAIR_ROWS]),

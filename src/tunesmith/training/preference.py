@@ -27,14 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunesmith.config import REFERENCE_LOSSES
 from tunesmith.data.encode import Encoded, PairEncoded
 from tunesmith.data.packing import pack_plan
 from tunesmith.training.batches import collate
 from tunesmith.training.loss import sequence_log_probs
-from tunesmith.training.objectives import SHAPE_MULTIPLE, ObjectiveOutput
+from tunesmith.training.objectives import ROWS_PER_PASS, SHAPE_MULTIPLE, ObjectiveOutput
 
 LOSSES = ("dpo", "ipo", "simpo", "orpo")
-REFERENCE_BASED = ("dpo", "ipo")
 # the per-token averaged log-probabilities these losses are defined on (TRL does the same)
 AVERAGED = ("ipo", "simpo", "orpo")
 
@@ -62,7 +62,7 @@ def pair_losses(loss: str, *, chosen: torch.Tensor, rejected: torch.Tensor,
         raise ValueError(f"unknown preference loss {loss!r}; one of {LOSSES}")
     if loss in AVERAGED:
         chosen, rejected = chosen / chosen_tokens, rejected / rejected_tokens
-    if loss in REFERENCE_BASED:
+    if loss in REFERENCE_LOSSES:
         if ref_chosen is None or ref_rejected is None:
             raise ValueError(f"the {loss} loss needs the reference log-probabilities")
         if loss in AVERAGED:
@@ -124,16 +124,22 @@ def pair_inputs(pairs: Sequence[PairEncoded], *, pad_id: int, packing: bool,
     return inputs
 
 
-def pair_passes(pairs: Sequence[PairEncoded]) -> list[list[PairEncoded]]:
-    """``pairs`` in consecutive groups of at most as many tokens as their chosen
-    conversations alone (what SFT on the same rows holds in one pass), and at least one pair.
+def pair_passes(pairs: Sequence[PairEncoded], budget: int | None = None
+                ) -> list[list[PairEncoded]]:
+    """``pairs`` in consecutive groups of at most ``budget`` tokens (chosen and rejected
+    conversations together), each group at least one pair.
 
-    A pair holds two conversations (prompt + chosen, prompt + rejected), often with a longer
-    rejected answer, so one pass over a step's pairs would keep 2-3x SFT's activations for
-    the backward pass. Splitting is exact: the loss is a sum over pairs, normalised by the
-    whole step's pair count, and the loop accumulates the passes' gradients.
+    ``budget``: what one SFT pass holds: ``ROWS_PER_PASS`` packed rows of ``pack_capacity``
+    tokens (see ``objectives.encoded_passes``); None (padded rows): the chosen conversations'
+    tokens, as SFT on the same rows would pad in one pass. A pair is two conversations
+    (prompt + chosen, prompt + rejected), often with a longer rejected answer, so one pass over
+    a step's pairs would keep several times SFT's activations for the backward pass.
+    Splitting is exact: the loss is a sum over pairs, normalised by the whole step's pair
+    count, and the loop accumulates the passes' gradients. Only a pair longer than the budget
+    on its own takes a pass of two rows.
     """
-    budget = sum(len(p.chosen) for p in pairs)
+    if budget is None:
+        budget = sum(len(p.chosen) for p in pairs)
     groups: list[list[PairEncoded]] = []
     used = 0
     for p in pairs:
@@ -169,8 +175,10 @@ class PreferenceObjective(nn.Module):
     def collate(self, pairs: Sequence[PairEncoded]) -> list[dict[str, torch.Tensor]]:
         """The passes for ``pairs``: as many as keep each within SFT's memory (see
         ``pair_passes``); both answers of a pair always share a pass."""
+        budget = ROWS_PER_PASS * self.pack_capacity if self.packing else None
         return [pair_inputs(group, pad_id=self.pad_id, packing=self.packing,
-                            pack_capacity=self.pack_capacity) for group in pair_passes(pairs)]
+                            pack_capacity=self.pack_capacity)
+                for group in pair_passes(pairs, budget)]
 
     def normaliser(self, pairs: Sequence[PairEncoded]) -> float:
         return float(len(pairs))

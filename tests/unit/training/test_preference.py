@@ -116,15 +116,23 @@ def test_a_step_runs_in_passes_no_bigger_than_sft_and_the_gradient_is_the_same(t
             torch.nn.init.normal_(w, std=0.05)
     pairs = _pairs(tok, 8)
     pairs = with_reference(pairs, reference_log_probs(model, pairs, pad_id=tok.pad_token_id))
-    groups = pair_passes(pairs)
-    sft_tokens = sum(len(p.chosen) for p in pairs)
+    def tokens(group):
+        return sum(len(p.chosen) + len(p.rejected) for p in group)
+
+    # packed: a pass holds what one SFT pass holds, one row of pack_capacity tokens
+    groups = pair_passes(pairs, 160)
     assert len(groups) > 1 and [p for g in groups for p in g] == pairs
-    assert all(sum(len(p.chosen) + len(p.rejected) for p in g) <= sft_tokens for g in groups)
+    assert max(len(g) for g in groups) >= 2  # several short pairs share a row
+    assert all(tokens(g) <= 160 or len(g) == 1 for g in groups)
     objective = PreferenceObjective(model, loss="dpo", beta=0.1, pad_id=tok.pad_token_id,
-                                    packing=True, pack_capacity=256)
+                                    packing=True, pack_capacity=160)
     passes = objective.collate(pairs)
     assert len(passes) == len(groups)
-    assert max(int((p["labels"] != IGNORE_INDEX).sum()) for p in passes) <= sft_tokens
+    for inputs, group in zip(passes, groups, strict=True):
+        assert inputs["input_ids"].shape[0] == (1 if tokens(group) <= 160 else 2)
+    # padded: at most the chosen conversations' tokens, as SFT would pad in one pass
+    sft_tokens = sum(len(p.chosen) for p in pairs)
+    assert all(tokens(g) <= sft_tokens for g in pair_passes(pairs))
 
     def gradient(inputs_list):
         model.zero_grad()
@@ -134,7 +142,7 @@ def test_a_step_runs_in_passes_no_bigger_than_sft_and_the_gradient_is_the_same(t
 
     split = gradient(passes)
     whole = gradient([pair_inputs(pairs, pad_id=tok.pad_token_id, packing=True,
-                                  pack_capacity=256)])
+                                  pack_capacity=160)])
     assert split.keys() == whole.keys()
     for name in split:
         torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=1e-4)
