@@ -113,6 +113,25 @@ def prepare(args: argparse.Namespace):
     return model, tok, [p for _, p in kept], [kept[i][0] for i in order], source
 
 
+def lora_setup(args: argparse.Namespace):
+    """The model with fresh LoRA adapters (seeded), the pairs, and the loop settings both of
+    tunesmith's runs (DPO and SFT on the same rows) use."""
+    import torch
+
+    from tunesmith.models.load import add_lora
+    from tunesmith.training.loop import LoopSettings
+
+    model, tok, pairs, _, source = prepare(args)
+    torch.manual_seed(SEED)
+    model = add_lora(model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
+                     target_modules=LORA["target_modules"])
+    settings = LoopSettings(learning_rate=LR, epochs=1, batch_size=args.batch_size,
+                            total_steps=args.steps, eval_every=args.steps, warmup_steps=0,
+                            schedule="cosine", max_grad_norm=1.0, weight_decay=0.0,
+                            packing=True, pack_capacity=MAX_LEN, precision="fp32", seed=SEED)
+    return model, tok, pairs, source, settings
+
+
 class Losses:
     """A loop callback keeping each step's training loss."""
 
@@ -124,10 +143,7 @@ class Losses:
 
 
 def run_tunesmith(args: argparse.Namespace) -> dict:
-    import torch
-
-    from tunesmith.models.load import add_lora
-    from tunesmith.training.loop import LoopSettings, fit
+    from tunesmith.training.loop import fit
     from tunesmith.training.preference import (
         PreferenceObjective,
         reference_log_probs,
@@ -135,14 +151,7 @@ def run_tunesmith(args: argparse.Namespace) -> dict:
     )
     from tunesmith.training.setup import setup
 
-    model, tok, pairs, _, source = prepare(args)
-    torch.manual_seed(SEED)
-    model = add_lora(model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
-                     target_modules=LORA["target_modules"])
-    settings = LoopSettings(learning_rate=LR, epochs=1, batch_size=args.batch_size,
-                            total_steps=args.steps, eval_every=args.steps, warmup_steps=0,
-                            schedule="cosine", max_grad_norm=1.0, weight_decay=0.0,
-                            packing=True, pack_capacity=MAX_LEN, precision="fp32", seed=SEED)
+    model, tok, pairs, source, settings = lora_setup(args)
     losses = Losses()
     started = time.perf_counter()
     reference = reference_log_probs(model, pairs, pad_id=tok.pad_token_id)
@@ -159,19 +168,9 @@ def run_tunesmith(args: argparse.Namespace) -> dict:
 def run_sft(args: argparse.Namespace) -> dict:
     """tunesmith's LoRA SFT on the same rows (prompt + chosen answer), the same settings: the
     memory DPO is held to (at most 1.3x SFT's peak RSS)."""
-    import torch
+    from tunesmith.training.loop import train
 
-    from tunesmith.models.load import add_lora
-    from tunesmith.training.loop import LoopSettings, train
-
-    model, tok, pairs, _, source = prepare(args)
-    torch.manual_seed(SEED)
-    model = add_lora(model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
-                     target_modules=LORA["target_modules"])
-    settings = LoopSettings(learning_rate=LR, epochs=1, batch_size=args.batch_size,
-                            total_steps=args.steps, eval_every=args.steps, warmup_steps=0,
-                            schedule="cosine", max_grad_norm=1.0, weight_decay=0.0,
-                            packing=True, pack_capacity=MAX_LEN, precision="fp32", seed=SEED)
+    model, tok, pairs, source, settings = lora_setup(args)
     started = time.perf_counter()
     losses = Losses()
     train(model, [p.chosen for p in pairs], [], settings=settings, pad_id=tok.pad_token_id,
