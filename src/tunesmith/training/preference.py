@@ -126,7 +126,7 @@ def pair_inputs(pairs: Sequence[PairEncoded], *, pad_id: int, packing: bool,
 
 def pair_passes(pairs: Sequence[PairEncoded], budget: int | None = None
                 ) -> list[list[PairEncoded]]:
-    """``pairs`` in consecutive groups of at most ``budget`` tokens (chosen and rejected
+    """``pairs`` in groups of at most ``budget`` tokens (chosen and rejected
     conversations together), each group at least one pair.
 
     ``budget``: what one SFT pass holds: ``ROWS_PER_PASS`` packed rows of ``pack_capacity``
@@ -140,17 +140,10 @@ def pair_passes(pairs: Sequence[PairEncoded], budget: int | None = None
     """
     if budget is None:
         budget = sum(len(p.chosen) for p in pairs)
-    groups: list[list[PairEncoded]] = []
-    used = 0
-    for p in pairs:
-        size = len(p.chosen) + len(p.rejected)
-        if groups and used + size <= budget:
-            groups[-1].append(p)
-            used += size
-        else:
-            groups.append([p])
-            used = size
-    return groups
+    # the fewest passes: first-fit decreasing, as rows are packed (the order within a step
+    # does not change its gradient)
+    plan = pack_plan([len(p.chosen) + len(p.rejected) for p in pairs], budget)
+    return [[pairs[i] for i in sorted(group)] for group in sorted(plan, key=min)]
 
 
 class PreferenceObjective(nn.Module):
