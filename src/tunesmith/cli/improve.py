@@ -49,6 +49,7 @@ def improve_cmd(
     if current.startswith("ft:"):
         from tunesmith.cli.data import parse_since
         from tunesmith.models.resolve import default_home
+        from tunesmith.service.models import fine_tune_parts
         from tunesmith.service.rounds import improve_model
         from tunesmith.service.settings import ServiceSettings, default_data_dir
 
@@ -58,11 +59,7 @@ def improve_cmd(
         home = default_home()
         settings = ServiceSettings(data_dir=data_dir or default_data_dir(home), home=home,
                                    database_url=database_url)
-        parts = current.split(":")
-        if len(parts) != 5 or not parts[2]:
-            raise ConfigError(f"{current!r}: a fine-tuned model's id is ft:BASE:ORG:SUFFIX:ID "
-                              "(see GET /v1/models)")
-        done = improve_model(settings, parts[2], current, feedback=feedback,
+        done = improve_model(settings, fine_tune_parts(current)[1], current, feedback=feedback,
                              since=parse_since(since), holdout=holdout, margin=margin,
                              metric=metric, config=config, suffix=suffix, console=err,
                              show_progress=progress)

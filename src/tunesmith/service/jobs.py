@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from tunesmith.errors import ServiceError
 from tunesmith.service.files import KIND_NAMES, KINDS, PURPOSES, file_kind, get_file
 from tunesmith.service.http_errors import bad_request, conflict, not_found
-from tunesmith.service.models import base_for_training
+from tunesmith.service.models import base_for_training, fine_tune_name
 from tunesmith.service.objects import (
     checkpoint_object,
     event_object,
@@ -117,7 +117,7 @@ def create_job(store: Store, settings: ServiceSettings, org: str, req: JobCreate
               validation_file=validation, suffix=req.suffix or None,
               seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
               metadata_=req.metadata, hyperparameters=hp, status="validating_files",
-              output_model=f"ft:{base_name}:{org}:{req.suffix or ''}:{job_id[-8:]}",
+              output_model=fine_tune_name(base_name, org, req.suffix, job_id),
               result_files=[], created_at=now())
     with store.begin() as s:
         s.add(job)

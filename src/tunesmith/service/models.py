@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from sqlalchemy import select
 
-from tunesmith.errors import ServiceError
+from tunesmith.errors import ConfigError, ServiceError
 from tunesmith.service.http_errors import bad_request
 from tunesmith.service.objects import OWNED_BY_SERVER, model_object, organization_id
 from tunesmith.service.settings import ServiceSettings
@@ -40,6 +40,20 @@ class ModelSource:
 def model_not_found(model_id: str, param: str | None = None) -> ServiceError:
     return ServiceError(f"The model '{model_id}' does not exist or you do not have access to "
                         "it.", status=404, code="model_not_found", param=param)
+
+
+def fine_tune_name(base: str, org: str, suffix: str | None, job_id: str) -> str:
+    """``ft:{base}:{org}:{suffix}:{short id}``, OpenAI's name of a job's fine-tuned model."""
+    return f"ft:{base}:{org}:{suffix or ''}:{job_id[-8:]}"
+
+
+def fine_tune_parts(model_id: str) -> tuple[str, str]:
+    """(base name, org) of a fine-tuned model's name; a ConfigError when it is not one."""
+    parts = model_id.split(":")
+    if len(parts) != 5 or parts[0] != "ft" or not parts[1] or not parts[2]:
+        raise ConfigError(f"{model_id!r}: a fine-tuned model's id is ft:BASE:ORG:SUFFIX:ID "
+                          "(see GET /v1/models)")
+    return parts[1], parts[2]
 
 
 def fine_tune_job(s: Any, org: str, model_id: str) -> Job | None:
@@ -83,7 +97,7 @@ def base_for_training(store: Store, settings: ServiceSettings, org: str, model_i
         raise bad_request("a checkpoint cannot be fine-tuned further; use the job's "
                           "fine-tuned model", param="model", code="model_not_available")
     if source.kind == "fine-tune":
-        return source.ref, model_id.split(":")[1]
+        return source.ref, fine_tune_parts(model_id)[0]
     return source.ref, model_id
 
 

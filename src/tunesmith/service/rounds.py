@@ -21,6 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
+from tunesmith.config import RunConfig
 from tunesmith.config.hyper import auto_learning_rate
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.flows.improve import CHAT_FILE, PAIRS_FILE, Round, feedback_files, improve
@@ -28,7 +29,7 @@ from tunesmith.flows.steps import run_config
 from tunesmith.service.audit import export_feedback
 from tunesmith.service.files import add_file
 from tunesmith.service.jobs import add_event
-from tunesmith.service.models import fine_tune_job
+from tunesmith.service.models import fine_tune_job, fine_tune_name, fine_tune_parts
 from tunesmith.service.settings import ServiceSettings
 from tunesmith.service.store import Store
 from tunesmith.service.tables import Job, new_id, now
@@ -88,9 +89,8 @@ def improve_model(settings: ServiceSettings, org: str, model_id: str, *,
         store.close()
 
 
-def _hyperparameters(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+def _hyperparameters(cfg: RunConfig, results: dict[str, Any]) -> dict[str, Any]:
     """The round's resolved values in OpenAI's shape (``beta`` only for a DPO round)."""
-    cfg = run_config(run_dir)
     hp = results["hyperparameters"]
     base_lr = auto_learning_rate(cfg.train.method, hp["batch_size"])
     values = {"n_epochs": hp["epochs"], "batch_size": hp["batch_size"],
@@ -105,6 +105,8 @@ def _register(store: Store, settings: ServiceSettings, current: Job, job_id: str
     """Record the promoted round as a succeeded job of the org; its model's ft: id."""
     run_dir = settings.runs_dir / job_id
     results = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    cfg = run_config(run_dir)
+    assert cfg is not None  # improve wrote it
     pairs, chat = feedback_files(feedback)
     trained_on = pairs if r.objective != "sft" else chat
     assert trained_on is not None  # improve trained on it
@@ -112,14 +114,14 @@ def _register(store: Store, settings: ServiceSettings, current: Job, job_id: str
     data = add_file(store, settings.files_dir, current.org, filename=name,
                     purpose="fine-tune", content=trained_on.read_bytes())
     steps = add_results_file(store, settings.files_dir, current.org, run_dir)
-    base_name = current.output_model.split(":")[1]
-    output_model = f"ft:{base_name}:{current.org}:{suffix or ''}:{job_id[-8:]}"
+    output_model = fine_tune_name(fine_tune_parts(current.output_model)[0], current.org,
+                                  suffix, job_id)
     finished = now()
     job = Job(id=job_id, org=current.org, model=current.output_model,
               base_ref=str(settings.runs_dir / current.id), training_file=data.id,
-              validation_file=None, suffix=suffix, seed=run_config(run_dir).train.seed,
+              validation_file=None, suffix=suffix, seed=cfg.train.seed,
               metadata_={"feedback_round": str(r.round)},
-              hyperparameters=_hyperparameters(run_dir, results), status="succeeded",
+              hyperparameters=_hyperparameters(cfg, results), status="succeeded",
               output_model=output_model, result_files=[steps.id],
               trained_tokens=results["training"]["tokens_seen"],
               step=results["hyperparameters"]["total_steps"],
