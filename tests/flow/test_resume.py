@@ -27,9 +27,14 @@ def _curve(run_dir):
             if r["kind"] == "train"}
 
 
-@pytest.mark.parametrize("objective", ["sft", "dpo"])
+# differential privacy: Poisson batches, noise and the accountant must all resume
+PRIVATE = {"objective": "sft", "batch_size": 16, "epochs": 6,
+           "privacy": {"noise_multiplier": 0.8, "max_grad_norm": 1.0, "accountant": "rdp"}}
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo", "sft-dp"])
 def test_sigkill_and_resume_follows_the_same_curve(make_config, tmp_path, objective):
-    train = {**TRAIN, "objective": objective}
+    train = {**TRAIN, **PRIVATE} if objective == "sft-dp" else {**TRAIN, "objective": objective}
     rows = review_pairs(80) if objective == "dpo" else None
     reference_cfg = make_config(rows, train=train, output_dir=str(tmp_path / "reference"))
     ref = _run(reference_cfg)
@@ -57,3 +62,17 @@ def test_sigkill_and_resume_follows_the_same_curve(make_config, tmp_path, object
     assert sorted(got) == sorted(expected)  # each step logged once, none missing
     for step, loss in expected.items():
         assert abs(got[step] - loss) <= 1e-4, (step, got[step], loss)
+    if objective == "sft-dp":  # the accountant resumed: the same epsilon for the same steps
+        spent = [_privacy(tmp_path / d) for d in ("reference", "killed")]
+        assert spent[0]["steps"] == spent[1]["steps"] == max(expected)
+        assert spent[1]["epsilon"] == pytest.approx(spent[0]["epsilon"], abs=1e-9)
+        assert spent[0]["epsilon"] > 0
+
+
+def _privacy(run_dir):
+    import json
+
+    card = json.loads((run_dir / "adapter" / "privacy.json").read_text())
+    assert card == json.loads((run_dir / "merged" / "privacy.json").read_text())
+    assert json.loads((run_dir / "metrics.json").read_text())["privacy"] == card
+    return card

@@ -30,11 +30,12 @@ from tunesmith.config.sections import (
     LoraConfig,
     ModelConfig,
     PreferenceConfig,
+    PrivacyConfig,
     TrainConfig,
 )
 
 __all__ = ["DEFAULT_MODEL", "HEAD_LR_FACTOR", "REFERENCE_LOSSES", "Auto", "DataConfig",
-           "EvalConfig", "LoraConfig", "ModelConfig", "PreferenceConfig",
+           "EvalConfig", "LoraConfig", "ModelConfig", "PreferenceConfig", "PrivacyConfig",
            "ResolvedHyperparameters", "RunConfig", "SearchDimension", "TrainConfig", "TuneConfig",
            "auto_batch_size", "auto_beta", "auto_epochs", "auto_learning_rate", "dump_config",
            "format_validation_error", "load_config", "parse_config", "resolve_hyperparameters"]

@@ -105,6 +105,41 @@ class PreferenceConfig(_Section):
         0.5, ge=0, description="SimPO: target reward margin, as a fraction of beta.")
 
 
+class PrivacyConfig(_Section):
+    target_epsilon: float | None = Field(
+        None, gt=0, description="Differential privacy budget epsilon to spend over the whole "
+        "run; the noise is chosen to reach it. Give this or noise_multiplier.")
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="Noise std over the clipping bound, instead of target_epsilon; "
+        "the epsilon it spends is reported.")
+    delta: float | Auto = Field(
+        "auto", description="The delta of (epsilon, delta). 'auto': "
+        "min(1e-5, 1/(10 n)) for n training examples; must be below 1/n.")
+    max_grad_norm: float = Field(
+        1.0, gt=0, description="Each example's gradient is clipped to this L2 norm before the "
+        "noise is added (the sensitivity bound).")
+    accountant: Literal["prv", "rdp"] = Field(
+        "prv", description="Privacy accountant: 'prv' (tight, numerical) or 'rdp' (Renyi DP, "
+        "a looser closed-form bound).")
+    physical_batch_size: int = Field(
+        16, gt=0, description="Examples whose per-example gradients are held at once; the "
+        "logical batch (train.batch_size, expected under Poisson sampling) is cut into these, "
+        "so memory stays flat at large batches.")
+
+    @field_validator("delta")
+    @classmethod
+    def _probability(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and not 0 < v < 1:
+            raise ValueError("delta must be between 0 and 1 (and below 1/n), or 'auto'")
+        return v
+
+    @model_validator(mode="after")
+    def _one_of(self) -> PrivacyConfig:
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("give exactly one of target_epsilon and noise_multiplier")
+        return self
+
+
 class TrainConfig(_Section):
     objective: Literal["sft", "dpo", "ipo", "simpo", "orpo"] = Field(
         "sft", description="'sft': learn the assistant answers. Preference pairs (a preferred "
@@ -182,6 +217,39 @@ class TrainConfig(_Section):
     )
     keep_checkpoints: int = Field(2, ge=1, description="Recent checkpoints kept (plus the best).")
     seed: int = Field(42, description="Seed for splitting, sampling, initialisation and order.")
+    privacy: PrivacyConfig | None = Field(
+        None, description="Differential privacy (DP-SGD, Opacus): per-example clipping, "
+        "Gaussian noise, Poisson sampling with batch_size as the expected batch, and an "
+        "(epsilon, delta) guarantee in the report and privacy.json. Empty: off. Implies "
+        "packing: false (one example per row).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _privacy_unpacks(cls, data: object) -> object:
+        # DP clips per example, so packing is off unless the user asked for it (then an error)
+        if isinstance(data, dict) and data.get("privacy") and "packing" not in data:
+            data = {**data, "packing": False}
+        return data
+
+    @model_validator(mode="after")
+    def _privacy_fits(self) -> TrainConfig:
+        if self.privacy is None:
+            return self
+        if self.packing:
+            raise ValueError("train.privacy needs train.packing: false: DP-SGD clips each "
+                             "example's gradient, and a packed row mixes several examples")
+        if self.objective != "sft":
+            raise ValueError(f"train.privacy works with train.objective 'sft' (or head "
+                             f"'classifier'), not '{self.objective}': a preference pair spans "
+                             "two rows")
+        if self.gradient_checkpointing:
+            raise ValueError("train.privacy needs train.gradient_checkpointing: false: the "
+                             "per-example gradient hooks see each layer once per forward")
+        if self.method == "full" and self.head == "lm":
+            raise ValueError("train.privacy trains LoRA adapters (method: lora) or a classifier "
+                             "head: per-example gradients of a full model's LM head, taken "
+                             "over gathered answer tokens, would mix examples")
+        return self
 
     @field_validator("learning_rate", "head_learning_rate")
     @classmethod

@@ -287,6 +287,40 @@ def _preference(results: dict[str, Any]) -> list:
     return blocks
 
 
+def _privacy(results: dict[str, Any]) -> list:
+    p = results.get("privacy")
+    if not p:
+        return []
+    rule = " (auto: min(1e-5, 1/(10 n)), well below 1/n)" if p.get("delta_rule", "").startswith(
+        "auto") else ""
+    blocks: list = [
+        Text(f"Trained with differential privacy (DP-SGD, Opacus): the weights satisfy "
+             f"({fmt(p['epsilon'])}, {p['delta']:.2g})-differential privacy for adding or "
+             f"removing one training example{rule}, by the {p['accountant'].upper()} "
+             "accountant. The guarantee covers the adapter, the merged model and everything "
+             "computed from them; the per-step training losses in metrics.jsonl are not "
+             "noised."),
+        Table(["measure", "value"], [
+            ["epsilon spent", fmt(p["epsilon"])], ["delta", f"{p['delta']:.3g}"],
+            ["target epsilon", fmt(p.get("target_epsilon"))],
+            ["noise multiplier", fmt(p["noise_multiplier"])],
+            ["per-example clipping bound (L2)", fmt(p["max_grad_norm"])],
+            ["sample rate (Poisson)", fmt(p["sample_rate"])],
+            ["expected batch", str(p["expected_batch_size"])],
+            ["steps", f"{p['steps']} of {p['planned_steps']} planned"],
+            ["training examples", str(p["n_examples"])]])]
+    audit = p.get("audit")
+    if audit:
+        blocks.append(Table(["audit", "with DP", "without DP", "chance"], [
+            ["canary exposure, mean (bits)", fmt(audit["dp"]["mean_exposure"]),
+             fmt(audit["no_dp"]["mean_exposure"]), fmt(audit["dp"]["chance_exposure"])],
+            ["canary exposure, max (bits)", fmt(audit["dp"]["max_exposure"]),
+             fmt(audit["no_dp"]["max_exposure"]), "-"],
+            ["membership inference AUC", fmt(audit["dp"]["membership_auc"]),
+             fmt(audit["no_dp"]["membership_auc"]), "0.5"]]))
+    return blocks
+
+
 def _data(results: dict[str, Any]) -> list:
     blocks: list = [Table(["split", "examples"],
                           [[k, str(v)] for k, v in results["data_counts"].items()])]
@@ -323,6 +357,7 @@ def report_sections(results: dict[str, Any]) -> list[Section]:
         Section("Hyperparameters", [Table(["name", "value"], [
             [k, fmt(v)] for k, v in results["hyperparameters"].items()])]),
         Section("Training", training),
+        Section("Differential privacy", _privacy(results)),
         Section("Preference pairs: base vs tuned", _preference(results)),
         Section("Test set: base vs tuned", test),
         Section("Per-class metrics", [per_class] if per_class else []),

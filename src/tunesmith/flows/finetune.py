@@ -8,6 +8,7 @@ wrappers and callbacks.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from tunesmith.models.classifier import load_classifier
 from tunesmith.models.load import save_merged
 from tunesmith.training.loop import TrainResult, train
 from tunesmith.training.objectives import ClassifierObjective
+from tunesmith.training.privacy import Privacy, PrivacySettings, plan_privacy
 from tunesmith.training.setup import LoopSettings, Wrapper
 
 # The name fragment of a classification head's parameters (transformers calls it "score").
@@ -39,7 +41,9 @@ def loop_settings(cfg: RunConfig, hp: ResolvedHyperparameters, *, restore_best: 
     return LoopSettings(
         learning_rate=hp.learning_rate, epochs=hp.epochs, batch_size=hp.batch_size,
         total_steps=hp.total_steps, warmup_steps=hp.warmup_steps, eval_every=hp.eval_every,
-        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        # under DP each example is clipped (train.privacy.max_grad_norm) before the noise; a
+        # clip of the batch gradient would also log its non-private norm
+        weight_decay=t.weight_decay, max_grad_norm=None if t.privacy else t.max_grad_norm,
         early_stopping_patience=t.early_stopping_patience, keep_checkpoints=t.keep_checkpoints,
         micro_batch_size=t.micro_batch_size, schedule=t.schedule, layer_lr_decay=t.layer_lr_decay,
         packing=t.packing, pack_capacity=cfg.data.max_length,
@@ -63,12 +67,35 @@ def classifier_objective(cfg: RunConfig, train_rows: Sequence[Encoded], n_labels
         packing=cfg.train.packing, pack_capacity=cfg.data.max_length)
 
 
+def privacy_for(cfg: RunConfig, hp: ResolvedHyperparameters, n_examples: int) -> Privacy | None:
+    """DP-SGD for a run with ``train.privacy`` (checked against the data), else None."""
+    p = cfg.train.privacy
+    if p is None:
+        return None
+    settings = PrivacySettings(
+        target_epsilon=p.target_epsilon, noise_multiplier=p.noise_multiplier,
+        delta=None if p.delta == "auto" else float(p.delta), max_grad_norm=p.max_grad_norm,
+        accountant=p.accountant, physical_batch_size=p.physical_batch_size)
+    plan = plan_privacy(settings, n_examples=n_examples, batch_size=hp.batch_size,
+                        steps=hp.total_steps, epochs=hp.epochs)
+    return Privacy(plan, seed=cfg.train.seed)
+
+
+def write_privacy_card(summary: dict[str, Any], *directories: Path) -> None:
+    """``privacy.json`` beside the weights it describes."""
+    text = json.dumps(summary, indent=2) + "\n"
+    for directory in directories:
+        if directory.is_dir():
+            (directory / "privacy.json").write_text(text, encoding="utf-8")
+
+
 @dataclass
 class FineTuned:
     """The trained model (merged, ready to evaluate) and what the loop reported."""
 
     model: Any
     result: TrainResult
+    privacy: dict[str, Any] | None = None  # (epsilon, delta) spent and the mechanism, under DP
 
     @property
     def finished(self) -> bool:
@@ -106,16 +133,21 @@ def fine_tune(cfg: RunConfig, run_dir: Path, model: Any, model_dir: Path, tokeni
                                batch_size=cfg.eval.batch_size)
         train_rows, valid_rows = rows["train"], rows["validation"]
         make_objective = make_objective or preference_objective(cfg, hp, tokenizer.pad_token_id)
+    privacy = privacy_for(cfg, hp, len(train_rows))
+    if privacy is not None:
+        wrappers = [*wrappers, privacy.wrap]
     model = prepare_model_for_training(model, cfg)
     result = train(model, train_rows, valid_rows,
                    settings=loop_settings(cfg, hp, restore_best=restore_best),
                    pad_id=tokenizer.pad_token_id, checkpoint_dir=run_dir / "checkpoints",
                    callbacks=callbacks, resume=resume, make_objective=make_objective,
                    wrappers=wrappers)
-    done = FineTuned(model, result)
+    done = FineTuned(model, result, privacy.summary() if privacy is not None else None)
     if not done.finished or not save:
         return done
     if cfg.train.method == "lora":
         model.save_pretrained(run_dir / "adapter")
     done.model = save_merged(model, tokenizer, run_dir / "merged")
+    if done.privacy is not None:
+        write_privacy_card(done.privacy, run_dir / "adapter", run_dir / "merged")
     return done

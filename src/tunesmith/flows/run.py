@@ -33,7 +33,7 @@ from tunesmith.data.split import Splits, sample
 from tunesmith.errors import DataError
 from tunesmith.evaluation.checks import training_warnings
 from tunesmith.flows import assess, preference
-from tunesmith.flows.finetune import fine_tune
+from tunesmith.flows.finetune import fine_tune, privacy_for
 from tunesmith.flows.logs import attach_log_file, detach_log_file
 from tunesmith.flows.steps import (
     advance_task,
@@ -129,6 +129,7 @@ def prepare_training(cfg: RunConfig, run_dir: Path, tokenizer: Any, splits: Spli
         raise DataError("no training example fits data.max_length; raise it",
                         path=cfg.data.train_file)
     hp = resolve_hyperparameters(cfg.train, len(train_enc))
+    privacy_for(cfg, hp, len(train_enc))  # DP settings that cannot work fail here, not later
     resolved = dump_config(cfg)
     resolved["resolved"] = hp.model_dump()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
@@ -249,6 +250,8 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
                   "seconds": round(seconds, 1), "warnings": warnings},
         test=test, base=base, tuned=tuned, calibration_result=cal,
         forgetting=forgetting, records=records)
+    if tuned_run.privacy is not None:
+        results["privacy"] = tuned_run.privacy
     if held is not None:
         results["preference"] = preference.preference_results(cfg, prepared.hp, held, model,
                                                               tokenizer)

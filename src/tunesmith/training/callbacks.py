@@ -108,6 +108,8 @@ class ProgressBar:
 
     def on_evaluate(self, loop: LoopView, metrics: dict[str, Any]) -> None:
         self.valid = f" | valid {metrics['valid_loss']:.4f}"
+        if "epsilon" in metrics:  # differential privacy: the budget spent so far
+            self.valid += f" | ε {metrics['epsilon']:.2f}"
 
     def on_train_end(self, loop: LoopView) -> None:
         self.progress.stop()

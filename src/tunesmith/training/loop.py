@@ -219,7 +219,8 @@ def fit(parts: TrainParts, *, settings: LoopSettings, callbacks: Sequence[Any] =
     module, optimizer = acc.prepare(parts.objective, parts.optimizer)
     parts.module, parts.optimizer = module, optimizer
     module.train()
-    loop = Loop(parts, settings, callbacks)
+    # a wrapper's own callbacks (differential privacy's epsilon meter) run first
+    loop = Loop(parts, settings, [*parts.extra.get("callbacks", ()), *callbacks])
     if resume_from is not None:
         loop.resume(resume_from)
     return loop.run()

@@ -30,7 +30,7 @@ from tunesmith.data.encode import IGNORE_INDEX, Encoded
 from tunesmith.data.packing import collate_packed, pack_rows
 from tunesmith.models.classifier import class_logits_at
 from tunesmith.training.batches import collate
-from tunesmith.training.loss import TargetLoss
+from tunesmith.training.loss import TargetLoss, sequence_log_probs
 from tunesmith.training.precision import autocast
 
 # Packed rows are padded to a multiple of this many tokens (see collate_packed).
@@ -127,6 +127,19 @@ class LMObjective(nn.Module):
         out = self.loss(**inputs)
         return ObjectiveOutput(out.loss_sum, {"token_accuracy": float(out.n_correct)})
 
+    def example_losses(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None,
+                       position_ids: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Each row's mean loss over its own target tokens (one example per row): the
+        per-example loss differential privacy clips, which no other example changes."""
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        sums, counts = sequence_log_probs(
+            self.loss.model, input_ids, labels, rows[:, None].expand_as(labels),
+            input_ids.shape[0], attention_mask=attention_mask, position_ids=position_ids,
+            precision=self.loss.precision)
+        return -sums / counts.clamp(min=1), {}
+
 
 class ClassifierObjective(nn.Module):
     """Cross-entropy of a sequence-classification head on each example's last prompt token.
@@ -168,13 +181,22 @@ class ClassifierObjective(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
                 attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> ObjectiveOutput:
+        losses, metrics = self.example_losses(input_ids, labels, attention_mask, position_ids)
+        return ObjectiveOutput(losses.sum(), metrics)
+
+    def example_losses(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None,
+                       position_ids: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Each example's (weighted) loss in the order of its pooled token, and the summed
+        (weighted) hits; unpacked, that is one loss per row."""
         marks = labels != IGNORE_INDEX
         with autocast(self.precision, input_ids.device):
             logits = class_logits_at(self.model, input_ids, marks,
                                      attention_mask=attention_mask, position_ids=position_ids)
         targets = labels[marks]
-        loss = F.cross_entropy(logits, targets, weight=self.class_weights, reduction="sum")
+        losses = F.cross_entropy(logits, targets, weight=self.class_weights, reduction="none")
         hits = (logits.argmax(-1) == targets).float()
         if self.class_weights is not None:
             hits = hits * self.class_weights[targets]
-        return ObjectiveOutput(loss, {"accuracy": float(hits.sum())})
+        return losses, {"accuracy": float(hits.sum())}

@@ -223,10 +223,11 @@ def reference_log_probs(model: Any, pairs: Sequence[PairEncoded], *, pad_id: int
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    found: list[tuple[float, float]] = []
+    found: list[tuple[float, float] | None] = [None] * len(pairs)
     try:
         with _adapters_off(model):
-            for batch in _in_order(pairs, batch_size):
+            for idx in _by_length(pairs, batch_size):
+                batch = [pairs[i] for i in idx]
                 inputs = pair_inputs(batch, pad_id=pad_id, packing=False, pack_capacity=0)
                 inputs = {k: v.to(device) for k, v in inputs.items()}
                 n_seq = 2 * len(batch)
@@ -234,15 +235,19 @@ def reference_log_probs(model: Any, pairs: Sequence[PairEncoded], *, pad_id: int
                     model, inputs["input_ids"], inputs["labels"], inputs["sequence"], n_seq,
                     attention_mask=inputs["attention_mask"], precision=precision)
                 values = logps.double().cpu().tolist()
-                found += list(zip(values[:len(batch)], values[len(batch):], strict=True))
+                for i, chosen, rejected in zip(idx, values[:len(batch)], values[len(batch):],
+                                               strict=True):
+                    found[i] = (chosen, rejected)
     finally:
         model.train(was_training)
-    return found
+    return [v for v in found if v is not None]
 
 
-def _in_order(pairs: Sequence[PairEncoded], batch_size: int) -> Iterator[list[PairEncoded]]:
-    for i in range(0, len(pairs), batch_size):
-        yield list(pairs[i:i + batch_size])
+def _by_length(pairs: Sequence[PairEncoded], batch_size: int) -> Iterator[list[int]]:
+    """Batches of pair indices of similar length, so little of each batch is padding."""
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]))
+    for i in range(0, len(order), batch_size):
+        yield order[i:i + batch_size]
 
 
 def with_reference(pairs: Sequence[PairEncoded], values: Sequence[tuple[float, float]]
