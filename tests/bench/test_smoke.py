@@ -53,3 +53,23 @@ def test_dpo_speed_smoke(tmp_path, tiny_model_dir):
     # and SFT on the same rows, the memory LoRA-DPO is held to
     assert "tunesmith / SFT" in done.stdout and result["dpo_over_sft_peak_rss"] > 0
     assert len(result["sft"]["losses"]) == result["steps"]
+
+
+def test_dp_speed_smoke(tmp_path, tiny_model_dir):
+    pytest.importorskip("opacus")
+    out = tmp_path / "dp.json"
+    done = subprocess.run([sys.executable, str(BENCH / "dp_speed.py"), "--smoke", "--model",
+                           str(tiny_model_dir), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "seconds per step" in done.stdout and "tunesmith / Opacus" in done.stdout
+    assert "tunesmith / packed" in done.stdout and "tunesmith / unpacked" in done.stdout
+    result = json.loads(out.read_text())
+    assert set(result["ratios"]) == {"dp_over_packed_step_time", "dp_over_unpacked_step_time",
+                                     "dp_over_opacus_step_time", "dp_over_opacus_peak_rss"}
+    assert all(0 < v < float("inf") for v in result["ratios"].values())  # NaN fails too
+    for arm in result["arms"]:  # every arm trained (LoRA weights moved) the requested steps
+        assert result[arm]["steps"] == result["steps"] == len(result[arm]["step_seconds"]), arm
+        assert result[arm]["seconds_per_step"] > 0 and result[arm]["peak_rss_gb"] > 0, arm
+    # both private arms spent the same budget: the same mechanism, steps and sampling rate
+    assert result["tunesmith_dp"]["epsilon"] == pytest.approx(result["opacus"]["epsilon"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from tunesmith.cli import data, improve, run, service, tune
+from tunesmith.cli import audit, data, improve, run, service, tune
 from tunesmith.cli.common import state
 from tunesmith.cli.config import config_app
 
@@ -24,6 +24,7 @@ def main_options(debug: bool = typer.Option(False, "--debug", help="Show full tr
 run.register(app)
 app.add_typer(config_app, name="config")
 app.add_typer(data.data_app, name="data")
+app.add_typer(audit.audit_app, name="audit")
 service.register(app)
 tune.register(app)
 improve.register(app)

@@ -25,6 +25,7 @@ from tunesmith.service.objects import (
     method_type,
     page,
 )
+from tunesmith.service.plan import JobDataError, PrivacyPlanError, check_job_data, plan_run
 from tunesmith.service.schemas import Hyperparameters, JobCreate
 from tunesmith.service.settings import ServiceSettings
 from tunesmith.service.store import Store
@@ -46,7 +47,8 @@ FILE_KIND = {"supervised": "chat", "dpo": "preference"}
 
 
 def requested_hyperparameters(req: JobCreate) -> dict[str, Any]:
-    """The job's hyperparameters as asked ('auto' where not given); a DPO job's have ``beta``.
+    """The job's hyperparameters as asked ('auto' where not given); a DPO job's have ``beta``,
+    a private supervised job's ``privacy`` (the settings of ``method.supervised.privacy``).
 
     They come from ``method.<type>.hyperparameters`` or from the deprecated top-level field,
     never both. Only the section of the method ``type`` names may be given.
@@ -71,7 +73,39 @@ def requested_hyperparameters(req: JobCreate) -> dict[str, Any]:
     values = (in_method or req.hyperparameters or Hyperparameters()).model_dump()
     if kind == "dpo":
         values.setdefault("beta", "auto")  # the top-level form has no beta
+        if section is not None and section.privacy is not None:
+            raise bad_request("differential privacy (method.dpo.privacy) works with supervised "
+                              "jobs only: DP-SGD clips each example's gradient, and a "
+                              "preference pair spans two rows; train a supervised job with "
+                              "method.supervised.privacy, or leave privacy out of the DPO job",
+                              param="method.dpo.privacy", code="unsupported_method")
+    elif section is not None and section.privacy is not None:
+        values["privacy"] = section.privacy.model_dump(mode="json", exclude_none=True)
     return values
+
+
+def _check_private_job(settings: ServiceSettings, req: JobCreate, job_id: str,
+                       base_ref: str, hp: dict[str, Any], seed: int, training: str,
+                       validation: str | None) -> None:
+    """Plan a private job now, as its worker will, so privacy settings that cannot work
+    with its data answer 400 naming the field. Problems of the data itself are left to the
+    worker, which reports them for every job alike."""
+    method = req.method
+    in_method = method is not None and method.supervised is not None \
+        and method.supervised.hyperparameters is not None
+    files = settings.files_dir
+    train_path, valid_path = files / training, files / validation if validation else None
+    try:
+        task = check_job_data(train_path, valid_path, "supervised")
+        plan_run(job_id=job_id, run_dir=settings.runs_dir / job_id, base_ref=base_ref,
+                 train_path=train_path, valid_path=valid_path, requested=hp, task=task,
+                 seed=seed, max_eval_examples=settings.max_eval_examples,
+                 hyperparameters_param=("method.supervised.hyperparameters" if in_method
+                                        or req.hyperparameters is None else "hyperparameters"))
+    except PrivacyPlanError as err:
+        raise bad_request(str(err), param=err.param, code=err.code) from None
+    except JobDataError:
+        pass
 
 
 def _training_input(store: Store, settings: ServiceSettings, org: str, file_id: str,
@@ -113,9 +147,11 @@ def create_job(store: Store, settings: ServiceSettings, org: str, req: JobCreate
                                   "validation_file", method)
                   if req.validation_file else None)
     job_id = new_id("ftjob-")
+    seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+    if "privacy" in hp:
+        _check_private_job(settings, req, job_id, base_ref, hp, seed, training, validation)
     job = Job(id=job_id, org=org, model=req.model, base_ref=base_ref, training_file=training,
-              validation_file=validation, suffix=req.suffix or None,
-              seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
+              validation_file=validation, suffix=req.suffix or None, seed=seed,
               metadata_=req.metadata, hyperparameters=hp, status="validating_files",
               output_model=fine_tune_name(base_name, org, req.suffix, job_id),
               result_files=[], created_at=now())

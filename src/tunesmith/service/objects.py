@@ -34,15 +34,20 @@ def method_type(hyperparameters: dict[str, Any]) -> str:
 
 
 def method_object(hyperparameters: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's ``method``: ``{"type": "dpo", "dpo": {"hyperparameters": {...}}}``."""
+    """OpenAI's ``method``: ``{"type": "dpo", "dpo": {"hyperparameters": {...}}}``; a private
+    supervised job's section also holds its ``privacy`` settings (tunesmith's extension)."""
     kind = method_type(hyperparameters)
-    return {"type": kind, kind: {"hyperparameters": dict(hyperparameters)}}
+    hp = dict(hyperparameters)
+    section: dict[str, Any] = {"hyperparameters": hp}
+    if "privacy" in hp:
+        section["privacy"] = hp.pop("privacy")
+    return {"type": kind, kind: section}
 
 
 def job_object(job: Job) -> dict[str, Any]:
     method = method_object(job.hyperparameters)
     # the top-level field is OpenAI's deprecated supervised form: the three shared values
-    hp = {k: v for k, v in job.hyperparameters.items() if k != "beta"}
+    hp = {k: v for k, v in job.hyperparameters.items() if k not in ("beta", "privacy")}
     return {
         "id": job.id, "object": "fine_tuning.job", "created_at": job.created_at,
         "error": job.error, "fine_tuned_model": job.output_model if job.status == "succeeded"
@@ -54,6 +59,8 @@ def job_object(job: Job) -> dict[str, Any]:
         "integrations": [], "metadata": job.metadata_, "suffix": job.suffix,
         "method": method,
         "user_provided_suffix": job.suffix,
+        # tunesmith's extension: the (epsilon, delta) a private job spent, once it succeeded
+        "privacy": job.privacy if job.status == "succeeded" else None,
     }
 
 

@@ -4,22 +4,30 @@ The run itself is ``tunesmith.flows.run`` with a RunConfig built here through ``
 and its 'auto' values are resolved by tunesmith's own ``resolve_hyperparameters`` on the
 training split the run makes, so the service trains exactly as the CLI does. A supervised job
 trains chat examples (``train.objective: sft``); a DPO job trains preference pairs with
-``train.objective: dpo`` and its ``beta`` as ``train.preference.beta``.
+``train.objective: dpo`` and its ``beta`` as ``train.preference.beta``. A supervised job's
+``privacy`` (tunesmith's extension) becomes ``train.privacy``; its noise is planned here, with
+the training split's size, so settings that cannot work fail before training starts.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tunesmith.config import RunConfig, parse_config, resolve_hyperparameters
+from tunesmith.config import (
+    ResolvedHyperparameters,
+    RunConfig,
+    parse_config,
+    resolve_hyperparameters,
+)
 from tunesmith.data.chat import ChatExample, read_chat_jsonl
 from tunesmith.data.formats import ReadOptions, iter_records
 from tunesmith.data.preference import PreferenceExample
 from tunesmith.data.records import as_chat
 from tunesmith.data.rejects import Rejected
-from tunesmith.errors import DataError, Problem, ServiceError
+from tunesmith.errors import ConfigError, DataError, Problem, ServiceError
 from tunesmith.service.objects import method_type
 
 MIN_EXAMPLES = 10  # OpenAI's minimum, and what tunesmith needs to split off held-out sets
@@ -31,6 +39,16 @@ MAX_LABELS, MIN_PER_LABEL, MAX_LABEL_CHARS = 20, 3, 40
 
 class JobDataError(ServiceError):
     """A job's data cannot be trained on (the job fails with this code and message)."""
+
+
+class PrivacyPlanError(JobDataError):
+    """A job's differential privacy settings cannot work with its data (named by ``param``)."""
+
+
+PRIVACY = "method.supervised.privacy"
+HYPERPARAMETERS = "method.supervised.hyperparameters"
+# the run configuration's names in plan_privacy's messages, and the job's fields they are
+_CONFIG_NAME = re.compile(r"\btrain\.(privacy\.\w+|batch_size)\b")
 
 
 def _check_present(path: Path, param: str) -> None:
@@ -122,16 +140,45 @@ def training_size(cfg: RunConfig) -> int:
         raise JobDataError(str(err), code="invalid_file_format", param=param) from err
 
 
+def check_privacy(cfg: RunConfig, hp: ResolvedHyperparameters, n_train: int, *,
+                  hyperparameters: str = HYPERPARAMETERS) -> None:
+    """Plan a private run's noise as the run will (``privacy_for``); settings that cannot
+    work (a batch under 16 or not below n, delta not below 1/n, an unreachable
+    target_epsilon) raise a PrivacyPlanError in the job's terms, naming the field:
+    ``method.supervised.privacy.<field>`` or ``<hyperparameters>.batch_size``."""
+    if cfg.train.privacy is None:
+        return
+    # imported here: it loads torch and Opacus, which the server needs only for a private job
+    from tunesmith.flows.finetune import privacy_for
+
+    def job_name(found: re.Match[str]) -> str:
+        name = found.group(1)  # 'batch_size' or 'privacy.<field>'
+        return (f"{hyperparameters}.batch_size" if name == "batch_size"
+                else f"{PRIVACY}.{name.removeprefix('privacy.')}")
+
+    try:
+        privacy_for(cfg, hp, n_train)
+    except ConfigError as err:
+        named = _CONFIG_NAME.search(str(err))  # the first field the message names
+        raise PrivacyPlanError(_CONFIG_NAME.sub(job_name, str(err)),
+                               code="invalid_hyperparameters",
+                               param=job_name(named) if named else PRIVACY) from err
+
+
 def plan_run(*, job_id: str, run_dir: Path, base_ref: str, train_path: Path,
              valid_path: Path | None, requested: dict[str, Any], task: str, seed: int,
-             max_eval_examples: int) -> tuple[RunConfig, dict[str, Any]]:
+             max_eval_examples: int, hyperparameters_param: str = HYPERPARAMETERS
+             ) -> tuple[RunConfig, dict[str, Any]]:
     """The tunesmith run of a job, and OpenAI's hyperparameters as the job reports them: the
-    three of every job, and ``beta`` for a DPO job (the job's method: ``method_type``).
+    three of every job, ``beta`` for a DPO job (the job's method: ``method_type``), and a
+    private job's ``privacy`` settings as asked.
 
     A checkpoint per epoch, the last 3 kept, no early stop. ``resolve_hyperparameters`` turns
     each 'auto' into a number for the run's training split; ``learning_rate_multiplier``
     scales tunesmith's automatic learning rate. The run gets the resolved numbers, so
-    planning the job again with them (when training starts) gives the same run.
+    planning the job again with them (when training starts) gives the same run. A private
+    job's batch 'auto' is a DP-sized batch; its noise is planned with ``check_privacy``
+    (errors name ``hyperparameters_param``.batch_size).
     """
     data: dict[str, Any] = {"train_file": str(train_path), "max_test_examples": max_eval_examples}
     if valid_path is not None:
@@ -149,8 +196,12 @@ def plan_run(*, job_id: str, run_dir: Path, base_ref: str, train_path: Path,
     if dpo:
         spec["train"].update(objective="dpo",
                              preference={"beta": requested.get("beta", "auto")})
+    privacy = requested.get("privacy")
+    if privacy:
+        spec["train"]["privacy"] = dict(privacy)
     asked = parse_config(spec, source=f"job {job_id}")
-    hp = resolve_hyperparameters(asked.train, training_size(asked))
+    n_train = training_size(asked)
+    hp = resolve_hyperparameters(asked.train, n_train)
     multiplier = requested.get("learning_rate_multiplier", "auto")
     multiplier = 1.0 if multiplier == "auto" else float(multiplier)
     spec["train"].update(epochs=hp.epochs, batch_size=hp.batch_size,
@@ -159,4 +210,8 @@ def plan_run(*, job_id: str, run_dir: Path, base_ref: str, train_path: Path,
                                 "learning_rate_multiplier": multiplier}
     if dpo:
         spec["train"]["preference"]["beta"] = reported["beta"] = hp.beta
-    return parse_config(spec, source=f"job {job_id}"), reported
+    cfg = parse_config(spec, source=f"job {job_id}")
+    if privacy:
+        check_privacy(cfg, hp, n_train, hyperparameters=hyperparameters_param)
+        reported["privacy"] = dict(privacy)
+    return cfg, reported

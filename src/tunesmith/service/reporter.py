@@ -95,6 +95,8 @@ class JobReporter:
         self.pending.update(_named(metrics, "valid_"))
         self.pending.update(valid_loss=loss, valid_mean_token_accuracy=accuracy,
                             full_valid_loss=loss, full_valid_mean_token_accuracy=accuracy)
+        if "epsilon" in metrics:  # differential privacy: the budget spent so far
+            self.pending["epsilon"] = _finite(metrics["epsilon"])
         self._flush()
 
     def on_train_end(self, loop: Any) -> None:

@@ -1,10 +1,19 @@
-"""Request bodies, validated by pydantic as FastAPI reads them (a bad one answers 400)."""
+"""Request bodies, validated by pydantic as FastAPI reads them (a bad one answers 400).
+
+tunesmith's extension to OpenAI's ``method.supervised``: a ``privacy`` object trains the job
+with differential privacy (DP-SGD). It is the run configuration's ``train.privacy``
+(``PrivacyConfig``: ``target_epsilon`` or ``noise_multiplier``, ``delta``, ``max_grad_norm``,
+``accountant``, ``physical_batch_size``), validated by the same rules; unknown keys are
+errors. The succeeded job reports the (epsilon, delta) spent in its ``privacy`` field.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tunesmith.config import PrivacyConfig
 
 
 class _Body(BaseModel):
@@ -28,12 +37,16 @@ class DpoHyperparameters(Hyperparameters):
 
 class SupervisedMethod(BaseModel):
     hyperparameters: Hyperparameters | None = None
+    privacy: PrivacyConfig | None = None
+    """tunesmith's extension: differential privacy (the run configuration's train.privacy)."""
 
 
 class DpoMethod(BaseModel):
     # forbid: a misplaced {"dpo": {"beta": ...}} must not be silently ignored
     model_config = ConfigDict(extra="forbid")
     hyperparameters: DpoHyperparameters | None = None
+    privacy: dict[str, Any] | None = None
+    """Accepted only to be refused with its reason: DP-SGD trains supervised jobs only."""
 
 
 class Method(BaseModel):

@@ -4,6 +4,9 @@ SQLite (the default) is shared by the server, its worker thread and the training
 processes, so every transaction starts with ``BEGIN IMMEDIATE``: a writer waits for the lock
 (busy_timeout) instead of failing halfway when a read transaction tries to become a write
 one. WAL lets readers go on while a child writes its events. PostgreSQL needs none of this.
+
+A store made by an older tunesmith lacks the columns added since; opening it adds them
+(``add_new_columns``), so no migration tool is needed for nullable additions.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -32,6 +35,7 @@ class Store:
         self.url = url
         self.engine = _engine(url)
         Base.metadata.create_all(self.engine)
+        add_new_columns(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @property
@@ -45,6 +49,30 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def add_new_columns(engine: Engine) -> None:
+    """``ALTER TABLE ... ADD COLUMN`` for each nullable column a table of this store lacks.
+
+    One transaction: on SQLite it holds the write lock (``BEGIN IMMEDIATE``), so processes
+    opening the store at once add a column once; PostgreSQL gets ``IF NOT EXISTS``.
+    """
+    with engine.begin() as conn:
+        found = inspect(conn)
+        quote = conn.dialect.identifier_preparer.quote
+        only_new = "" if conn.dialect.name == "sqlite" else "IF NOT EXISTS "
+        for table in Base.metadata.sorted_tables:
+            present = {c["name"] for c in found.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                if not column.nullable:
+                    raise ServiceError(f"the store's table {table.name} has no column "
+                                       f"{column.name}, and it cannot be added to existing "
+                                       "rows (not nullable)", status=500)
+                conn.exec_driver_sql(
+                    f"ALTER TABLE {quote(table.name)} ADD COLUMN {only_new}"
+                    f"{quote(column.name)} {column.type.compile(dialect=conn.dialect)}")
 
 
 def _engine(url: str) -> Engine:

@@ -4,6 +4,9 @@ Times are Unix seconds, as in OpenAI's API. A file lives at ``files/{id}`` and a
 at ``runs/{id}`` under the data directory (shared by every server and worker). Public ids are
 random strings with OpenAI's prefixes; events also get an integer sequence, because many
 share one second and pagination must be exact.
+
+A column added to a table after stores were made must be nullable: ``Store`` adds it to an
+older store's table when it opens it (``store.add_new_columns``).
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ class Job(Base):
     model_deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     result_files: Mapped[list[Any]] = mapped_column(JSON, default=list)
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    privacy: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """A private job's (epsilon, delta) spent and mechanism, from its run's metrics.json."""
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int | None] = mapped_column(Integer)
     estimated_finish: Mapped[int | None] = mapped_column(BigInteger)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing
 import threading
 import time
@@ -201,17 +202,42 @@ class Worker:
             add_event(s, job.id, "Evaluation on held-out examples: " + json.dumps(
                 {k: v for k, v in tuned.items() if not isinstance(v, dict)}),
                 data={"evaluation": tuned})
+            privacy = run_privacy(run_dir)
+            if privacy is not None:
+                add_event(s, job.id, privacy_message(privacy), data={"privacy": privacy})
         done = queue.set_status(
             self.store, job.id, self.id, "succeeded", expect=("running",),
             message=f"New fine-tuned model created: {job.output_model}",
             result_files=[csv_file.id], finished_at=now(), estimated_finish=None,
-            worker_id=None, lease_expires_at=None)
+            worker_id=None, lease_expires_at=None, privacy=privacy)
         with self.store.begin() as s:
             if done:
                 add_event(s, job.id, "The job has successfully completed")
             else:  # cancelled in the last instant: the result is not delivered
                 s.delete(s.get(StoredFile, csv_file.id))
                 (self.settings.files_dir / csv_file.id).unlink(missing_ok=True)
+
+
+def run_privacy(run_dir: Path) -> dict[str, Any] | None:
+    """A private run's ``metrics.json["privacy"]`` (epsilon, delta, noise_multiplier,
+    max_grad_norm, steps, accountant, ...), infinities as null; None for other runs."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    privacy = json.loads(path.read_text(encoding="utf-8")).get("privacy")
+    if not isinstance(privacy, dict):
+        return None
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in privacy.items()}
+
+
+def privacy_message(privacy: dict[str, Any]) -> str:
+    """E.g. 'differential privacy: epsilon 7.98 at delta 1e-05 (PRV accountant)'."""
+    eps, delta = privacy.get("epsilon"), privacy.get("delta")
+    spent = f"epsilon {eps:.2f}" if isinstance(eps, int | float) else "epsilon unbounded"
+    at = f"{delta:.2g}" if isinstance(delta, int | float) else str(delta)
+    return (f"differential privacy: {spent} at delta {at} "
+            f"({str(privacy.get('accountant')).upper()} accountant)")
 
 
 def add_results_file(store: Store, files_dir: Path, org: str, run_dir: Path) -> StoredFile:

@@ -218,6 +218,7 @@ class PrivateObjective(nn.Module):
         self.inner = inner
         self.plan = plan
         self.optimizer: PrivateOptimizer | None = None  # set by the wrapper
+        self.drawn = 0  # examples through training forwards since the last step's report
 
     def collate(self, examples: Sequence[Any]) -> list[dict[str, torch.Tensor]]:
         size = self.plan.physical_batch_size
@@ -235,8 +236,13 @@ class PrivateObjective(nn.Module):
     def forward(self, **inputs: torch.Tensor) -> ObjectiveOutput:
         if self.training and torch.is_grad_enabled() and self.optimizer is not None:
             self.optimizer.fold()  # the previous micro-batch's gradients, before new ones
+            self.drawn += int(inputs["input_ids"].shape[0])
         losses, metrics = self.inner.example_losses(**inputs)
         return ObjectiveOutput(losses.sum(), metrics)
+
+
+def _drop_grad(p: torch.Tensor) -> None:
+    p.grad = None
 
 
 class Privacy:
@@ -246,7 +252,9 @@ class Privacy:
     def __init__(self, plan: PrivacyPlan, *, seed: int) -> None:
         self.plan, self.seed = plan, seed
         self.optimizer: PrivateOptimizer | None = None
+        self.objective: PrivateObjective | None = None
         self.grad_sample_module: GradSampleModule | None = None
+        self._hooks: list[Any] = []
 
     def wrap(self, parts: TrainParts) -> TrainParts:
         if parts.accelerator.num_processes > 1:
@@ -276,6 +284,17 @@ class Privacy:
         data = getattr(parts.batches, "data", None)
         if data is None:
             raise ConfigError("train.privacy needs a batch source over a list of examples")
+        if getattr(parts.batches, "batch_size", self.plan.expected_batch_size) != \
+                self.plan.expected_batch_size:
+            raise ConfigError(f"train.privacy was planned for batches of "
+                              f"{self.plan.expected_batch_size}, the loop has "
+                              f"{parts.batches.batch_size}; plan with the loop's batch size")
+        # the batch gradient is never formed: each parameter's .grad is dropped as soon as
+        # autograd fills it (the per-example gradients are Opacus'), so nothing non-private,
+        # such as a batch-gradient norm, can be computed or logged, and no memory is held
+        self._hooks = [p.register_post_accumulate_grad_hook(_drop_grad)
+                       for p in self.optimizer.params]
+        self.objective = objective
         batches = PoissonBatches(data, expected_batch_size=self.plan.expected_batch_size,
                                  seed=self.seed)
         callbacks = [*parts.extra.get("callbacks", ()), self]
@@ -283,6 +302,17 @@ class Privacy:
                              extra={**parts.extra, "callbacks": callbacks})
 
     # -- callback ---------------------------------------------------------------------------
+    def on_step(self, loop: Any, metrics: dict[str, Any]) -> None:
+        # the loop divided by the expected batch (DP-SGD's estimator); the log shows the mean
+        # over the examples this step drew, comparable with valid_loss
+        drawn = self.objective.drawn if self.objective is not None else 0
+        if self.objective is not None:
+            self.objective.drawn = 0
+        scale = self.plan.expected_batch_size / drawn if drawn else 0.0
+        for k in [k for k in metrics if k.startswith("train_")]:
+            metrics[k] *= scale
+        metrics.update(batch_examples=drawn, grad_norm=None)
+
     def on_evaluate(self, loop: Any, metrics: dict[str, Any]) -> None:
         if self.optimizer is not None:
             metrics["epsilon"] = self.optimizer.epsilon()
@@ -290,6 +320,9 @@ class Privacy:
     def on_train_end(self, loop: Any) -> None:
         if self.grad_sample_module is not None:
             self.grad_sample_module.remove_hooks()  # evaluation and merging run hook-free
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     # -- figures ----------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
