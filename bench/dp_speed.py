@@ -2,7 +2,7 @@
 Opacus' own PrivacyEngine, in one invocation.
 
     .venv/bin/python bench/dp_speed.py [--steps 8] [--batch-size 32] [--out dp.json]
-    .venv/bin/python bench/dp_speed.py --smoke --model DIR   # tiny model, 2 steps of 16
+    .venv/bin/python bench/dp_speed.py --smoke --model DIR   # tiny model, 1 timed step of 16
 
 Four arms train LoRA adapters (r=16, alpha 32, no dropout, all linear layers) of the bundled
 SmolLM2-135M-Instruct in fp32 on the CPU, with AdamW (no weight decay), the same constant
@@ -308,7 +308,7 @@ def main() -> None:
                         help="examples per forward/backward pass under DP (both engines)")
     parser.add_argument("--model", default="smollm2-135m-instruct",
                         help="model name or directory (smoke: a tiny random model if unset)")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, 2 steps of 16")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 1 timed step of 16")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--child")
     args = parser.parse_args()
@@ -317,7 +317,7 @@ def main() -> None:
         return
     if args.smoke:
         # physical batches of 8 so that both engines split a logical batch
-        args.steps, args.batch_size, args.physical_batch_size = 2, 16, 8
+        args.steps, args.batch_size, args.physical_batch_size = 1, 16, 8
         if args.model == parser.get_default("model"):
             args.model = str(tiny_model(Path(tempfile.mkdtemp(prefix="dp-bench-tiny-"))))
     results = {arm: measure(arm, args) for arm in ARMS}

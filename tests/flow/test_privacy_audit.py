@@ -2,11 +2,13 @@
 
 import json
 
+import yaml
+
 from tests.flow.test_bad_input_cli import assert_clean_failure
 from tunesmith.flows.privacy_audit import audit_privacy
 from tunesmith.flows.run import run
 
-PRIVATE = {"batch_size": 16, "epochs": 2, "eval_every": 4,
+PRIVATE = {"batch_size": 16, "epochs": 1, "eval_every": 4,
            "privacy": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "accountant": "rdp"}}
 EVAL = {"forgetting": False, "calibration": False, "compare_base": False}
 
@@ -39,8 +41,12 @@ def test_the_audit_trains_both_twins_and_reports_side_by_side(make_config, cli):
 
 
 def test_auditing_a_run_without_privacy_fails_cleanly(make_config, cli, tmp_path):
-    cfg = make_config(train={"epochs": 1}, eval=EVAL)
-    run_dir = run(cfg, show_progress=False).run_dir
+    # a finished run as the audit reads it (its config and results), trained without DP
+    run_dir = tmp_path / "plain"
+    run_dir.mkdir()
+    spec = yaml.safe_load(make_config(train={"epochs": 1}, eval=EVAL).read_text())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(spec))
+    (run_dir / "metrics.json").write_text("{}")
     assert_clean_failure(*cli("audit", "privacy", str(run_dir)), "trained without train.privacy")
     assert_clean_failure(*cli("audit", "privacy", str(tmp_path / "nothing")),
                          "is not a finished run")

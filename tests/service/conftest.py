@@ -34,6 +34,17 @@ def pytest_configure(config: pytest.Config) -> None:
         "`tunesmith run`; deselect with -m 'not dpo_training' where that is not there")
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
+           test_home: Path) -> Iterator[LiveServer]:
+    """One live server for a test module (its jobs share it); killed when the module ends."""
+    server = start_server(tmp_path_factory.mktemp("svc"), tiny_model_dir, test_home)
+    try:
+        yield server
+    finally:
+        server.kill_group()
+
+
 @pytest.fixture
 def launch(tiny_model_dir: Path, test_home: Path) -> Iterator[Callable[..., LiveServer]]:
     """Start servers (``launch(data_dir, *extra_args)``); all are killed at the end."""

@@ -5,7 +5,6 @@ a model that answers (marked ``dpo_training``: it needs the DPO objective in the
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -15,7 +14,6 @@ from tests.helpers import (
     LiveServer,
     all_events,
     review_rows,
-    start_server,
     wait_status,
     write_jsonl,
 )
@@ -51,16 +49,6 @@ def spam_pairs(n: int, start: int = 0) -> list[dict]:
 
 
 DPO = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 4}}}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
-           test_home: Path) -> Iterator[LiveServer]:
-    server = start_server(tmp_path_factory.mktemp("svc"), tiny_model_dir, test_home)
-    try:
-        yield server
-    finally:
-        server.kill_group()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -17,7 +16,6 @@ from tests.helpers import (
     LiveServer,
     all_events,
     review_rows,
-    start_server,
     wait_status,
     write_jsonl,
 )
@@ -38,16 +36,6 @@ def private(privacy: dict | None = None, **hyperparameters) -> dict:
     hp = {"n_epochs": 1, "batch_size": 16, **hyperparameters}
     return {"type": "supervised", "supervised": {"hyperparameters": hp,
                                                  "privacy": privacy or PRIVACY}}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
-           test_home: Path) -> Iterator[LiveServer]:
-    server = start_server(tmp_path_factory.mktemp("svc"), tiny_model_dir, test_home)
-    try:
-        yield server
-    finally:
-        server.kill_group()
 
 
 @pytest.fixture(scope="module")
