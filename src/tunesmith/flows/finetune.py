@@ -108,14 +108,15 @@ def fine_tune(cfg: RunConfig, run_dir: Path, model: Any, model_dir: Path, tokeni
               callbacks: Sequence[Any] = (), resume: bool = False,
               make_objective: Callable[[Any, str], Any] | None = None,
               wrappers: Sequence[Wrapper] = (), restore_best: bool = True,
-              save: bool = True) -> FineTuned:
+              save: bool = True, privacy: Privacy | None = None) -> FineTuned:
     """Train adapters (or all weights, or a classification head); save adapter and merged.
 
     ``make_objective`` replaces the configured objective (LM loss, or the classifier's);
-    ``wrappers`` may replace any part before the loop starts. A run stopped by a callback
-    (not by early stopping) saves its checkpoint but no adapter or merged model; with
-    ``save=False`` (a search trial) nothing but checkpoints is written, and the returned model
-    is the trained one, adapters unmerged.
+    ``wrappers`` may replace any part before the loop starts. With ``train.privacy`` the run
+    trains under ``privacy`` (``privacy_for``'s plan; made here when not given). A run
+    stopped by a callback (not by early stopping) saves its checkpoint but no adapter or
+    merged model; with ``save=False`` (a search trial) nothing but checkpoints is written,
+    and the returned model is the trained one, adapters unmerged.
     """
     classifier = cfg.train.head == "classifier"
     if classifier:
@@ -133,7 +134,7 @@ def fine_tune(cfg: RunConfig, run_dir: Path, model: Any, model_dir: Path, tokeni
                                batch_size=cfg.eval.batch_size)
         train_rows, valid_rows = rows["train"], rows["validation"]
         make_objective = make_objective or preference_objective(cfg, hp, tokenizer.pad_token_id)
-    privacy = privacy_for(cfg, hp, len(train_rows))
+    privacy = privacy or privacy_for(cfg, hp, len(train_rows))
     if privacy is not None:
         wrappers = [*wrappers, privacy.wrap]
     model = prepare_model_for_training(model, cfg)

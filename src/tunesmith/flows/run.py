@@ -48,6 +48,7 @@ from tunesmith.flows.steps import (
 from tunesmith.models.load import load
 from tunesmith.models.resolve import default_home, resolve_model
 from tunesmith.training.callbacks import MetricsLog, ProgressBar, read_metrics
+from tunesmith.training.privacy import Privacy
 
 log = logging.getLogger("tunesmith")
 
@@ -100,6 +101,7 @@ class Prepared:
     valid: list[Encoded]
     rejects: list[Rejected]
     hp: ResolvedHyperparameters
+    privacy: Privacy | None = None  # DP planned against the encoded data (train.privacy)
 
 
 def prepare_training(cfg: RunConfig, run_dir: Path, tokenizer: Any, splits: Splits,
@@ -129,13 +131,13 @@ def prepare_training(cfg: RunConfig, run_dir: Path, tokenizer: Any, splits: Spli
         raise DataError("no training example fits data.max_length; raise it",
                         path=cfg.data.train_file)
     hp = resolve_hyperparameters(cfg.train, len(train_enc))
-    privacy_for(cfg, hp, len(train_enc))  # DP settings that cannot work fail here, not later
+    privacy = privacy_for(cfg, hp, len(train_enc))  # DP that cannot work fails here, not later
     resolved = dump_config(cfg)
     resolved["resolved"] = hp.model_dump()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     say(f"hyperparameters: {hp.epochs} epoch(s), batch {hp.batch_size}, "
         f"lr {hp.learning_rate:.2e}, {hp.total_steps} steps")
-    return Prepared(train_enc, valid_enc, rejects, hp)
+    return Prepared(train_enc, valid_enc, rejects, hp, privacy)
 
 
 def base_eval(cfg: RunConfig, run_dir: Path, model: Any, tokenizer: Any, test: list,
@@ -193,6 +195,7 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
     tuned_run = fine_tune(
         cfg, run_dir, model, model_dir, tokenizer, train_rows=prepared.train,
         valid_rows=prepared.valid, hp=prepared.hp, labels=labels, resume=resume,
+        privacy=prepared.privacy,
         callbacks=[MetricsLog(run_dir / "metrics.jsonl"),
                    ProgressBar(console, enabled=show_progress), *extra_callbacks])
     model, result = tuned_run.model, tuned_run.result
