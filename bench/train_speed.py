@@ -1,6 +1,7 @@
 """Training speed and memory: tunesmith's loop against HF Trainer + PEFT, in one invocation.
 
     .venv/bin/python bench/train_speed.py [--steps 30] [--out docs/benchmarks.md]
+    .venv/bin/python bench/train_speed.py --steps 2 --model DIR   # smoke: any small model
 
 Both engines train the bundled SmolLM2-135M-Instruct on the same SMS-spam chat rows, with the
 same tokenisation and prompt masking (tunesmith's ``encode_chat``), LoRA r=16 / alpha 32 /
@@ -32,6 +33,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 DATA = REPO / "examples" / "sms_spam" / "sms_spam.jsonl"
 LR, BATCH, MAX_LEN, SEED = 3e-4, 8, 256, 0
+MODEL = "smollm2-135m-instruct"  # --model: a directory instead (the suite's smoke run)
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
 
 
@@ -47,7 +49,7 @@ def setup(steps: int, dtype: str = "float32"):
     from tunesmith.models.load import add_lora, load
     from tunesmith.models.resolve import default_home, resolve_model
 
-    model, tok = load(resolve_model("smollm2-135m-instruct", home=default_home()), dtype=dtype)
+    model, tok = load(resolve_model(MODEL, home=default_home()), dtype=dtype)
     train_rows, valid_rows = rows(steps)
     train = [e for e in (encode_chat(tok, m) for m in train_rows) if len(e) <= MAX_LEN]
     valid = [encode_chat(tok, m) for m in valid_rows]
@@ -132,8 +134,8 @@ def child(engine: str, steps: int) -> None:
 
 
 def measure(engine: str, steps: int) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", engine, "--steps", str(steps)],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run([sys.executable, __file__, "--child", engine, "--steps", str(steps),
+                           "--model", MODEL], capture_output=True, text=True, check=False)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if done.returncode != 0 or line is None:
         raise SystemExit(f"{engine} failed:\n{done.stderr[-4000:]}")
@@ -162,11 +164,14 @@ def table(hf: dict, ts: dict) -> str:
 
 
 def main() -> None:
+    global MODEL
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--child")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--model", default=MODEL, help="model name or directory")
     args = parser.parse_args()
+    MODEL = args.model
     if args.child:
         child(args.child, args.steps)
         return

@@ -13,8 +13,9 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
-def test_train_speed_smoke(bundled_dir):
-    done = subprocess.run([sys.executable, str(BENCH / "train_speed.py"), "--steps", "2"],
+def test_train_speed_smoke(tiny_model_dir):
+    done = subprocess.run([sys.executable, str(BENCH / "train_speed.py"), "--steps", "2",
+                           "--model", str(tiny_model_dir)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "trained tokens/s" in done.stdout and "tunesmith / HF" in done.stdout

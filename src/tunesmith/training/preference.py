@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.config import REFERENCE_LOSSES
-from tunesmith.data.encode import Encoded, PairEncoded
+from tunesmith.data.encode import IGNORE_INDEX, Encoded, PairEncoded
 from tunesmith.data.packing import pack_plan
+from tunesmith.models.classifier import unwrap
 from tunesmith.training.batches import collate
 from tunesmith.training.loss import sequence_log_probs
 from tunesmith.training.objectives import ROWS_PER_PASS, SHAPE_MULTIPLE, ObjectiveOutput
@@ -86,34 +87,54 @@ def pair_losses(loss: str, *, chosen: torch.Tensor, rejected: torch.Tensor,
     return PairLosses(losses, beta * chosen.detach(), beta * rejected.detach())
 
 
+def shared_prefix(pair: PairEncoded) -> int:
+    """How many leading tokens the two conversations of ``pair`` can share in one forward pass:
+    the common prompt, less its last token, which each answer's branch repeats so that its
+    first target is predicted from within the branch. Never a target token."""
+    a, b = pair.chosen, pair.rejected
+    limit = min(_first_target(a), _first_target(b))
+    k = 0
+    while k < limit and a.input_ids[k] == b.input_ids[k]:
+        k += 1
+    return max(k - 1, 0)
+
+
+def _first_target(seq: Encoded) -> int:
+    return next((i for i, t in enumerate(seq.labels) if t != IGNORE_INDEX), len(seq))
+
+
+def pair_size(pair: PairEncoded, *, share_prompt: bool = True) -> int:
+    """Tokens ``pair`` takes in a forward pass: the prompt once and both answers' branches,
+    or (``share_prompt`` off) both whole conversations."""
+    whole = len(pair.chosen) + len(pair.rejected)
+    return whole - shared_prefix(pair) if share_prompt else whole
+
+
 def pair_inputs(pairs: Sequence[PairEncoded], *, pad_id: int, packing: bool,
-                pack_capacity: int) -> dict[str, torch.Tensor]:
-    """One forward pass's inputs for ``pairs``: the chosen sequences (0..n-1), then the
-    rejected ones (n..2n-1), padded one per row or packed several per row, with each token's
-    sequence index (``sequence``) and, when known, the reference log-probs (``reference``)."""
-    seqs: list[Encoded] = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    if packing:
-        rows = [[(i, seqs[i]) for i in group]
-                for group in pack_plan([len(s) for s in seqs], pack_capacity)]
-        width = max(sum(len(s) for _, s in row) for row in rows)
-        width = -(-width // SHAPE_MULTIPLE) * SHAPE_MULTIPLE
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        labels = torch.full_like(ids, -100)
-        owner = torch.zeros_like(ids)
-        pos = torch.zeros_like(ids)
-        for r, row in enumerate(rows):
-            at = 0
-            for i, s in row:
-                n = len(s)
-                ids[r, at:at + n] = torch.tensor(s.input_ids)
-                # a sequence's first token is never predicted from the previous sequence
-                labels[r, at + 1:at + n] = torch.tensor(s.labels[1:])
-                owner[r, at:at + n] = i
-                pos[r, at:at + n] = torch.arange(n)
-                at += n
-            pos[r, at:] = torch.arange(width - at)  # padding: one more sequence, no targets
-        inputs = {"input_ids": ids, "labels": labels, "position_ids": pos, "sequence": owner}
+                pack_capacity: int, share_prompt: bool = True) -> dict[str, torch.Tensor]:
+    """One forward pass's inputs for ``pairs``, with each token's sequence index
+    (``sequence``: chosen answers 0..n-1, rejected n..2n-1) and, when known, the reference
+    log-probs (``reference``).
+
+    ``share_prompt`` (the default): each pair is one block, its prompt once followed by the
+    chosen and the rejected answer, with a 4-D attention mask in which each answer sees the
+    prompt and itself but not the other answer, and position ids that restart both answers
+    where the prompt ends. The log-probs are those of the two whole conversations (tested),
+    at close to half the compute when prompts are long and answers short, as in
+    classification by preference. Blocks are packed several per row (``packing``) or one per
+    row, padded. Without ``share_prompt``: the two conversations as separate sequences,
+    packed (block-diagonal attention from the position ids) or padded one per row.
+    """
+    if share_prompt:
+        inputs = _shared_rows(pairs, pad_id=pad_id, packing=packing,
+                              pack_capacity=pack_capacity)
+    elif packing:
+        seqs: list[Encoded] = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+        segments = [[(i, s, 0, 0)] for i, s in enumerate(seqs)]
+        inputs = _rows(segments, pad_id=pad_id, packing=True, pack_capacity=pack_capacity)
+        del inputs["attention_mask"]  # packed rows: the model masks by position ids
     else:
+        seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
         inputs = collate(seqs, pad_id=pad_id)
         inputs["sequence"] = torch.arange(len(seqs)).unsqueeze(1).expand_as(
             inputs["input_ids"]).contiguous()
@@ -124,8 +145,61 @@ def pair_inputs(pairs: Sequence[PairEncoded], *, pad_id: int, packing: bool,
     return inputs
 
 
-def pair_passes(pairs: Sequence[PairEncoded], budget: int | None = None
-                ) -> list[list[PairEncoded]]:
+# A segment: (sequence index, its tokens, first token taken, branch): branch 0 is a prompt or
+# a whole sequence, 1 and 2 a pair's chosen and rejected answer, which see branch 0 of their
+# block and themselves only.
+Segment = tuple[int, Encoded, int, int]
+
+
+def _shared_rows(pairs: Sequence[PairEncoded], *, pad_id: int, packing: bool,
+                 pack_capacity: int) -> dict[str, torch.Tensor]:
+    n = len(pairs)
+    blocks: list[list[Segment]] = []
+    for i, p in enumerate(pairs):
+        s = shared_prefix(p)
+        prompt = Encoded(p.chosen.input_ids[:s], [IGNORE_INDEX] * s)
+        blocks.append([(i, prompt, 0, 0), (i, p.chosen, s, 1), (n + i, p.rejected, s, 2)])
+    return _rows(blocks, pad_id=pad_id, packing=packing, pack_capacity=pack_capacity)
+
+
+def _rows(blocks: Sequence[Sequence[Segment]], *, pad_id: int, packing: bool,
+          pack_capacity: int) -> dict[str, torch.Tensor]:
+    """Blocks of segments laid into rows (packed by first-fit decreasing, or one per row),
+    with position ids, sequence owners and a boolean 4-D attention mask (True: may attend):
+    causal within a block, a branch never seeing another branch."""
+    sizes = [sum(len(seq) - start for _, seq, start, _ in b) for b in blocks]
+    plan = (pack_plan(sizes, pack_capacity) if packing
+            else [[i] for i in range(len(blocks))])
+    width = max(sum(sizes[i] for i in row) for row in plan)
+    width = -(-width // SHAPE_MULTIPLE) * SHAPE_MULTIPLE if packing else width
+    ids = torch.full((len(plan), width), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    owner, pos, branch = torch.zeros_like(ids), torch.zeros_like(ids), torch.zeros_like(ids)
+    block = torch.full_like(ids, -1)
+    for r, row in enumerate(plan):
+        at = 0
+        for b in row:
+            for i, seq, start, kind in blocks[b]:
+                m = len(seq) - start
+                ids[r, at:at + m] = torch.tensor(seq.input_ids[start:])
+                # a segment's first token is never predicted from what precedes it in the row
+                labels[r, at + 1:at + m] = torch.tensor(seq.labels[start + 1:])
+                owner[r, at:at + m] = i
+                pos[r, at:at + m] = torch.arange(start, start + m)
+                branch[r, at:at + m] = kind
+                block[r, at:at + m] = b
+                at += m
+        pos[r, at:] = torch.arange(width - at)  # padding: a block of its own, no targets
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = block[:, :, None] == block[:, None, :]
+    sees = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+    mask = (same & sees & causal).unsqueeze(1)
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "sequence": owner,
+            "attention_mask": mask}
+
+
+def pair_passes(pairs: Sequence[PairEncoded], budget: int | None = None, *,
+                share_prompt: bool = True) -> list[list[PairEncoded]]:
     """``pairs`` in groups of at most ``budget`` tokens (chosen and rejected
     conversations together), each group at least one pair.
 
@@ -142,7 +216,7 @@ def pair_passes(pairs: Sequence[PairEncoded], budget: int | None = None
         budget = sum(len(p.chosen) for p in pairs)
     # the fewest passes: first-fit decreasing, as rows are packed (the order within a step
     # does not change its gradient)
-    plan = pack_plan([len(p.chosen) + len(p.rejected) for p in pairs], budget)
+    plan = pack_plan([pair_size(p, share_prompt=share_prompt) for p in pairs], budget)
     return [[pairs[i] for i in sorted(group)] for group in sorted(plan, key=min)]
 
 
@@ -164,20 +238,21 @@ class PreferenceObjective(nn.Module):
         # ORPO's loss is NLL + odds-ratio term: its NLL weight is 1 on top of sft_weight
         self.nll_weight = sft_weight + (1.0 if loss == "orpo" else 0.0)
         self.packing, self.pack_capacity = packing, pack_capacity
+        self.share_prompt = can_share_prompt(model)
 
     def collate(self, pairs: Sequence[PairEncoded]) -> list[dict[str, torch.Tensor]]:
         """The passes for ``pairs``: as many as keep each within SFT's memory (see
         ``pair_passes``); both answers of a pair always share a pass."""
         budget = ROWS_PER_PASS * self.pack_capacity if self.packing else None
         return [pair_inputs(group, pad_id=self.pad_id, packing=self.packing,
-                            pack_capacity=self.pack_capacity)
-                for group in pair_passes(pairs, budget)]
+                            pack_capacity=self.pack_capacity, share_prompt=self.share_prompt)
+                for group in pair_passes(pairs, budget, share_prompt=self.share_prompt)]
 
     def normaliser(self, pairs: Sequence[PairEncoded]) -> float:
         return float(len(pairs))
 
     def size(self, pair: PairEncoded) -> int:
-        return len(pair.chosen) + len(pair.rejected)
+        return pair_size(pair, share_prompt=self.share_prompt)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, sequence: torch.Tensor,
                 attention_mask: torch.Tensor | None = None,
@@ -186,7 +261,8 @@ class PreferenceObjective(nn.Module):
         n_seq = int(sequence.max()) + 1
         n = n_seq // 2
         logps, counts = sequence_log_probs(
-            self.model, input_ids, labels, sequence, n_seq, attention_mask=attention_mask,
+            self.model, input_ids, labels, sequence, n_seq,
+            attention_mask=model_mask(self.model, attention_mask),
             position_ids=position_ids, precision=self.precision)
         counts = counts.clamp(min=1)
         out = pair_losses(
@@ -208,6 +284,26 @@ class PreferenceObjective(nn.Module):
             "logp_chosen": float(mean_lp[:n].sum()), "logp_rejected": float(mean_lp[n:].sum())})
 
 
+def can_share_prompt(model: Any) -> bool:
+    """Whether the model's attention takes the custom 4-D mask a shared prompt needs: SDPA
+    and eager do; flash-attention kernels take none, so pairs go as two sequences there."""
+    config = getattr(unwrap(model), "config", None)
+    return getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+
+
+def model_mask(model: Any, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A boolean 4-D mask as the model's attention wants it: as it is for SDPA, additive
+    (0 or the dtype's minimum) for eager attention."""
+    if mask is None or mask.dim() != 4:
+        return mask
+    config = getattr(unwrap(model), "config", None)
+    if getattr(config, "_attn_implementation", "sdpa") != "eager":
+        return mask
+    dtype = next(unwrap(model).parameters()).dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+        ~mask, torch.finfo(dtype).min)
+
+
 def _adapters_off(model: Any) -> contextlib.AbstractContextManager[Any]:
     """With PEFT adapters, a context in which the model is its base; else nothing changes."""
     return model.disable_adapter() if hasattr(model, "disable_adapter") else \
@@ -221,6 +317,7 @@ def reference_log_probs(model: Any, pairs: Sequence[PairEncoded], *, pad_id: int
     """Summed log-probs of each pair's chosen and rejected answer under the reference: the
     model with its adapters off (LoRA), else the model as it is now (before full training)."""
     device = device or next(model.parameters()).device
+    share = can_share_prompt(model)
     was_training = model.training
     model.eval()
     found: list[tuple[float, float] | None] = [None] * len(pairs)
@@ -228,12 +325,14 @@ def reference_log_probs(model: Any, pairs: Sequence[PairEncoded], *, pad_id: int
         with _adapters_off(model):
             for idx in _by_length(pairs, batch_size):
                 batch = [pairs[i] for i in idx]
-                inputs = pair_inputs(batch, pad_id=pad_id, packing=False, pack_capacity=0)
+                inputs = pair_inputs(batch, pad_id=pad_id, packing=False, pack_capacity=0,
+                                     share_prompt=share)
                 inputs = {k: v.to(device) for k, v in inputs.items()}
                 n_seq = 2 * len(batch)
                 logps, _ = sequence_log_probs(
                     model, inputs["input_ids"], inputs["labels"], inputs["sequence"], n_seq,
-                    attention_mask=inputs["attention_mask"], precision=precision)
+                    attention_mask=model_mask(model, inputs["attention_mask"]),
+                    position_ids=inputs.get("position_ids"), precision=precision)
                 values = logps.double().cpu().tolist()
                 for i, chosen, rejected in zip(idx, values[:len(batch)], values[len(batch):],
                                                strict=True):

@@ -11,13 +11,17 @@ from tunesmith.data.encode import IGNORE_INDEX, encode_pair
 from tunesmith.models.load import add_lora, load
 from tunesmith.training.callbacks import MetricsLog, read_metrics
 from tunesmith.training.loop import LoopSettings, fit
+from tunesmith.training.loss import sequence_log_probs
 from tunesmith.training.policies import standard_policies
 from tunesmith.training.preference import (
     PreferenceObjective,
+    model_mask,
     pair_inputs,
     pair_losses,
     pair_passes,
+    pair_size,
     reference_log_probs,
+    shared_prefix,
     with_reference,
 )
 from tunesmith.training.setup import setup
@@ -92,12 +96,25 @@ def test_packed_and_padded_log_probs_equal_full_logits(tiny_model_dir):
                                       + [p.rejected for p in pairs])
     ref = reference_log_probs(model, pairs, pad_id=tok.pad_token_id, batch_size=4)
     assert [a for a, _ in ref] + [b for _, b in ref] == pytest.approx(expected, abs=1e-4)
-    for packing in (True, False):
+    for packing, share in [(p, s) for p in (True, False) for s in (True, False)]:
         objective = PreferenceObjective(model, loss="dpo", beta=0.1, pad_id=tok.pad_token_id,
                                         packing=packing, pack_capacity=256)
+        objective.share_prompt = share
+        rows = pair_inputs(pairs, pad_id=tok.pad_token_id, packing=packing, pack_capacity=256,
+                           share_prompt=share)
         if packing:  # several sequences share a row
-            rows = pair_inputs(pairs, pad_id=tok.pad_token_id, packing=True, pack_capacity=256)
-            assert rows["input_ids"].shape[0] < 2 * len(pairs)
+            assert rows["input_ids"].shape[0] < (len(pairs) if share else 2 * len(pairs))
+        if share:  # each prompt goes through the model once: about half the tokens
+            whole = sum(len(p.chosen) + len(p.rejected) for p in pairs)
+            assert int((rows["labels"] != IGNORE_INDEX).sum()) == sum(
+                p.chosen.n_targets + p.rejected.n_targets for p in pairs)
+            assert sum(pair_size(p) for p in pairs) < 0.7 * whole
+            with torch.no_grad():
+                logps, _ = sequence_log_probs(
+                    model, rows["input_ids"], rows["labels"], rows["sequence"],
+                    2 * len(pairs), attention_mask=rows["attention_mask"],
+                    position_ids=rows["position_ids"])
+            assert logps.tolist() == pytest.approx(expected, abs=1e-4)
         with torch.no_grad():
             outs = [objective(**inputs) for inputs in objective.collate(
                 with_reference(pairs, ref))]
@@ -117,7 +134,7 @@ def test_a_step_runs_in_passes_no_bigger_than_sft_and_the_gradient_is_the_same(t
     pairs = _pairs(tok, 8)
     pairs = with_reference(pairs, reference_log_probs(model, pairs, pad_id=tok.pad_token_id))
     def tokens(group):
-        return sum(len(p.chosen) + len(p.rejected) for p in group)
+        return sum(pair_size(p) for p in group)
 
     # packed: a pass holds what one SFT pass holds, one row of pack_capacity tokens
     groups = pair_passes(pairs, 160)
@@ -128,11 +145,14 @@ def test_a_step_runs_in_passes_no_bigger_than_sft_and_the_gradient_is_the_same(t
                                     packing=True, pack_capacity=160)
     passes = objective.collate(pairs)
     assert len(passes) == len(groups)
-    for inputs, group in zip(passes, groups, strict=True):
-        assert inputs["input_ids"].shape[0] == (1 if tokens(group) <= 160 else 2)
+    for inputs, group in zip(passes, groups, strict=True):  # a pair is one block: one row
+        assert inputs["input_ids"].shape[0] == 1
+        assert inputs["input_ids"].shape[1] <= max(160, tokens(group) + 63)
     # padded: at most the chosen conversations' tokens, as SFT would pad in one pass
     sft_tokens = sum(len(p.chosen) for p in pairs)
     assert all(tokens(g) <= sft_tokens for g in pair_passes(pairs))
+    assert all(sum(len(p.chosen) + len(p.rejected) for p in g) <= sft_tokens
+               for g in pair_passes(pairs, share_prompt=False))
 
     def gradient(inputs_list):
         model.zero_grad()
@@ -143,9 +163,13 @@ def test_a_step_runs_in_passes_no_bigger_than_sft_and_the_gradient_is_the_same(t
     split = gradient(passes)
     whole = gradient([pair_inputs(pairs, pad_id=tok.pad_token_id, packing=True,
                                   pack_capacity=160)])
-    assert split.keys() == whole.keys()
+    # the prompt shared by both answers gives the gradient of the two whole conversations
+    apart = gradient([pair_inputs(pairs, pad_id=tok.pad_token_id, packing=True,
+                                  pack_capacity=160, share_prompt=False)])
+    assert split.keys() == whole.keys() == apart.keys()
     for name in split:
         torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(apart[name], whole[name], atol=1e-6, rtol=1e-4)
 
 
 def test_lora_dpo_trains_adapters_only_and_the_reference_is_the_base(tiny_model_dir, tmp_path):
@@ -201,3 +225,29 @@ def test_pairs_collate_keeps_each_answer_with_its_sequence(tokenizer):
         assert sorted(t for t in mine.tolist() if t != IGNORE_INDEX) == sorted(
             t for t in s.labels[1:] if t != IGNORE_INDEX)
     assert "reference" not in inputs
+
+
+def test_a_shared_prompt_stops_before_the_first_target_and_answers_never_see_each_other(
+        tokenizer):
+    pairs = _pairs(tokenizer, 2)
+    p = pairs[0]
+    s = shared_prefix(p)
+    first = min(next(i for i, t in enumerate(x.labels) if t != IGNORE_INDEX)
+                for x in (p.chosen, p.rejected))
+    assert 0 < s < first and p.chosen.input_ids[:s + 1] == p.rejected.input_ids[:s + 1]
+    rows = pair_inputs([p], pad_id=0, packing=False, pack_capacity=0)
+    mask, pos = rows["attention_mask"][0, 0], rows["position_ids"][0]
+    n_c, n_r = len(p.chosen) - s, len(p.rejected) - s
+    assert mask.shape == (s + n_c + n_r,) * 2
+    chosen, rejected = slice(s, s + n_c), slice(s + n_c, s + n_c + n_r)
+    assert mask[rejected, :s].all() and mask[chosen, :s].all()  # both see the prompt
+    assert not mask[rejected, chosen].any()  # ... and not each other
+    assert not mask[:s, s:].any()  # the prompt sees neither answer
+    assert pos[chosen].tolist() == list(range(s, len(p.chosen)))
+    assert pos[rejected].tolist() == list(range(s, len(p.rejected)))
+    # eager attention takes it as an additive bias
+    model = torch.nn.Linear(1, 1)
+    model.config = type("C", (), {"_attn_implementation": "eager"})()
+    bias = model_mask(model, rows["attention_mask"])
+    assert bias.dtype == torch.float32 and (bias[0, 0][rejected, chosen] < -1e30).all()
+    assert (bias[0, 0][rejected, :s] == 0).all()
