@@ -224,8 +224,15 @@ def inspect_cmd(
     max_length: int = typer.Option(512, help="Longest example trained on (data.max_length)."),
     epochs: int | None = typer.Option(None, help="Epochs for the token estimate. Empty: "
                                       "what train.epochs='auto' would choose."),
-    group_column: str | None = typer.Option(None, help="A field or column to count by "
-                                            "(dataset-bias report)."),
+    group_column: list[str] | None = typer.Option(None, help="A field or column to count "
+                                                  "by, with a dataset-bias report; repeat "
+                                                  "for several."),
+    reference: Path | None = typer.Option(None, help="JSON or YAML of expected group shares: "
+                                          '{"field": {"group": share, ...}}.'),
+    positive_label: str | None = typer.Option(None, help="Bias report: the label whose rate "
+                                              "per group matters. Empty: every label."),
+    test_file: Path | None = typer.Option(None, help="Bias report: the test split, to check "
+                                          "each group has enough test examples."),
     plot: Path | None = typer.Option(None, help="Write a token-length histogram PNG here."),
     as_json: bool = AS_JSON,
 ) -> None:
@@ -235,7 +242,8 @@ def inspect_cmd(
     report = inspect_file(file, read=_read(format, text_column, label_column, system_prompt),
                           tokenizer=None if no_tokens else load_tokenizer_for(model),
                           max_length=max_length, epochs=epochs, group_column=group_column,
-                          plot=plot)
+                          reference=reference, positive_label=positive_label,
+                          test_file=test_file, plot=plot)
     _emit(report, as_json, report.lines())
 
 

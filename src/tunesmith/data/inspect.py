@@ -1,27 +1,34 @@
 """Describe a dataset before training on it: size, token lengths with the model's chat
 template, truncation at ``max_length``, turns, labels and their balance, per-group counts
-(a simple dataset-bias report) and the tokens an epoch budget would train on.
+with a dataset-bias report (``tunesmith.data.bias``) and the tokens an epoch budget would
+train on.
 
 Streams: per example it keeps a few integers, never the text.
 """
 
 from __future__ import annotations
 
+import difflib
 from array import array
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tunesmith.data.chat import ChatExample
 from tunesmith.data.records import Record, record_label
 from tunesmith.data.rejects import Rejected
+from tunesmith.errors import DataError
+
+if TYPE_CHECKING:  # scipy loads only when a bias report is asked for
+    from tunesmith.data.bias import BiasReport, GroupCounts, Reference
 
 PERCENTILES = (50, 90, 95, 99)
 MAX_CLASSES = 50  # more distinct answers than this: free text, not classification labels
+MISSING = "<missing>"  # the group of rows without the group field
 
 
 @dataclass
@@ -35,7 +42,8 @@ class InspectReport:
     max_length: int | None = None
     turns: dict[int, int] = field(default_factory=dict)  # assistant turns -> examples
     labels: dict[str, int] = field(default_factory=dict)
-    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)  # "field=group" if 2+
+    bias: BiasReport | None = None
     epochs: int | None = None
     trained_tokens: int | None = None  # tokens of examples that fit, times epochs
     target_tokens: int | None = None  # of those, assistant tokens the loss is computed on
@@ -43,7 +51,7 @@ class InspectReport:
     histogram: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()}
+        return {**self.__dict__, "bias": self.bias.to_dict() if self.bias else None}
 
     def lines(self) -> list[str]:
         out = [f"examples: {self.examples}" + (f" ({self.rejected} invalid rows left out)"
@@ -61,6 +69,8 @@ class InspectReport:
         for name, g in self.groups.items():
             out.append(f"group {name}: {g['count']} ({g['share']:.1%})"
                        + (f", labels {g['labels']}" if g.get("labels") else ""))
+        if self.bias is not None:
+            out += self.bias.lines(warnings=False)  # its warnings are among ours
         if self.trained_tokens is not None:
             out.append(f"estimated trained tokens: {self.trained_tokens:,} over {self.epochs} "
                        f"epoch(s) ({self.target_tokens:,} assistant tokens)")
@@ -131,17 +141,89 @@ def plot_histogram(lengths: np.ndarray, max_length: int | None, path: Path) -> P
     return path
 
 
+class GroupCounter:
+    """Examples per group field, group and label, and the fields the rows have."""
+
+    def __init__(self, group_column: str | Sequence[str] | None) -> None:
+        names = [group_column] if isinstance(group_column, str) else group_column or []
+        self.fields = list(dict.fromkeys(names))
+        self.counts: dict[str, dict[str, Counter[str]]] = {f: {} for f in self.fields}
+        self.seen: set[str] = set()
+        self.source: str | None = None
+        self.examples = 0
+
+    def add(self, item: Record, label: str | None) -> None:
+        self.examples += 1
+        self.seen.update(item.extra)
+        self.source = self.source or item.source
+        for f in self.fields:
+            self.counts[f].setdefault(str(item.extra.get(f, MISSING)), Counter())[label or ""] += 1
+
+    def check(self) -> None:
+        """A group field no row has is a typo, not a group of missing values: say so."""
+        absent = [f for f in self.fields if f not in self.seen]
+        if not absent or not self.examples:
+            return
+        hints = []
+        for f in absent:
+            close = difflib.get_close_matches(f, sorted(self.seen), n=1)
+            hints.append(f"{f!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise DataError(f"no row has the group field {', '.join(hints)}; the rows have "
+                        + (", ".join(map(repr, sorted(self.seen))) or "no other fields"),
+                        path=self.source, field=absent[0], code="unknown_field")
+
+    def without_labels(self) -> dict[str, dict[str, Counter[str]]]:
+        return {f: {g: Counter({"": c.total()}) for g, c in groups.items()}
+                for f, groups in self.counts.items()}
+
+
+def count_groups(items: Iterable[Record | Rejected], group_column: str | Sequence[str]
+                 ) -> dict[str, dict[str, Counter[str]]]:
+    """Examples per group field, group and label of a stream (a test split's coverage)."""
+    counter = GroupCounter(group_column)
+    for item in items:
+        if not isinstance(item, Rejected):
+            counter.add(item, record_label(item))
+    counter.check()
+    return counter.counts
+
+
+def _group_sections(report: InspectReport, groups: GroupCounter, labels: Counter[str],
+                    free_text: bool, min_group_share: float, reference: Reference | None,
+                    test_counts: GroupCounts | None, positive_label: str | None) -> None:
+    from tunesmith.data.bias import bias_report
+
+    groups.check()
+    counts = groups.without_labels() if free_text else groups.counts
+    for f, by_group in counts.items():
+        named = by_group if len(counts) == 1 else {f"{f}={g}": c for g, c in by_group.items()}
+        more_groups, more = _group_report(named, report.examples,
+                                          Counter() if free_text else labels, min_group_share)
+        report.groups.update(more_groups)
+        report.warnings += more
+    report.bias = bias_report(counts, reference=reference, test_counts=test_counts,
+                              positive_label=positive_label)
+    report.warnings += report.bias.warnings
+
+
 def inspect_records(items: Iterable[Record | Rejected], *, tokenizer: Any = None,
                     max_length: int | None = None, epochs: int | None = None,
-                    group_column: str | None = None, imbalance_ratio: float = 5.0,
+                    group_column: str | Sequence[str] | None = None,
+                    reference: Reference | None = None, positive_label: str | None = None,
+                    test_counts: GroupCounts | None = None, imbalance_ratio: float = 5.0,
                     min_group_share: float = 0.05, plot: Path | None = None) -> InspectReport:
-    """Statistics of a stream of records (token counts need the model's ``tokenizer``)."""
+    """Statistics of a stream of records (token counts need the model's ``tokenizer``).
+
+    With ``group_column`` (one field or several), per-group counts and the bias report of
+    ``tunesmith.data.bias``: ``reference`` shares, ``positive_label`` and the test split's
+    ``test_counts`` (see ``count_groups``) feed it.
+    """
     from tunesmith.config import auto_epochs
 
     report = InspectReport(max_length=max_length)
     lengths, targets = array("I"), array("I")
     turns, labels = Counter[int](), Counter[str]()
-    groups: dict[str, Counter[str]] = {}
+    groups = GroupCounter(group_column)
     free_text = False  # the answers are prose, not class labels: no label statistics
     for item in items:
         if isinstance(item, Rejected):
@@ -155,9 +237,8 @@ def inspect_records(items: Iterable[Record | Rejected], *, tokenizer: Any = None
             if len(labels) > MAX_CLASSES and "label" not in item.extra:
                 free_text, label = True, None
                 labels.clear()
-        if group_column is not None:
-            group = str(item.extra.get(group_column, "<missing>"))
-            groups.setdefault(group, Counter())[label or ""] += 1
+        if groups.fields:
+            groups.add(item, label)
         if tokenizer is not None:
             n, t = _token_counts(tokenizer, item)
             lengths.append(n)
@@ -166,10 +247,9 @@ def inspect_records(items: Iterable[Record | Rejected], *, tokenizer: Any = None
     if labels and not free_text:
         report.labels = dict(labels.most_common())
         report.warnings += _balance_warnings(labels, imbalance_ratio)
-    if groups:
-        report.groups, more = _group_report(groups, report.examples,
-                                            Counter() if free_text else labels, min_group_share)
-        report.warnings += more
+    if groups.examples:
+        _group_sections(report, groups, labels, free_text, min_group_share, reference,
+                        test_counts, positive_label)
     if lengths:
         arr, tgt = np.asarray(lengths), np.asarray(targets)
         report.tokens = {"min": int(arr.min()), "mean": round(float(arr.mean()), 1),

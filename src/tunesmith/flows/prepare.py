@@ -20,7 +20,7 @@ import dataclasses
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -32,7 +32,7 @@ from tunesmith.data.pii import RedactOptions, redact_text
 from tunesmith.data.records import Record, Tally, map_contents, record_to_json
 from tunesmith.data.rejects import Rejected, write_rejects
 from tunesmith.data.validate import MIN_EXAMPLES, ValidationReport, Validator
-from tunesmith.errors import DataError, Problem
+from tunesmith.errors import ConfigError, DataError, Problem
 
 OnError = Literal["raise", "skip"]
 Stage = Callable[[Iterable[Record | Rejected]], Iterable[Record | Rejected]]
@@ -228,12 +228,35 @@ def redact_file(path: Path | str, output: Path | str, *, options: RedactOptions 
 
 def inspect_file(path: Path | str, *, read: ReadOptions | None = None, tokenizer: Any = None,
                  max_length: int | None = None, epochs: int | None = None,
-                 group_column: str | None = None, plot: Path | str | None = None
+                 group_column: str | Sequence[str] | None = None,
+                 reference: Path | str | None = None, positive_label: str | None = None,
+                 test_file: Path | str | None = None, plot: Path | str | None = None
                  ) -> InspectReport:
-    """Counts, token lengths, truncation, turns, labels, groups and trained-token estimate."""
+    """Counts, token lengths, truncation, turns, labels, groups and trained-token estimate.
+
+    With ``group_column`` (one field or several) the report holds a dataset-bias section
+    (``tunesmith.data.bias``): against the expected shares of a ``reference`` file, the rate
+    of ``positive_label`` (else of every label) per group, and the coverage of each group in
+    ``test_file`` (read with the same options).
+    """
+    from tunesmith.data.bias import load_reference
+    from tunesmith.data.inspect import count_groups
+
+    fields = [group_column] if isinstance(group_column, str) else list(group_column or [])
+    extras = [name for name, v in (("--reference", reference), ("--test-file", test_file),
+                                   ("--positive-label", positive_label)) if v is not None]
+    if extras and not fields:
+        raise ConfigError(f"{', '.join(extras)}: only for the bias report; name the group "
+                          "field(s) with --group-column (group_column=...)")
+    shares = load_reference(reference, fields) if reference is not None else None
+    test_counts = None
+    if test_file is not None:
+        test_path, test_read = _resolve(test_file, read)
+        test_counts = count_groups(iter_records(test_path, test_read), fields)
     path, read = _resolve(path, read)
     return inspect_records(iter_records(path, read), tokenizer=tokenizer, max_length=max_length,
-                           epochs=epochs, group_column=group_column,
+                           epochs=epochs, group_column=fields or None, reference=shares,
+                           positive_label=positive_label, test_counts=test_counts,
                            plot=Path(plot) if plot is not None else None)
 
 
