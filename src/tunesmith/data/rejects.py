@@ -79,6 +79,9 @@ PROBLEM_CODES = {
     "empty_file": "the file holds no examples",
     "too_few_examples": "fewer valid examples than needed",
     "data_error": "the file as a whole cannot be used (see the message)",
+    # the dataset-bias report (data inspect --group-column)
+    "unknown_field": "a group field that no row has",
+    "bad_reference": "a reference file of group shares that is malformed or does not fit the data",
 }
 
 
