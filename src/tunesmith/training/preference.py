@@ -287,17 +287,18 @@ class PreferenceObjective(nn.Module):
 def can_share_prompt(model: Any) -> bool:
     """Whether the model's attention takes the custom 4-D mask a shared prompt needs: SDPA
     and eager do; flash-attention kernels take none, so pairs go as two sequences there."""
-    config = getattr(unwrap(model), "config", None)
-    return getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+    return _attention(model) in ("sdpa", "eager")
+
+
+def _attention(model: Any) -> str:
+    """The model's attention implementation (transformers' default, SDPA, when unset)."""
+    return getattr(getattr(unwrap(model), "config", None), "_attn_implementation", "sdpa")
 
 
 def model_mask(model: Any, mask: torch.Tensor | None) -> torch.Tensor | None:
     """A boolean 4-D mask as the model's attention wants it: as it is for SDPA, additive
     (0 or the dtype's minimum) for eager attention."""
-    if mask is None or mask.dim() != 4:
-        return mask
-    config = getattr(unwrap(model), "config", None)
-    if getattr(config, "_attn_implementation", "sdpa") != "eager":
+    if mask is None or mask.dim() != 4 or _attention(model) != "eager":
         return mask
     dtype = next(unwrap(model).parameters()).dtype
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
