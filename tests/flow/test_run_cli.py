@@ -96,6 +96,23 @@ def test_run_directory_holds_every_artefact(finished_run):
     assert list((run / "checkpoints").glob("step-*"))
 
 
+def test_the_run_measured_its_energy(finished_run):
+    from pathlib import Path
+
+    tmp, _ = finished_run
+    energy = json.loads((tmp / "run" / "metrics.json").read_text())["energy"]
+    for phase in ("training", "evaluation", "total"):
+        assert energy[phase]["kwh"] > 0 and energy[phase]["kg_co2e"] > 0, energy[phase]
+        assert energy[phase]["seconds"] > 0 and energy[phase]["error"] is None
+    assert energy["method"] and energy["country_iso_code"] == "USA"
+    report = (tmp / "run" / "report.md").read_text()
+    assert "## Energy and emissions" in report and energy["method"] in report
+    # codecarbon wrote nothing of its own, here or in the run directory
+    for where in (Path.cwd(), tmp, tmp / "run"):
+        assert not (where / "emissions.csv").exists() and not (where / ".codecarbon.config"
+                                                               ).exists()
+
+
 def test_chat_with_the_run_directory(finished_run, cli):
     tmp, _ = finished_run
     code, out, err = cli("chat", str(tmp / "run"), "--prompt", "I love it",

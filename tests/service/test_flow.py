@@ -33,6 +33,9 @@ def test_job_succeeds_with_openai_shapes(trained) -> None:
     assert job.trained_tokens and job.trained_tokens > 0
     assert job.finished_at >= job.created_at and job.estimated_finish is None
     assert job.metadata == {"team": "support", "round": "1"}
+    # tunesmith's extension: the run's energy and emissions (codecarbon, offline)
+    assert job.energy["total"]["kwh"] > 0 and job.energy["total"]["kg_co2e"] > 0
+    assert job.energy["method"] and job.energy["training"]["seconds"] > 0
 
     # listing, with pagination and the metadata filter
     other = client.fine_tuning.jobs.create(model="tiny", training_file=job.training_file,

@@ -224,7 +224,8 @@ def inspect_cmd(
     max_length: int = typer.Option(512, help="Longest example trained on (data.max_length)."),
     epochs: int | None = typer.Option(None, help="Epochs for the token estimate. Empty: "
                                       "what train.epochs='auto' would choose."),
-    group_column: list[str] | None = typer.Option(None, help="A field or column to count "
+    group_column: list[str] | None = typer.Option(None, "--group-field", "--group-column",
+                                                  help="A field or column to count "
                                                   "by, with a dataset-bias report; repeat "
                                                   "for several."),
     reference: Path | None = typer.Option(None, help="JSON or YAML of expected group shares: "
@@ -245,6 +246,51 @@ def inspect_cmd(
                           reference=reference, positive_label=positive_label,
                           test_file=test_file, plot=plot)
     _emit(report, as_json, report.lines())
+
+
+@data_app.command("label-issues")
+@friendly
+def label_issues_cmd(
+    file: Path = typer.Argument(..., help="Labelled data in any supported format."),
+    format: str | None = FORMAT, text_column: str = TEXT_COLUMN,
+    label_column: str = LABEL_COLUMN, system_prompt: str | None = SYSTEM_PROMPT,
+    model: str = typer.Option(DEFAULT_MODEL, help="Model whose hidden states the probe reads."),
+    action: str = typer.Option("report", help="'report': only list the suspects; 'drop': "
+                               "also write the data without them; 'relabel': also write it "
+                               "with the suggested labels."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="With --action drop or "
+                                       "relabel: where the changed data goes. Empty: "
+                                       "<file>.<action>.jsonl."),
+    issues: Path | None = typer.Option(None, help="Where the suspects go. Empty: "
+                                       "<file>.label_issues.jsonl."),
+    folds: int = typer.Option(5, min=2, max=20, help="Cross-validation folds of the probe."),
+    layer: int | None = typer.Option(None, help="Decoder block whose output is pooled "
+                                     "(1-based). Empty: the middle one."),
+    seed: int = typer.Option(0, help="Seed of the folds."),
+    as_json: bool = AS_JSON,
+) -> None:
+    """Suspected wrong labels: a cross-validated probe on the model's hidden states, then
+    cleanlab. Lists them (line, given, suggested, confidence); changes data only if asked."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from tunesmith.flows.label_issues import label_issues_file
+
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("reading the texts with the model", total=None)
+        found = label_issues_file(file, read=_read(format, text_column, label_column,
+                                                   system_prompt),
+                                  model=model, layer=layer, folds=folds, seed=seed,
+                                  action=action, output=output,  # type: ignore[arg-type]
+                                  issues_file=issues,
+                                  advance=lambda n: progress.advance(task, n))
+    if as_json:
+        typer.echo(json.dumps({**found.report.to_json(), "issues_file": str(found.issues_file),
+                               "output": str(found.output) if found.output else None,
+                               "rejects": str(found.rejects) if found.rejects else None},
+                              ensure_ascii=False))
+    else:
+        _say(found.lines())
 
 
 def parse_since(since: str | None) -> int | None:

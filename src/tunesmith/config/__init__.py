@@ -1,9 +1,11 @@
 """Typed run configuration: one YAML file, validated at once, every problem reported together.
 
 ``sections`` holds the model/data/train/eval sections, ``search`` the ``tune:`` section,
-``load`` the whole configuration and its YAML reading, ``hyper`` the ``auto`` values.
+``energy`` the ``energy:`` section, ``load`` the whole configuration and its YAML reading,
+``hyper`` the ``auto`` values.
 """
 
+from tunesmith.config.energy import EnergyConfig
 from tunesmith.config.hyper import (
     HEAD_LR_FACTOR,
     ResolvedHyperparameters,
@@ -35,7 +37,8 @@ from tunesmith.config.sections import (
 )
 
 __all__ = ["DEFAULT_MODEL", "HEAD_LR_FACTOR", "REFERENCE_LOSSES", "Auto", "DataConfig",
-           "EvalConfig", "LoraConfig", "ModelConfig", "PreferenceConfig", "PrivacyConfig",
-           "ResolvedHyperparameters", "RunConfig", "SearchDimension", "TrainConfig", "TuneConfig",
+           "EnergyConfig", "EvalConfig", "LoraConfig", "ModelConfig", "PreferenceConfig",
+           "PrivacyConfig", "ResolvedHyperparameters", "RunConfig", "SearchDimension",
+           "TrainConfig", "TuneConfig",
            "auto_batch_size", "auto_beta", "auto_epochs", "auto_learning_rate", "dump_config",
            "format_validation_error", "load_config", "parse_config", "resolve_hyperparameters"]

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from tunesmith.config.energy import EnergyConfig
 from tunesmith.config.search import TuneConfig
 from tunesmith.config.sections import (
     DataConfig,
@@ -28,6 +29,8 @@ class RunConfig(_Section):
     data: DataConfig = Field(..., description="Where the data is and how it is split.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="How to train.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="How to evaluate.")
+    energy: EnergyConfig = Field(
+        default_factory=EnergyConfig, description="Energy and CO2e of training and evaluation.")
     tune: TuneConfig | None = Field(
         None, description="Hyperparameter search run by `tunesmith tune` (`run` ignores it).")
 

@@ -8,7 +8,8 @@ per line, with exactly these keys (``KEYS``)::
     line      its line (JSONL, CSV, TSV) or item number (JSON array, Parquet); null if unknown
     split     "train", "validation" or "test" when the row was in a split; null when it was
               left out before the data was split
-    stage     where it was left out (``STAGES``): validate, clean, dedup or encode
+    stage     where it was left out (``STAGES``): validate, clean, dedup, encode or
+              label_issues
     code      its category (``PROBLEM_CODES``): the first problem's code
     reason    what is wrong and what to change, for a person: every problem, with its field
     problems  every problem found: [{"code", "message", "line", "field"}]
@@ -39,6 +40,8 @@ STAGES = {
     "dedup": "an exact or near duplicate of an earlier line (named in the reason), which is kept",
     "encode": "with the model's chat template the example is over data.max_length tokens, or "
               "has no assistant tokens to learn from",
+    "label_issues": "the label looks wrong to a cross-validated probe (tunesmith data "
+                    "label-issues --action drop, or data.label_issues: drop in a run)",
 }
 
 # Every Problem code, with what it means. The OpenAI data-check names are kept where they exist.
@@ -82,6 +85,8 @@ PROBLEM_CODES = {
     # the dataset-bias report (data inspect --group-column)
     "unknown_field": "a group field that no row has",
     "bad_reference": "a reference file of group shares that is malformed or does not fit the data",
+    # the label check (data label-issues)
+    "label_issue": "a label that a probe which never saw it finds unlikely (a suspected error)",
 }
 
 

@@ -32,6 +32,9 @@ tuned. Every other key may be missing or null, and its report section is then le
     confident_errors analysis.most_confident_errors(): [{index, input, expected, predicted,
                      confidence, p_expected}]
     samples          [{input, expected, predicted, reply}]: a few tuned-model answers
+    energy           codecarbon, offline (flows.energy.EnergyMeter.results()): {"training",
+                     "evaluation", "total": {kwh, kg_co2e, seconds, cpu/gpu/ram_kwh, error},
+                     method, country_iso_code, region, carbon_intensity_g_per_kwh, ...}
     plots            {"loss_curves", "confusion_base", "confusion_tuned", "reliability",
                       "token_lengths"}: PNG file names relative to the run directory
 

@@ -1,48 +1,19 @@
 """The report's content, built once from the results dict and rendered as Markdown or HTML.
 
 Building the sections apart from rendering keeps report.md and report.html the same report:
-a number added here shows in both. Blocks are plain text, bullet lists, tables and images
-(a file name relative to the run directory).
+a number added here shows in both. Blocks (``blocks``) are plain text, bullet lists, tables
+and images (a file name relative to the run directory).
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from tunesmith.config import REFERENCE_LOSSES
-
-
-@dataclass(frozen=True)
-class Text:
-    text: str
-
-
-@dataclass(frozen=True)
-class Bullets:
-    items: list[str]
-
-
-@dataclass(frozen=True)
-class Table:
-    header: list[str]
-    rows: list[list[str]]
-
-
-@dataclass(frozen=True)
-class Image:
-    alt: str
-    file: str
-
-
-@dataclass
-class Section:
-    title: str
-    blocks: list[Text | Bullets | Table | Image] = field(default_factory=list)
-
+from tunesmith.evaluation.blocks import Bullets, Image, Section, Table, Text, fmt
+from tunesmith.evaluation.energy_section import energy_blocks
 
 _NUMBER = re.compile(r"^[-+]?(\d[\d.,e+-]*%?x?|inf|nan)$|^-$|^\[[-+\d., e]+\]$")
 
@@ -55,19 +26,6 @@ def is_number(cell: str) -> bool:
 def numeric_columns(table: Table) -> list[bool]:
     return [all(is_number(row[i]) for row in table.rows) and bool(table.rows)
             for i in range(len(table.header))]
-
-
-def fmt(x: Any, digits: int = 4) -> str:
-    """A cell: 4 decimals for fractions, 4 significant digits for big numbers, '-' for none."""
-    if x is None:
-        return "-"
-    if isinstance(x, bool) or not isinstance(x, float):
-        return str(x)
-    if not math.isfinite(x):
-        return str(x)
-    # significant digits where fixed decimals would hide the value (1e-05 is not 0.0000)
-    tiny_or_big = x != 0 and (abs(x) >= 1000 or abs(x) < 1e-3)
-    return f"{x:.{digits}g}" if tiny_or_big else f"{x:.{digits}f}"
 
 
 def signed(x: float | None) -> str:
@@ -368,5 +326,6 @@ def report_sections(results: dict[str, Any]) -> list[Section]:
         Section("Fairness", _fairness(results)),
         Section("Most confident errors (tuned)", _errors(results)),
         Section("Sample predictions (tuned)", _samples(results.get("samples") or [])),
+        Section("Energy and emissions", energy_blocks(results.get("energy"))),
     ]
     return [s for s in sections if s.blocks]

@@ -33,6 +33,7 @@ from tunesmith.data.split import Splits, sample
 from tunesmith.errors import DataError
 from tunesmith.evaluation.checks import training_warnings
 from tunesmith.flows import assess, preference
+from tunesmith.flows.energy import EnergyMeter
 from tunesmith.flows.finetune import fine_tune, privacy_for
 from tunesmith.flows.logs import attach_log_file, detach_log_file
 from tunesmith.flows.steps import (
@@ -164,6 +165,7 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
         console.print(msg)
 
     ev, head = cfg.eval, cfg.train.head == "classifier"
+    meter = EnergyMeter(cfg.energy)  # kWh and CO2e of training and evaluation
     # 1. data: read, validate, clean, split
     data_rejects: list[Rejected] = []
     splits = load_splits(cfg, data_rejects)
@@ -185,19 +187,21 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
         prepared = prepare_training(cfg, run_dir, tokenizer, splits, labels, progress, say,
                             data_rejects)
         # 4. the base model on the test set and on general text, before any training
-        base = base_eval(cfg, run_dir, model, tokenizer, test, labels, progress, resume)
-        held = preference.held_out(cfg, run_dir, model, tokenizer, splits, prepared.hp) \
-            if preference.is_preference(cfg) else None
-        snapshot = assess.forgetting_snapshot(model, tokenizer, ev) \
-            if ev.forgetting and not head else None
+        with meter.phase("evaluation"):
+            base = base_eval(cfg, run_dir, model, tokenizer, test, labels, progress, resume)
+            held = preference.held_out(cfg, run_dir, model, tokenizer, splits, prepared.hp) \
+                if preference.is_preference(cfg) else None
+            snapshot = assess.forgetting_snapshot(model, tokenizer, ev) \
+                if ev.forgetting and not head else None
 
     # 5. fine-tune, save the adapter and the merged model
-    tuned_run = fine_tune(
-        cfg, run_dir, model, model_dir, tokenizer, train_rows=prepared.train,
-        valid_rows=prepared.valid, hp=prepared.hp, labels=labels, resume=resume,
-        privacy=prepared.privacy,
-        callbacks=[MetricsLog(run_dir / "metrics.jsonl"),
-                   ProgressBar(console, enabled=show_progress), *extra_callbacks])
+    with meter.phase("training"):
+        tuned_run = fine_tune(
+            cfg, run_dir, model, model_dir, tokenizer, train_rows=prepared.train,
+            valid_rows=prepared.valid, hp=prepared.hp, labels=labels, resume=resume,
+            privacy=prepared.privacy,
+            callbacks=[MetricsLog(run_dir / "metrics.jsonl"),
+                       ProgressBar(console, enabled=show_progress), *extra_callbacks])
     model, result = tuned_run.model, tuned_run.result
     if not tuned_run.finished:
         say(f"training stopped at step {result.state.step} ({result.stop_reason}); "
@@ -209,7 +213,8 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
         f"{result.state.best_step}" + (" (stopped early)" if result.state.stopped_early else ""))
 
     # 6. evaluate what was saved: test set, calibration, forgetting
-    with Progress(console=console, disable=not show_progress) as progress:
+    with meter.phase("evaluation"), Progress(console=console,
+                                             disable=not show_progress) as progress:
         advance = advance_task(progress, "evaluating tuned", len(test))
         tuned = assess.evaluate_head(model, tokenizer, test, ev, labels, advance) \
             if head else assess.evaluate_lm(model, tokenizer, test, ev, labels, advance)
@@ -258,6 +263,7 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
     if held is not None:
         results["preference"] = preference.preference_results(cfg, prepared.hp, held, model,
                                                               tokenizer)
+    results["energy"] = meter.results()
     assess.write_run_results(run_dir, results, records, lengths, cfg.data.max_length)
     say(f"run directory: {run_dir}")
     return RunResult(run_dir=run_dir, base=base.metrics if base else None, tuned=tuned.metrics,

@@ -61,6 +61,8 @@ def job_object(job: Job) -> dict[str, Any]:
         "user_provided_suffix": job.suffix,
         # tunesmith's extension: the (epsilon, delta) a private job spent, once it succeeded
         "privacy": job.privacy if job.status == "succeeded" else None,
+        # and the energy (kWh) and emissions (kg CO2e) its run measured (metrics.json)
+        "energy": job.energy if job.status == "succeeded" else None,
     }
 
 

@@ -85,6 +85,8 @@ class Job(Base):
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
     privacy: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     """A private job's (epsilon, delta) spent and mechanism, from its run's metrics.json."""
+    energy: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """The run's energy (kWh) and emissions (kg CO2e) per phase, from its metrics.json."""
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int | None] = mapped_column(Integer)
     estimated_finish: Mapped[int | None] = mapped_column(BigInteger)

@@ -205,11 +205,14 @@ class Worker:
             privacy = run_privacy(run_dir)
             if privacy is not None:
                 add_event(s, job.id, privacy_message(privacy), data={"privacy": privacy})
+            energy = run_energy(run_dir)
+            if energy is not None:
+                add_event(s, job.id, energy_message(energy), data={"energy": energy})
         done = queue.set_status(
             self.store, job.id, self.id, "succeeded", expect=("running",),
             message=f"New fine-tuned model created: {job.output_model}",
             result_files=[csv_file.id], finished_at=now(), estimated_finish=None,
-            worker_id=None, lease_expires_at=None, privacy=privacy)
+            worker_id=None, lease_expires_at=None, privacy=privacy, energy=energy)
         with self.store.begin() as s:
             if done:
                 add_event(s, job.id, "The job has successfully completed")
@@ -218,17 +221,36 @@ class Worker:
                 (self.settings.files_dir / csv_file.id).unlink(missing_ok=True)
 
 
+def _run_results(run_dir: Path, key: str) -> Any:
+    path = run_dir / "metrics.json"
+    return json.loads(path.read_text(encoding="utf-8")).get(key) if path.is_file() else None
+
+
 def run_privacy(run_dir: Path) -> dict[str, Any] | None:
     """A private run's ``metrics.json["privacy"]`` (epsilon, delta, noise_multiplier,
     max_grad_norm, steps, accountant, ...), infinities as null; None for other runs."""
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        return None
-    privacy = json.loads(path.read_text(encoding="utf-8")).get("privacy")
+    privacy = _run_results(run_dir, "privacy")
     if not isinstance(privacy, dict):
         return None
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v
             for k, v in privacy.items()}
+
+
+def run_energy(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``metrics.json["energy"]`` (kWh, kg CO2e, seconds per phase and in total, the
+    power method, the country); None when it was not measured (``energy.enabled: false``)."""
+    energy = _run_results(run_dir, "energy")
+    return energy if isinstance(energy, dict) else None
+
+
+def energy_message(energy: dict[str, Any]) -> str:
+    """E.g. 'energy: 0.0021 kWh, 0.00078 kg CO2e (USA grid); CPU power estimated ...'."""
+    total = energy.get("total") or {}
+    kwh, kg = total.get("kwh"), total.get("kg_co2e")
+    if not isinstance(kwh, int | float) or not isinstance(kg, int | float):
+        return f"energy: not measured ({total.get('error') or 'no figures'})"
+    return (f"energy: {kwh:.3g} kWh, {kg:.3g} kg CO2e ({energy.get('country_iso_code')} "
+            f"grid); {energy.get('method')}")
 
 
 def privacy_message(privacy: dict[str, Any]) -> str:
