@@ -124,7 +124,7 @@ def test_rejected_has_one_shape():
         Rejected("d.jsonl", 4, "validate", ())
     with pytest.raises(ValueError, match="unknown stage"):
         Rejected("d.jsonl", 4, "tokenise", (Problem("too_long", "x"),))
-    assert set(STAGES) == {"validate", "clean", "dedup", "encode"}
+    assert set(STAGES) == {"validate", "clean", "dedup", "encode", "label_issues"}
 
 
 def test_write_rejects_is_atomic_and_removes_a_stale_file(tmp_path):
