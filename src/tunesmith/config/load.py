@@ -47,6 +47,11 @@ class RunConfig(_Section):
             raise ValueError(f"tune.objective '{objective}' needs eval.task: {task}")
         if objective == "positive_f1" and not self.eval.positive_label:
             raise ValueError("tune.objective 'positive_f1' needs eval.positive_label")
+        if self.data.label_issues != "off" and (self.eval.task != "classification"
+                                                or self.train.objective != "sft"):
+            raise ValueError(f"data.label_issues '{self.data.label_issues}' is for "
+                             "classification data (eval.task: classification, train.objective: "
+                             "sft); set it to 'off'")
         return self
 
 
@@ -116,7 +121,7 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
         return section.model_copy(update={n: p if p is None or p.is_absolute() else base_dir / p
                                           for n, p in paths.items()})
 
-    data = fix(cfg.data, "train_file", "validation_file", "test_file")
+    data = fix(cfg.data, "train_file", "validation_file", "test_file", "group_reference")
     evaluation = fix(cfg.eval, "forgetting_text", "forgetting_prompts")
     model = cfg.model
     candidate = base_dir / cfg.model.base

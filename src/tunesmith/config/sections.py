@@ -68,6 +68,21 @@ class DataConfig(_Section):
     max_length: int = Field(
         512, gt=8, description="Longest example in tokens (chat template included). Longer "
         "examples are left out of training and listed in rejects.jsonl of the run.")
+    group_fields: list[str] = Field(
+        default_factory=list, description="Top-level keys of the rows holding a group (e.g. "
+        "'region'): the report's data section gets a dataset-bias report per field "
+        "(representation, label rate per group, groups too small, test coverage). Empty: "
+        "eval.group_field when that is set.")
+    group_reference: Path | None = Field(
+        None, description="JSON or YAML of the expected share of each group, e.g. the "
+        "deployment population: {field: {group: share}}; the bias report tests the training "
+        "split against it.")
+    label_issues: Literal["off", "report", "drop", "relabel"] = Field(
+        "off", description="Classification: look for wrong labels in the training split before "
+        "training (a k-fold probe on the base model's hidden states, then cleanlab). "
+        "'report' lists the suspects in label_issues.jsonl and the report; 'drop' also leaves "
+        "them out (each in rejects.jsonl); 'relabel' trains them with the suggested label. "
+        "Costs one forward pass of half the model over the training texts.")
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> DataConfig:

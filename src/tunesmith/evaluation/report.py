@@ -27,6 +27,11 @@ tuned. Every other key may be missing or null, and its report section is then le
     calibration      calibration.CalibrationResult.to_dict() (tuned model, label probabilities)
     forgetting       forgetting.ForgettingResult.to_dict()
     overfitting      overfitting.OverfittingResult.to_dict()
+    data_bias        data.bias.BiasReport.to_dict() of the training split, per group field
+                     (data.group_fields, else eval.group_field), with test coverage
+    label_issues     data.label_issues.LabelIssueReport.to_json() without "issues", plus
+                     action, file (label_issues.jsonl) and sample (the first suspects)
+    data_warnings    [str]: warnings of the two data checks above
     fairness         {"group_field": str, "base": FairnessResult.to_dict() | null,
                       "tuned": FairnessResult.to_dict()}
     confident_errors analysis.most_confident_errors(): [{index, input, expected, predicted,

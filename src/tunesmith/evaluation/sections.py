@@ -13,6 +13,7 @@ from typing import Any
 
 from tunesmith.config import REFERENCE_LOSSES
 from tunesmith.evaluation.blocks import Bullets, Image, Section, Table, Text, fmt
+from tunesmith.evaluation.data_sections import bias_blocks, label_issue_blocks
 from tunesmith.evaluation.energy_section import energy_blocks
 
 _NUMBER = re.compile(r"^[-+]?(\d[\d.,e+-]*%?x?|inf|nan)$|^-$|^\[[-+\d., e]+\]$")
@@ -49,6 +50,7 @@ def headline_metrics(metrics: dict[str, Any]) -> list[str]:
 def collect_warnings(results: dict[str, Any]) -> list[str]:
     """Everything in the results that should make a reader stop and look."""
     out = list((results.get("training") or {}).get("warnings") or [])
+    out += results.get("data_warnings") or []  # dataset bias, suspected wrong labels
     forgetting = results.get("forgetting") or {}
     if forgetting.get("warning"):
         out.append(forgetting["warning"])
@@ -311,7 +313,8 @@ def report_sections(results: dict[str, Any]) -> list[Section]:
     per_class = _per_class(results)
     sections = [
         Section("Warnings", [Bullets(w)] if (w := collect_warnings(results)) else []),
-        Section("Data", _data(results)),
+        Section("Data", _data(results) + label_issue_blocks(results.get("label_issues"))
+                + bias_blocks(results.get("data_bias"))),
         Section("Hyperparameters", [Table(["name", "value"], [
             [k, fmt(v)] for k, v in results["hyperparameters"].items()])]),
         Section("Training", training),

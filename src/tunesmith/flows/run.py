@@ -33,6 +33,7 @@ from tunesmith.data.split import Splits, sample
 from tunesmith.errors import DataError
 from tunesmith.evaluation.checks import training_warnings
 from tunesmith.flows import assess, preference
+from tunesmith.flows.data_checks import check_data
 from tunesmith.flows.energy import EnergyMeter
 from tunesmith.flows.finetune import fine_tune, privacy_for
 from tunesmith.flows.logs import attach_log_file, detach_log_file
@@ -175,12 +176,26 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
     valid_chat = [as_chat(e) for e in splits.validation]
     say(f"data: {len(splits.train)} train, {len(splits.validation)} validation, "
         f"{len(splits.test)} test examples")
-    write_splits(run_dir / "data", splits)
 
     # 2. the base model
     say(f"base model: {cfg.model.base} ({model_dir})")
     dtype = base_dtype(cfg)
     model, tokenizer = load(model_dir, dtype=dtype)
+
+    # 2b. the data's own checks: bias per group field, suspected wrong labels (as configured)
+    with Progress(console=console, disable=not show_progress) as progress:
+        checks = check_data(cfg, run_dir, splits, model, tokenizer, advance=advance_task(
+            progress, "checking labels", len(splits.train))
+            if cfg.data.label_issues != "off" else None)
+    splits, data_rejects = checks.splits, data_rejects + checks.rejects
+    found = checks.results.get("label_issues")
+    if found:
+        say(f"label check: {found['found']} suspected wrong label(s) in the training split "
+            f"({found['action']}); see {run_dir / found['file']}")
+    for text in checks.warnings:
+        log.warning(text)
+        console.print(f"warning: {text}", style="yellow")
+    write_splits(run_dir / "data", splits)
 
     with Progress(console=console, disable=not show_progress) as progress:
         # 3. encode and resolve the hyperparameters
@@ -263,6 +278,8 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
     if held is not None:
         results["preference"] = preference.preference_results(cfg, prepared.hp, held, model,
                                                               tokenizer)
+    results.update(checks.results)
+    results["data_warnings"] = checks.warnings
     results["energy"] = meter.results()
     assess.write_run_results(run_dir, results, records, lengths, cfg.data.max_length)
     say(f"run directory: {run_dir}")
