@@ -74,3 +74,15 @@ def test_dp_speed_smoke(tmp_path, tiny_model_dir):
         assert result[arm]["seconds_per_step"] > 0 and result[arm]["peak_rss_gb"] > 0, arm
     # both private arms spent the same budget: the same mechanism, steps and sampling rate
     assert result["tunesmith_dp"]["epsilon"] == pytest.approx(result["opacus"]["epsilon"])
+
+
+def test_label_issues_smoke(tmp_path, tiny_model_dir):
+    out = tmp_path / "li.json"
+    done = subprocess.run([sys.executable, str(BENCH / "label_issues.py"), "--smoke",
+                           "--model", str(tiny_model_dir), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["recovery"]["examples"] == 300 and len(result["recovery"]["runs"]) == 2
+    assert result["timing"]["examples"] == 300 and result["timing"]["total_seconds"] > 0
+    assert "bias + label issues of 300 examples" in done.stdout
