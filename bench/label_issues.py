@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.05)
     parser.add_argument("--timing-examples", type=int, default=5000)
     parser.add_argument("--smoke", action="store_true", help="300 rows, one seed, 300 timed")
+    parser.add_argument("--timing-only", action="store_true", help="skip the recovery part")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     import torch
@@ -145,12 +146,13 @@ def main() -> None:
     rows = sms_rows()
     if args.smoke:
         rows, args.seeds, args.timing_examples = rows[:300], args.seeds[:1], 300
-    result = {"recovery": recovery(rows, args.model, args.seeds, args.fraction)}
+    result = {} if args.timing_only else {
+        "recovery": recovery(rows, args.model, args.seeds, args.fraction)}
     with tempfile.TemporaryDirectory() as tmp:
         result["timing"] = timed_analysis(timing_rows(args.timing_examples), args.model,
                                           Path(tmp))
-    rec, t = result["recovery"], result["timing"]
-    for name in ("tunesmith", "tfidf"):
+    rec, t = result.get("recovery"), result["timing"]
+    for name in ("tunesmith", "tfidf") if rec else ():
         print(f"{name}: precision {rec[name]['precision']:.3f} (min {rec[name]['min_precision']}),"
               f" recall {rec[name]['recall']:.3f} (min {rec[name]['min_recall']}) over seeds "
               f"{args.seeds}")
