@@ -247,7 +247,7 @@ def inspect_file(path: Path | str, *, read: ReadOptions | None = None, tokenizer
                                    ("--positive-label", positive_label)) if v is not None]
     if extras and not fields:
         raise ConfigError(f"{', '.join(extras)}: only for the bias report; name the group "
-                          "field(s) with --group-column (group_column=...)")
+                          "field(s) with --group-field (group_column=...)")
     shares = load_reference(reference, fields) if reference is not None else None
     test_counts = None
     if test_file is not None:

@@ -212,7 +212,8 @@ def test_cli_prints_the_bias_section(cli, tmp_path):
     assert bias["largest_gap"]["high_group"] == "east" and bias["labels"] == ["spam"]
     assert bias["representation"]["dof"] == 1
 
-    code, out, _ = cli("data", "inspect", str(data), "--group-column", "site", "--no-tokens")
+    # --group-field is the same option (the name the run config's data.group_fields uses)
+    code, out, _ = cli("data", "inspect", str(data), "--group-field", "site", "--no-tokens")
     assert code == 0 and "bias by site (60 examples" in out and "warning: site:" in out
 
     code, _, err = cli("data", "inspect", str(data), "--group-column", "sit", "--no-tokens")
