@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from tunesmith.cli import audit, data, improve, run, service, tune
+from tunesmith.cli import audit, compress, data, export, improve, run, service, tune
 from tunesmith.cli.common import state
 from tunesmith.cli.config import config_app
 
@@ -28,6 +28,8 @@ app.add_typer(audit.audit_app, name="audit")
 service.register(app)
 tune.register(app)
 improve.register(app)
+export.register(app)
+compress.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,390 @@
+"""Export a tuned model: a GGUF file for llama.cpp and Ollama, or a clean Hugging Face directory.
+
+The GGUF writer follows llama.cpp's ``convert_hf_to_gguf.py`` (``LlamaModel``), so the file
+loads in llama.cpp and back through transformers' GGUF loader, the one
+``tunesmith.models.resolve.import_gguf`` imports the bundled model with:
+
+- tensor names from gguf's own name map (``blk.N.attn_q.weight``, ...);
+- q and k projections permuted the way llama.cpp lays out rotary halves (``permute``);
+- tied embeddings write no ``output.weight``: llama.cpp (and transformers) then use
+  ``token_embd.weight`` for the head;
+- 1-D tensors (norms) and biases stay f32; matrices become f16 or q8_0, and a matrix whose rows
+  are not whole q8_0 blocks of 32 falls back to f16, as llama.cpp does;
+- the tokenizer is the one the run trained with (``models.load.load_tokenizer``: its chat
+  template, its pad token), as a byte-level BPE ("gpt2") vocabulary with its merges.
+
+Files are written to a temporary name in the target directory and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tunesmith.errors import ModelError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+TENSOR_TYPES = ("f32", "f16", "q8_0")
+# What a clean Hugging Face directory holds besides the tokenizer, which is written afresh.
+# calibration.json (a few hundred bytes) stays: it is the temperature that turns this model's
+# label scores into calibrated probabilities, fitted for these very weights; transformers
+# ignores it, and without it nobody can reproduce the run's reported confidences.
+HF_FILES = ("config.json", "generation_config.json", "calibration.json")
+HF_WEIGHT_GLOBS = ("model*.safetensors", "model.safetensors.index.json")
+
+# tokenizers' pre-tokenizer -> llama.cpp's name for the same split (``tokenizer.ggml.pre``)
+_BYTE_LEVEL = {"type": "ByteLevel", "use_regex": True, "add_prefix_space": False}
+_SMOLLM = [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3 = [{"type": "Split", "pattern": {"Regex": _LLAMA3_SPLIT}, "behavior": "Isolated",
+            "invert": False}, {**_BYTE_LEVEL, "use_regex": False}]
+
+
+@dataclass(frozen=True)
+class Written:
+    """An exported file or directory: where, how many bytes, which tensor type."""
+
+    path: Path
+    bytes: int
+    tensor_type: str
+    tensor_types: dict[str, int]  # GGML type name -> tensor count (GGUF only)
+
+
+def readable(path: Path) -> None:
+    """Give a file or directory made by ``tempfile`` (private: 0600 / 0700) the permissions an
+    ordinary one gets, so Ollama's service user, say, can read the export."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def model_architecture(model_dir: Path) -> str:
+    """The class a model directory's ``config.json`` names (``LlamaForCausalLM``)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{model_dir}: cannot read config.json ({err})") from err
+    return (config.get("architectures") or [config.get("model_type", "unknown")])[0]
+
+
+def check_gguf_exportable(model_dir: Path) -> None:
+    """A ``ModelError`` saying why ``model_dir`` cannot become a GGUF file, or nothing."""
+    _check_architecture(model_dir)
+    _gguf_inputs(model_dir)
+
+
+def _check_architecture(model_dir: Path) -> None:
+    arch = model_architecture(model_dir)
+    if arch.endswith("ForSequenceClassification"):
+        raise ModelError(f"{model_dir} is a {arch}: its classification head (score) has no "
+                         "place in llama.cpp's llama architecture, which ends in a vocabulary "
+                         "head; export it with --format hf, or train with train.head: lm")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelError(f"{model_dir}: GGUF export supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+                         f" (the Llama architecture, as SmolLM2 has); this model is {arch}. "
+                         "Export it with --format hf, or convert it with llama.cpp's "
+                         "convert_hf_to_gguf.py")
+
+
+def _gguf_inputs(model_dir: Path) -> tuple[Any, Any, Vocabulary]:
+    """Configuration, tokenizer and GGUF vocabulary, or a ``ModelError`` before anything is
+    written."""
+    from tunesmith.models.load import load_tokenizer
+
+    config = _config(model_dir)
+    rope = _rope(config)
+    if rope.get("rope_type", "default") != "default":
+        raise ModelError(f"{model_dir}: rope scaling {rope.get('rope_type')!r} is not supported "
+                         "by the GGUF export (plain rotary embeddings only); use --format hf")
+    tokenizer = load_tokenizer(model_dir)
+    return config, tokenizer, vocabulary(tokenizer, config.vocab_size)
+
+
+def export_gguf(model_dir: Path, target: Path, *, tensor_type: str = "f16",
+                name: str | None = None) -> Written:
+    """Write the model in ``model_dir`` as one GGUF file at ``target``."""
+    import gguf
+
+    if tensor_type not in TENSOR_TYPES:
+        raise ModelError(f"tensor type {tensor_type!r}: one of {', '.join(TENSOR_TYPES)}")
+    _check_architecture(model_dir)
+    config, tokenizer, vocab = _gguf_inputs(model_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    try:
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name or model_dir.name)
+        writer.add_file_type(_FILE_TYPES[tensor_type])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _add_parameters(writer, config)
+        _add_tokenizer(writer, tokenizer, vocab)
+        counts: dict[str, int] = {}
+        for gguf_name, array in _tensors(model_dir, config):
+            data, qtype = _encode(gguf_name, array, tensor_type)
+            writer.add_tensor(gguf_name, data, raw_dtype=qtype)
+            counts[qtype.name] = counts.get(qtype.name, 0) + 1
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        readable(tmp)
+        os.replace(tmp, target)
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+    return Written(target, target.stat().st_size, tensor_type, counts)
+
+
+def export_hf(model_dir: Path, target: Path) -> Written:
+    """A standalone Hugging Face directory at ``target``: config, safetensors weights,
+    generation config, and the tokenizer with the chat template the run trained with."""
+    from tunesmith.models.load import load_tokenizer
+
+    weights = sorted({p for pattern in HF_WEIGHT_GLOBS for p in model_dir.glob(pattern)})
+    if not any(p.suffix == ".safetensors" for p in weights):
+        raise ModelError(f"{model_dir}: no safetensors weights (model.safetensors) to export")
+    tokenizer = load_tokenizer(model_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        for path in [*weights, *(model_dir / f for f in HF_FILES)]:
+            if path.is_file():  # the contents only: an ordinary file's permissions
+                shutil.copyfile(path, tmp / path.name)
+        tokenizer.save_pretrained(tmp)
+        readable(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = sum(p.stat().st_size for p in target.iterdir() if p.is_file())
+    dtype = json.loads((target / "config.json").read_text()).get("dtype", "float32")
+    return Written(target, size, str(dtype), {})
+
+
+def load_gguf(path: Path) -> tuple[Any, Any]:
+    """Model and tokenizer of a GGUF file, through transformers' GGUF loader (dequantised)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # the GGUF loader draws its own tqdm bar, deaf to transformers' switch: keep it off the
+    # screen whenever the caller (the command line) turned progress bars off
+    quiet = contextlib.nullcontext() if hf_logging.is_progress_bar_enabled() else \
+        contextlib.redirect_stderr(io.StringIO())
+    try:
+        with quiet:
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as err:  # transformers raises many kinds here
+        raise ModelError(f"{path}: transformers cannot load this GGUF file ({err})") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def _config(model_dir: Path) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except Exception as err:
+        raise ModelError(f"{model_dir}: cannot read the model configuration ({err})") from err
+
+
+def _rope(config: Any) -> dict[str, Any]:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not rope:
+        rope = {"rope_theta": getattr(config, "rope_theta", 10000.0)}
+    return dict(rope)
+
+
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _add_parameters(writer: Any, config: Any) -> None:
+    """The hyperparameters llama.cpp reads (``TextModel`` + ``LlamaModel.set_gguf_parameters``)."""
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
+    writer.add_rope_freq_base(float(_rope(config).get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+    head_dim = _head_dim(config)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+
+def pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
+    """llama.cpp's name (``tokenizer.ggml.pre``) for a tokenizers pre-tokenizer, or a
+    ``ModelError``: llama.cpp splits text by this name, so a wrong one tokenizes differently."""
+
+    def matches(step: dict, expected: dict) -> bool:
+        return all(step.get(k, True if k == "use_regex" else None) == v
+                   for k, v in expected.items())
+
+    if pre_tokenizer and matches(pre_tokenizer, _BYTE_LEVEL):
+        return "gpt-2"  # GPT-2's regex, which ByteLevel(use_regex=True) applies
+    steps = (pre_tokenizer or {}).get("pretokenizers") or []
+    for name, known in (("smollm", _SMOLLM), ("llama-bpe", _LLAMA3)):
+        if len(steps) == 2 and all(matches(s, e) for s, e in zip(steps, known, strict=True)):
+            return name
+    raise ModelError(f"the tokenizer's pre-tokenizer {json.dumps(pre_tokenizer)} is not one "
+                     "the GGUF export knows llama.cpp's name for (plain byte-level as in GPT-2, "
+                     "digits + byte-level as in SmolLM, or Llama 3's split); use --format hf")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """A tokenizer as llama.cpp's byte-level BPE ("gpt2") model holds it."""
+
+    pre: str
+    tokens: list[str]
+    types: list[int]  # gguf.TokenType
+    merges: list[str]
+
+
+def vocabulary(tokenizer: Any, vocab_size: int) -> Vocabulary:
+    """The GGUF vocabulary of a fast tokenizer (``get_vocab_base``: special tokens CONTROL,
+    other added tokens USER_DEFINED, ids no token uses UNUSED), or a ``ModelError``."""
+    import gguf
+
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = backend["model"]
+    if model["type"] != "BPE" or model.get("byte_fallback"):
+        kind = "a sentencepiece-style one (Llama 2, TinyLlama)" if model.get("byte_fallback") \
+            else model["type"]
+        raise ModelError(f"the GGUF export writes byte-level BPE tokenizers (SmolLM2); this one "
+                         f"is {kind}; use --format hf")
+    pre = pre_tokenizer_name(backend.get("pre_tokenizer"))
+    by_id = {i: tok for tok, i in tokenizer.get_vocab().items()}
+    if max(by_id) >= vocab_size:
+        raise ModelError(f"the tokenizer has ids up to {max(by_id)} but the model's vocabulary "
+                         f"only {vocab_size}; they do not belong together")
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:  # embedding rows no token uses (vocabularies padded to a multiple)
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(by_id[i])
+        if i not in added:
+            types.append(gguf.TokenType.NORMAL)
+        elif added[i].special:
+            types.append(gguf.TokenType.CONTROL)
+        else:
+            types.append(gguf.TokenType.USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return Vocabulary(pre, tokens, types, merges)
+
+
+def _add_tokenizer(writer: Any, tokenizer: Any, vocab: Vocabulary) -> None:
+    """Vocabulary, merges, special ids and chat template (``_set_vocab_gpt2``)."""
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    writer.add_token_merges(vocab.merges)
+    for token, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                       ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
+        token_id = getattr(tokenizer, f"{token}_token_id", None)
+        if token_id is not None:
+            add(int(token_id))
+    probe = tokenizer("a")["input_ids"]
+    writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(bool(probe) and probe[-1] == tokenizer.eos_token_id)
+    writer.add_add_space_prefix(False)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
+    """llama.cpp's ``LlamaModel.permute``: rows of each head from HF's [first half | second
+    half] rotary layout to llama.cpp's interleaved pairs."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def _tensors(model_dir: Path, config: Any) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array) of every weight, in llama.cpp's layout."""
+    import gguf
+    from safetensors import safe_open
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    n_head = config.num_attention_heads
+    n_kv = config.num_key_value_heads or n_head
+    files = sorted(model_dir.glob("model*.safetensors"))
+    if not files:
+        raise ModelError(f"{model_dir}: no safetensors weights (model.safetensors) to export")
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for hf_name in f.keys():  # noqa: SIM118 (safe_open is no dict)
+                if hf_name.endswith(".rotary_emb.inv_freq"):
+                    continue  # recomputed from rope.freq_base
+                if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+                    continue  # tied: llama.cpp reads the head from token_embd
+                gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                if gguf_name is None:
+                    raise ModelError(f"{file}: tensor {hf_name} has no llama.cpp name; is this "
+                                     "a plain Llama model?")
+                array = f.get_tensor(hf_name).float().numpy()
+                if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+                    array = permute(array, n_head, n_head)
+                elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+                    array = permute(array, n_head, n_kv)
+                yield gguf_name, array
+
+
+def _ggml_types() -> dict[str, Any]:
+    import gguf
+
+    q = gguf.GGMLQuantizationType
+    return {"f32": q.F32, "f16": q.F16, "q8_0": q.Q8_0}
+
+
+_FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # gguf.LlamaFileType ALL_F32, MOSTLY_F16, _Q8_0
+
+
+def _encode(gguf_name: str, array: np.ndarray, tensor_type: str) -> tuple[np.ndarray, Any]:
+    """The tensor's bytes and GGML type, chosen as llama.cpp's ``prepare_tensors`` does."""
+    import gguf
+    from gguf.quants import QuantError, quantize
+
+    q = gguf.GGMLQuantizationType
+    qtype = _ggml_types()[tensor_type]
+    if array.ndim <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
+        qtype = q.F32  # norms and biases: small, and precision-sensitive
+    if qtype == q.Q8_0:
+        try:
+            return quantize(array, q.Q8_0), q.Q8_0
+        except QuantError:  # rows not a whole number of 32-value blocks
+            qtype = q.F16
+    return quantize(array, qtype), qtype
