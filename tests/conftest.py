@@ -78,6 +78,9 @@ def make_config(tmp_path: Path, tiny_model_dir: Path) -> Callable[..., Path]:
                       "early_stopping_patience": None, "seed": 7},
             "eval": {"task": "classification", "labels": ["good", "bad"],
                      "positive_label": "bad", "batch_size": 16},
+            # codecarbon's tracker costs seconds per phase; the tests that check the energy
+            # figures turn it on (energy={"enabled": True})
+            "energy": {"enabled": False},
         }
         for section, values in overrides.items():
             if isinstance(values, dict) and isinstance(cfg.get(section), dict):

@@ -1,4 +1,5 @@
-"""`tunesmith compress`: prune or quantise a finished run's model; parse, call the flow, print."""
+"""`tunesmith compress`: prune, quantise or distil a finished run's model; parse, call the
+flow, print."""
 
 from __future__ import annotations
 
@@ -40,6 +41,22 @@ def compress_cmd(
                                 "2 of every 4 consecutive weights; needs --prune 0.5)."),
     quantize: str | None = typer.Option(None, "--quantize", help="Quantise the weights of the "
                                         "linear layers instead: int8 (weight-only, torchao)."),
+    distil: bool = typer.Option(False, "--distil", help="Distil into a student that keeps "
+                                "--layers of the tuned model's layers (evenly spaced, its "
+                                "weights), trained on KL to the tuned model plus the task loss."),
+    layers: int | None = typer.Option(None, "--layers", help="With --distil: how many layers "
+                                      "the student keeps (fewer than the model has)."),
+    steps: int | None = typer.Option(None, "--steps", help="Optimiser steps on the run's "
+                                     "training split: the student's (default 200), or a "
+                                     "pruned model's recovery fine-tune with its mask kept "
+                                     "(default 0: none)."),
+    learning_rate: float | None = typer.Option(None, "--learning-rate", help="For those steps "
+                                               "(default: the full fine-tuning default)."),
+    temperature: float = typer.Option(2.0, "--temperature", help="With --distil: softens "
+                                      "both distributions in the KL term."),
+    distil_weight: float = typer.Option(0.5, "--distil-weight", help="With --distil: the KL "
+                                        "term's share of the loss (the task loss has the "
+                                        "rest)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Where the compressed "
                                        "model goes (default: RUN/compressed/KIND)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
@@ -52,12 +69,15 @@ def compress_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
 ) -> None:
-    """Prune (--prune) or quantise (--quantize) a run's tuned model and compare it with the
-    tuned model: accuracy with its bootstrap CI, perplexity, size and latency."""
+    """Prune (--prune), quantise (--quantize) or distil (--distil --layers N) a run's tuned
+    model and compare the result with the tuned model: accuracy with its bootstrap CI,
+    perplexity, size, latency and generation speed."""
     from tunesmith.flows.compress import compress
 
     result = compress(run_dir, prune=prune, method=method, pattern=pattern, quantize=quantize,
-                      output=output, overwrite=overwrite,
+                      distil=distil, layers=layers, steps=steps, learning_rate=learning_rate,
+                      temperature=temperature, distil_weight=distil_weight, output=output,
+                      overwrite=overwrite,
                       calibration_examples=calibration_examples, max_test=max_test,
                       latency_examples=latency_examples, console=err, show_progress=progress)
     if as_json:

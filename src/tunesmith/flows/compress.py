@@ -1,15 +1,20 @@
-"""``compress``: prune or quantise a finished run's tuned model, and measure what it cost.
+"""``compress``: prune, quantise or distil a finished run's tuned model, and measure what it
+cost.
 
     from tunesmith.flows.compress import compress
-    result = compress("runs/sms-spam", prune=0.5, method="wanda")
+    result = compress("runs/sms-spam", prune=0.5, method="wanda", steps=100)
+    result = compress("runs/sms-spam", distil=True, layers=15)
     print(result.entry["comparison"]["accuracy"])
 
 The steps: check the settings; open the run; build the compressed model in a temporary
 directory beside its destination (pruned: input norms from the run's own training examples,
-prune, save; int8: quantise as it loads, save); load it back from disk; evaluate it and the
-tuned model with the run's own evaluation on the run's test split, general-text perplexity
-and per-item latency; rename the directory into place (``<run>/compressed/<kind>/``); record
-the entry in ``<run>/compressed/compression.json`` and ``compression.md``. Anything that fails
+prune, and with ``steps`` fine-tune on the run's training split with the pruned weights held
+at zero; int8: quantise as it loads; distilled: a student of some of the tuned model's
+layers trained on KL to it plus the task loss, ``flows.distill``), save it; load it back from
+disk; compare it with the tuned model (``flows.compress_compare``: the run's own evaluation on
+the run's test split, general-text perplexity, latency per item, generation speed); rename
+the directory into place (``<run>/compressed/<kind>/``); record the entry in
+``<run>/compressed/compression.json`` (and its .md, .html and plot). Anything that fails
 before the rename leaves nothing behind.
 """
 
@@ -20,7 +25,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,64 +35,124 @@ from typing import Any
 from rich.console import Console
 from rich.progress import Progress
 
-from tunesmith.compress import measure
 from tunesmith.compress import quantize as quantization
-from tunesmith.compress.prune import check_pattern, check_settings, input_norms, prunable_linears
+from tunesmith.compress.prune import (
+    check_pattern,
+    check_settings,
+    decoder_blocks,
+    input_norms,
+    prunable_linears,
+)
 from tunesmith.compress.prune import prune as prune_model
-from tunesmith.config import EvalConfig
 from tunesmith.data.chat import ChatExample
 from tunesmith.data.encode import encode_chat
 from tunesmith.data.split import sample
 from tunesmith.errors import ConfigError
-from tunesmith.evaluation.classifier import class_probabilities
-from tunesmith.evaluation.generate import generate
-from tunesmith.evaluation.task import label_token_budget
-from tunesmith.flows import assess, compress_report
+from tunesmith.flows import compress_report
+from tunesmith.flows.compress_compare import compare
+from tunesmith.flows.distill import distil as distil_student
 from tunesmith.flows.finished import FinishedRun, open_run
-from tunesmith.flows.steps import advance_task, training_encoder
+from tunesmith.flows.retrain import retrain
+from tunesmith.flows.steps import training_encoder
 from tunesmith.models.classifier import load_trained_classifier
 from tunesmith.models.load import load_model, load_tokenizer
+from tunesmith.models.student import keep_layers
+from tunesmith.training.sparsity import hold_zeros
 
 log = logging.getLogger("tunesmith")
 
 QUANTIZATIONS = ("int8",)
+# Optimiser steps a student trains for unless told otherwise.
+DISTIL_STEPS = 200
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What to do: prune to ``sparsity`` with ``method`` and ``pattern``, or ``quantize``."""
+    """What to do: prune to ``sparsity`` with ``method`` and ``pattern`` (then, with
+    ``steps``, a recovery fine-tune with the mask held), ``quantize``, or distil into a
+    student of ``layers`` layers trained for ``steps`` steps."""
 
     sparsity: float | None
     method: str
     pattern: str
     quantize: str | None
+    layers: int | None = None
+    steps: int = 0
+    learning_rate: float | None = None
+    temperature: float = 2.0
+    distil_weight: float = 0.5
 
     @property
     def kind(self) -> str:
-        """The output's name: ``wanda-50-unstructured``, ``magnitude-50-2of4``, ``int8``."""
+        """The output's name: ``wanda-50-unstructured`` (``-ft`` after a recovery
+        fine-tune), ``magnitude-50-2of4``, ``int8``, ``distil-15``."""
         if self.quantize:
             return self.quantize
+        if self.layers is not None:
+            return f"distil-{self.layers}"
         pct = f"{self.sparsity * 100:g}".replace(".", "p")
-        return f"{self.method}-{pct}-{self.pattern.replace(':', 'of')}"
+        return f"{self.method}-{pct}-{self.pattern.replace(':', 'of')}" + (
+            "-ft" if self.steps else "")
 
     def settings(self) -> dict[str, Any]:
         if self.quantize:
             return {"quantize": self.quantize}
-        return {"prune": self.sparsity, "method": self.method, "pattern": self.pattern}
+        training = {"steps": self.steps, "learning_rate": self.learning_rate}
+        if self.layers is not None:
+            return {"distil": True, "layers": self.layers, "temperature": self.temperature,
+                    "weight": self.distil_weight, **training}
+        return {"prune": self.sparsity, "method": self.method, "pattern": self.pattern,
+                **(training if self.steps else {})}
 
 
-def plan(prune: float | None, method: str, pattern: str, quantize: str | None) -> Plan:
+def plan(prune: float | None, method: str, pattern: str, quantize: str | None, *,
+         distil: bool = False, layers: int | None = None, steps: int | None = None,
+         learning_rate: float | None = None, temperature: float = 2.0,
+         distil_weight: float = 0.5) -> Plan:
     """The settings checked, every problem at once (``ConfigError``)."""
-    if (prune is None) == (quantize is None):
-        raise ConfigError("give either a sparsity to prune to (--prune 0.5) or a quantisation "
-                          "(--quantize int8), " + ("not both" if prune is not None
-                                                  else "one of them"))
+    chosen = [name for name, on in (("--prune", prune is not None),
+                                    ("--quantize", quantize is not None),
+                                    ("--distil", distil)) if on]
+    if len(chosen) != 1:
+        raise ConfigError("give one of: a sparsity to prune to (--prune 0.5), a quantisation "
+                          "(--quantize int8) or a student to distil (--distil --layers N)"
+                          + (f"; not {' and '.join(chosen)} together" if chosen else ""))
+    problems = []
+    if steps is not None and steps < (1 if distil else 0):
+        problems.append(f"steps {steps}: give " + ("1 or more" if distil else
+                                                   "0 (no recovery fine-tune) or more"))
+    if learning_rate is not None and not 0 < learning_rate < 1:
+        problems.append(f"learning rate {learning_rate}: give a small positive number, e.g. "
+                        "5e-5")
+    if distil:
+        if layers is None:
+            problems.append("--distil needs --layers N: how many of the tuned model's layers "
+                            "the student keeps")
+        elif layers < 1:
+            problems.append(f"--layers {layers}: give 1 or more (fewer than the model has)")
+        if temperature <= 0:
+            problems.append(f"temperature {temperature}: give a positive number, e.g. 2")
+        if not 0 <= distil_weight <= 1:
+            problems.append(f"distillation weight {distil_weight}: give a share between 0 "
+                            "(task loss only) and 1 (KL to the teacher only)")
+    elif layers is not None:
+        problems.append("--layers is the student's depth; it goes with --distil")
+    if quantize is not None and steps:
+        problems.append("--steps trains a pruned model or a student; int8 quantisation has no "
+                        "training step")
     if prune is not None:
-        check_settings(prune, method, pattern)
-    elif quantize not in QUANTIZATIONS:
-        raise ConfigError(f"quantisation {quantize!r}: this version offers "
-                          f"{', '.join(QUANTIZATIONS)} (weight-only)")
-    return Plan(prune, method, pattern, quantize)
+        try:
+            check_settings(prune, method, pattern)
+        except ConfigError as e:
+            problems += e.problems or [str(e)]
+    elif quantize is not None and quantize not in QUANTIZATIONS:
+        problems.append(f"quantisation {quantize!r}: this version offers "
+                        f"{', '.join(QUANTIZATIONS)} (weight-only)")
+    if problems:
+        raise ConfigError("cannot compress with these settings", problems)
+    return Plan(prune, method, pattern, quantize, layers if distil else None,
+                steps if steps is not None else (DISTIL_STEPS if distil else 0),
+                learning_rate, temperature, distil_weight)
 
 
 @dataclass
@@ -103,18 +168,26 @@ class CompressResult:
 
 def compress(run_dir: Path | str, *, prune: float | None = None, method: str = "wanda",
              pattern: str = "unstructured", quantize: str | None = None,
-             output: Path | str | None = None, overwrite: bool = False,
+             distil: bool = False, layers: int | None = None, steps: int | None = None,
+             learning_rate: float | None = None, temperature: float = 2.0,
+             distil_weight: float = 0.5, output: Path | str | None = None,
+             overwrite: bool = False,
              calibration_examples: int = 128, max_test: int | None = None,
              latency_examples: int = 64, console: Console | None = None,
              show_progress: bool = True) -> CompressResult:
-    """Prune (``prune`` = sparsity, ``method`` wanda|magnitude, ``pattern`` unstructured|2:4)
-    or quantise (``quantize="int8"``) the run's tuned model, save it to ``output`` (default
+    """Prune (``prune`` = sparsity, ``method`` wanda|magnitude, ``pattern`` unstructured|2:4;
+    with ``steps`` a recovery fine-tune of that many steps keeps the mask), quantise
+    (``quantize="int8"``) or distil (``distil=True``: a student keeping ``layers`` of the
+    tuned model's layers, trained ``steps`` steps on ``distil_weight`` x KL to the tuned model
+    at ``temperature`` plus the task loss) the run's tuned model, save it to ``output`` (default
     ``<run>/compressed/<kind>``) and compare it with the tuned model on the run's test split
     (``max_test``: a seeded sample of that many items), general-text perplexity and the
     latency of ``latency_examples`` test items one at a time."""
     started = time.perf_counter()
     console = console or Console(stderr=True)
-    todo = plan(prune, method, pattern, quantize)
+    todo = plan(prune, method, pattern, quantize, distil=distil, layers=layers, steps=steps,
+                learning_rate=learning_rate, temperature=temperature,
+                distil_weight=distil_weight)
     _check_counts(calibration_examples, max_test, latency_examples)
     done = open_run(run_dir)
     out = Path(output) if output else done.run_dir / "compressed" / todo.kind
@@ -127,8 +200,10 @@ def compress(run_dir: Path | str, *, prune: float | None = None, method: str = "
     if todo.quantize and (why := quantization.int8_support()):
         raise ConfigError(f"--quantize int8 cannot run on this machine: {why}")
     tuned, tokenizer = _load(done.merged, head=done.head)
-    if todo.sparsity is not None:
-        check_pattern(prunable_linears(tuned), todo.pattern)  # before anything is written
+    if todo.sparsity is not None:  # before anything is written
+        check_pattern(prunable_linears(tuned), todo.pattern)
+    if todo.layers is not None:
+        keep_layers(len(decoder_blocks(tuned)), todo.layers)
     test = _test_items(done, max_test)
 
     def say(msg: str) -> None:
@@ -137,10 +212,11 @@ def compress(run_dir: Path | str, *, prune: float | None = None, method: str = "
 
     with _staged(out) as tmp:
         say(f"{todo.kind}: compressing {done.merged}")
-        built = _build(todo, done, tuned, tokenizer, tmp, calibration_examples)
+        built = _build(todo, done, tuned, tokenizer, tmp, calibration_examples,
+                       console=console, show_progress=show_progress)
         compressed = _load(tmp, head=done.head)[0]  # evaluate what was saved
         with Progress(console=console, disable=not show_progress) as progress:
-            entry = _measure(done, todo.kind, {"tuned": (tuned, done.merged),
+            entry = compare(done, todo.kind, {"tuned": (tuned, done.merged),
                                                 todo.kind: (compressed, tmp)},
                              tokenizer, test, latency_examples, progress, say)
     entry["compressed"]["path"] = str(out)
@@ -203,12 +279,18 @@ def _staged(out: Path) -> Iterator[Path]:
 
 
 def _build(todo: Plan, done: FinishedRun, tuned: Any, tokenizer: Any, folder: Path,
-           calibration_examples: int) -> dict[str, Any]:
+           calibration_examples: int, *, console: Console, show_progress: bool
+           ) -> dict[str, Any]:
     """Write the compressed model to ``folder``; returns what was done, for the report."""
     if todo.quantize:
         model = quantization.load_int8(done.merged, head=done.head)
         built = {"quantize": "int8", "scheme": "torchao Int8WeightOnlyConfig, one scale per "
                  "output row", "layers": len(quantization.quantized_layers(model))}
+    elif todo.layers is not None:
+        model, built = distil_student(
+            done, tuned, tokenizer, folder, layers=todo.layers, steps=todo.steps,
+            temperature=todo.temperature, weight=todo.distil_weight,
+            learning_rate=todo.learning_rate, console=console, show_progress=show_progress)
     else:
         model = copy.deepcopy(tuned)
         norms, used = None, None
@@ -219,9 +301,28 @@ def _build(todo: Plan, done: FinishedRun, tuned: Any, tokenizer: Any, folder: Pa
         built = {**prune_model(model, sparsity=todo.sparsity, method=todo.method,
                                pattern=todo.pattern, norms=norms).to_dict(),
                  "calibration_examples": used}
+        if todo.steps:
+            built["recovery"] = _recover(todo, done, model, tokenizer, folder,
+                                         console=console, show_progress=show_progress)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return built
+
+
+def _recover(todo: Plan, done: FinishedRun, model: Any, tokenizer: Any, folder: Path, *,
+             console: Console, show_progress: bool) -> dict[str, Any]:
+    """The pruned model fine-tuned ``todo.steps`` steps on the run's training split (all
+    weights, the pruned ones held at zero); checks the sparsity survived."""
+    linears = prunable_linears(model)
+    masks = {f"{name}.weight": layer.weight == 0 for name, layer in linears.items()}
+    done_training = retrain(done, model, tokenizer, folder, steps=todo.steps,
+                            learning_rate=todo.learning_rate, wrappers=[hold_zeros(masks)],
+                            console=console, show_progress=show_progress)
+    moved = [name for name, layer in linears.items()
+             if not bool((layer.weight[masks[f"{name}.weight"]] == 0).all())]
+    if moved:  # the wrapper's promise; never expected
+        raise RuntimeError(f"the recovery fine-tune changed pruned weights of {moved[:3]}")
+    return done_training.settings
 
 
 def _calibration_rows(done: FinishedRun, tokenizer: Any, n: int) -> list[list[int]]:
@@ -234,70 +335,3 @@ def _calibration_rows(done: FinishedRun, tokenizer: Any, n: int) -> list[list[in
         else (lambda ex: encode_chat(tokenizer, ex.messages))  # preference runs too
     rows = [encode(ex).input_ids[:done.config.data.max_length] for ex in picked]
     return [r for r in rows if r]
-
-
-def _measure(done: FinishedRun, kind: str, models: dict[str, tuple[Any, Path]], tokenizer: Any,
-             test: Sequence[ChatExample], latency_examples: int, progress: Progress,
-             say: Callable[[str], None]) -> dict[str, Any]:
-    """Both models on the test split, general text and per-item latency; the entry."""
-    ev, labels, head = done.config.eval, done.labels, done.head
-    evals = {}
-    for name, (model, _) in models.items():
-        say(f"evaluating {name} on {len(test)} test items")
-        advance = advance_task(progress, f"evaluating {name}", len(test))
-        evals[name] = assess.evaluate_head(model, tokenizer, test, ev, labels, advance) \
-            if head else assess.evaluate_lm(model, tokenizer, test, ev, labels, advance,
-                                            score_labels=False)
-    # the paired bootstrap of base vs tuned, here tuned vs compressed on the same items
-    found = assess.comparison(ev, labels, evals["tuned"], evals[kind])
-    comparison = {metric: {"tuned": c["base"], "compressed": c["tuned"],
-                           **{k: c[k] for k in ("difference", "ci_low", "ci_high",
-                                                "confidence", "n", "n_resamples")}}
-                  for metric, c in found.items()}
-    general = None
-    if not head:  # a classification head has no language-model output to score
-        say("general-text perplexity of both")
-        snaps = {name: assess.forgetting_snapshot(m, tokenizer, ev)
-                 for name, (m, _) in models.items()}
-        general = assess.compare_snapshots(snaps["tuned"], snaps[kind],
-                                           max_perplexity_ratio=ev.max_perplexity_ratio,
-                                           max_kl=ev.max_kl)
-    prompts = [ex.prompt for ex in test[:latency_examples]]
-    say(f"timing {len(prompts)} test items one at a time")
-    task = progress.add_task("timing items one at a time", total=len(prompts))
-    runs = {name: _one_item(m, tokenizer, ev, labels, head) for name, (m, _) in models.items()}
-    seconds = measure.time_items(runs, prompts, on_item=lambda: progress.advance(task))
-    rows = {name: _row(name, model, path, evals[name].metrics, ev.positive_label,
-                       None if general is None else general.base_perplexity
-                       if name == "tuned" else general.tuned_perplexity, seconds[name])
-            for name, (model, path) in models.items()}
-    return {"test_items": len(test), "positive_label": ev.positive_label,
-            "primary_metric": "accuracy" if labels else "exact_match",
-            "tuned": rows["tuned"], "compressed": rows[kind], "comparison": comparison,
-            "kl_from_tuned": None if general is None else general.kl_mean,
-            "speed_p50": rows["tuned"]["latency"]["p50_ms"] / rows[kind]["latency"]["p50_ms"]
-            if prompts else None}
-
-
-def _row(name: str, model: Any, path: Path, metrics: dict[str, Any], positive: str | None,
-         perplexity: float | None, seconds: Sequence[float]) -> dict[str, Any]:
-    """One model's line of the report."""
-    params, nonzero = measure.parameter_counts(model)
-    return {"model": name, "path": str(path), "parameters": params,
-            "nonzero_parameters": nonzero, "size_bytes": measure.weights_size(path),
-            "accuracy": metrics.get("accuracy", metrics.get("exact_match")),
-            "f1_positive": metrics.get(f"f1_{positive}") if positive else None,
-            "perplexity": perplexity, "latency": measure.latency_summary(seconds),
-            "metrics": metrics}
-
-
-def _one_item(model: Any, tokenizer: Any, ev: EvalConfig, labels: list[str] | None,
-              head: bool) -> Callable[[Sequence[dict]], Any]:
-    """Answer one test prompt the way the evaluation does, at batch size 1."""
-    if head:
-        return lambda prompt: class_probabilities(model, tokenizer, [prompt], batch_size=1)
-    budget = ev.max_new_tokens
-    if budget == "auto":  # as assess.evaluate_lm sets it
-        budget = label_token_budget(tokenizer, labels) if labels else 128
-    return lambda prompt: generate(model, tokenizer, [prompt], max_new_tokens=int(budget),
-                                   batch_size=1)

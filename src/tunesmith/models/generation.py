@@ -43,6 +43,9 @@ class GenerationParams:
     """Seeds the sampling of this call alone; None draws from torch's current random state."""
     stop: tuple[str, ...] = ()
     """Text that ends the reply; it is cut from the reply with everything after it."""
+    min_new_tokens: int = 0
+    """The end token is held back until this many tokens are generated (speed measurements
+    that must compare the same number of tokens)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -52,6 +55,9 @@ class GenerationParams:
             problems.append(f"temperature is {self.temperature}; give 0 (greedy) or more")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p is {self.top_p}; give a value in (0, 1]")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            problems.append(f"min_new_tokens is {self.min_new_tokens}; give 0 to "
+                            f"max_new_tokens ({self.max_new_tokens})")
         if any(not s for s in self.stop):
             problems.append("a stop sequence is empty; give non-empty strings")
         if problems:
@@ -186,6 +192,7 @@ def _generate_batch(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]]
     out = model.generate(
         input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
         max_new_tokens=params.max_new_tokens, do_sample=params.sampling,
+        min_new_tokens=params.min_new_tokens or None,
         temperature=params.temperature if params.sampling else None,
         top_p=params.top_p if params.sampling else None, top_k=None,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
