@@ -153,7 +153,11 @@ def start_server(data_dir: Path, model_dir: Path, home: Path, *extra: str) -> Li
     log_path = data_dir / f"server-{port}.log"
     cmd = [sys.executable, "-m", "tunesmith.cli", "serve", "--port", str(port),
            "--data-dir", str(data_dir), "--model", f"tiny={model_dir}", "--threads", "1",
-           "--lease-seconds", "5", "--audit-log", *extra]
+           "--lease-seconds", "5", "--audit-log",
+           # codecarbon costs seconds per job phase; energy reaching a job's run is tested in
+           # tests/unit/service/test_plan.py, a run's measurement in tests/flow/test_run_cli.py
+           *(() if any(a.startswith("--energy") for a in extra) else ("--no-energy",)),
+           *extra]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True,

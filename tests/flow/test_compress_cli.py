@@ -27,6 +27,7 @@ def finished(tmp_path_factory, tiny_model_dir) -> Path:
     tmp = tmp_path_factory.mktemp("compress")
     write_jsonl(tmp / "train.jsonl", review_rows(80))
     cfg = {
+        "energy": {"enabled": False},  # codecarbon costs seconds per phase
         "name": "tiny", "output_dir": str(tmp / "run"), "model": {"base": str(tiny_model_dir)},
         "data": {"train_file": "train.jsonl", "validation_fraction": 0.1, "test_fraction": 0.1,
                  "max_length": 128},

@@ -39,6 +39,7 @@ def checked_run(tmp_path_factory, tiny_model_dir):
     (tmp / "reference.yaml").write_text(yaml.safe_dump({"region": {"north": 0.5,
                                                                    "south": 0.5}}))
     cfg = {
+        "energy": {"enabled": False},  # codecarbon costs seconds per phase
         "name": "checks", "output_dir": str(tmp / "run"), "model": {"base": str(tiny_model_dir)},
         "data": {"train_file": "train.jsonl", "max_length": 128, "group_fields": ["region"],
                  "group_reference": "reference.yaml", "label_issues": "drop",

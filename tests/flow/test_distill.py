@@ -41,6 +41,7 @@ def finish(folder: Path, base: Path, **train) -> Path:
     """A finished tiny run on the review data (LoRA, one epoch, a short evaluation)."""
     write_jsonl(folder / "train.jsonl", review_rows(80))
     cfg = {
+        "energy": {"enabled": False},  # codecarbon costs seconds per phase
         "name": "tiny", "output_dir": str(folder / "run"), "model": {"base": str(base)},
         "data": {"train_file": "train.jsonl", "validation_fraction": 0.1, "test_fraction": 0.1,
                  "max_length": 128},

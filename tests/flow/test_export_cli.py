@@ -21,6 +21,7 @@ def run_dir(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("export")
     write_jsonl(tmp / "train.jsonl", review_rows(80))
     cfg = {
+        "energy": {"enabled": False},  # codecarbon costs seconds per phase
         "name": "tiny", "output_dir": str(tmp / "run"), "model": {"base": str(tiny_model_dir)},
         "data": {"train_file": "train.jsonl", "max_length": 128},
         "train": {"lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "epochs": 2, "batch_size": 8,

@@ -53,15 +53,25 @@ def serve_cmd(
     lease_seconds: float = typer.Option(60, help="A job whose worker is silent this long is "
                                         "resumed by another worker."),
     threads: int | None = typer.Option(None, help="Torch threads per process."),
+    energy: bool = typer.Option(True, "--energy/--no-energy", help="Measure each job's "
+                                "energy and emissions (codecarbon, offline)."),
+    energy_country: str | None = typer.Option(None, "--energy-country", help="Where the "
+                                              "machines draw their power (ISO 3166-1 alpha-3, "
+                                              "e.g. FRA): the grid's CO2e per kWh. Default: "
+                                              "USA."),
+    energy_region: str | None = typer.Option(None, "--energy-region", help="A finer grid "
+                                             "region of that country (e.g. california)."),
 ) -> None:
     """Serve OpenAI's fine-tuning, files, models and chat APIs over HTTP."""
     from tunesmith.service import serve
-    from tunesmith.service.settings import MB, parse_model_options
+    from tunesmith.service.settings import MB, energy_section, parse_model_options
 
     extra = {"base_models": parse_model_options(model)} if model else {}
     settings = _settings(data_dir, database_url, max_upload_bytes=int(max_upload_mb * MB),
                          audit_log=audit_log, cache_budget_bytes=int(cache_budget_mb * MB),
-                         lease_seconds=lease_seconds, torch_threads=threads, **extra)
+                         lease_seconds=lease_seconds, torch_threads=threads,
+                         energy=energy_section(enabled=energy, country=energy_country,
+                                               region=energy_region), **extra)
     serve(settings, host=host, port=port, worker=not no_worker)
 
 
@@ -70,12 +80,23 @@ def worker_cmd(
     database_url: str | None = DatabaseUrl,
     lease_seconds: float = typer.Option(60, help="Lease on a running job (see serve)."),
     threads: int | None = typer.Option(None, help="Torch threads for training."),
+    energy: bool = typer.Option(True, "--energy/--no-energy", help="Measure each job's "
+                                "energy and emissions (codecarbon, offline)."),
+    energy_country: str | None = typer.Option(None, "--energy-country", help="Where the "
+                                              "machines draw their power (ISO 3166-1 alpha-3, "
+                                              "e.g. FRA): the grid's CO2e per kWh. Default: "
+                                              "USA."),
+    energy_region: str | None = typer.Option(None, "--energy-region", help="A finer grid "
+                                             "region of that country (e.g. california)."),
 ) -> None:
     """Train queued fine-tuning jobs (one at a time) until Ctrl-C or SIGTERM."""
     from tunesmith.service import run_worker
+    from tunesmith.service.settings import energy_section
 
     run_worker(_settings(data_dir, database_url, lease_seconds=lease_seconds,
-                         torch_threads=threads))
+                         torch_threads=threads,
+                         energy=energy_section(enabled=energy, country=energy_country,
+                                               region=energy_region)))
 
 
 def keys_create(

@@ -57,6 +57,7 @@ from tunesmith.flows.steps import training_encoder
 from tunesmith.models.classifier import load_trained_classifier
 from tunesmith.models.load import load_model, load_tokenizer
 from tunesmith.models.student import keep_layers
+from tunesmith.training.distill import check_distillation
 from tunesmith.training.sparsity import hold_zeros
 
 log = logging.getLogger("tunesmith")
@@ -130,11 +131,10 @@ def plan(prune: float | None, method: str, pattern: str, quantize: str | None, *
                             "the student keeps")
         elif layers < 1:
             problems.append(f"--layers {layers}: give 1 or more (fewer than the model has)")
-        if temperature <= 0:
-            problems.append(f"temperature {temperature}: give a positive number, e.g. 2")
-        if not 0 <= distil_weight <= 1:
-            problems.append(f"distillation weight {distil_weight}: give a share between 0 "
-                            "(task loss only) and 1 (KL to the teacher only)")
+        try:
+            check_distillation(temperature, distil_weight)
+        except ConfigError as e:
+            problems += e.problems
     elif layers is not None:
         problems.append("--layers is the student's depth; it goes with --distil")
     if quantize is not None and steps:

@@ -100,6 +100,7 @@ def _check_private_job(settings: ServiceSettings, req: JobCreate, job_id: str,
         plan_run(job_id=job_id, run_dir=settings.runs_dir / job_id, base_ref=base_ref,
                  train_path=train_path, valid_path=valid_path, requested=hp, task=task,
                  seed=seed, max_eval_examples=settings.max_eval_examples,
+                 energy=settings.energy,
                  hyperparameters_param=("method.supervised.hyperparameters" if in_method
                                         or req.hyperparameters is None else "hyperparameters"))
     except PrivacyPlanError as err:

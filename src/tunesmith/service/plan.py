@@ -167,11 +167,12 @@ def check_privacy(cfg: RunConfig, hp: ResolvedHyperparameters, n_train: int, *,
 
 def plan_run(*, job_id: str, run_dir: Path, base_ref: str, train_path: Path,
              valid_path: Path | None, requested: dict[str, Any], task: str, seed: int,
-             max_eval_examples: int, hyperparameters_param: str = HYPERPARAMETERS
-             ) -> tuple[RunConfig, dict[str, Any]]:
+             max_eval_examples: int, hyperparameters_param: str = HYPERPARAMETERS,
+             energy: dict[str, Any] | None = None) -> tuple[RunConfig, dict[str, Any]]:
     """The tunesmith run of a job, and OpenAI's hyperparameters as the job reports them: the
     three of every job, ``beta`` for a DPO job (the job's method: ``method_type``), and a
-    private job's ``privacy`` settings as asked.
+    private job's ``privacy`` settings as asked. ``energy``: the service's ``energy:``
+    section for the run (``ServiceSettings.energy``).
 
     A checkpoint per epoch, the last 3 kept, no early stop. ``resolve_hyperparameters`` turns
     each 'auto' into a number for the run's training split; ``learning_rate_multiplier``
@@ -192,6 +193,8 @@ def plan_run(*, job_id: str, run_dir: Path, base_ref: str, train_path: Path,
                   "early_stopping_patience": None, "seed": seed},
         "eval": {"task": task, "compare_base": False},
     }
+    if energy:
+        spec["energy"] = dict(energy)
     dpo = method_type(requested) == "dpo"
     if dpo:
         spec["train"].update(objective="dpo",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tunesmith.config import DEFAULT_MODEL
 from tunesmith.errors import ConfigError
@@ -39,6 +40,9 @@ class ServiceSettings:
     """Threads torch may use in the training processes; empty: torch's default."""
     max_eval_examples: int = 50
     """Held-out examples a job's model is evaluated on after training (generation is slow)."""
+    energy: dict[str, Any] = field(default_factory=dict)
+    """The ``energy:`` section of every job's run (``enabled``, ``country_iso_code``,
+    ``region``...: where the machines draw their power); empty: the run defaults."""
 
     @property
     def url(self) -> str:
@@ -87,3 +91,25 @@ def parse_model_options(options: list[str]) -> dict[str, str]:
 def valid_name(name: str) -> bool:
     """Whether ``name`` may be an org name or a base model name."""
     return bool(_NAME.match(name))
+
+
+def energy_section(*, enabled: bool = True, country: str | None = None,
+                   region: str | None = None) -> dict[str, Any]:
+    """The ``energy:`` section every job's run gets, checked now (a wrong country fails the
+    service's start, not every job): only what was given, the run defaults for the rest."""
+    from pydantic import ValidationError
+
+    from tunesmith.config import EnergyConfig
+    from tunesmith.config.load import format_validation_error
+
+    section: dict[str, Any] = {"enabled": enabled}
+    if country is not None:
+        section["country_iso_code"] = country
+    if region is not None:
+        section["region"] = region
+    try:
+        EnergyConfig(**section)
+    except ValidationError as err:
+        raise ConfigError("the energy settings are invalid",
+                          format_validation_error(err, EnergyConfig)) from err
+    return section

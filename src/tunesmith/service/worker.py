@@ -115,7 +115,8 @@ class Worker:
         return plan_run(job_id=job.id, run_dir=self._run_dir(job), base_ref=job.base_ref,
                         train_path=train_path, valid_path=valid_path,
                         requested=job.hyperparameters, task=task, seed=job.seed,
-                        max_eval_examples=self.settings.max_eval_examples)
+                        max_eval_examples=self.settings.max_eval_examples,
+                        energy=self.settings.energy)
 
     def _validate(self, job_id: str) -> bool:
         job = self._job(job_id)

@@ -60,3 +60,28 @@ def test_run_config_of_a_job(tmp_path) -> None:
     assert cfg.eval.task == "classification" and not cfg.eval.compare_base
     # with a validation file the whole training file is trained on: a batch fits within it
     assert plan(tmp_path, {"batch_size": 64}, n=20, validation=True)[1]["batch_size"] == 20
+
+
+def test_the_service_energy_settings_reach_every_run(tmp_path) -> None:
+    import pytest
+
+    from tunesmith.errors import ConfigError
+    from tunesmith.service.settings import energy_section
+
+    train = write_jsonl(tmp_path / "t.jsonl", review_rows(40))
+    section = energy_section(country="FRA")
+    cfg, _ = plan_run(job_id="ftjob-x", run_dir=tmp_path / "run", base_ref="tiny",
+                      train_path=train, valid_path=None, requested={},
+                      task=check_job_data(train, None), seed=9, max_eval_examples=10,
+                      energy=section)
+    assert cfg.energy.enabled and cfg.energy.country_iso_code == "FRA"
+    off, _ = plan_run(job_id="ftjob-y", run_dir=tmp_path / "run2", base_ref="tiny",
+                      train_path=train, valid_path=None, requested={},
+                      task=check_job_data(train, None), seed=9, max_eval_examples=10,
+                      energy=energy_section(enabled=False))
+    assert not off.energy.enabled
+    default, _ = plan(tmp_path, {})
+    assert default.energy.enabled and default.energy.country_iso_code == "USA"
+    with pytest.raises(ConfigError, match="energy settings are invalid") as err:
+        energy_section(country="ATLANTIS")
+    assert "country_iso_code" in str(err.value)
