@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/tunesmith run examples/sms_spam/config.yaml --overwrite
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 # Real-model training runs that take many minutes on 2 CPU cores (marked `slow`).
 test-slow: $(STAMP)

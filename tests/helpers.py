@@ -76,6 +76,30 @@ def jsonl_bytes(rows: list[dict]) -> bytes:
 # ----------------------------------------------------------------------------- training
 
 
+def finish_tiny_run(folder: Path, base: Path, **train: Any) -> Path:
+    """A finished tiny run on the review data (LoRA, one epoch, a short evaluation)."""
+    import yaml
+
+    from tunesmith.flows.run import run
+
+    write_jsonl(folder / "train.jsonl", review_rows(80))
+    cfg = {
+        "energy": {"enabled": False},  # codecarbon costs seconds per phase
+        "name": "tiny", "output_dir": str(folder / "run"), "model": {"base": str(base)},
+        "data": {"train_file": "train.jsonl", "validation_fraction": 0.1, "test_fraction": 0.1,
+                 "max_length": 128},
+        "train": {"method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+                  "epochs": 1, "batch_size": 8, "learning_rate": 2e-2, "eval_every": 5,
+                  "early_stopping_patience": None, "seed": 7, **train},
+        "eval": {"task": "classification", "labels": ["good", "bad"], "positive_label": "bad",
+                 "batch_size": 16, "compare_base": False, "calibration": False,
+                 "forgetting": False},
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    run(folder / "config.yaml", show_progress=False)
+    return folder / "run"
+
+
 def train_tiny(model: Any, tokenizer: Any, encoded: list, *, steps: int, lr: float,
                batch_size: int = 16) -> Any:
     """Full fine-tuning of the tiny model with the training loss (no checkpoints, no logs)."""

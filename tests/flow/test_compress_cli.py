@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from tunesmith.compress import quantize
 from tunesmith.compress.prune import prunable_linears
@@ -20,27 +19,10 @@ needs_int8 = pytest.mark.skipif(quantize.int8_support() is not None,
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_model_dir) -> Path:
-    """One finished tiny run (the make_config settings, run once for the module)."""
-    from tests.helpers import review_rows, write_jsonl
-    from tunesmith.flows.run import run
+    """One finished tiny run (LoRA, one epoch), run once for the module."""
+    from tests.helpers import finish_tiny_run
 
-    tmp = tmp_path_factory.mktemp("compress")
-    write_jsonl(tmp / "train.jsonl", review_rows(80))
-    cfg = {
-        "energy": {"enabled": False},  # codecarbon costs seconds per phase
-        "name": "tiny", "output_dir": str(tmp / "run"), "model": {"base": str(tiny_model_dir)},
-        "data": {"train_file": "train.jsonl", "validation_fraction": 0.1, "test_fraction": 0.1,
-                 "max_length": 128},
-        "train": {"method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                  "epochs": 1, "batch_size": 8, "learning_rate": 2e-2, "eval_every": 5,
-                  "early_stopping_patience": None, "seed": 7},
-        "eval": {"task": "classification", "labels": ["good", "bad"], "positive_label": "bad",
-                 "batch_size": 16, "compare_base": False, "calibration": False,
-                 "forgetting": False},
-    }
-    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
-    run(tmp / "config.yaml", show_progress=False)
-    return tmp / "run"
+    return finish_tiny_run(tmp_path_factory.mktemp("compress"), tiny_model_dir)
 
 
 def listing(folder: Path) -> set[str]:

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from tests.helpers import review_rows, write_jsonl
+from tests.helpers import finish_tiny_run
 from tunesmith.errors import ConfigError
 from tunesmith.flows.distill import distil
 from tunesmith.flows.finished import open_run
@@ -37,31 +36,9 @@ def four_layers(tmp_path_factory, tokenizer) -> Path:
     return path
 
 
-def finish(folder: Path, base: Path, **train) -> Path:
-    """A finished tiny run on the review data (LoRA, one epoch, a short evaluation)."""
-    write_jsonl(folder / "train.jsonl", review_rows(80))
-    cfg = {
-        "energy": {"enabled": False},  # codecarbon costs seconds per phase
-        "name": "tiny", "output_dir": str(folder / "run"), "model": {"base": str(base)},
-        "data": {"train_file": "train.jsonl", "validation_fraction": 0.1, "test_fraction": 0.1,
-                 "max_length": 128},
-        "train": {"method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                  "epochs": 1, "batch_size": 8, "learning_rate": 2e-2, "eval_every": 5,
-                  "early_stopping_patience": None, "seed": 7, **train},
-        "eval": {"task": "classification", "labels": ["good", "bad"], "positive_label": "bad",
-                 "batch_size": 16, "compare_base": False, "calibration": False,
-                 "forgetting": False},
-    }
-    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
-    from tunesmith.flows.run import run
-
-    run(folder / "config.yaml", show_progress=False)
-    return folder / "run"
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, four_layers) -> Path:
-    return finish(tmp_path_factory.mktemp("distil"), four_layers)
+    return finish_tiny_run(tmp_path_factory.mktemp("distil"), four_layers)
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -108,7 +85,7 @@ def test_mixed_precision_leaves_the_teachers_weights_in_full_precision(finished,
 
 def test_a_classifier_run_distils_into_a_classifier(tmp_path_factory, four_layers, tokenizer,
                                                     tmp_path):
-    run = finish(tmp_path_factory.mktemp("distil-head"), four_layers, head="classifier",
+    run = finish_tiny_run(tmp_path_factory.mktemp("distil-head"), four_layers, head="classifier",
                  learning_rate=1e-2)
     done = open_run(run)
     tuned = load_trained_classifier(done.merged).eval()

@@ -17,6 +17,13 @@ DataDir = typer.Option(None, "--data-dir", help="Uploaded files, runs and the SQ
                        "Default: $TUNESMITH_HOME/service.")
 DatabaseUrl = typer.Option(None, "--database-url", help="SQLAlchemy URL of the job store, e.g. "
                            "postgresql+psycopg://user:pw@host/db. Default: SQLite in --data-dir.")
+Energy = typer.Option(True, "--energy/--no-energy", help="Measure each job's energy and "
+                      "emissions (codecarbon, offline).")
+EnergyCountry = typer.Option(None, "--energy-country", help="Where the machines draw their "
+                             "power (ISO 3166-1 alpha-3, e.g. FRA): the grid's CO2e per kWh. "
+                             "Default: USA.")
+EnergyRegion = typer.Option(None, "--energy-region", help="A finer grid region of that "
+                            "country (e.g. california).")
 
 
 def _settings(data_dir: Path | None, database_url: str | None, **values: Any) -> Any:
@@ -53,14 +60,9 @@ def serve_cmd(
     lease_seconds: float = typer.Option(60, help="A job whose worker is silent this long is "
                                         "resumed by another worker."),
     threads: int | None = typer.Option(None, help="Torch threads per process."),
-    energy: bool = typer.Option(True, "--energy/--no-energy", help="Measure each job's "
-                                "energy and emissions (codecarbon, offline)."),
-    energy_country: str | None = typer.Option(None, "--energy-country", help="Where the "
-                                              "machines draw their power (ISO 3166-1 alpha-3, "
-                                              "e.g. FRA): the grid's CO2e per kWh. Default: "
-                                              "USA."),
-    energy_region: str | None = typer.Option(None, "--energy-region", help="A finer grid "
-                                             "region of that country (e.g. california)."),
+    energy: bool = Energy,
+    energy_country: str | None = EnergyCountry,
+    energy_region: str | None = EnergyRegion,
 ) -> None:
     """Serve OpenAI's fine-tuning, files, models and chat APIs over HTTP."""
     from tunesmith.service import serve
@@ -80,14 +82,9 @@ def worker_cmd(
     database_url: str | None = DatabaseUrl,
     lease_seconds: float = typer.Option(60, help="Lease on a running job (see serve)."),
     threads: int | None = typer.Option(None, help="Torch threads for training."),
-    energy: bool = typer.Option(True, "--energy/--no-energy", help="Measure each job's "
-                                "energy and emissions (codecarbon, offline)."),
-    energy_country: str | None = typer.Option(None, "--energy-country", help="Where the "
-                                              "machines draw their power (ISO 3166-1 alpha-3, "
-                                              "e.g. FRA): the grid's CO2e per kWh. Default: "
-                                              "USA."),
-    energy_region: str | None = typer.Option(None, "--energy-region", help="A finer grid "
-                                             "region of that country (e.g. california)."),
+    energy: bool = Energy,
+    energy_country: str | None = EnergyCountry,
+    energy_region: str | None = EnergyRegion,
 ) -> None:
     """Train queued fine-tuning jobs (one at a time) until Ctrl-C or SIGTERM."""
     from tunesmith.service import run_worker
