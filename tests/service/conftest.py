@@ -121,8 +121,10 @@ def postgres_url(postgres_server: str) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
             test_home: Path) -> Iterator[tuple[LiveServer, object]]:
-    """One server and one job trained to success on it, shared by the tests of a module."""
-    server = start_server(tmp_path_factory.mktemp("svc"), tiny_model_dir, test_home)
+    """One server and one job trained to success on it, shared by the tests of a module; the
+    server measures the job's energy, on France's grid."""
+    server = start_server(tmp_path_factory.mktemp("svc"), tiny_model_dir, test_home,
+                          "--energy-country", "FRA")
     try:
         client = server.client("acme")
         rows = review_rows(32)

@@ -36,6 +36,7 @@ def test_job_succeeds_with_openai_shapes(trained) -> None:
     # tunesmith's extension: the run's energy and emissions (codecarbon, offline)
     assert job.energy["total"]["kwh"] > 0 and job.energy["total"]["kg_co2e"] > 0
     assert job.energy["method"] and job.energy["training"]["seconds"] > 0
+    assert job.energy["country_iso_code"] == "FRA"  # the service's setting reached the run
 
     # listing, with pagination and the metadata filter
     other = client.fine_tuning.jobs.create(model="tiny", training_file=job.training_file,
