@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from tunesmith.errors import ConfigError
+from tunesmith.models.student import decoder_layers
 
 Method = Literal["magnitude", "wanda"]
 Pattern = Literal["unstructured", "2:4"]
@@ -54,20 +55,9 @@ PATTERNS: tuple[str, ...] = ("unstructured", "2:4")
 GROUP, KEEP = 4, 2  # the 2:4 pattern: keep 2 of every 4
 
 
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The list of transformer blocks (``model.layers`` in Llama, ``transformer.h`` in GPT-2)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h") \
-                and len(module) > 0:
-            return module
-    raise ConfigError(f"{type(model).__name__}: no list of decoder blocks (model.layers) found; "
-                      "pruning supports decoder-only transformers such as Llama, Qwen, Mistral")
-
-
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every linear layer inside the decoder blocks, by its name in ``model``."""
-    blocks = decoder_blocks(model)
-    prefix = next(name for name, m in model.named_modules() if m is blocks)
+    prefix, blocks = decoder_layers(model)
     found = {f"{prefix}.{name}": m for name, m in blocks.named_modules()
              if isinstance(m, nn.Linear)}
     if not found:

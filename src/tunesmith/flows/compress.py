@@ -39,7 +39,6 @@ from tunesmith.compress import quantize as quantization
 from tunesmith.compress.prune import (
     check_pattern,
     check_settings,
-    decoder_blocks,
     input_norms,
     prunable_linears,
 )
@@ -56,7 +55,7 @@ from tunesmith.flows.retrain import retrain
 from tunesmith.flows.steps import training_encoder
 from tunesmith.models.classifier import load_trained_classifier
 from tunesmith.models.load import load_model, load_tokenizer
-from tunesmith.models.student import keep_layers
+from tunesmith.models.student import decoder_layers, keep_layers
 from tunesmith.training.distill import check_distillation
 from tunesmith.training.sparsity import hold_zeros
 
@@ -203,7 +202,7 @@ def compress(run_dir: Path | str, *, prune: float | None = None, method: str = "
     if todo.sparsity is not None:  # before anything is written
         check_pattern(prunable_linears(tuned), todo.pattern)
     if todo.layers is not None:
-        keep_layers(len(decoder_blocks(tuned)), todo.layers)
+        keep_layers(len(decoder_layers(tuned)[1]), todo.layers)
     test = _test_items(done, max_test)
 
     def say(msg: str) -> None:

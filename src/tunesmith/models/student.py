@@ -50,8 +50,8 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
                 and len(module) > 0:
             return name, module
     raise ConfigError(f"{type(model).__name__}: no list of decoder blocks (model.layers) found; "
-                      "a student can be made of decoder-only transformers such as Llama, Qwen, "
-                      "Mistral")
+                      "students and pruning support decoder-only transformers such as Llama, "
+                      "Qwen, Mistral")
 
 
 def make_student(teacher: nn.Module, keep: int) -> nn.Module:
