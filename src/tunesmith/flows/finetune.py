@@ -124,7 +124,7 @@ def fine_tune(cfg: RunConfig, run_dir: Path, model: Any, model_dir: Path, tokeni
             raise ConfigError("train.head: classifier needs the classification labels")
         del model  # the causal LM; the classifier is loaded from the same weights
         model = load_classifier(model_dir, labels, pad_token_id=tokenizer.pad_token_id,
-                                dtype=base_dtype(cfg))
+                                dtype=base_dtype(cfg), seed=cfg.train.seed)
         make_objective = make_objective or classifier_objective(
             cfg, train_rows, len(labels), tokenizer.pad_token_id)
     elif cfg.train.objective != "sft":

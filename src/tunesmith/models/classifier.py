@@ -18,8 +18,13 @@ def unwrap(model: Any) -> Any:
 
 
 def load_classifier(path: Path, labels: list[str], *, pad_token_id: int,
-                    dtype: str = "float32") -> Any:
-    """The base model with a new sequence-classification head for ``labels``."""
+                    dtype: str = "float32", seed: int | None = None) -> Any:
+    """The base model with a new sequence-classification head for ``labels``.
+
+    With ``seed`` the new head's initial weights come from that seed alone, not from whatever
+    drew from torch's global generator earlier in the process; the global generator's state
+    is left as it was.
+    """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -27,8 +32,10 @@ def load_classifier(path: Path, labels: list[str], *, pad_token_id: int,
     try:
         # "score.weight MISSING ... newly initialized": the new head is the point here
         hf_logging.set_verbosity_error()
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")
+            if seed is not None:
+                torch.manual_seed(seed)
             return AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=len(labels), id2label=dict(enumerate(labels)),
                 label2id={lab: i for i, lab in enumerate(labels)}, pad_token_id=pad_token_id,

@@ -35,3 +35,23 @@ def test_packed_rows_pool_each_sequence_at_its_own_last_token(tiny_model_dir, to
     ends = marks[0].nonzero().flatten().tolist()
     lengths = [len(e) for e in examples]
     assert ends == [sum(lengths[:i + 1]) - 1 for i in range(3)]
+
+
+def test_the_new_head_starts_from_the_seed_alone(tiny_model_dir, tokenizer):
+    pad = tokenizer.pad_token_id
+
+    def head(seed: int, *, draw_first: bool) -> torch.Tensor:
+        if draw_first:  # whatever drew from the global generator earlier must not matter
+            torch.rand(1000)
+        return load_classifier(tiny_model_dir, ["a", "b"], pad_token_id=pad,
+                               seed=seed).score.weight.detach().clone()
+
+    first = head(7, draw_first=False)
+    torch.testing.assert_close(head(7, draw_first=True), first, rtol=0, atol=0)
+    assert not torch.equal(head(8, draw_first=False), first)
+    torch.manual_seed(123)
+    untouched = torch.rand(3)
+    torch.manual_seed(123)
+    head(7, draw_first=False)
+    # the global generator is where it would be without the head: loading it drew nothing
+    torch.testing.assert_close(torch.rand(3), untouched, rtol=0, atol=0)
