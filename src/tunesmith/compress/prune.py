@@ -29,11 +29,14 @@ How this differs from the reference implementation (github.com/locuslab/wanda, l
   per layer changes no ranking, so the sums are kept as they are.
 - Ties in the scores are broken by a stable sort (the lower index is pruned first).
 
-Not done here: a recovery fine-tune after pruning with the mask held fixed, and sparse
-storage. The pruned weights stay in the model's dense tensors as exact zeros, so the result
+A recovery fine-tune with the mask held fixed is ``training.sparsity.hold_zeros`` (used by
+``flows.compress``). Not done: sparse storage. The pruned weights stay in the model's dense
+tensors as exact zeros, so the result
 loads as a plain Hugging Face model anywhere and the mask is recoverable from the weights
 (``W == 0``); a sparse kernel (2:4 semi-structured on recent GPUs, or a sparse CPU runtime) can
-take them from there. The file on disk is as large as the dense model's.
+take them from there. The file on disk is as large as the dense model's: safetensors has no
+sparse tensor type, and compressed-tensors (the bitmask format vLLM reads) removed its sparsity
+compressors in 0.20, so there is no maintained sparse format transformers loads.
 """
 
 from __future__ import annotations

@@ -194,7 +194,7 @@ def _row(name: str, row: dict[str, Any], change: dict[str, Any], speed: str,
     return [str(row.get("model") or name), _num(row.get("parameters"), ","),
             _num(row.get("nonzero_parameters"), ","), _size(row.get("size_bytes")),
             _num(_value(row, metric), ".3f"), _num(row.get("f1_positive"), ".3f"),
-            _ci(change), _num(row.get("perplexity"), ".2f"), _num(lat.get("p50_ms"), ".0f"),
+            _ci(change), _num(row.get("perplexity"), ",.2f"), _num(lat.get("p50_ms"), ".0f"),
             _num(lat.get("p95_ms"), ".0f"), speed, _num(_tokens_per_s(row), ".1f")]
 
 
