@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint clean
+.PHONY: install demo test test-slow test-browser lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP)
 # Real-model training runs that take many minutes on 2 CPU cores (marked `slow`).
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# The dashboard in headless chromium (Debian's: `apt-get install chromium`; .ci/run installs it).
+test-browser: $(STAMP)
+	$(BIN)/python -m pytest -q tests/browser
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -168,8 +168,10 @@ class LiveServer:
         self.proc.wait(timeout=30)
 
 
-def start_server(data_dir: Path, model_dir: Path, home: Path, *extra: str) -> LiveServer:
-    """Start `tunesmith serve` in its own process group and wait until it answers."""
+def start_server(data_dir: Path, model_dir: Path, home: Path, *extra: str,
+                 timeout: float = START_TIMEOUT_S) -> LiveServer:
+    """Start `tunesmith serve` in its own process group and wait until it answers (for up to
+    ``timeout`` seconds)."""
     import httpx
 
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +190,7 @@ def start_server(data_dir: Path, model_dir: Path, home: Path, *extra: str) -> Li
                                 env={**os.environ, "TUNESMITH_HOME": str(home),
                                      "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
     server = LiveServer(data_dir, proc, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + START_TIMEOUT_S
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited ({proc.returncode}):\n{server.log()}")
@@ -199,7 +201,7 @@ def start_server(data_dir: Path, model_dir: Path, home: Path, *extra: str) -> Li
             pass
         time.sleep(0.2)
     server.kill_group()
-    raise RuntimeError(f"the server did not start in {START_TIMEOUT_S} s:\n{server.log()}")
+    raise RuntimeError(f"the server did not start in {timeout} s:\n{server.log()}")
 
 
 def wait_for(predicate: Callable[[], object], *, timeout: float, every: float = 0.3,

@@ -49,8 +49,11 @@ def test_job_succeeds_with_openai_shapes(trained) -> None:
     support = client.fine_tuning.jobs.list(metadata={"team": "support"})
     assert [j.id for j in support.data] == [job.id]
 
-    # the result file: a CSV with one row per step
-    assert len(job.result_files) == 1
+    # the result files: a CSV with one row per step, then the run's own report
+    assert len(job.result_files) == 2
+    report = client.files.retrieve(job.result_files[1])
+    assert report.purpose == "fine-tune-results" and report.filename == "report.html"
+    assert "<html" in client.files.content(report.id).text.lower()
     result = client.files.retrieve(job.result_files[0])
     assert result.purpose == "fine-tune-results" and result.filename == "step_metrics.csv"
     table = list(csv.DictReader(io.StringIO(client.files.content(result.id).text)))

@@ -1,4 +1,5 @@
-"""The FastAPI application: OpenAI's fine-tuning, files, models and chat APIs.
+"""The FastAPI application: OpenAI's fine-tuning, files, models and chat APIs, and the web
+dashboard (``web``), a client of them served at ``/``.
 
 ``create_app(settings)`` builds it; the routes (``routes``) are a few lines each that call the
 service's functions. Errors of every kind answer in OpenAI's error shape.
@@ -24,6 +25,7 @@ from tunesmith.service.inference import ModelCache
 from tunesmith.service.routes import router
 from tunesmith.service.settings import ServiceSettings
 from tunesmith.service.store import Store
+from tunesmith.service.web import mount_dashboard
 from tunesmith.service.worker import Worker, start_worker_thread
 
 log = logging.getLogger("tunesmith.service")
@@ -110,4 +112,5 @@ def create_app(settings: ServiceSettings, *, worker: bool = True) -> FastAPI:
     app.state.service = service
     _install_error_handlers(app)
     app.include_router(router)
+    mount_dashboard(app)
     return app

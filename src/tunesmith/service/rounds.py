@@ -33,7 +33,7 @@ from tunesmith.service.models import fine_tune_job, fine_tune_name, fine_tune_pa
 from tunesmith.service.settings import ServiceSettings
 from tunesmith.service.store import Store
 from tunesmith.service.tables import Job, new_id, now
-from tunesmith.service.worker import add_results_file
+from tunesmith.service.worker import add_results_files
 
 
 @dataclass
@@ -113,7 +113,7 @@ def _register(store: Store, settings: ServiceSettings, current: Job, job_id: str
     name = PAIRS_FILE if trained_on == pairs else CHAT_FILE
     data = add_file(store, settings.files_dir, current.org, filename=name,
                     purpose="fine-tune", content=trained_on.read_bytes())
-    steps = add_results_file(store, settings.files_dir, current.org, run_dir)
+    outputs = add_results_files(store, settings.files_dir, current.org, run_dir)
     output_model = fine_tune_name(fine_tune_parts(current.output_model)[0], current.org,
                                   suffix, job_id)
     finished = now()
@@ -122,7 +122,7 @@ def _register(store: Store, settings: ServiceSettings, current: Job, job_id: str
               validation_file=None, suffix=suffix, seed=cfg.train.seed,
               metadata_={"feedback_round": str(r.round)},
               hyperparameters=_hyperparameters(cfg, results), status="succeeded",
-              output_model=output_model, result_files=[steps.id],
+              output_model=output_model, result_files=[f.id for f in outputs],
               trained_tokens=results["training"]["tokens_seen"],
               step=results["hyperparameters"]["total_steps"],
               total_steps=results["hyperparameters"]["total_steps"], created_at=finished,

@@ -189,7 +189,7 @@ class Worker:
 
     def _succeed(self, job: Job, outcome: dict[str, Any]) -> None:
         run_dir = self._run_dir(job)
-        csv_file = add_results_file(self.store, self.settings.files_dir, job.org, run_dir)
+        results = add_results_files(self.store, self.settings.files_dir, job.org, run_dir)
         with self.store.begin() as s:
             if outcome.get("rejected"):
                 add_event(s, job.id, f"{outcome['rejected']} example(s) were left out of "
@@ -212,14 +212,15 @@ class Worker:
         done = queue.set_status(
             self.store, job.id, self.id, "succeeded", expect=("running",),
             message=f"New fine-tuned model created: {job.output_model}",
-            result_files=[csv_file.id], finished_at=now(), estimated_finish=None,
+            result_files=[f.id for f in results], finished_at=now(), estimated_finish=None,
             worker_id=None, lease_expires_at=None, privacy=privacy, energy=energy)
         with self.store.begin() as s:
             if done:
                 add_event(s, job.id, "The job has successfully completed")
-            else:  # cancelled in the last instant: the result is not delivered
-                s.delete(s.get(StoredFile, csv_file.id))
-                (self.settings.files_dir / csv_file.id).unlink(missing_ok=True)
+            else:  # cancelled in the last instant: the results are not delivered
+                for f in results:
+                    s.delete(s.get(StoredFile, f.id))
+                    (self.settings.files_dir / f.id).unlink(missing_ok=True)
 
 
 def _run_results(run_dir: Path, key: str) -> Any:
@@ -263,10 +264,19 @@ def privacy_message(privacy: dict[str, Any]) -> str:
             f"({str(privacy.get('accountant')).upper()} accountant)")
 
 
-def add_results_file(store: Store, files_dir: Path, org: str, run_dir: Path) -> StoredFile:
-    """A finished job's result file (step_metrics.csv, OpenAI's result_files) in the store."""
-    return add_file(store, files_dir, org, filename="step_metrics.csv", purpose=RESULTS_PURPOSE,
-                    content=results_csv(read_metrics(run_dir / "metrics.jsonl")))
+def add_results_files(store: Store, files_dir: Path, org: str, run_dir: Path
+                      ) -> list[StoredFile]:
+    """A finished job's result files in the store (OpenAI's ``result_files``): the per-step
+    metrics (``step_metrics.csv``, first, as OpenAI's one result file), then the run's own
+    evaluation report (``report.html``) when the run wrote one."""
+    files = [add_file(store, files_dir, org, filename="step_metrics.csv",
+                      purpose=RESULTS_PURPOSE,
+                      content=results_csv(read_metrics(run_dir / "metrics.jsonl")))]
+    report = run_dir / "report.html"
+    if report.is_file():
+        files.append(add_file(store, files_dir, org, filename="report.html",
+                              purpose=RESULTS_PURPOSE, content=report.read_bytes()))
+    return files
 
 
 def _terminate(child: Any) -> None:
