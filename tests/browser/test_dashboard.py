@@ -138,16 +138,25 @@ def test_create_a_job_watch_its_chart_then_close_the_page_mid_job(open_page, das
     assert job.method.supervised.hyperparameters.n_epochs == 3
 
     # the chart gains points while the job runs (the page polls the events API)
-    chart, seen = page.locator("#loss-chart svg"), []
+    chart, seen, shown_at = page.locator("#loss-chart svg"), [], []
     deadline = time.monotonic() + 600
     while len(seen) < 2 and time.monotonic() < deadline:
         points = int(chart.get_attribute("data-train-points") or 0)
         if points and points not in seen:
             seen.append(points)
+            shown_at.append(time.time())
         assert page.locator("#job-summary").get_attribute("data-status") != "succeeded", \
             f"the job ended before the chart was seen growing: {seen}"
         time.sleep(0.2)
     assert len(seen) == 2 and seen[0] < seen[1] <= 96, seen
+    # each new point is on the chart within 5 s of its metrics event: the oldest event a
+    # redraw added (step previous + 1) against the moment the redraw was seen (events carry
+    # whole seconds, so 1 s is added for their rounding down)
+    created = sorted((e.data["step"], e.created_at)  # every page (the client pages on)
+                     for e in client.fine_tuning.jobs.list_events(job_id, limit=100)
+                     if e.type == "metrics" and "train_loss" in (e.data or {}))
+    for previous, points, at in zip([0, *seen], seen, shown_at, strict=False):
+        assert at - created[previous][1] <= 5 + 1, (previous, points, at, created[previous])
     shot(page, tmp_path, "job-running")
     # close the page mid-job (still running: training or its evaluation); nothing on the
     # server depends on the page, and the last test finds the job succeeded
