@@ -86,3 +86,20 @@ def test_label_issues_smoke(tmp_path, tiny_model_dir):
     assert result["recovery"]["examples"] == 300 and len(result["recovery"]["runs"]) == 2
     assert result["timing"]["examples"] == 300 and result["timing"]["total_seconds"] > 0
     assert "bias + label issues of 300 examples" in done.stdout
+
+
+def test_eval_speed_smoke(tmp_path, tiny_model_dir):
+    out = tmp_path / "eval.json"
+    done = subprocess.run([sys.executable, str(BENCH / "eval_speed.py"), "--smoke", "--model",
+                           str(tiny_model_dir), "--max-items", "6", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for line in ("items: 6", "speed score / generate:", "accuracy: score", "disagree:"):
+        assert line in done.stdout, line
+    result = json.loads(out.read_text())
+    assert result["items"] == 6 and set(result["seconds"]) == {"score", "generate"}
+    assert all(s > 0 for s in result["seconds"].values())
+    assert result["speed_score_over_generate"] > 0
+    # a random model's replies: some may be invalid, never more than there are items
+    assert 0 <= result["generate_invalid"] <= 6 and 0 <= result["disagree"] <= 6
+    assert len(result["disagreements"]) == result["disagree"]

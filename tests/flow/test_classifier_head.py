@@ -16,6 +16,9 @@ def test_classifier_head_run(make_config, cli, tmp_path):
     n_test = len((run / "data" / "test.jsonl").read_text().splitlines())
     assert results["tuned"]["n"] == n_test > 0
     assert results["calibration"]["temperature"] > 0
+    # the tuned model answers with its head; the base model (no head) scores the labels
+    assert results["eval_mode"] == {"base": "score", "tuned": "head"}
+    assert "the classification head's logits (tuned)" in (run / "report.md").read_text()
     merged = json.loads((run / "merged" / "config.json").read_text())
     assert merged["architectures"] == ["LlamaForSequenceClassification"]
     assert merged["id2label"] == {"0": "good", "1": "bad"}

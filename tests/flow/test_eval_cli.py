@@ -16,6 +16,7 @@ def test_eval_a_run_on_a_test_file_and_compare_runs(make_config, cli, tmp_path):
     report = tmp_path / "run" / "eval-fresh"
     results = json.loads((report / "metrics.json").read_text())
     assert results["tuned"]["n"] == 20 and results["base"]["n"] == 20
+    assert results["eval_mode"] == {"base": "score", "tuned": "score"}  # the run's eval.mode
     assert (report / "report.html").is_file()
     assert "base vs tuned" in out
 

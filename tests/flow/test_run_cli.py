@@ -92,6 +92,12 @@ def test_run_directory_holds_every_artefact(finished_run):
     assert results["comparison"]["accuracy"]["ci_low"] <= results["comparison"]["accuracy"][
         "difference"] <= results["comparison"]["accuracy"]["ci_high"]
     assert (run / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    # classification by default scores the labels (eval.mode: auto), and the report says so
+    assert results["eval_mode"] == {"base": "score", "tuned": "score"}
+    assert results["tuned"]["invalid_rate"] == 0 == results["base"]["invalid_rate"]
+    for text in (report, html):
+        assert "Test answers: scored label log-probabilities (base and tuned)" in text
+        assert "invalid_rate is 0 by construction" in text
     assert "base model:" in (run / "run.log").read_text()
     assert list((run / "checkpoints").glob("step-*"))
 

@@ -289,9 +289,15 @@ class EvalConfig(_Section):
         None, description="Class labels (classification). Empty: taken from the training data.")
     positive_label: str | None = Field(
         None, description="The class whose F1 is reported (classification), e.g. 'spam'.")
+    mode: Literal["auto", "score", "generate"] = Field(
+        "auto", description="How test answers are obtained. 'score': the label with the highest "
+        "log-probability as the answer (classification; one forward pass per item, never an "
+        "unparseable answer). 'generate': generate a reply and parse the label from it. 'auto': "
+        "'score' for classification, 'generate' for generation. A train.head: classifier run's "
+        "tuned model always answers with its head.")
     max_new_tokens: int | Auto = Field(
-        "auto", description="Tokens generated per test example. 'auto': enough for the longest "
-        "label (classification) or 128 (generation).")
+        "auto", description="Tokens generated per test example (eval.mode generate). 'auto': "
+        "enough for the longest label (classification) or 128 (generation).")
     batch_size: int = Field(16, gt=0, description="Test examples generated at once.")
     compare_base: bool = Field(True, description="Also evaluate the base model on the test set.")
     bootstrap_resamples: int = Field(
@@ -317,5 +323,12 @@ class EvalConfig(_Section):
         "metrics per group and the largest gap (fairness).")
     confident_errors: int = Field(
         10, ge=0, description="How many of the most confident wrong predictions to list.")
+
+    @model_validator(mode="after")
+    def _score_needs_labels(self) -> EvalConfig:
+        if self.mode == "score" and self.task != "classification":
+            raise ValueError("eval.mode 'score' picks one of the labels, so it needs eval.task: "
+                             "classification; use eval.mode: generate (or auto) for generation")
+        return self
 
 

@@ -54,4 +54,4 @@ def evaluate_classifier(model: Any, tokenizer: Any, examples: Sequence[ChatExamp
     expected = [ex.label for ex in examples]
     metrics = classification_metrics(predicted, expected, labels, positive)
     replies = [f"{p} ({probs[i].max():.3f})" for i, p in enumerate(predicted)]
-    return metrics, Predictions(replies, predicted, expected), probs
+    return metrics, Predictions(replies, predicted, expected, "head"), probs

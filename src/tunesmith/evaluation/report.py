@@ -21,6 +21,10 @@ tuned. Every other key may be missing or null, and its report section is then le
     base, tuned      task metrics of each model on the test set: classification_metrics()
                      (accuracy, macro_f1, invalid_rate, per_class, f1_<positive>) or
                      generation_metrics() (exact_match, bleu 0-100, rouge_l, token_accuracy)
+    eval_mode        {"base": str | null, "tuned": str}: how each model's test answers were
+                     obtained: "score" (the most probable label), "generate" (a generated
+                     reply, parsed to a label for classification) or "head" (a
+                     classification head)
     comparison       {metric: stats.Comparison.to_dict()}: change, 95% CI, p(not better),
                      relative error reduction, from compare_classification/compare_generation
     confusion        {"base": metrics.confusion(), "tuned": metrics.confusion()}
@@ -226,7 +230,8 @@ def _extras(r: dict[str, Any]) -> dict[str, Any]:
             "general-text perplexity ratio": fo.get("perplexity_ratio"),
             "mean KL from base": fo.get("kl_mean"),
             "best step": ov.get("best_step", r.get("best_step")),
-            "overfitting flagged": ov.get("flagged")}
+            "overfitting flagged": ov.get("flagged"),
+            "test answers (tuned)": (r.get("eval_mode") or {}).get("tuned")}
 
 
 def compare_runs(run_a_dir: Path, run_b_dir: Path) -> str:

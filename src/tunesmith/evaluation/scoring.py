@@ -13,7 +13,7 @@ label continuations, so scoring k labels costs about one pass over the prompts, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,8 +97,11 @@ def _score_contexts(lm: Any, contexts: list[list[int]], answers: list[list[list[
 
 @torch.no_grad()
 def label_probabilities(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict]],
-                        labels: Sequence[str], *, batch_size: int = 16) -> LabelScores:
-    """P(label | prompt) for every prompt (chat messages before the answer) and label."""
+                        labels: Sequence[str], *, batch_size: int = 16,
+                        on_batch: Callable[[int], None] | None = None) -> LabelScores:
+    """P(label | prompt) for every prompt (chat messages before the answer) and label.
+
+    ``on_batch`` is told how many prompts each batch finished (progress bars)."""
     labels = list(labels)
     if not labels:
         raise DataError("no labels to score; set eval.labels")
@@ -115,6 +118,11 @@ def label_probabilities(model: Any, tokenizer: Any, prompts: Sequence[Sequence[d
     lm = unwrap(model)
     device = next(model.parameters()).device
     log_probs = np.full((len(prompts), len(labels)), np.nan)
+    # a prompt is done when all its contexts are (labels may encode with different contexts)
+    pending = np.zeros(len(prompts), dtype=int)
+    for items in groups.values():
+        for i in {i for i, _, _ in items}:
+            pending[i] += 1
     # longest first: the first batch shows the peak memory, and batches pad little
     ordered = sorted(groups.items(), key=lambda kv: -len(kv[0]))
     for start in range(0, len(ordered), batch_size):
@@ -122,9 +130,15 @@ def label_probabilities(model: Any, tokenizer: Any, prompts: Sequence[Sequence[d
         scores = _score_contexts(lm, [list(c) for c, _ in chunk],
                                  [[a for _, _, a in items] for _, items in chunk],
                                  tokenizer.pad_token_id, device)
+        finished = 0
         for (_, items), row in zip(chunk, scores, strict=True):
             for (i, j, _), s in zip(items, row, strict=True):
                 log_probs[i, j] = s
+            for i in {i for i, _, _ in items}:
+                pending[i] -= 1
+                finished += pending[i] == 0
+        if on_batch is not None and finished:
+            on_batch(int(finished))
     model.train(was_training)
     shifted = log_probs - log_probs.max(axis=1, keepdims=True)
     probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)

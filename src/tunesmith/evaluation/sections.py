@@ -100,6 +100,32 @@ def _comparison_note(results: dict[str, Any]) -> Text | None:
                 "beat base.")
 
 
+# How test answers were obtained (results["eval_mode"]), as the report says it.
+MODE_NAMES = {"score": "scored label log-probabilities", "generate": "generated answers",
+              "head": "the classification head's logits"}
+
+
+def _mode_note(results: dict[str, Any]) -> Text | None:
+    modes = results.get("eval_mode") or {}
+    used = {k: m for k, m in modes.items() if m}
+    if not used:
+        return None
+    if len(set(used.values())) == 1:
+        (mode,) = set(used.values())
+        who = " and ".join(used)
+        parts = [f"{MODE_NAMES.get(mode, mode)} ({who})"]
+    else:
+        parts = [f"{MODE_NAMES.get(m, m)} ({k})" for k, m in used.items()]
+    text = "Test answers: " + "; ".join(parts) + "."
+    if "score" in used.values() or "head" in used.values():
+        text += (" Scoring takes the label with the highest probability as the answer, so "
+                 "every answer is a label and invalid_rate is 0 by construction.")
+    if "generate" in used.values() and results.get("task") == "classification":
+        text += (" A generated reply is read as the one label it names; a reply naming none "
+                 "or several is invalid and counts as wrong.")
+    return Text(text)
+
+
 def _per_class(results: dict[str, Any]) -> Table | None:
     tuned = results["tuned"].get("per_class")
     if not tuned:
@@ -307,7 +333,9 @@ def report_sections(results: dict[str, Any]) -> list[Section]:
             for k, v in named.items()]))
     if plots.get("loss_curves"):
         training.append(Image("loss curves", plots["loss_curves"]))
-    test = [_comparison_table(results)]
+    mode = _mode_note(results)
+    test = [mode] if mode else []
+    test.append(_comparison_table(results))
     note = _comparison_note(results)
     test += [note] if note else []
     per_class = _per_class(results)

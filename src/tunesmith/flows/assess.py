@@ -55,7 +55,7 @@ def save_model_eval(path: Path, result: ModelEval) -> None:
     p = result.predictions
     path.write_text(json.dumps({
         "metrics": result.metrics, "replies": p.replies, "predicted": p.predicted,
-        "expected": p.expected,
+        "expected": p.expected, "mode": p.mode,
         "log_probs": None if result.log_probs is None else result.log_probs.tolist()}))
 
 
@@ -63,24 +63,30 @@ def load_model_eval(path: Path) -> ModelEval | None:
     if not path.is_file():
         return None
     d = json.loads(path.read_text())
-    return ModelEval(d["metrics"], Predictions(d["replies"], d["predicted"], d["expected"]),
+    # files from before eval.mode existed hold generated answers
+    predictions = Predictions(d["replies"], d["predicted"], d["expected"],
+                              d.get("mode", "generate"))
+    return ModelEval(d["metrics"], predictions,
                      None if d["log_probs"] is None else np.array(d["log_probs"]))
 
 
 def evaluate_lm(model: Any, tokenizer: Any, test: Sequence[ChatExample], ev: EvalConfig,
                 labels: list[str] | None, advance: Advance | None = None, *,
                 score_labels: bool = True) -> ModelEval:
-    """Generate each test answer and score it; for classification also the label probabilities
-    (``score_labels``: they feed calibration and error analysis, which look at the tuned model
-    only, so the base model skips them)."""
+    """Answer each test item as ``ev.mode`` says and score the answers; for classification also
+    the label log-probabilities. Score mode has them already; in generate mode they cost a
+    second pass, made only with ``score_labels`` (they feed calibration and error analysis,
+    which look at the tuned model only, so the base model skips them)."""
     budget = ev.max_new_tokens
     if budget == "auto":
         budget = label_token_budget(tokenizer, labels) if labels else 128
     metrics, predictions = evaluate_examples(
         model, tokenizer, test, task=ev.task, labels=labels, positive=ev.positive_label,
-        max_new_tokens=int(budget), batch_size=ev.batch_size, on_batch=advance)
+        max_new_tokens=int(budget), batch_size=ev.batch_size, mode=ev.mode, on_batch=advance)
     log_probs = None
-    if score_labels and labels and (ev.calibration or ev.confident_errors):
+    if predictions.scores is not None:
+        log_probs = predictions.scores.log_probs
+    elif score_labels and labels and (ev.calibration or ev.confident_errors):
         log_probs = label_probabilities(model, tokenizer, [ex.prompt for ex in test], labels,
                                         batch_size=ev.batch_size).log_probs
     return ModelEval(metrics, predictions, log_probs)
@@ -210,6 +216,9 @@ def assemble(*, name: str, model: str, ev: EvalConfig, labels: list[str] | None,
         "calibration": calibration_result.to_dict() if calibration_result else None,
         "forgetting": forgetting, "fairness": fairness(ev, test, base, tuned),
         "confident_errors": errors, "samples": samples,
+        # how each model's test answers were obtained: score, generate or head
+        "eval_mode": {"base": base.predictions.mode if base else None,
+                      "tuned": tuned.predictions.mode},
     }
     if labels:
         results["confusion"] = {

@@ -16,7 +16,8 @@ from tunesmith.data.chat import ChatExample
 from tunesmith.data.encode import encode_prompt
 from tunesmith.evaluation.classifier import class_probabilities
 from tunesmith.evaluation.generate import generate
-from tunesmith.evaluation.task import label_token_budget
+from tunesmith.evaluation.scoring import label_probabilities
+from tunesmith.evaluation.task import label_token_budget, resolve_mode
 from tunesmith.flows import assess
 from tunesmith.flows.finished import FinishedRun
 from tunesmith.flows.steps import advance_task
@@ -75,6 +76,7 @@ def compare(done: FinishedRun, kind: str, models: dict[str, tuple[Any, Path]], t
     for name in rows:
         rows[name]["generation"] = None if generation is None else generation[name]
     return {"test_items": len(test), "positive_label": ev.positive_label,
+            "eval_mode": evals["tuned"].predictions.mode,
             "primary_metric": "accuracy" if labels else "exact_match",
             "tuned": rows["tuned"], "compressed": rows[kind], "comparison": comparison,
             "kl_from_tuned": None if general is None else general.kl_mean,
@@ -105,6 +107,10 @@ def _one_item(model: Any, tokenizer: Any, ev: EvalConfig, labels: list[str] | No
     """Answer one test prompt the way the evaluation does, at batch size 1."""
     if head:
         return lambda prompt: class_probabilities(model, tokenizer, [prompt], batch_size=1)
+    if resolve_mode(ev.mode, ev.task) == "score":
+        assert labels is not None
+        return lambda prompt: label_probabilities(model, tokenizer, [prompt], labels,
+                                                  batch_size=1)
     budget = ev.max_new_tokens
     if budget == "auto":  # as assess.evaluate_lm sets it
         budget = label_token_budget(tokenizer, labels) if labels else 128

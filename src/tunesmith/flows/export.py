@@ -185,7 +185,7 @@ def _lm_check(done: FinishedRun, exported: Path, format: str, test: list) -> dic
     budget = label_token_budget(ref_tok, labels) if labels else GENERATION_CHECK_TOKENS
     runs = [evaluate_examples(model, tok, test, task=ev.task, labels=labels,
                               positive=ev.positive_label, max_new_tokens=budget,
-                              batch_size=ev.batch_size)
+                              batch_size=ev.batch_size, mode=ev.mode)
             for model, tok in ((ref_model, ref_tok), (new_model, new_tok))]
     (ref_metrics, ref), (new_metrics, new) = runs
     same = sum(a == b for a, b in zip(ref.predicted, new.predicted, strict=True))

@@ -73,6 +73,18 @@ def test_missing_required_and_bad_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+def test_scoring_a_generation_task_is_a_config_error(tmp_path):
+    base = "data:\n  train_file: t.jsonl\neval:\n  task: {}\n  mode: {}\n"
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, base.format("generation", "score")))
+    assert "eval.mode 'score'" in str(exc.value) and "eval.task: classification" in str(exc.value)
+    assert load_config(write(tmp_path, base.format("classification", "score"))).eval.mode == \
+        "score"
+    assert load_config(write(tmp_path, base.format("generation", "generate"))).eval.mode == \
+        "generate"
+    assert load_config(write(tmp_path, "data:\n  train_file: t.jsonl\n")).eval.mode == "auto"
+
+
 def test_paths_are_relative_to_the_config_file(tmp_path):
     cfg = load_config(write(tmp_path, "data:\n  train_file: sub/t.jsonl\n"))
     assert cfg.data.train_file == tmp_path / "sub" / "t.jsonl"
