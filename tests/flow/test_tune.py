@@ -87,7 +87,7 @@ def test_a_study_prunes_fails_and_picks_the_best_without_reading_the_test_split(
 
 
 def test_a_killed_study_resumes_without_rerunning_finished_trials(study_config, tmp_path):
-    cfg = study_config(trials=3, space={"train.learning_rate": {"type": "choice",
+    cfg = study_config(trials=2, space={"train.learning_rate": {"type": "choice",
                                                                "values": [GOOD]}})
     study_dir = tmp_path / "study"
     args = [sys.executable, "-m", "tunesmith.cli", "tune", str(cfg), "--study-dir",
@@ -123,7 +123,7 @@ def test_a_killed_study_resumes_without_rerunning_finished_trials(study_config, 
     assert first_result.stat().st_mtime == finished_at  # trial 0 was not rerun
     assert states[1] == optuna.trial.TrialState.FAIL and trials[1].user_attrs["interrupted"]
     counted = [t for t in trials if not t.user_attrs.get("interrupted")]
-    assert len(counted) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE
+    assert len(counted) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE
                                      for t in counted)
 
 
