@@ -177,6 +177,48 @@ def test_create_a_job_watch_its_chart_then_close_the_page_mid_job(open_page, das
     assert page.get_by_role("button", name="Cancel job").is_disabled()
     assert client.fine_tuning.jobs.retrieve(other.id).status == "cancelled"
 
+def test_the_form_sends_dpo_and_privacy_in_openais_shape(open_page, dash,
+                                                         tmp_path: Path) -> None:
+    """The request bodies only: each POST is captured and stopped before the server."""
+    sent: list[dict] = []
+
+    def capture(route) -> None:
+        sent.append(json.loads(route.request.post_data))
+        route.abort()
+
+    page = open_page()
+    sign_in(page, dash)
+    page.route("**/v1/fine_tuning/jobs", capture)
+    page.get_by_role("navigation").get_by_role("link", name="New job").click()
+    page.get_by_role("heading", name="New fine-tuning job").wait_for()
+    assert not page.get_by_label("beta", exact=True).is_visible()
+    page.get_by_label("Method").select_option("dpo")
+    assert not page.get_by_label("Train with DP-SGD").is_visible()  # DP-SGD: supervised only
+    page.get_by_label("beta", exact=True).fill("0.2")
+    shot(page, tmp_path, "new-job-dpo")
+    page.get_by_role("button", name="Create job").click()
+    page.locator("#job-form-error").wait_for()
+
+    page.get_by_label("Method").select_option("supervised")
+    page.get_by_label("Train with DP-SGD").check()
+    page.get_by_role("button", name="Create job").click()  # no epsilon: refused on the page
+    page.locator("#job-form-message").get_by_text("needs a target epsilon").wait_for()
+    page.get_by_label("Target epsilon").fill("8")
+    page.get_by_label("Clipping bound").fill("0.5")
+    shot(page, tmp_path, "new-job-private")
+    page.get_by_role("button", name="Create job").click()
+    deadline = time.monotonic() + 30
+    while len(sent) < 2 and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
+    dpo, private = sent
+    assert dpo["method"]["type"] == "dpo" and dpo["method"]["dpo"]["hyperparameters"][
+        "beta"] == 0.2
+    assert private["method"] == {"type": "supervised", "supervised": {
+        "hyperparameters": {"n_epochs": "auto", "batch_size": "auto",
+                            "learning_rate_multiplier": "auto"},
+        "privacy": {"target_epsilon": 8, "delta": "auto", "max_grad_norm": 0.5}}}
+
+
 def test_playground_two_models_streamed_rated_and_corrected(open_page, dash,
                                                              tmp_path: Path) -> None:
     page = open_page()
