@@ -301,6 +301,19 @@ def test_the_job_succeeded_without_its_page_and_shows_everything(open_page, dash
     assert download.value.suggested_filename == "report.html"
     assert "<html" in Path(download.value.path()).read_text(encoding="utf-8").lower()
     shot(page, tmp_path, "job-succeeded")
+    # a checkpoint opens in the playground, beside a base model, and answers there
+    checkpoint = page.locator("#checkpoints tbody tr").first.locator("code").inner_text()
+    page.locator("#checkpoints tbody tr").first.get_by_role("link").click()
+    page.get_by_role("heading", name="Playground").wait_for()
+    assert page.get_by_label("Model A", exact=True).input_value() == checkpoint
+    page.get_by_label("Max tokens").fill("4")
+    page.get_by_label("Your message").fill("Is this review good or bad? Fine")
+    page.get_by_role("button", name="Send to both").click()
+    done = page.locator('#transcript-A li.assistant[data-state="done"]')
+    done.wait_for()
+    assert checkpoint in done.inner_text()
+    page.go_back()
+    page.locator('#job-summary[data-status="succeeded"]').wait_for()
     page.set_viewport_size({"width": 390, "height": 844})  # a phone: nothing sticks out
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     shot(page, tmp_path, "job-narrow")

@@ -17,6 +17,7 @@ const routes = [
   [/^#\/new-job$/, newJobPage],
   [/^#\/files$/, filesPage],
   [/^#\/playground$/, playgroundPage],
+  [/^#\/playground\/([^/]+)$/, playgroundPage],
   [/^#\/models$/, modelsPage],
 ];
 

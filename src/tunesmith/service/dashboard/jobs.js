@@ -133,11 +133,14 @@ export async function jobPage(view, jobId) {
   async function renderCheckpoints() {
     const list = await api(`${jobPath(jobId)}/checkpoints?limit=100`);
     checkpoints.replaceChildren(table("Checkpoints", ["Step", "Model", "Training loss",
-      "Validation loss", "Created"], list.data.map((c) => h("tr", {},
+      "Validation loss", "Created", "Try"], list.data.map((c) => h("tr", {},
       h("td", {}, String(c.step_number)), h("td", {}, h("code", {}, c.fine_tuned_model_checkpoint)),
       h("td", {}, c.metrics?.train_loss?.toFixed(4) ?? "—"),
       h("td", {}, c.metrics?.valid_loss?.toFixed(4) ?? "—"),
-      h("td", {}, time(c.created_at)))), "No checkpoints yet."));
+      h("td", {}, time(c.created_at)),
+      h("td", {}, h("a", { href: `#/playground/${encodeURIComponent(c.fine_tuned_model_checkpoint)}`,
+        "aria-label": `Chat with the checkpoint at step ${c.step_number}` }, "Playground")))),
+    "No checkpoints yet."));
     checkpointsLoaded = true;
   }
 

@@ -32,10 +32,13 @@ function feedbackControls(completionId, side) {
     note);
 }
 
-export async function playgroundPage(view) {
-  const models = (await api("/v1/models")).data.map((m) => m.id);
+// ``first``: a model to put on side A (e.g. a job's checkpoint, which /v1/models does not list)
+export async function playgroundPage(view, first) {
+  const listed = (await api("/v1/models")).data.map((m) => m.id);
+  const models = first && !listed.includes(first) ? [first, ...listed] : listed;
+  const picks = first ? [first, listed[0] ?? first] : models;
   const sides = ["A", "B"].map((name, i) => {
-    const pick = models[Math.min(i, models.length - 1)];  // A: the first model, B: the second
+    const pick = picks[Math.min(i, picks.length - 1)];  // A: the first model, B: the second
     const choose = h("select", { id: `model-${name}` },
       models.map((m) => h("option", { value: m, selected: m === pick }, m)));
     return { name, choose, history: [], log: h("ol", { class: "transcript", id: `transcript-${name}`,
