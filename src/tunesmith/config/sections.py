@@ -13,6 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Auto = Literal["auto"]
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# eval.mode 'score' with a generation task: refused by the config and by library callers alike
+SCORE_NEEDS_CLASSIFICATION = (
+    "eval.mode 'score' picks one of the labels, so it needs eval.task: classification; use "
+    "eval.mode: generate (or auto) for generation")
 
 
 class _Section(BaseModel):
@@ -327,8 +331,7 @@ class EvalConfig(_Section):
     @model_validator(mode="after")
     def _score_needs_labels(self) -> EvalConfig:
         if self.mode == "score" and self.task != "classification":
-            raise ValueError("eval.mode 'score' picks one of the labels, so it needs eval.task: "
-                             "classification; use eval.mode: generate (or auto) for generation")
+            raise ValueError(SCORE_NEEDS_CLASSIFICATION)
         return self
 
 

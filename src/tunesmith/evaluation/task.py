@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from tunesmith.config.sections import SCORE_NEEDS_CLASSIFICATION
 from tunesmith.data.chat import ChatExample
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.evaluation.generate import generate
@@ -34,8 +35,7 @@ def resolve_mode(mode: str, task: str) -> Mode:
     if mode == "auto":
         return "score" if task == "classification" else "generate"
     if mode == "score" and task != "classification":
-        raise ConfigError("eval.mode 'score' picks one of the labels, so it needs eval.task: "
-                          "classification; use eval.mode: generate (or auto) for generation")
+        raise ConfigError(SCORE_NEEDS_CLASSIFICATION)
     if mode not in ("score", "generate"):
         raise ConfigError(f"eval.mode '{mode}' is not one of auto, score, generate")
     return mode  # type: ignore[return-value]
