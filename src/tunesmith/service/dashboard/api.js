@@ -121,3 +121,11 @@ export async function streamChat(body, onText, signal) {
   }
   return result;
 }
+
+// Ask first, then DELETE ``path``; true when it was deleted. The caller says so or shows the
+// error (the API's message) and refreshes its list either way.
+export async function confirmedDelete(question, path) {
+  if (!confirm(question)) return false;
+  await api(path, { method: "DELETE" });
+  return true;
+}

@@ -1,7 +1,7 @@
 // Files: upload (picker or drag and drop), the validator's line errors, list, download,
 // delete.
 
-import { api, download } from "./api.js";
+import { api, confirmedDelete, download } from "./api.js";
 import { announce, bytes, errorBox, h, heading, table, time } from "./ui.js";
 
 export async function filesPage(view) {
@@ -52,9 +52,9 @@ export async function filesPage(view) {
   });
 
   async function remove(file) {
-    if (!confirm(`Delete ${file.filename} (${file.id})?`)) return;
     try {
-      await api(`/v1/files/${encodeURIComponent(file.id)}`, { method: "DELETE" });
+      if (!await confirmedDelete(`Delete ${file.filename} (${file.id})?`,
+        `/v1/files/${encodeURIComponent(file.id)}`)) return;
       announce(`Deleted ${file.filename}`);
     } catch (err) {
       result.replaceChildren(errorBox(err));

@@ -1,6 +1,6 @@
 // Models: the server's base models and this organisation's fine-tunes (deletable).
 
-import { api } from "./api.js";
+import { api, confirmedDelete } from "./api.js";
 import { announce, errorBox, h, heading, table, time } from "./ui.js";
 
 export const isBase = (m) => m.owned_by === "tunesmith";
@@ -13,9 +13,9 @@ export async function modelsPage(view) {
     h("h2", {}, "Fine-tuned models"), tunes);
 
   async function remove(model) {
-    if (!confirm(`Delete ${model.id}? Its weights are removed; this cannot be undone.`)) return;
     try {
-      await api(`/v1/models/${encodeURIComponent(model.id)}`, { method: "DELETE" });
+      if (!await confirmedDelete(`Delete ${model.id}? Its weights are removed; this cannot be `
+        + "undone.", `/v1/models/${encodeURIComponent(model.id)}`)) return;
       announce(`Deleted ${model.id}`);
     } catch (err) {
       message.replaceChildren(errorBox(err));
