@@ -158,6 +158,17 @@ def test_create_a_job_watch_its_chart_then_close_the_page_mid_job(open_page, das
     for previous, points, at in zip([0, *seen], seen, shown_at, strict=False):
         assert at - created[previous][1] <= 5 + 1, (previous, points, at, created[previous])
     shot(page, tmp_path, "job-running")
+    # pause and resume from the page: training stops at its checkpoint, then continues there
+    page.get_by_role("button", name="Pause job").click()
+    page.locator('#job-summary[data-status="paused"]').wait_for()
+    assert page.get_by_role("button", name="Pause job").is_disabled()
+    page.locator("#event-log").get_by_text("Job paused").wait_for()
+    shot(page, tmp_path, "job-paused")
+    page.get_by_role("button", name="Resume job").click()
+    page.locator("#event-log").get_by_text("Resumed training from the checkpoint").wait_for(
+        timeout=120_000)
+    page.locator('#job-summary[data-status="running"]').wait_for()
+    assert page.get_by_role("button", name="Resume job").is_disabled()
     # close the page mid-job (still running: training or its evaluation); nothing on the
     # server depends on the page, and the last test finds the job succeeded
     assert client.fine_tuning.jobs.retrieve(job_id).status == "running"
