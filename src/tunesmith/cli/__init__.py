@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from tunesmith.cli import audit, compress, data, export, improve, run, service, tune
+from tunesmith.cli import audit, compress, data, export, federated, improve, run, service, tune
 from tunesmith.cli.common import state
 from tunesmith.cli.config import config_app
 
@@ -30,6 +30,7 @@ tune.register(app)
 improve.register(app)
 export.register(app)
 compress.register(app)
+federated.register(app)
 
 
 def main() -> None:

@@ -1,11 +1,13 @@
 """Typed run configuration: one YAML file, validated at once, every problem reported together.
 
 ``sections`` holds the model/data/train/eval sections, ``search`` the ``tune:`` section,
-``energy`` the ``energy:`` section, ``load`` the whole configuration and its YAML reading,
+``energy`` the ``energy:`` section,
+``federated`` the ``federated:`` section, ``load`` the whole configuration and its YAML reading,
 ``hyper`` the ``auto`` values.
 """
 
 from tunesmith.config.energy import EnergyConfig
+from tunesmith.config.federated import FederatedConfig
 from tunesmith.config.hyper import (
     HEAD_LR_FACTOR,
     ResolvedHyperparameters,
@@ -37,7 +39,8 @@ from tunesmith.config.sections import (
 )
 
 __all__ = ["DEFAULT_MODEL", "HEAD_LR_FACTOR", "REFERENCE_LOSSES", "Auto", "DataConfig",
-           "EnergyConfig", "EvalConfig", "LoraConfig", "ModelConfig", "PreferenceConfig",
+           "EnergyConfig", "EvalConfig", "FederatedConfig", "LoraConfig", "ModelConfig",
+           "PreferenceConfig",
            "PrivacyConfig", "ResolvedHyperparameters", "RunConfig", "SearchDimension",
            "TrainConfig", "TuneConfig",
            "auto_batch_size", "auto_beta", "auto_epochs", "auto_learning_rate", "dump_config",

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from tunesmith.config.energy import EnergyConfig
+from tunesmith.config.federated import FederatedConfig
 from tunesmith.config.search import TuneConfig
 from tunesmith.config.sections import (
     DataConfig,
@@ -33,6 +34,9 @@ class RunConfig(_Section):
         default_factory=EnergyConfig, description="Energy and CO2e of training and evaluation.")
     tune: TuneConfig | None = Field(
         None, description="Hyperparameter search run by `tunesmith tune` (`run` ignores it).")
+    federated: FederatedConfig | None = Field(
+        None, description="Federated fine-tuning run by `tunesmith federated` (`run` ignores "
+        "it).")
 
     @model_validator(mode="after")
     def _head_needs_classification(self) -> RunConfig:
@@ -47,6 +51,10 @@ class RunConfig(_Section):
             raise ValueError(f"tune.objective '{objective}' needs eval.task: {task}")
         if objective == "positive_f1" and not self.eval.positive_label:
             raise ValueError("tune.objective 'positive_f1' needs eval.positive_label")
+        if self.federated is not None and self.train.method == "full" \
+                and self.federated.ffa_lora:
+            raise ValueError("federated.ffa_lora freezes LoRA A matrices; it needs "
+                             "train.method: lora")
         if self.data.label_issues != "off" and (self.eval.task != "classification"
                                                 or self.train.objective != "sft"):
             raise ValueError(f"data.label_issues '{self.data.label_issues}' is for "
@@ -123,11 +131,17 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
 
     data = fix(cfg.data, "train_file", "validation_file", "test_file", "group_reference")
     evaluation = fix(cfg.eval, "forgetting_text", "forgetting_prompts")
+    federated = cfg.federated
+    if federated is not None:
+        clients = federated.clients and [p if p.is_absolute() else base_dir / p
+                                         for p in federated.clients]
+        federated = fix(federated, "eval_file").model_copy(update={"clients": clients})
     model = cfg.model
     candidate = base_dir / cfg.model.base
     if not Path(cfg.model.base).is_absolute() and candidate.exists():
         model = cfg.model.model_copy(update={"base": str(candidate)})
-    return cfg.model_copy(update={"data": data, "model": model, "eval": evaluation})
+    return cfg.model_copy(update={"data": data, "model": model, "eval": evaluation,
+                                  "federated": federated})
 
 
 def load_config(path: Path | str) -> RunConfig:

@@ -21,6 +21,7 @@ from typing import Any
 
 from tunesmith.config import RunConfig, dump_config
 from tunesmith.errors import ConfigError
+from tunesmith.flows.resources import share_of_machine
 from tunesmith.flows.tune import space as search
 from tunesmith.flows.tune.trial import ERROR_FILE, PRUNED, RESULT_FILE, SPEC_FILE
 
@@ -42,24 +43,6 @@ class Outcome:
     value: float | None
     params: dict[str, Any]
     attrs: dict[str, Any]
-
-
-def _resources(jobs: int, slot: int) -> dict[str, str]:
-    """What the trial in ``slot`` (0..jobs-1) may use when ``jobs`` run at once: its share of
-    the CPU cores (torch reads these variables at start) and, where there are GPUs, one of
-    them (round robin over the visible ones)."""
-    if jobs <= 1:
-        return {}
-    share = str(max(1, (os.cpu_count() or 1) // jobs))
-    env = {"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share}
-    import torch
-
-    if torch.cuda.is_available():
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        devices = visible.split(",") if visible else \
-            [str(i) for i in range(torch.cuda.device_count())]
-        env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
-    return env
 
 
 def launch(opened: Any, cfg: RunConfig, study_dir: Path, *, objective: str, direction: str,
@@ -88,7 +71,7 @@ def launch(opened: Any, cfg: RunConfig, study_dir: Path, *, objective: str, dire
         process = subprocess.Popen(
             [sys.executable, "-m", "tunesmith.flows.tune", str(directory)],
             stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **_resources(jobs, slot)})
+            env={**os.environ, **share_of_machine(jobs, slot)})
     (directory / "pid").write_text(str(process.pid))
     return Running(trial.number, trial, params, directory, process, slot)
 

@@ -1,0 +1,69 @@
+"""The ``federated:`` section: who trains, how their updates are combined, for how many rounds.
+
+``tunesmith federated simulate`` runs it on one machine (a Flower SuperLink and one SuperNode
+per client, each its own process); ``federated server`` / ``federated client`` run it across
+machines. ``tunesmith run`` ignores it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from tunesmith.config.sections import _Section
+
+
+class FederatedConfig(_Section):
+    clients: list[Path] | None = Field(
+        None, description="One data file per client (simulate): each client trains on its own "
+        "file and splits its own validation examples off it. Empty: partition data.train_file "
+        "(see partition).")
+    partition: Literal["iid", "label_skew"] = Field(
+        "iid", description="Without clients: how the run's training split is dealt to "
+        "num_clients clients (seeded by train.seed). 'iid': at random, equal sizes. "
+        "'label_skew': each label's examples divided by Dirichlet(alpha) shares per client.")
+    num_clients: int = Field(
+        2, ge=1, description="Without clients: how many clients the training split is "
+        "partitioned into.")
+    alpha: float = Field(
+        0.5, gt=0, description="label_skew: Dirichlet concentration; small values give each "
+        "client few labels, large values approach iid.")
+    rounds: int = Field(3, ge=1, description="Federated rounds.")
+    clients_per_round: int | None = Field(
+        None, ge=1, description="Clients sampled for training each round. Empty: all connected "
+        "clients.")
+    min_clients: int = Field(
+        1, ge=1, description="A round needs at least this many connected clients to start, and "
+        "goes on when a client fails as long as this many answer.")
+    local_steps: int = Field(
+        10, ge=1, description="Optimiser steps each client takes per round, starting from the "
+        "global adapter (the same train function and settings as `tunesmith run`).")
+    strategy: Literal["fedavg", "fedprox"] = Field(
+        "fedavg", description="'fedavg': the global adapter is the example-count-weighted mean "
+        "of the clients'. 'fedprox': the same mean, and each client adds "
+        "proximal_mu/2 * ||w - w_global||^2 to its loss (keeps clients with skewed data close "
+        "to the global adapter).")
+    proximal_mu: float = Field(0.01, ge=0, description="fedprox: weight of the proximal term.")
+    ffa_lora: bool = Field(
+        False, description="LoRA: freeze every A matrix at its seeded initialisation and train "
+        "only B (FFA-LoRA, Sun et al. 2024). Averaging A and B separately is not averaging "
+        "B·A; with A shared and fixed, the mean of the B's gives exactly the mean update.")
+    eval_file: Path | None = Field(
+        None, description="Data the server scores each round's global adapter on (validation "
+        "loss, in rounds.jsonl and the report). Empty: no server-side evaluation.")
+    keep_client_updates: bool = Field(
+        False, description="Keep each client's update of every round as "
+        "rounds/round-N/client-<node>.safetensors (for audits; only tensors ever arrive).")
+
+    @model_validator(mode="after")
+    def _enough_clients(self) -> FederatedConfig:
+        n = len(self.clients) if self.clients else self.num_clients
+        if self.min_clients > n:
+            raise ValueError(f"min_clients ({self.min_clients}) is more than the {n} "
+                             "client(s) configured")
+        if self.clients_per_round is not None and self.clients_per_round < self.min_clients:
+            raise ValueError(f"clients_per_round ({self.clients_per_round}) is below "
+                             f"min_clients ({self.min_clients})")
+        return self

@@ -1,0 +1,248 @@
+"""The Flower apps: ``server_app`` (runs in the SuperLink's ServerApp process) and
+``client_app`` (runs in a SuperNode's ClientApp process), on Flower's Message API.
+
+Flower's generated ``pyproject.toml`` (``launch.write_app``) points at these two objects; the
+SuperLink and SuperNodes run them. Aggregation is Flower's own ``FedAvg`` / ``FedProx``; what
+is ours is what a round trains (``local.train_locally``) and what the server keeps
+(``rounds``). Settings reach the server as the run config (``config``: the tunesmith YAML,
+``run-dir``) and a client as its node config (``config``, ``data-file``, ``work-dir``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg, FedProx
+
+from tunesmith.config import RunConfig, load_config
+from tunesmith.errors import ConfigError, ModelError
+from tunesmith.flows.federated import rounds
+from tunesmith.flows.federated.local import freeze_lora_a, train_locally
+from tunesmith.flows.steps import base_dtype, prepare_model_for_training
+from tunesmith.models.adapters import load_trainable_state, trainable_state_copy
+from tunesmith.models.load import load, save_merged
+from tunesmith.models.resolve import default_home, resolve_model
+
+log = logging.getLogger("tunesmith")
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """What must match between server and client: architecture and sizes of the base."""
+    c = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+    return ",".join(f"{k}={c.get(k)}" for k in keys)
+
+
+def _tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v.numpy().copy()) for k, v in record.items()}
+
+
+def _federated(cfg: RunConfig, source: str) -> Any:
+    if cfg.federated is None:
+        raise ConfigError(f"{source}: add a federated: section (rounds, local_steps, ...)")
+    return cfg.federated
+
+
+# ----------------------------------------------------------------------------- client
+
+client_app = ClientApp()
+
+
+def check_same_setup(cfg: RunConfig, model_dir: Path, sent: ConfigRecord) -> None:
+    """Refuse a global adapter made for another base model or LoRA shape, naming both."""
+    mine = model_fingerprint(model_dir)
+    if sent["base-fingerprint"] != mine:
+        raise ModelError(f"the server trains base model '{sent['base-model']}' "
+                         f"({sent['base-fingerprint']}); this client has '{cfg.model.base}' "
+                         f"({mine}); use the same model.base as the server")
+    lora = f"method={cfg.train.method}, r={cfg.train.lora.r}, " \
+           f"targets={cfg.train.lora.target_modules}"
+    if sent["lora"] != lora:
+        raise ModelError(f"the server's adapters are {sent['lora']}; this client's are {lora}; "
+                         "use the server's train.method and train.lora")
+
+
+@client_app.train()
+def client_train(msg: Message, context: Context) -> Message:
+    node = context.node_config
+    cfg = load_config(str(node["config"]))
+    sent = msg.content["config"]
+    home = Path(str(node["home"])) if "home" in node else default_home()
+    check_same_setup(cfg, resolve_model(cfg.model.base, home=home), sent)
+    work_dir = Path(str(node.get("work-dir", Path(str(node["data-file"])).parent / "work")))
+    update = train_locally(
+        cfg, Path(str(node["data-file"])), work_dir, _tensors(msg.content["arrays"]), home=home,
+        local_steps=int(sent["local-steps"]), round_number=int(sent["server-round"]),
+        proximal_mu=float(sent.get("proximal-mu", 0.0)), ffa=bool(sent["ffa-lora"]))
+    # only tensors, the example count and numbers leave the client
+    metrics = MetricRecord({"num-examples": update.num_examples, **update.metrics})
+    return Message(RecordDict({"arrays": ArrayRecord(update.state), "metrics": metrics}),
+                   reply_to=msg)
+
+
+# ----------------------------------------------------------------------------- server
+
+server_app = ServerApp()
+
+
+class GlobalModel:
+    """The server's copy of the base model with the run's adapters: saves each round's global
+    adapter and, at the end, the merged model."""
+
+    def __init__(self, cfg: RunConfig, home: Path) -> None:
+        self.cfg = cfg
+        self.model_dir = resolve_model(cfg.model.base, home=home)
+        model, self.tokenizer = load(self.model_dir, dtype=base_dtype(cfg))
+        self.model = prepare_model_for_training(model, cfg)
+        if _federated(cfg, "config").ffa_lora:
+            freeze_lora_a(self.model)
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        return trainable_state_copy(self.model)
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        load_trainable_state(self.model, state)
+
+    def save_adapter(self, directory: Path) -> None:
+        if self.cfg.train.method == "lora":
+            self.model.save_pretrained(directory)
+
+
+def recording(base: type, run_dir: Path, first_round: int, min_clients: int,
+              keep_updates: bool) -> Any:
+    """``base`` (Flower's FedAvg or FedProx) that also writes what each round received.
+
+    Subclassing is how Flower's strategies are customised; aggregation stays Flower's.
+    """
+
+    class Recording(base):  # type: ignore[misc, valid-type]
+        pending: dict[str, Any] = {}
+        updates: dict[str, dict[str, torch.Tensor]] = {}
+
+        def aggregate_train(self, server_round: int, replies: Any) -> Any:
+            replies = list(replies)
+            ok = [m for m in replies if not m.has_error()]
+            clients = {}
+            for m in ok:
+                metrics = dict(next(iter(m.content.metric_records.values())))
+                clients[str(m.metadata.src_node_id)] = {
+                    "num_examples": int(metrics.pop("num-examples")), "metrics": metrics,
+                    "received": {name: sorted(rec.keys()) if hasattr(rec, "keys") else []
+                                 for name, rec in m.content.items()}}
+            failures = [{"node": str(m.metadata.src_node_id), "reason": m.error.reason}
+                        for m in replies if m.has_error()]
+            for f in failures:
+                log.warning("round %s: client %s failed: %s", server_round + first_round,
+                            f["node"], f["reason"])
+            self.updates = {str(m.metadata.src_node_id): _tensors(m.content["arrays"])
+                            for m in ok} if keep_updates else {}
+            total = sum(c["num_examples"] for c in clients.values())
+
+            def weighted(key: str) -> float | None:
+                vals = [(c["metrics"][key], c["num_examples"]) for c in clients.values()
+                        if key in c["metrics"]]
+                return sum(v * n for v, n in vals) / max(1, sum(n for _, n in vals)) \
+                    if vals else None
+
+            self.pending = {"round": server_round + first_round, "clients": clients,
+                            "failures": failures, "examples": total,
+                            "train_loss": weighted("train_loss"),
+                            "valid_loss": weighted("valid_loss")}
+            if len(ok) < min_clients:
+                log.warning("round %s: %d client(s) answered, fewer than min_clients (%d); the "
+                            "global adapter is kept", server_round + first_round, len(ok),
+                            min_clients)
+                self.pending["skipped"] = True
+                return None, None
+            return super().aggregate_train(server_round, ok)
+
+    return Recording
+
+
+@server_app.main()
+def server_main(grid: Grid, context: Context) -> None:
+    run_cfg = context.run_config
+    cfg = load_config(str(run_cfg["config"]))
+    fed = _federated(cfg, str(run_cfg["config"]))
+    run_dir = Path(str(run_cfg["run-dir"]))
+    home = Path(str(run_cfg["home"])) if run_cfg.get("home") else default_home()
+    glob = GlobalModel(cfg, home)
+    state, done = glob.initial_state(), 0
+    found = rounds.last_round(run_dir)
+    if found is not None:  # a restarted server continues from its last saved round
+        done, state = found
+        log.info("continuing after round %d from %s", done, run_dir / rounds.ROUNDS_DIR)
+    if done >= fed.rounds:
+        log.info("all %d rounds are done", fed.rounds)
+    else:
+        n_expected = int(run_cfg.get("expected-clients", fed.min_clients))
+        base = FedProx if fed.strategy == "fedprox" else FedAvg
+        kwargs: dict[str, Any] = {"proximal_mu": fed.proximal_mu} \
+            if fed.strategy == "fedprox" else {}
+        per_round = fed.clients_per_round or n_expected
+        strategy = recording(base, run_dir, done, fed.min_clients, fed.keep_client_updates)(
+            fraction_train=0.0 if fed.clients_per_round else 1.0, fraction_evaluate=0.0,
+            min_train_nodes=per_round, min_evaluate_nodes=0,
+            min_available_nodes=max(n_expected, fed.min_clients), **kwargs)
+        sent = ConfigRecord({
+            "local-steps": fed.local_steps, "ffa-lora": fed.ffa_lora,
+            "base-model": cfg.model.base, "base-fingerprint": model_fingerprint(glob.model_dir),
+            "lora": f"method={cfg.train.method}, r={cfg.train.lora.r}, "
+                    f"targets={cfg.train.lora.target_modules}"})
+        evaluator = _server_eval(cfg, glob) if fed.eval_file else None
+
+        def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if server_round == 0:
+                return None  # Flower's call before round 1: nothing trained yet
+            tensors = _tensors(arrays)
+            glob.load(tensors)
+            record = strategy.pending
+            if evaluator is not None:
+                record["global_valid_loss"] = evaluator()
+            rounds.save_round(run_dir, record["round"], tensors, glob.save_adapter,
+                              strategy.updates)
+            rounds.append_round(run_dir, record)
+            return MetricRecord({"valid_loss": record["global_valid_loss"]}) \
+                if record.get("global_valid_loss") is not None else None
+
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(state),
+                                num_rounds=fed.rounds - done, train_config=sent,
+                                evaluate_fn=after_round)
+        state = _tensors(result.arrays)
+    glob.load(state)
+    glob.save_adapter(run_dir / "adapter")
+    save_merged(glob.model, glob.tokenizer, run_dir / "merged")
+    rounds.write_report(run_dir, cfg.name or run_dir.name, cfg.model.base, {
+        "rounds": fed.rounds, "strategy": fed.strategy, "proximal_mu": fed.proximal_mu,
+        "local_steps": fed.local_steps, "ffa_lora": fed.ffa_lora,
+        "min_clients": fed.min_clients, "clients_per_round": fed.clients_per_round or "all"})
+
+
+def _server_eval(cfg: RunConfig, glob: GlobalModel) -> Any:
+    """The validation loss of the global model on ``federated.eval_file``, as the loop
+    computes it (same encoding, same objective)."""
+    from tunesmith.flows.steps import encode_examples, read_examples, training_encoder
+    from tunesmith.training.loop import evaluate_objective
+    from tunesmith.training.objectives import LMObjective
+
+    assert cfg.federated is not None and cfg.federated.eval_file is not None
+    examples = read_examples(cfg.federated.eval_file, cfg.data, [])
+    labels = cfg.eval.labels
+    rows, _ = encode_examples(training_encoder(glob.tokenizer, cfg, labels), examples,
+                              max_length=cfg.data.max_length, split="eval")
+    objective = LMObjective(glob.model, pad_id=glob.tokenizer.pad_token_id)
+
+    def evaluate() -> float | None:
+        loss = evaluate_objective(objective, rows, batch_size=cfg.eval.batch_size,
+                                  device=torch.device("cpu"))["valid_loss"]
+        return loss if math.isfinite(loss) else None
+
+    return evaluate

@@ -1,0 +1,156 @@
+"""The server's record of a federated run: the global adapter of every round (written whole,
+then renamed), ``rounds.jsonl``, and the report with per-round curves and per-client metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunesmith.evaluation.blocks import Image, Section, Table, Text, fmt
+from tunesmith.evaluation.report import sections_markdown
+
+ROUNDS_DIR, ROUNDS_LOG, GLOBAL_FILE = "rounds", "rounds.jsonl", "global.safetensors"
+_ROUND = re.compile(r"^round-(\d+)$")
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """A temporary sibling to write into, renamed to ``final`` when the block ends without an
+    error (as checkpoints are written): a killed server never leaves half a round behind."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_round(run_dir: Path, round_number: int, state: dict[str, torch.Tensor],
+               adapter_saver: Any = None,
+               client_updates: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """``rounds/round-N``: the global trainable tensors (what a restart continues from), the
+    PEFT adapter directory when ``adapter_saver(dir)`` is given, and optionally each client's
+    update."""
+    final = run_dir / ROUNDS_DIR / f"round-{round_number}"
+    with atomic_dir(final) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / GLOBAL_FILE)
+        if adapter_saver is not None:
+            adapter_saver(tmp / "adapter")
+        for node, update in (client_updates or {}).items():
+            save_file({k: v.contiguous() for k, v in update.items()},
+                      tmp / f"client-{node}.safetensors")
+    return final
+
+
+def last_round(run_dir: Path) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """The newest complete round's number and global tensors, for a restarted server."""
+    root = run_dir / ROUNDS_DIR
+    found = sorted((int(m.group(1)), p) for p in root.iterdir()
+                   if (m := _ROUND.match(p.name)) and (p / GLOBAL_FILE).is_file()) \
+        if root.is_dir() else []
+    if not found:
+        return None
+    number, path = found[-1]
+    return number, load_file(path / GLOBAL_FILE)
+
+
+def append_round(run_dir: Path, record: dict[str, Any]) -> None:
+    with (run_dir / ROUNDS_LOG).open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / ROUNDS_LOG
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def plot_rounds(records: list[dict[str, Any]], path: Path) -> Path:
+    """Per round: the clients' example-weighted training and validation loss, each client's
+    validation loss, and the server's loss on eval_file when there is one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    rounds = [r["round"] for r in records]
+    for key, label in (("train_loss", "clients: train loss"),
+                       ("valid_loss", "clients: validation loss"),
+                       ("global_valid_loss", "server: loss on eval_file")):
+        points = [(r["round"], r[key]) for r in records if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=label)
+    nodes = sorted({c for r in records for c in r.get("clients", {})})
+    for node in nodes:
+        points = [(r["round"], r["clients"][node]["metrics"].get("valid_loss"))
+                  for r in records if node in r.get("clients", {})]
+        points = [p for p in points if p[1] is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), alpha=0.35, linestyle="--",
+                    label=f"client {node[-6:]}")
+    ax.set_xticks(rounds)
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss (target tokens)")
+    ax.set_title("Federated rounds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def federated_sections(records: list[dict[str, Any]], settings: dict[str, Any]) -> list[Section]:
+    """The report's sections: settings, per-round curves and table, per-client metrics."""
+    per_round = Table(["round", "answered", "failed", "examples", "train loss",
+                       "validation loss", "server eval loss"],
+                      [[str(r["round"]), str(len(r["clients"])), str(len(r["failures"])),
+                        str(r["examples"]), fmt(r.get("train_loss")), fmt(r.get("valid_loss")),
+                        fmt(r.get("global_valid_loss"))] for r in records])
+    metric_names = sorted({k for r in records for c in r["clients"].values()
+                           for k in c["metrics"]})
+    per_client = Table(["round", "client", "examples", *metric_names],
+                       [[str(r["round"]), node, str(c["num_examples"]),
+                         *[fmt(c["metrics"].get(k)) for k in metric_names]]
+                        for r in records for node, c in sorted(r["clients"].items())])
+    failures = [f"round {r['round']}: client {f['node']}: {f['reason']}"
+                for r in records for f in r["failures"]]
+    sections = [
+        Section("Federation", [Table(["setting", "value"],
+                                     [[k, str(v)] for k, v in settings.items()])]),
+        Section("Rounds", [Image("per-round losses", "rounds.png"), per_round]),
+        Section("Clients", [per_client]),
+    ]
+    if failures:
+        sections.append(Section("Failures", [Text("\n\n".join(failures))]))
+    return sections
+
+
+def write_report(run_dir: Path, name: str, model: str, settings: dict[str, Any]) -> Path:
+    """``report.md`` and ``rounds.png`` from rounds.jsonl, rendered like every run report."""
+    records = read_rounds(run_dir)
+    plot_rounds(records, run_dir / "rounds.png")
+    lines = [f"# Federated run report: {name}", "", f"Base model: `{model}`", "",
+             *sections_markdown(federated_sections(records, settings))]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

@@ -1,0 +1,226 @@
+"""Federated pieces without processes: Flower's FedAvg on adapter tensors, FFA-LoRA, the
+label-skew partition, the FedProx term."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="federated training needs `pip install -e '.[federated]'`")
+
+from flwr.app import ArrayRecord, MetricRecord, RecordDict  # noqa: E402
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords  # noqa: E402
+
+from tunesmith.config import RunConfig, parse_config
+from tunesmith.flows.federated.local import (
+    fedprox,
+    ffa_lora,
+    load_global,
+    proximal_term,
+)
+from tunesmith.flows.federated.partition import partition_indices
+from tunesmith.flows.steps import prepare_model_for_training
+from tunesmith.models.adapters import trainable_state_copy
+from tunesmith.models.load import load
+from tunesmith.training.loop import train
+from tunesmith.training.setup import LoopSettings
+
+
+def _reply(state: dict[str, torch.Tensor], n: int) -> RecordDict:
+    return RecordDict({"arrays": ArrayRecord(state),
+                       "metrics": MetricRecord({"num-examples": n, "train_loss": 1.0})})
+
+
+def test_fedavg_of_adapter_tensors_is_the_weighted_mean() -> None:
+    g = torch.Generator().manual_seed(0)
+    states = [{"a.lora_A.weight": torch.randn(4, 8, generator=g),
+               "a.lora_B.weight": torch.randn(8, 4, generator=g)} for _ in range(3)]
+    counts = [10, 30, 60]
+    # what Flower's FedAvg.aggregate_train does with the replies' contents
+    arrays = aggregate_arrayrecords([_reply(s, n) for s, n in zip(states, counts, strict=True)],
+                                    "num-examples")
+    for name in states[0]:
+        by_hand = (0.1 * states[0][name] + 0.3 * states[1][name] + 0.6 * states[2][name])
+        got = torch.from_numpy(arrays[name].numpy())
+        torch.testing.assert_close(got, by_hand, rtol=1e-6, atol=1e-6)
+
+
+def test_label_skew_partition_is_seeded_complete_and_skewed() -> None:
+    labels = ["a"] * 100 + ["b"] * 100 + ["c"] * 100
+    parts = partition_indices(len(labels), 4, seed=3, labels=labels, alpha=0.1)
+    assert parts == partition_indices(len(labels), 4, seed=3, labels=labels, alpha=0.1)
+    assert parts != partition_indices(len(labels), 4, seed=4, labels=labels, alpha=0.1)
+    assert sorted(i for p in parts for i in p) == list(range(len(labels)))
+    assert all(parts)
+    # skewed: most clients are dominated by one label (iid would give about a third each)
+    top_shares = [Counter(labels[i] for i in p).most_common(1)[0][1] / len(p) for p in parts]
+    assert np.mean(top_shares) > 0.7
+    iid = partition_indices(len(labels), 4, seed=3)
+    assert sorted(i for p in iid for i in p) == list(range(len(labels)))
+    assert max(len(p) for p in iid) - min(len(p) for p in iid) <= 1
+
+
+def test_proximal_term_is_zero_at_global_and_its_gradient_is_mu_times_the_gap() -> None:
+    g = {"w": torch.randn(3, 5), "v": torch.randn(7)}
+    assert float(proximal_term(g, g, 0.3)) == 0.0
+    w = {k: (t + torch.randn_like(t)).requires_grad_(True) for k, t in g.items()}
+    proximal_term(w, g, 0.3).backward()
+    for k in w:
+        torch.testing.assert_close(w[k].grad, 0.3 * (w[k].detach() - g[k]))
+
+
+@pytest.fixture
+def tiny_cfg(tiny_model_dir: Path) -> RunConfig:
+    return parse_config({"model": {"base": str(tiny_model_dir)},
+                         "data": {"train_file": "x.jsonl"},
+                         "train": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "seed": 5}})
+
+
+def _lora_model(cfg: RunConfig, tiny_model_dir: Path):
+    model, tokenizer = load(tiny_model_dir)
+    return prepare_model_for_training(model, cfg), tokenizer
+
+
+def _settings(steps: int) -> LoopSettings:
+    return LoopSettings(learning_rate=5e-2, epochs=steps, batch_size=2, total_steps=steps,
+                        eval_every=steps, early_stopping_patience=None, restore_best=False,
+                        packing=False, max_grad_norm=None)
+
+
+def _rows(tokenizer, n: int, offset: int, folder: Path):
+    from tests.helpers import review_rows, write_jsonl
+    from tunesmith.data.chat import read_chat_jsonl
+    from tunesmith.data.encode import encode_chat
+
+    path = write_jsonl(folder / f"rows-{offset}.jsonl", review_rows(n + offset)[offset:])
+    return [encode_chat(tokenizer, ex.messages) for ex in read_chat_jsonl(path)]
+
+
+def test_ffa_lora_keeps_a_identical_on_every_client_and_trains_b(tiny_cfg, tiny_model_dir,
+                                                                  tmp_path) -> None:
+    server, _ = _lora_model(tiny_cfg, tiny_model_dir)
+    start = trainable_state_copy(server)
+    global_b = {k: v for k, v in start.items() if "lora_B" in k}
+    finals = []
+    for client in range(2):  # two clients, different data
+        model, tokenizer = _lora_model(tiny_cfg, tiny_model_dir)
+        rows = _rows(tokenizer, 4, offset=client * 7, folder=tmp_path)
+        train(model, rows, rows[:2], settings=_settings(2), pad_id=tokenizer.pad_token_id,
+              checkpoint_dir=tmp_path / f"c{client}", wrappers=[ffa_lora, load_global(global_b)])
+        finals.append({n: p.detach().clone() for n, p in model.named_parameters()
+                       if "lora_" in n})
+    for name, tensor in start.items():
+        if "lora_A" in name:  # A: the seeded start, on both clients
+            assert torch.equal(finals[0][name], tensor) and torch.equal(finals[1][name], tensor)
+    b_names = [n for n in start if "lora_B" in n]
+    assert any(not torch.equal(finals[0][n], start[n]) for n in b_names)
+    assert any(not torch.equal(finals[0][n], finals[1][n]) for n in b_names)
+
+
+def test_fedprox_hook_adds_mu_times_the_gap_to_each_gradient(tiny_cfg, tiny_model_dir,
+                                                             tmp_path) -> None:
+    model, tokenizer = _lora_model(tiny_cfg, tiny_model_dir)
+    anchor = {k: v + 0.01 for k, v in trainable_state_copy(model).items()}
+    seen: list[torch.Tensor] = []
+
+    def spy(parts):
+        def record(optimizer, args, kwargs):
+            p = next(p for p in parts.model.parameters() if p.requires_grad)
+            seen.append(p.grad.detach().clone())
+        parts.optimizer.register_step_pre_hook(record)  # runs after FedProx's hook
+        return parts
+
+    rows = _rows(tokenizer, 4, offset=0, folder=tmp_path)
+    settings = _settings(1)
+    plain, _ = _lora_model(tiny_cfg, tiny_model_dir)
+    train(plain, rows, [], settings=settings, pad_id=tokenizer.pad_token_id,
+          checkpoint_dir=tmp_path / "a", wrappers=[spy])
+    train(model, rows, [], settings=settings, pad_id=tokenizer.pad_token_id,
+          checkpoint_dir=tmp_path / "b", wrappers=[fedprox(anchor, 0.5), spy])
+    # both start from the same seeded adapters and batch: the gradients differ by exactly
+    # mu * (w - w_global) = 0.5 * (-0.01) in every element
+    torch.testing.assert_close(seen[1] - seen[0], torch.full_like(seen[0], 0.5 * -0.01),
+                               rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+@pytest.fixture
+def flower_task():
+    """Flower's replies are built inside a run; outside one, name a run and a server node."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+
+
+def _round_replies(states, counts, failing: dict[int, str]):
+    """Replies of nodes 1..n to a train instruction; nodes in ``failing`` answer an error."""
+    from flwr.app import Error, Message
+
+    replies = []
+    for node, (state, n) in enumerate(zip(states, counts, strict=True), start=1):
+        sent = Message(RecordDict({"arrays": ArrayRecord({k: torch.zeros_like(v)
+                                                          for k, v in state.items()})}),
+                       dst_node_id=node, message_type="train")
+        replies.append(Message(Error(code=2, reason=failing[node]), reply_to=sent)
+                       if node in failing else Message(_reply(state, n), reply_to=sent))
+    return replies
+
+
+def _strategy(run_dir: Path, min_clients: int):
+    from flwr.serverapp.strategy import FedAvg
+
+    from tunesmith.flows.federated.apps import recording
+
+    return recording(FedAvg, run_dir, 0, min_clients, True)(
+        fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=0,
+        min_available_nodes=1)
+
+
+def test_a_failed_client_is_logged_and_the_round_averages_the_others(
+        flower_task, tmp_path, caplog) -> None:
+    g = torch.Generator().manual_seed(1)
+    states = [{"l.lora_B.weight": torch.randn(4, 2, generator=g)} for _ in range(3)]
+    reason = ("<class 'tunesmith.errors.DataError'>:<'client-2.jsonl line 3: messages[1].role: "
+              "'robot' is not one of system, user, assistant'>")
+    strategy = _strategy(tmp_path, min_clients=2)
+    with caplog.at_level("WARNING", logger="tunesmith"):
+        arrays, _ = strategy.aggregate_train(1, _round_replies(states, [10, 30, 60], {3: reason}))
+    # the mean of the two that answered, weighted 10:30
+    mean = 0.25 * states[0]["l.lora_B.weight"] + 0.75 * states[1]["l.lora_B.weight"]
+    torch.testing.assert_close(torch.from_numpy(arrays["l.lora_B.weight"].numpy()), mean)
+    assert strategy.pending["failures"] == [{"node": "3", "reason": reason}]
+    assert sorted(strategy.pending["clients"]) == ["1", "2"]
+    assert "client 3 failed" in caplog.text and "client-2.jsonl line 3" in caplog.text
+
+
+def test_fewer_answers_than_min_clients_keep_the_global_adapter(flower_task, tmp_path) -> None:
+    states = [{"l.lora_B.weight": torch.ones(2, 2)} for _ in range(3)]
+    strategy = _strategy(tmp_path, min_clients=2)
+    replies = _round_replies(states, [5, 5, 5], {2: "killed", 3: "killed"})
+    assert strategy.aggregate_train(4, replies) == (None, None)
+    assert strategy.pending["skipped"] and len(strategy.pending["failures"]) == 2
+
+
+def test_a_malformed_client_file_fails_that_client_with_file_line_and_field(
+        tiny_cfg, tmp_path, test_home) -> None:
+    from tests.helpers import review_rows, write_jsonl
+    from tunesmith.errors import TunesmithError
+    from tunesmith.flows.federated.local import train_locally
+
+    rows = review_rows(12)
+    rows[4] = {"messages": [{"role": "robot", "content": "hi"}]}
+    data = write_jsonl(tmp_path / "client-1.jsonl", rows)
+    with pytest.raises(TunesmithError) as err:
+        train_locally(tiny_cfg, data, tmp_path / "work", {}, home=test_home, local_steps=1,
+                      round_number=1)
+    message = str(err.value)
+    assert "client-1.jsonl" in message and "line 5" in message and "role" in message
