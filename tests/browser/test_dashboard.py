@@ -274,6 +274,46 @@ def test_playground_two_models_streamed_rated_and_corrected(open_page, dash,
     assert stored == {(ids["A"], "good", None), (ids["B"], "bad", None), (ids["B"], None, "good")}
 
 
+def tab_to(page, name: str, limit: int = 60) -> None:
+    """Press Tab until the focused control's label, text or accessible name is ``name``."""
+    for _ in range(limit):
+        page.keyboard.press("Tab")
+        focused = page.evaluate("""() => {
+            const el = document.activeElement;
+            const label = el.labels && el.labels[0] ? el.labels[0].innerText : "";
+            return [el.getAttribute("aria-label") || "", label, el.innerText || ""]
+                .map((t) => t.trim());
+        }""")
+        if name in focused:
+            return
+    raise AssertionError(f"Tab never reached {name!r}")
+
+
+def test_the_keyboard_alone_reaches_views_sends_and_rates(open_page, dash,
+                                                         tmp_path: Path) -> None:
+    page = open_page()
+    sign_in(page, dash)  # the key field has focus; type and Enter
+    for link, heading in (("Files", "Files"), ("Models", "Models"), ("Playground", "Playground")):
+        tab_to(page, link)
+        page.keyboard.press("Enter")
+        page.get_by_role("heading", name=heading, exact=True).wait_for()
+    tab_to(page, "Model A")
+    page.keyboard.press("End")  # the last model in the list
+    tab_to(page, "Max tokens")
+    page.keyboard.press("Control+A")
+    page.keyboard.type("4")
+    tab_to(page, "Your message")
+    page.keyboard.type("Is this review good or bad? Fine")
+    tab_to(page, "Send to both")
+    page.keyboard.press("Enter")
+    done = page.locator('#transcript-A li.assistant[data-state="done"]')
+    done.wait_for(timeout=300_000)
+    tab_to(page, "Good answer (A)")
+    page.keyboard.press("Enter")
+    done.get_by_text("Rated good. Thank you.").wait_for()
+    shot(page, tmp_path, "keyboard")
+
+
 def test_another_org_sees_none_of_the_first_orgs_jobs_or_files(open_page, dash,
                                                                tmp_path: Path) -> None:
     page = open_page()
