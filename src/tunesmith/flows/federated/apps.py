@@ -127,6 +127,17 @@ def recording(base: type, run_dir: Path, first_round: int, min_clients: int,
         pending: dict[str, Any] = {}
         updates: dict[str, dict[str, torch.Tensor]] = {}
 
+        def configure_train(self, server_round: int, arrays: Any, config: Any,
+                            grid: Any) -> Any:
+            # The first round waits until every expected client has connected; later rounds
+            # go on with min_clients, so a client that died (Flower answers for it with an
+            # error once its heartbeats stop) is not waited for until the end of time.
+            if server_round > 1:
+                self.min_available_nodes = min_clients
+                self.min_train_nodes = min(self.min_train_nodes, max(
+                    min_clients, len(list(grid.get_node_ids()))))
+            return super().configure_train(server_round, arrays, config, grid)
+
         def aggregate_train(self, server_round: int, replies: Any) -> Any:
             replies = list(replies)
             ok = [m for m in replies if not m.has_error()]
@@ -188,8 +199,11 @@ def server_main(grid: Grid, context: Context) -> None:
         kwargs: dict[str, Any] = {"proximal_mu": fed.proximal_mu} \
             if fed.strategy == "fedprox" else {}
         per_round = fed.clients_per_round or n_expected
+        # Flower samples max(int(connected * fraction_train), min_train_nodes) clients; with
+        # clients_per_round a tiny fraction leaves exactly min_train_nodes (0.0 would switch
+        # training off)
         strategy = recording(base, run_dir, done, fed.min_clients, fed.keep_client_updates)(
-            fraction_train=0.0 if fed.clients_per_round else 1.0, fraction_evaluate=0.0,
+            fraction_train=1e-9 if fed.clients_per_round else 1.0, fraction_evaluate=0.0,
             min_train_nodes=per_round, min_evaluate_nodes=0,
             min_available_nodes=max(n_expected, fed.min_clients), **kwargs)
         sent = ConfigRecord({

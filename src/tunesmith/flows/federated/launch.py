@@ -116,7 +116,7 @@ class Processes:
               ) -> subprocess.Popen[bytes]:
         with (self.log_dir / f"{name}.log").open("ab") as out:
             proc = subprocess.Popen(args, env={**self.env, **(env or {})}, stdout=out,
-                                    stderr=subprocess.STDOUT,
+                                    stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         self.children.append(proc)
         return proc
@@ -132,6 +132,18 @@ class Processes:
             # the group too: a ClientApp may outlive its SuperNode
             _signal_group(proc, signal.SIGKILL)
             proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child, before it runs: Linux sends it SIGTERM when this process dies, even by
+    SIGKILL, which no ``finally`` sees. Without it, a killed ``federated simulate`` would leave
+    its SuperLink and SuperNodes running (each is in a session of its own), and a restarted
+    server would race the orphans. Elsewhere (no prctl) the ``finally`` cleanup is all."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
