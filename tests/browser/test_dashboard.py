@@ -351,6 +351,16 @@ def test_the_job_succeeded_without_its_page_and_shows_everything(open_page, dash
         page.get_by_role("button", name="Download the run's report (HTML)").click()
     assert download.value.suggested_filename == "report.html"
     assert "<html" in Path(download.value.path()).read_text(encoding="utf-8").lower()
+    # and shown inside the page, with the report's own stylesheet, no script running in it
+    page.get_by_role("button", name="Show the run's report").click()
+    page.locator('iframe.report[data-state="shown"]').wait_for()
+    assert page.frame_locator("iframe.report").locator("h1").first.inner_text().strip()
+    shown = page.evaluate("""() => {
+        const frame = document.querySelector("iframe.report");
+        return [frame.getAttribute("sandbox"), frame.contentDocument.adoptedStyleSheets.length,
+                getComputedStyle(frame.contentDocument.body).maxWidth];
+    }""")
+    assert shown == ["allow-same-origin", 1, "1120px"], shown  # body { max-width: 70rem }
     shot(page, tmp_path, "job-succeeded")
     # a checkpoint opens in the playground, beside a base model, and answers there
     checkpoint = page.locator("#checkpoints tbody tr").first.locator("code").inner_text()

@@ -51,9 +51,10 @@ export async function jobPage(view, jobId) {
   const chartBox = h("figure", { id: "loss-chart" });
   const checkpoints = h("div", { id: "checkpoints" });
   const log = h("div", { id: "event-log" });
+  const reportBox = h("section", { id: "report" });
   view.append(h("p", {}, h("a", { href: "#/jobs" }, "← All jobs")), title, summary, message,
     controls, h("h2", {}, "Loss"), chartBox, h("h2", {}, "Checkpoints"), checkpoints,
-    h("h2", {}, "Events"), log);
+    h("h2", {}, "Events"), log, reportBox);
 
   let job = null;
   let checkpointsLoaded = false;
@@ -82,11 +83,37 @@ export async function jobPage(view, jobId) {
     const name = resultFiles.get(id).filename;
     const label = name === "report.html" ? "Download the run's report (HTML)"
       : name === "step_metrics.csv" ? "Download step metrics (CSV)" : `Download ${name}`;
-    return h("button", {
+    const get = h("button", {
       type: "button", class: "link", "data-file": name,
       onclick: () => download(`/v1/files/${encodeURIComponent(id)}/content`, name)
         .catch((err) => message.replaceChildren(errorBox(err))),
     }, label);
+    if (name !== "report.html") return get;
+    const show = h("button", {
+      type: "button", class: "link", onclick: () => showReport(id)
+        .catch((err) => message.replaceChildren(errorBox(err))),
+    }, "Show the run's report");
+    return h("span", {}, show, " · ", get);
+  }
+
+  // The report inside the page: a sandboxed frame (no scripts run in it) holding the HTML the
+  // files API returned. The frame shares this page's content security policy, which refuses
+  // inline <style>, so its stylesheet is handed to the frame's document as a constructed one.
+  async function showReport(id) {
+    const resp = await api(`/v1/files/${encodeURIComponent(id)}/content`, { raw: true });
+    const frame = h("iframe", { sandbox: "allow-same-origin", title: "The run's report",
+      class: "report" });
+    frame.srcdoc = await resp.text();
+    frame.addEventListener("load", () => {
+      const doc = frame.contentDocument;
+      const sheet = new frame.contentWindow.CSSStyleSheet();
+      sheet.replaceSync([...doc.querySelectorAll("style")].map((s) => s.textContent).join("\n"));
+      doc.adoptedStyleSheets = [sheet];
+      frame.style.height = `${doc.documentElement.scrollHeight + 24}px`;
+      frame.dataset.state = "shown";
+    });
+    reportBox.replaceChildren(h("h2", {}, "Report"), frame);
+    frame.scrollIntoView();
   }
 
   function renderJob() {
