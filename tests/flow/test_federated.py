@@ -29,9 +29,10 @@ def federated_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
     import yaml
 
     root = tmp_path_factory.mktemp("federated")
-    rows = review_rows(60)
-    files = [write_jsonl(root / f"client-{i}.jsonl", rows[i::N_CLIENTS][: 12 + 4 * i])
+    rows = review_rows(72)
+    files = [write_jsonl(root / f"client-{i}.jsonl", rows[:60][i::N_CLIENTS][: 12 + 4 * i])
              for i in range(N_CLIENTS)]
+    held_out = write_jsonl(root / "server-eval.jsonl", rows[60:])
     cfg = {
         "name": "fed", "output_dir": str(root / "run"), "model": {"base": str(tiny_model_dir)},
         "data": {"train_file": files[0].name, "max_length": 128},
@@ -41,7 +42,8 @@ def federated_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
         "eval": {"task": "classification", "labels": ["good", "bad"]},
         "energy": {"enabled": False},
         "federated": {"clients": [f.name for f in files], "rounds": ROUNDS, "local_steps": 2,
-                      "min_clients": 2, "keep_client_updates": True},
+                      "min_clients": 2, "keep_client_updates": True,
+                      "eval_file": held_out.name},
     }
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
@@ -68,9 +70,13 @@ def test_rounds_average_what_clients_sent(federated_run) -> None:
     name = next(k for k in final if "lora_B" in k)
     assert not torch.equal(sent[nodes[0]][name], sent[nodes[1]][name])
     assert final[name].abs().sum() > 0
-    for f in ("adapter/adapter_config.json", "merged/config.json", "report.md", "rounds.png",
-              "rounds.jsonl"):
+    for f in ("adapter/adapter_config.json", "merged/config.json", "report.md", "report.html",
+              "rounds.png", "rounds.jsonl"):
         assert (run_dir / f).is_file(), f
+    # the server scored each round's global model on its held-out file
+    for record in result.rounds:
+        assert record["global_valid_loss"] > 0 and 0 <= record["global_accuracy"] <= 1
+    assert "server accuracy" in (run_dir / "report.html").read_text(encoding="utf-8")
 
 
 def test_server_received_only_tensors_counts_and_numbers(federated_run) -> None:

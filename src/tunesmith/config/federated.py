@@ -52,7 +52,8 @@ class FederatedConfig(_Section):
         "B·A; with A shared and fixed, the mean of the B's gives exactly the mean update.")
     eval_file: Path | None = Field(
         None, description="Data the server scores each round's global adapter on (validation "
-        "loss, in rounds.jsonl and the report). Empty: no server-side evaluation.")
+        "loss and, for classification, accuracy and macro-F1 as eval.mode computes them; in "
+        "rounds.jsonl and the report). Empty: no server-side evaluation.")
     keep_client_updates: bool = Field(
         False, description="Keep each client's update of every round as "
         "rounds/round-N/client-<node>.safetensors (for audits; only tensors ever arrive).")

@@ -220,12 +220,12 @@ def server_main(grid: Grid, context: Context) -> None:
             glob.load(tensors)
             record = strategy.pending
             if evaluator is not None:
-                record["global_valid_loss"] = evaluator()
+                record.update(evaluator())
             rounds.save_round(run_dir, record["round"], tensors, glob.save_adapter,
                               strategy.updates)
             rounds.append_round(run_dir, record)
-            return MetricRecord({"valid_loss": record["global_valid_loss"]}) \
-                if record.get("global_valid_loss") is not None else None
+            found = {k: record[k] for k in SERVER_METRICS if record.get(k) is not None}
+            return MetricRecord(found) if found else None
 
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(state),
                                 num_rounds=fed.rounds - done, train_config=sent,
@@ -240,23 +240,37 @@ def server_main(grid: Grid, context: Context) -> None:
         "min_clients": fed.min_clients, "clients_per_round": fed.clients_per_round or "all"})
 
 
+# what the server measures each round on federated.eval_file
+SERVER_METRICS = ("global_valid_loss", "global_accuracy", "global_macro_f1")
+
+
 def _server_eval(cfg: RunConfig, glob: GlobalModel) -> Any:
-    """The validation loss of the global model on ``federated.eval_file``, as the loop
-    computes it (same encoding, same objective)."""
+    """The global model each round on ``federated.eval_file``: validation loss as the loop
+    computes it (same encoding, same objective) and, for classification, accuracy and
+    macro-F1 as the run's evaluation computes them (``eval.mode``, by scoring by default)."""
+    from tunesmith.flows.assess import evaluate_lm
     from tunesmith.flows.steps import encode_examples, read_examples, training_encoder
     from tunesmith.training.loop import evaluate_objective
     from tunesmith.training.objectives import LMObjective
 
     assert cfg.federated is not None and cfg.federated.eval_file is not None
     examples = read_examples(cfg.federated.eval_file, cfg.data, [])
-    labels = cfg.eval.labels
+    classify = cfg.eval.task == "classification"
+    labels = (cfg.eval.labels or sorted({ex.label for ex in examples})) if classify else None
     rows, _ = encode_examples(training_encoder(glob.tokenizer, cfg, labels), examples,
                               max_length=cfg.data.max_length, split="eval")
     objective = LMObjective(glob.model, pad_id=glob.tokenizer.pad_token_id)
 
-    def evaluate() -> float | None:
+    def evaluate() -> dict[str, float]:
+        glob.model.eval()
         loss = evaluate_objective(objective, rows, batch_size=cfg.eval.batch_size,
                                   device=torch.device("cpu"))["valid_loss"]
-        return loss if math.isfinite(loss) else None
+        found = {"global_valid_loss": loss} if math.isfinite(loss) else {}
+        if classify:
+            metrics = evaluate_lm(glob.model, glob.tokenizer, examples, cfg.eval, labels,
+                                  score_labels=False).metrics
+            found.update({f"global_{k}": float(metrics[k]) for k in ("accuracy", "macro_f1")
+                          if metrics.get(k) is not None})
+        return found
 
     return evaluate

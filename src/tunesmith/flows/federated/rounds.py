@@ -122,10 +122,12 @@ def plot_rounds(records: list[dict[str, Any]], path: Path) -> Path:
 def federated_sections(records: list[dict[str, Any]], settings: dict[str, Any]) -> list[Section]:
     """The report's sections: settings, per-round curves and table, per-client metrics."""
     per_round = Table(["round", "answered", "failed", "examples", "train loss",
-                       "validation loss", "server eval loss"],
+                       "validation loss", "server eval loss", "server accuracy",
+                       "server macro-F1"],
                       [[str(r["round"]), str(len(r["clients"])), str(len(r["failures"])),
                         str(r["examples"]), fmt(r.get("train_loss")), fmt(r.get("valid_loss")),
-                        fmt(r.get("global_valid_loss"))] for r in records])
+                        fmt(r.get("global_valid_loss")), fmt(r.get("global_accuracy")),
+                        fmt(r.get("global_macro_f1"))] for r in records])
     metric_names = sorted({k for r in records for c in r["clients"].values()
                            for k in c["metrics"]})
     per_client = Table(["round", "client", "examples", *metric_names],
@@ -146,11 +148,17 @@ def federated_sections(records: list[dict[str, Any]], settings: dict[str, Any]) 
 
 
 def write_report(run_dir: Path, name: str, model: str, settings: dict[str, Any]) -> Path:
-    """``report.md`` and ``rounds.png`` from rounds.jsonl, rendered like every run report."""
+    """``report.md``, ``report.html`` and ``rounds.png`` from rounds.jsonl, rendered by the
+    renderers of every run report."""
+    from tunesmith.evaluation.html import render_page
+
     records = read_rounds(run_dir)
     plot_rounds(records, run_dir / "rounds.png")
-    lines = [f"# Federated run report: {name}", "", f"Base model: `{model}`", "",
-             *sections_markdown(federated_sections(records, settings))]
+    sections = federated_sections(records, settings)
+    title, meta = f"Federated run report: {name}", f"Base model: `{model}`"
+    lines = [f"# {title}", "", meta, "", *sections_markdown(sections)]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
+    (run_dir / "report.html").write_text(render_page(title, meta, sections, run_dir),
+                                         encoding="utf-8")
     return path
