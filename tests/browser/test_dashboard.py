@@ -274,7 +274,7 @@ def test_playground_two_models_streamed_rated_and_corrected(open_page, dash,
     assert stored == {(ids["A"], "good", None), (ids["B"], "bad", None), (ids["B"], None, "good")}
 
 
-def tab_to(page, name: str, limit: int = 60) -> None:
+def tab_to(page, name: str, limit: int = 300) -> None:
     """Press Tab until the focused control's label, text or accessible name is ``name``."""
     for _ in range(limit):
         page.keyboard.press("Tab")
@@ -297,8 +297,11 @@ def test_the_keyboard_alone_reaches_views_sends_and_rates(open_page, dash,
         tab_to(page, link)
         page.keyboard.press("Enter")
         page.get_by_role("heading", name=heading, exact=True).wait_for()
+    model_a = page.get_by_label("Model A", exact=True)
+    model_a.locator("option[value='tiny-b']").wait_for(state="attached")  # the list is loaded
     tab_to(page, "Model A")
-    page.keyboard.press("End")  # the last model in the list
+    page.keyboard.type("tiny-b")  # a focused list jumps to the option typed
+    assert model_a.input_value() == "tiny-b"
     tab_to(page, "Max tokens")
     page.keyboard.press("Control+A")
     page.keyboard.type("4")
