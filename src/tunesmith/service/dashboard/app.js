@@ -74,6 +74,7 @@ async function route() {
   const [match, render] = found ?? [[hash, ""], jobsPage];
   const gen = generation;
   const view = $("view");
+  const focusedAtStart = document.activeElement;
   try {
     const shown = await render(view, ...match.slice(1).map(decodeURIComponent));
     if (gen !== generation) return shown?.stop?.();
@@ -88,7 +89,9 @@ async function route() {
     view.append(box);
     return;
   }
-  view.querySelector("h1")?.focus();
+  // the new page's heading takes the focus (a screen reader announces the page), unless the
+  // user moved the focus while the page was loading: never pull it from under their keys
+  if (document.activeElement === focusedAtStart) view.querySelector("h1")?.focus();
   document.title = `${view.querySelector("h1")?.textContent ?? "tunesmith"} · tunesmith`;
   poll(gen);
 }
