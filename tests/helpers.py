@@ -256,3 +256,25 @@ def training_children(pid: int) -> list[psutil.Process]:
         except psutil.Error:
             pass
     return found
+
+
+def federated_config(root: Path, model_dir: Path, clients: list[Path], **federated) -> Path:
+    """``root/config.yaml``: a federated run of the tiny model ``model_dir`` over the client
+    files ``clients`` (LoRA r=4, batch 4, 2 local steps a round, min_clients 2); ``federated``
+    adds to or overrides the federated section."""
+    import yaml
+
+    cfg = {
+        "name": "fed", "output_dir": str(root / "run"), "model": {"base": str(model_dir)},
+        "data": {"train_file": clients[0].name, "max_length": 128},
+        "train": {"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                  "batch_size": 4, "learning_rate": 2e-2, "early_stopping_patience": None,
+                  "seed": 7},
+        "eval": {"task": "classification", "labels": ["good", "bad"]},
+        "energy": {"enabled": False},
+        "federated": {"clients": [f.name for f in clients], "local_steps": 2, "min_clients": 2,
+                      **federated},
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path

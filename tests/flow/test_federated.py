@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import review_rows, write_jsonl
+from tests.helpers import federated_config, review_rows, write_jsonl
 from tunesmith.flows.federated import simulate
 
 pytest.importorskip("flwr", reason="federated training needs `pip install -e '.[federated]'`")
@@ -26,27 +26,13 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def federated_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
                   test_home: Path):
-    import yaml
-
     root = tmp_path_factory.mktemp("federated")
     rows = review_rows(72)
     files = [write_jsonl(root / f"client-{i}.jsonl", rows[:60][i::N_CLIENTS][: 12 + 4 * i])
              for i in range(N_CLIENTS)]
     held_out = write_jsonl(root / "server-eval.jsonl", rows[60:])
-    cfg = {
-        "name": "fed", "output_dir": str(root / "run"), "model": {"base": str(tiny_model_dir)},
-        "data": {"train_file": files[0].name, "max_length": 128},
-        "train": {"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-                  "batch_size": 4, "learning_rate": 2e-2, "early_stopping_patience": None,
-                  "seed": 7},
-        "eval": {"task": "classification", "labels": ["good", "bad"]},
-        "energy": {"enabled": False},
-        "federated": {"clients": [f.name for f in files], "rounds": ROUNDS, "local_steps": 2,
-                      "min_clients": 2, "keep_client_updates": True,
-                      "eval_file": held_out.name},
-    }
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    path = federated_config(root, tiny_model_dir, files, rounds=ROUNDS,
+                            keep_client_updates=True, eval_file=held_out.name)
     return simulate(path, home=test_home), rows
 
 

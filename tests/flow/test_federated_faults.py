@@ -15,9 +15,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 
-from tests.helpers import review_rows, write_jsonl
+from tests.helpers import federated_config, review_rows, write_jsonl
 
 pytest.importorskip("flwr", reason="federated training needs `pip install -e '.[federated]'`")
 pytestmark = pytest.mark.slow
@@ -28,20 +27,7 @@ def _config(root: Path, tiny_model_dir: Path, rounds: int) -> Path:
     rows = review_rows(60)
     files = [write_jsonl(root / f"client-{i}.jsonl", rows[i::N_CLIENTS][:16])
              for i in range(N_CLIENTS)]
-    cfg = {
-        "name": "fed", "output_dir": str(root / "run"), "model": {"base": str(tiny_model_dir)},
-        "data": {"train_file": files[0].name, "max_length": 128},
-        "train": {"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-                  "batch_size": 4, "learning_rate": 2e-2, "early_stopping_patience": None,
-                  "seed": 7},
-        "eval": {"task": "classification", "labels": ["good", "bad"]},
-        "energy": {"enabled": False},
-        "federated": {"clients": [f.name for f in files], "rounds": rounds, "local_steps": 2,
-                      "min_clients": 2},
-    }
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
+    return federated_config(root, tiny_model_dir, files, rounds=rounds)
 
 
 def _wait_for(what: str, check, timeout: float = 240):

@@ -106,6 +106,33 @@ class Prepared:
     privacy: Privacy | None = None  # DP planned against the encoded data (train.privacy)
 
 
+@dataclass
+class Headless:
+    """What a training without a screen needs (a tuning trial, a federated client's round):
+    the base model and its tokenizer, the splits, the labels and the prepared data."""
+
+    model: Any
+    model_dir: Path
+    tokenizer: Any
+    splits: Splits
+    labels: list[str] | None
+    prepared: Prepared
+
+
+def prepare_headless(cfg: RunConfig, out_dir: Path, home: Path) -> Headless:
+    """Resolve and load the base model, read and split the data (no test split) and prepare it
+    as ``run`` does, logging instead of drawing progress."""
+    model_dir = resolve_model(cfg.model.base, home=home)
+    rejects: list[Rejected] = []
+    splits = load_splits(cfg, rejects, with_test=False)
+    labels = classification_labels(cfg, splits)
+    model, tokenizer = load(model_dir, dtype=base_dtype(cfg))
+    with Progress(disable=True) as progress:
+        prepared = prepare_training(cfg, out_dir, tokenizer, splits, labels, progress,
+                                    log.info, rejects)
+    return Headless(model, model_dir, tokenizer, splits, labels, prepared)
+
+
 def prepare_training(cfg: RunConfig, run_dir: Path, tokenizer: Any, splits: Splits,
                      labels: list[str] | None, progress: Progress, say: Callable[[str], None],
                      rejects: list[Rejected]) -> Prepared:

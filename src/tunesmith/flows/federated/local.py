@@ -19,15 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import Progress
 
 from tunesmith.config import RunConfig
 from tunesmith.flows.finetune import fine_tune
-from tunesmith.flows.run import prepare_training
-from tunesmith.flows.steps import base_dtype, classification_labels, load_splits
+from tunesmith.flows.run import prepare_headless
 from tunesmith.models.adapters import load_trainable_state, trainable_state_copy
-from tunesmith.models.load import load
-from tunesmith.models.resolve import resolve_model
 from tunesmith.training.setup import TrainParts, Wrapper
 
 log = logging.getLogger("tunesmith")
@@ -150,14 +146,8 @@ def train_locally(cfg: RunConfig, data_file: Path, work_dir: Path,
     work_dir.mkdir(parents=True, exist_ok=True)
     # checkpoints of an earlier round belong to another global adapter
     shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
-    model_dir = resolve_model(cfg.model.base, home=home)
-    rejects: list[Any] = []
-    splits = load_splits(cfg, rejects, with_test=False)
-    labels = classification_labels(cfg, splits)
-    model, tokenizer = load(model_dir, dtype=base_dtype(cfg))
-    with Progress(disable=True) as progress:
-        prepared = prepare_training(cfg, work_dir, tokenizer, splits, labels, progress,
-                                    log.info, rejects)
+    ready = prepare_headless(cfg, work_dir, home)
+    prepared = ready.prepared
     hp = prepared.hp.model_copy(update={"total_steps": local_steps, "eval_every": local_steps,
                                         "warmup_steps": 0, "epochs": local_steps})
     wrappers: list[Wrapper] = [ffa_lora] if ffa else []
@@ -165,8 +155,9 @@ def train_locally(cfg: RunConfig, data_file: Path, work_dir: Path,
     if proximal_mu > 0:
         wrappers.append(fedprox(global_state, proximal_mu))
     seen = _LastMetrics()
-    tuned = fine_tune(cfg, work_dir, model, model_dir, tokenizer, train_rows=prepared.train,
-                      valid_rows=prepared.valid, hp=hp, labels=labels, callbacks=[seen],
+    tuned = fine_tune(cfg, work_dir, ready.model, ready.model_dir, ready.tokenizer,
+                      train_rows=prepared.train, valid_rows=prepared.valid, hp=hp,
+                      labels=ready.labels, callbacks=[seen],
                       wrappers=wrappers, restore_best=False, save=False)
     return LocalUpdate(state=trainable_state_copy(tuned.model),
                        num_examples=len(prepared.train), metrics=seen.metrics())

@@ -27,8 +27,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from rich.progress import Progress
-
 from tunesmith.config import RunConfig, TuneConfig, parse_config
 from tunesmith.data.split import sample
 from tunesmith.errors import TunesmithError
@@ -39,10 +37,8 @@ from tunesmith.flows.logs import (
     detach_log_file,
     keep_library_output_off_screen,
 )
-from tunesmith.flows.run import prepare_training
-from tunesmith.flows.steps import base_dtype, classification_labels, load_splits, write_json
-from tunesmith.models.load import load
-from tunesmith.models.resolve import resolve_model
+from tunesmith.flows.run import prepare_headless
+from tunesmith.flows.steps import write_json
 from tunesmith.training.callbacks import MetricsLog
 
 log = logging.getLogger("tunesmith")
@@ -122,14 +118,9 @@ def run_trial(trial_dir: Path) -> dict[str, Any]:
     spec = json.loads((trial_dir / SPEC_FILE).read_text(encoding="utf-8"))
     cfg = parse_config(spec["config"], source=f"trial {spec['number']}")
     objective, direction = spec["objective"], spec["direction"]
-    model_dir = resolve_model(cfg.model.base, home=Path(spec["home"]))
-    rejects: list[Any] = []
-    splits = load_splits(cfg, rejects, with_test=False)
-    labels = classification_labels(cfg, splits)
-    model, tokenizer = load(model_dir, dtype=base_dtype(cfg))
-    with Progress(disable=True) as progress:
-        prepared = prepare_training(cfg, trial_dir, tokenizer, splits, labels, progress,
-                                    log.info, rejects)
+    ready = prepare_headless(cfg, trial_dir, Path(spec["home"]))
+    model, model_dir, tokenizer = ready.model, ready.model_dir, ready.tokenizer
+    splits, labels, prepared = ready.splits, ready.labels, ready.prepared
     assert cfg.tune is not None
     reporter = ReportToStudy(open_trial(spec, cfg.tune), direction, spec["parent_pid"])
     tuned = fine_tune(cfg, trial_dir, model, model_dir, tokenizer, train_rows=prepared.train,
