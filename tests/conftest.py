@@ -60,6 +60,23 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_family_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Callable[[str], Path]:
+    """``tiny_family_dir(family)``: a random model of that family (``tests.families``), 2
+    layers, hidden 64, with the real tokenizer (and the family's chat template), built once."""
+    from tests.families import build_family
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_family(family, tokenizer,
+                                         tmp_path_factory.mktemp(f"tiny-{family}"))
+        return built[family]
+
+    return get
+
+
 @pytest.fixture
 def make_config(tmp_path: Path, tiny_model_dir: Path) -> Callable[..., Path]:
     """Write a run config for the tiny model on a small review dataset; override any section."""

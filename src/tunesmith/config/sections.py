@@ -45,6 +45,12 @@ class DataConfig(_Section):
     label_column: str = Field("label", description="Classification rows: the label column.")
     system_prompt: str | None = Field(
         None, description="Classification rows: the system message put before each text.")
+    system_fallback: Literal["fold", "refuse"] = Field(
+        "fold", description="When the model's chat template has no system role (Gemma): "
+        "'fold' puts the system message at the start of the first user message, a blank line "
+        "between (as Gemma 3's own template does), the same in training, evaluation and "
+        "serving, and says so in the run log; 'refuse' stops before training and lists the "
+        "examples that have a system message.")
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="'raise': stop at invalid rows and list them all. 'skip': leave "
         "them out of the run and list them, with reasons, in rejects.jsonl of the run.")

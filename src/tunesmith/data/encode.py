@@ -5,6 +5,15 @@ located as a character span (the template rendered up to the turn's generation p
 to the end of the turn), and a token is a target when its characters start inside such a span.
 This stays right for templates whose pieces would tokenize differently on their own, and trains
 every assistant turn of a multi-turn conversation (except those with ``weight: 0``).
+
+Templates differ in what they accept. One without a system role (Gemma's raises "System
+role not supported"; some silently drop the message) gets the system message folded into the
+first user message, ``system + "\n\n" + user``, as Gemma 3's own template does; this happens
+here, so training, evaluation, generation and serving render a conversation alike, and a run
+refuses it up front instead where ``data.system_fallback`` is 'refuse'. A template that
+refuses a conversation (roles that must alternate) raises a ``DataError`` with the template's
+own words, and so does one that renders earlier turns differently once later turns are added
+(the loss mask could not find the assistant tokens).
 """
 
 from __future__ import annotations
@@ -33,10 +42,58 @@ class Encoded:
         return len(self.input_ids)
 
 
+_PROBE = ("\x1fsystem-probe\x1f", "\x1fuser-probe\x1f")
+_TAKES_SYSTEM: dict[str, bool] = {}  # chat template -> whether it renders a system message
+
+
+def takes_system(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template renders a leading system message: it neither
+    raises nor drops it."""
+    template = str(tokenizer.chat_template)
+    if template not in _TAKES_SYSTEM:
+        probe = [{"role": "system", "content": _PROBE[0]}, {"role": "user", "content": _PROBE[1]}]
+        try:
+            text = tokenizer.apply_chat_template(probe, tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 (a Jinja template can raise anything)
+            text = ""
+        _TAKES_SYSTEM[template] = _PROBE[0] in text
+    return _TAKES_SYSTEM[template]
+
+
+def fold_system(messages: Sequence[dict]) -> list[dict]:
+    """A leading system message put at the start of the first user message (blank line
+    between), for templates without a system role."""
+    if not messages or messages[0]["role"] != "system":
+        return list(messages)
+    system, rest = messages[0], list(messages[1:])
+    first_user = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
+    if first_user is None:
+        raise DataError("the model's chat template has no system role, and this conversation "
+                        "has no user message to fold the system message into; add one",
+                        code="template_error")
+    user = rest[first_user]
+    rest[first_user] = {**user, "content": f"{system['content']}\n\n{user['content']}"}
+    return rest
+
+
 def render(tokenizer: Any, messages: Sequence[dict], *, add_generation_prompt: bool) -> str:
+    """The conversation as the chat template renders it (system message folded where the
+    template has no system role); a ``DataError`` with the template's words if it refuses."""
+    from jinja2 import TemplateError
+
     clean = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
-    return tokenizer.apply_chat_template(
-        clean, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if clean and clean[0]["role"] == "system" and not takes_system(tokenizer):
+        clean = fold_system(clean)
+    try:
+        return tokenizer.apply_chat_template(
+            clean, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as err:
+        roles = ", ".join(m["role"] for m in clean)
+        raise DataError(f"the model's chat template refuses this conversation ({err}); its "
+                        f"roles are {roles}; change the conversation to what the template "
+                        "accepts, or give the model another chat template",
+                        code="template_error") from err
 
 
 def assistant_spans(tokenizer: Any, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -53,8 +110,11 @@ def assistant_spans(tokenizer: Any, messages: Sequence[dict]) -> tuple[str, list
         if not text.startswith(start_text) or not text.startswith(end_text):
             raise DataError(
                 "the model's chat template renders earlier turns differently once later turns "
-                "are added, so assistant tokens cannot be located; use a template without "
-                "that behaviour")
+                f"are added (message {i + 1}, an assistant turn, does not start the same in the "
+                "whole conversation), so its tokens cannot be located for the loss mask; split the "
+                "conversation into one example per assistant turn, or give the model a "
+                "template that renders each turn the same whatever follows",
+                code="template_error")
         spans.append((len(start_text), len(end_text)))
     return text, spans
 

@@ -76,6 +76,8 @@ PROBLEM_CODES = {
     "no_trainable_tokens": "no assistant token to train on (every assistant weight is 0)",
     # found by validation of the whole file
     "template_error": "the model's chat template cannot render the example",
+    "system_role_unsupported": "a system message where the chat template has no system role "
+                               "(data.system_fallback: refuse)",
     "label_not_allowed": "a label outside the allowed labels",
     "conflicting_labels": "the same input with another label on an earlier line",
     "missing_file": "the file or directory named does not exist",

@@ -25,6 +25,7 @@ from tunesmith.data.encode import IGNORE_INDEX, encode_chat
 from tunesmith.errors import DataError
 from tunesmith.models.classifier import unwrap
 from tunesmith.models.generation import pad_batch
+from tunesmith.models.heads import output_head
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def _score_contexts(lm: Any, contexts: list[list[int]], answers: list[list[list[
     padded = pad_batch(contexts, pad_id=pad_id, side="left")
     ids, mask = padded.input_ids, padded.attention_mask
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+    decoder, head = lm.get_decoder(), output_head(lm)
     out = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
                   position_ids=positions.to(device), use_cache=True)
     first = F.log_softmax(head(out.last_hidden_state[:, -1]).float(), dim=-1)

@@ -40,6 +40,7 @@ from tunesmith.flows.logs import attach_log_file, detach_log_file
 from tunesmith.flows.steps import (
     advance_task,
     base_dtype,
+    check_system_role,
     classification_labels,
     encode_examples,
     load_splits,
@@ -208,6 +209,9 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
     say(f"base model: {cfg.model.base} ({model_dir})")
     dtype = base_dtype(cfg)
     model, tokenizer = load(model_dir, dtype=dtype)
+    folded = check_system_role(tokenizer, cfg.data, splits)
+    if folded:
+        say(folded)
 
     # 2b. the data's own checks: bias per group field, suspected wrong labels (as configured)
     with Progress(console=console, disable=not show_progress) as progress:

@@ -32,6 +32,7 @@ from tunesmith.data.encode import (
     encode_chat,
     encode_class_example,
     encode_pair,
+    takes_system,
 )
 from tunesmith.data.formats import ReadOptions, iter_records
 from tunesmith.data.normalize import TextOptions
@@ -195,8 +196,14 @@ def encode_examples(encode: Callable[[Any], Any], examples: Sequence[Record],
         isinstance(ex, PreferenceExample) for ex in examples[:1]) else "the example"
     rejects: list[Rejected] = []
     task = progress.add_task(f"tokenising {split}", total=len(examples)) if progress else None
+    refused: list[Problem] = []
     for ex in examples:
-        enc = encode(ex)
+        try:
+            enc = encode(ex)
+        except DataError as err:  # the chat template refuses it: every such line at once
+            refused += [dataclasses.replace(p, line=ex.line, field=p.field or "messages")
+                        for p in err.problems]
+            continue
         if len(enc) > max_length:
             rejects.append(removed(ex, "encode", Problem(
                 "too_long", f"{what} has {len(enc)} tokens with the chat template, over "
@@ -210,7 +217,34 @@ def encode_examples(encode: Callable[[Any], Any], examples: Sequence[Record],
             kept.append(enc)
         if progress:
             progress.advance(task)
+    if refused:
+        source = examples[0].source if examples else None
+        raise DataError(f"{split}: the model's chat template cannot be trained on "
+                        f"{len(refused)} example(s)", path=source, problems=refused)
     return kept, rejects
+
+
+def check_system_role(tokenizer: Any, d: DataConfig, splits: Splits) -> str | None:
+    """How the examples' system messages meet a chat template without a system role: a
+    ``DataError`` listing them (``data.system_fallback: refuse``), or the line saying they
+    are folded into the first user message; None when the template has a system role or no
+    example has a system message."""
+    if takes_system(tokenizer):
+        return None
+    found = [ex for part in (splits.train, splits.validation, splits.test) for ex in part
+             if as_chat(ex).messages and as_chat(ex).messages[0]["role"] == "system"]
+    if not found:
+        return None
+    if d.system_fallback == "refuse":
+        raise DataError(
+            f"the model's chat template has no system role, and {len(found)} example(s) start "
+            "with a system message; remove them, or set data.system_fallback: fold to put "
+            "the system message at the start of the first user message",
+            path=found[0].source, problems=[Problem(
+                "system_role_unsupported", "a system message the chat template cannot render",
+                ex.line, "messages[0]") for ex in found])
+    return (f"the chat template has no system role: the system message of {len(found)} "
+            "example(s) is folded into the first user message (data.system_fallback: fold)")
 
 
 def classification_labels(cfg: RunConfig, splits: Splits) -> list[str] | None:

@@ -74,7 +74,7 @@ def class_logits_at(model: Any, input_ids: torch.Tensor, marks: torch.Tensor, *,
     at its neighbour's.
     """
     clf = unwrap(model)
-    hidden = clf.model(input_ids=input_ids, attention_mask=attention_mask,
+    hidden = clf.base_model(input_ids=input_ids, attention_mask=attention_mask,
                        position_ids=position_ids, use_cache=False).last_hidden_state
     return _head(clf, hidden[marks])
 
@@ -83,7 +83,7 @@ def class_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
                  ) -> torch.Tensor:
     """Logits [batch, classes] of a *ForSequenceClassification model at each last real token."""
     clf = unwrap(model)
-    hidden = clf.model(input_ids=input_ids, attention_mask=attention_mask,
+    hidden = clf.base_model(input_ids=input_ids, attention_mask=attention_mask,
                        use_cache=False).last_hidden_state
     if attention_mask is None:
         last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)

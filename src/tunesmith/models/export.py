@@ -33,7 +33,9 @@ import numpy as np
 
 from tunesmith.errors import ModelError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+# Mistral is Llama's layout (llama.cpp's converter writes it as "llama" too) when it has no
+# sliding window, which llama.cpp's llama architecture does not apply
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 TENSOR_TYPES = ("f32", "f16", "q8_0")
 # What a clean Hugging Face directory holds besides the tokenizer, which is written afresh.
 # calibration.json (a few hundred bytes) stays: it is the temperature that turns this model's
@@ -92,7 +94,8 @@ def _check_architecture(model_dir: Path) -> None:
                          "head; export it with --format hf, or train with train.head: lm")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelError(f"{model_dir}: GGUF export supports {', '.join(SUPPORTED_ARCHITECTURES)}"
-                         f" (the Llama architecture, as SmolLM2 has); this model is {arch}. "
+                         f" (the Llama architecture, as SmolLM2 and Mistral have); this model "
+                         f"is {arch}. "
                          "Export it with --format hf, or convert it with llama.cpp's "
                          "convert_hf_to_gguf.py")
 
@@ -104,6 +107,11 @@ def _gguf_inputs(model_dir: Path) -> tuple[Any, Any, Vocabulary]:
 
     config = _config(model_dir)
     rope = _rope(config)
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window < config.max_position_embeddings:
+        raise ModelError(f"{model_dir}: a sliding attention window ({window} tokens) is not "
+                         "supported by the GGUF export (llama.cpp's llama architecture attends "
+                         "to the whole context); use --format hf")
     if rope.get("rope_type", "default") != "default":
         raise ModelError(f"{model_dir}: rope scaling {rope.get('rope_type')!r} is not supported "
                          "by the GGUF export (plain rotary embeddings only); use --format hf")

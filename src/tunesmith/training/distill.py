@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from tunesmith.data.encode import IGNORE_INDEX, Encoded
 from tunesmith.errors import ConfigError
 from tunesmith.models.classifier import class_logits_at, unwrap
+from tunesmith.models.heads import output_head
 from tunesmith.training.loss import HEAD_CHUNK, target_hidden
 from tunesmith.training.objectives import Frozen, ObjectiveOutput, encoded_passes
 from tunesmith.training.precision import autocast
@@ -116,7 +117,7 @@ class DistillObjective(_Distill):
             with torch.no_grad():
                 teacher_hidden, _, _ = target_hidden(teacher, input_ids, labels,
                                                      attention_mask, position_ids)
-            head, teacher_head = lm.get_output_embeddings(), teacher.get_output_embeddings()
+            head, teacher_head = output_head(lm), output_head(teacher)
             kl = hidden.new_zeros((), dtype=torch.float32)
             ce = hidden.new_zeros((), dtype=torch.float32)
             correct = torch.zeros((), dtype=torch.long)

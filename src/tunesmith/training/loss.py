@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.models.classifier import unwrap
+from tunesmith.models.heads import output_head
 from tunesmith.training.precision import autocast
 
 HEAD_CHUNK = 1024
@@ -62,7 +63,7 @@ class TargetLoss(nn.Module):
                  ) -> LossSums:
         lm = unwrap(self.model)
         selected, wanted, _ = target_hidden(lm, input_ids, labels, attention_mask, position_ids)
-        head = lm.get_output_embeddings()
+        head = output_head(lm)
         loss_sum = selected.new_zeros((), dtype=torch.float32)
         correct = torch.zeros((), dtype=torch.long)
         for start in range(0, wanted.shape[0], HEAD_CHUNK):
@@ -116,7 +117,7 @@ def sequence_log_probs(model: Any, input_ids: torch.Tensor, labels: torch.Tensor
         selected, wanted, mask = target_hidden(lm, input_ids, labels, attention_mask,
                                                position_ids)
         owner = sequence[:, 1:][mask]
-        head = lm.get_output_embeddings()
+        head = output_head(lm)
         parts = []
         for start in range(0, wanted.shape[0], HEAD_CHUNK):
             h, y = selected[start:start + HEAD_CHUNK], wanted[start:start + HEAD_CHUNK]
