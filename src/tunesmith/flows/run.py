@@ -120,12 +120,13 @@ class Headless:
     prepared: Prepared
 
 
-def prepare_headless(cfg: RunConfig, out_dir: Path, home: Path) -> Headless:
+def prepare_headless(cfg: RunConfig, out_dir: Path, home: Path, *,
+                     carve_test: bool = True) -> Headless:
     """Resolve and load the base model, read and split the data (no test split) and prepare it
-    as ``run`` does, logging instead of drawing progress."""
+    as ``run`` does, logging instead of drawing progress. ``carve_test``: see ``load_splits``."""
     model_dir = resolve_model(cfg.model.base, home=home)
     rejects: list[Rejected] = []
-    splits = load_splits(cfg, rejects, with_test=False)
+    splits = load_splits(cfg, rejects, with_test=False, carve_test=carve_test)
     labels = classification_labels(cfg, splits)
     model, tokenizer = load(model_dir, dtype=base_dtype(cfg))
     with Progress(disable=True) as progress:

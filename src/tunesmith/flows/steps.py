@@ -111,13 +111,14 @@ def clean_stage(examples: list[Record], d: DataConfig, rejects: list[Rejected]
 
 
 def load_splits(cfg: RunConfig, rejects: list[Rejected] | None = None, *,
-                with_test: bool = True) -> Splits:
+                with_test: bool = True, carve_test: bool = True) -> Splits:
     """Read, validate and clean the data; split off validation/test where no file is given.
 
     Near-duplicates are kept in the same split, so nothing leaks from train into test.
     ``with_test=False`` (a search trial) never opens ``data.test_file`` and returns no test
     examples; a test split carved from the training file is still carved, so the training
-    data is the same as a run's.
+    data is the same as a run's. ``carve_test=False`` (a federated client, whose test set is
+    the server's) carves none off a training file: every row it does not validate on trains.
     """
     d, seed = cfg.data, cfg.train.seed
     rejects = rejects if rejects is not None else []
@@ -127,6 +128,8 @@ def load_splits(cfg: RunConfig, rejects: list[Rejected] | None = None, *,
         if d.validation_file else None
     test = None if not d.test_file else read_examples(
         d.test_file, d, rejects, pairs=None) if with_test else []
+    if not carve_test and test is None:
+        test = []
     is_cls = cfg.eval.task == "classification"
     labels = [example_label(ex) for ex in train_set] if is_cls else None
     if valid is None or test is None:

@@ -224,3 +224,20 @@ def test_a_malformed_client_file_fails_that_client_with_file_line_and_field(
                       round_number=1)
     message = str(err.value)
     assert "client-1.jsonl" in message and "line 5" in message and "role" in message
+
+
+def test_a_client_trains_on_every_row_it_does_not_validate_on(tiny_cfg, tmp_path,
+                                                               test_home) -> None:
+    """The server holds the test set: a client carves no test split off its own file."""
+    from tests.helpers import review_rows, write_jsonl
+    from tunesmith.flows.federated.local import client_config
+    from tunesmith.flows.steps import load_splits
+
+    data = write_jsonl(tmp_path / "client-1.jsonl", review_rows(40))
+    cfg = client_config(tiny_cfg, data, tmp_path / "work")
+    splits = load_splits(cfg, with_test=False, carve_test=False)
+    assert len(splits.train) + len(splits.validation) == 40
+    assert splits.validation and splits.test == []
+    # a run (or a search trial) of the same file keeps its test share out of training
+    kept = load_splits(cfg, with_test=False)
+    assert len(kept.train) + len(kept.validation) < 40

@@ -131,7 +131,8 @@ class _LastMetrics:
 
 
 def client_config(cfg: RunConfig, data_file: Path, work_dir: Path) -> RunConfig:
-    """The run configuration a client trains with: its own file, validation split off it."""
+    """The run configuration a client trains with: its own file, validation split off it (no
+    test split: the server evaluates on the test set)."""
     data = cfg.data.model_copy(update={"train_file": Path(data_file), "validation_file": None,
                                        "test_file": None})
     return cfg.model_copy(update={"data": data, "output_dir": work_dir})
@@ -146,7 +147,7 @@ def train_locally(cfg: RunConfig, data_file: Path, work_dir: Path,
     work_dir.mkdir(parents=True, exist_ok=True)
     # checkpoints of an earlier round belong to another global adapter
     shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
-    ready = prepare_headless(cfg, work_dir, home)
+    ready = prepare_headless(cfg, work_dir, home, carve_test=False)
     prepared = ready.prepared
     hp = prepared.hp.model_copy(update={"total_steps": local_steps, "eval_every": local_steps,
                                         "warmup_steps": 0, "epochs": local_steps})
