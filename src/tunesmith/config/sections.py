@@ -223,6 +223,12 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: less memory, ~30% more time."
     )
+    quantize_base: Literal["none", "nf4"] = Field(
+        "none", description="'nf4': QLoRA. The frozen base weights in 4-bit NormalFloat with "
+        "double quantisation (bitsandbytes, CUDA only; refused elsewhere), LoRA adapters "
+        "trained on top, computing in bf16; the adapters are merged into the unquantised base "
+        "for the merged model. Needs method: lora and head: lm.",
+    )
     schedule: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
     )
@@ -255,6 +261,15 @@ class TrainConfig(_Section):
         if isinstance(data, dict) and data.get("privacy") and "packing" not in data:
             data = {**data, "packing": False}
         return data
+
+    @model_validator(mode="after")
+    def _quantized_base_fits(self) -> TrainConfig:
+        if self.quantize_base != "none" and (self.method != "lora" or self.head != "lm"):
+            raise ValueError(f"train.quantize_base: {self.quantize_base} trains LoRA adapters "
+                             "on a 4-bit base (method: lora, head: lm); 4-bit weights cannot "
+                             "be trained themselves. Set method: lora and head: lm, or "
+                             "quantize_base: none")
+        return self
 
     @model_validator(mode="after")
     def _privacy_fits(self) -> TrainConfig:

@@ -48,7 +48,7 @@ from tunesmith.flows.steps import (
     training_encoder,
     write_splits,
 )
-from tunesmith.models.load import load
+from tunesmith.models.load import check_quantization, load
 from tunesmith.models.resolve import default_home, resolve_model
 from tunesmith.training.callbacks import MetricsLog, ProgressBar, read_metrics
 from tunesmith.training.privacy import Privacy
@@ -87,6 +87,7 @@ def run(config: RunConfig | str | Path, *, overwrite: bool = False, resume: bool
     home = home or default_home()
     # an unknown or broken base model fails here, before any data is read or a run dir made
     model_dir = resolve_model(cfg.model.base, home=home)
+    check_quantization(cfg.train.quantize_base)  # QLoRA where no GPU is: before anything
     run_dir = prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
     handler = attach_log_file(run_dir)
     try:
@@ -125,10 +126,11 @@ def prepare_headless(cfg: RunConfig, out_dir: Path, home: Path, *,
     """Resolve and load the base model, read and split the data (no test split) and prepare it
     as ``run`` does, logging instead of drawing progress. ``carve_test``: see ``load_splits``."""
     model_dir = resolve_model(cfg.model.base, home=home)
+    check_quantization(cfg.train.quantize_base)
     rejects: list[Rejected] = []
     splits = load_splits(cfg, rejects, with_test=False, carve_test=carve_test)
     labels = classification_labels(cfg, splits)
-    model, tokenizer = load(model_dir, dtype=base_dtype(cfg))
+    model, tokenizer = load(model_dir, dtype=base_dtype(cfg), quantize=cfg.train.quantize_base)
     with Progress(disable=True) as progress:
         prepared = prepare_training(cfg, out_dir, tokenizer, splits, labels, progress,
                                     log.info, rejects)
@@ -209,7 +211,7 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
     # 2. the base model
     say(f"base model: {cfg.model.base} ({model_dir})")
     dtype = base_dtype(cfg)
-    model, tokenizer = load(model_dir, dtype=dtype)
+    model, tokenizer = load(model_dir, dtype=dtype, quantize=cfg.train.quantize_base)
     folded = check_system_role(tokenizer, cfg.data, splits)
     if folded:
         say(folded)

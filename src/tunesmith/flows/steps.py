@@ -274,6 +274,12 @@ def prepare_model_for_training(model: Any, cfg: RunConfig) -> Any:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+    if cfg.train.quantize_base != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # QLoRA's preparation: norms and embeddings in fp32, inputs that carry gradients
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     lora = cfg.train.lora
     return add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                     target_modules=lora.target_modules,

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tunesmith.errors import ModelError
+from tunesmith.errors import ConfigError, ModelError
 
 # ChatML: used when a model ships no chat template of its own (plain base models).
 CHATML_TEMPLATE = (
@@ -37,20 +37,56 @@ def load_tokenizer(path: Path) -> Any:
     return tokenizer
 
 
-def load_model(path: Path, *, dtype: str = "float32") -> Any:
+def check_quantization(choice: str) -> None:
+    """Refuse ``train.quantize_base`` early where it cannot run: 4-bit NormalFloat weights are
+    bitsandbytes' CUDA kernels (QLoRA), so there is no CPU fallback to fall into silently."""
+    if choice == "none":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"train.quantize_base: {choice} (QLoRA) needs a CUDA GPU: the 4-bit "
+                          "base weights are bitsandbytes' CUDA kernels, and this machine has no "
+                          "GPU torch can use. Set train.quantize_base: none to train LoRA on "
+                          "the unquantised base (train.precision: bf16 halves its memory where "
+                          "the hardware computes bf16).")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"train.quantize_base: {choice} needs the bitsandbytes package: "
+                          "pip install 'tunesmith[qlora]' (or set train.quantize_base: none)"
+                          ) from err
+
+
+def quantization_config(choice: str) -> Any:
+    """QLoRA's recipe (Dettmers et al., 2023): NF4 base weights with double quantisation,
+    computing in bf16 (fp16 on GPUs without bf16)."""
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=choice,
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+
+
+def load_model(path: Path, *, dtype: str = "float32", quantize: str = "none") -> Any:
+    """The causal LM in ``path``; ``quantize="nf4"``: its linear layers in 4 bits on the GPU
+    (``check_quantization`` first)."""
     from transformers import AutoModelForCausalLM
 
+    extra: dict[str, Any] = {}
+    if quantize != "none":
+        check_quantization(quantize)
+        extra = {"quantization_config": quantization_config(quantize),
+                 "device_map": {"": torch.cuda.current_device()}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **extra)
     except Exception as err:
         raise ModelError(f"{path}: cannot load the model ({err})") from err
     return model
 
 
-def load(path: Path, *, dtype: str = "float32") -> tuple[Any, Any]:
+def load(path: Path, *, dtype: str = "float32", quantize: str = "none") -> tuple[Any, Any]:
     """Model and tokenizer of a local model directory."""
     tokenizer = load_tokenizer(path)
-    model = load_model(path, dtype=dtype)
+    model = load_model(path, dtype=dtype, quantize=quantize)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         raise ModelError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's "
                          f"embedding only {model.get_input_embeddings().weight.shape[0]}; they do "
@@ -76,6 +112,19 @@ def add_lora(model: Any, *, r: int, alpha: float, dropout: float,
     except ValueError as err:
         raise ModelError(f"cannot add LoRA adapters: {err}; check train.lora.target_modules") \
             from err
+
+
+def onto_unquantised_base(model: Any, base_dir: Path, *, dtype: str = "bfloat16") -> Any:
+    """The trained adapters of ``model`` (on a 4-bit base) on the base loaded unquantised: a
+    merge into 4-bit weights would round the update away and save a bitsandbytes-only model,
+    so QLoRA's adapters are merged into the full-precision weights instead."""
+    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapters = get_peft_model_state_dict(model)
+    config = model.peft_config["default"]
+    plain = PeftModel(load_model(base_dir, dtype=dtype), config)
+    set_peft_model_state_dict(plain, adapters)
+    return plain.to(next(model.parameters()).device)
 
 
 def save_merged(model: Any, tokenizer: Any, out_dir: Path) -> Any:
