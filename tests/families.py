@@ -28,8 +28,9 @@ GEMMA_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 
-# A GGUF export of these is refused with a message; Llama (and Mistral, same layout) export.
-GGUF_EXPORTS = {"mistral"}
+# These export to GGUF (llama.cpp's llama and qwen2 architectures); the others are refused
+# with a message naming the family.
+GGUF_EXPORTS = {"mistral", "qwen2"}
 
 
 def family_config(family: str, tokenizer: Any) -> Any:

@@ -1,11 +1,13 @@
 """Export a tuned model: a GGUF file for llama.cpp and Ollama, or a clean Hugging Face directory.
 
-The GGUF writer follows llama.cpp's ``convert_hf_to_gguf.py`` (``LlamaModel``), so the file
+The GGUF writer follows llama.cpp's ``convert_hf_to_gguf.py`` (``LlamaModel``, and
+``Qwen2Model`` for Qwen2), so the file
 loads in llama.cpp and back through transformers' GGUF loader, the one
 ``tunesmith.models.resolve.import_gguf`` imports the bundled model with:
 
 - tensor names from gguf's own name map (``blk.N.attn_q.weight``, ...);
-- q and k projections permuted the way llama.cpp lays out rotary halves (``permute``);
+- q and k projections permuted the way llama.cpp's llama architecture lays out rotary halves
+  (``permute``; qwen2 keeps Hugging Face's order);
 - tied embeddings write no ``output.weight``: llama.cpp (and transformers) then use
   ``token_embd.weight`` for the head;
 - 1-D tensors (norms) and biases stay f32; matrices become f16 or q8_0, and a matrix whose rows
@@ -33,9 +35,13 @@ import numpy as np
 
 from tunesmith.errors import ModelError
 
-# Mistral is Llama's layout (llama.cpp's converter writes it as "llama" too) when it has no
-# sliding window, which llama.cpp's llama architecture does not apply
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# Hugging Face architecture -> llama.cpp's, as its convert_hf_to_gguf.py writes them. Mistral
+# is Llama's layout (written as "llama" too) when it has no sliding window, which llama.cpp's
+# llama architecture does not apply; Qwen2 is Llama's with q/k/v biases and rotary halves
+# (NeoX order), so its q and k rows are written as they are.
+GGUF_ARCHITECTURES = {"LlamaForCausalLM": "LLAMA", "MistralForCausalLM": "LLAMA",
+                      "Qwen2ForCausalLM": "QWEN2"}
+SUPPORTED_ARCHITECTURES = tuple(GGUF_ARCHITECTURES)
 TENSOR_TYPES = ("f32", "f16", "q8_0")
 # What a clean Hugging Face directory holds besides the tokenizer, which is written afresh.
 # calibration.json (a few hundred bytes) stays: it is the temperature that turns this model's
@@ -49,6 +55,10 @@ _BYTE_LEVEL = {"type": "ByteLevel", "use_regex": True, "add_prefix_space": False
 _SMOLLM = [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2's: Llama 3's split with single digits (llama.cpp's "qwen2")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+_QWEN2 = [{"type": "Split", "pattern": {"Regex": _QWEN2_SPLIT}, "behavior": "Isolated",
+           "invert": False}, {**_BYTE_LEVEL, "use_regex": False}]
 _LLAMA3 = [{"type": "Split", "pattern": {"Regex": _LLAMA3_SPLIT}, "behavior": "Isolated",
             "invert": False}, {**_BYTE_LEVEL, "use_regex": False}]
 
@@ -94,8 +104,7 @@ def _check_architecture(model_dir: Path) -> None:
                          "head; export it with --format hf, or train with train.head: lm")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelError(f"{model_dir}: GGUF export supports {', '.join(SUPPORTED_ARCHITECTURES)}"
-                         f" (the Llama architecture, as SmolLM2 and Mistral have); this model "
-                         f"is {arch}. "
+                         f" (llama.cpp's llama and qwen2 architectures); this model is {arch}. "
                          "Export it with --format hf, or convert it with llama.cpp's "
                          "convert_hf_to_gguf.py")
 
@@ -107,7 +116,9 @@ def _gguf_inputs(model_dir: Path) -> tuple[Any, Any, Vocabulary]:
 
     config = _config(model_dir)
     rope = _rope(config)
-    window = getattr(config, "sliding_window", None)
+    # Qwen2 configs carry a window they only apply with use_sliding_window
+    window = getattr(config, "sliding_window", None) \
+        if getattr(config, "use_sliding_window", True) else None
     if window is not None and window < config.max_position_embeddings:
         raise ModelError(f"{model_dir}: a sliding attention window ({window} tokens) is not "
                          "supported by the GGUF export (llama.cpp's llama architecture attends "
@@ -132,7 +143,8 @@ def export_gguf(model_dir: Path, target: Path, *, tensor_type: str = "f16",
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    arch = _gguf_arch(model_dir)
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
     try:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or model_dir.name)
@@ -141,7 +153,7 @@ def export_gguf(model_dir: Path, target: Path, *, tensor_type: str = "f16",
         _add_parameters(writer, config)
         _add_tokenizer(writer, tokenizer, vocab)
         counts: dict[str, int] = {}
-        for gguf_name, array in _tensors(model_dir, config):
+        for gguf_name, array in _tensors(model_dir, config, arch):
             data, qtype = _encode(gguf_name, array, tensor_type)
             writer.add_tensor(gguf_name, data, raw_dtype=qtype)
             counts[qtype.name] = counts.get(qtype.name, 0) + 1
@@ -256,12 +268,13 @@ def pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
     if pre_tokenizer and matches(pre_tokenizer, _BYTE_LEVEL):
         return "gpt-2"  # GPT-2's regex, which ByteLevel(use_regex=True) applies
     steps = (pre_tokenizer or {}).get("pretokenizers") or []
-    for name, known in (("smollm", _SMOLLM), ("llama-bpe", _LLAMA3)):
+    for name, known in (("smollm", _SMOLLM), ("llama-bpe", _LLAMA3), ("qwen2", _QWEN2)):
         if len(steps) == 2 and all(matches(s, e) for s, e in zip(steps, known, strict=True)):
             return name
     raise ModelError(f"the tokenizer's pre-tokenizer {json.dumps(pre_tokenizer)} is not one "
                      "the GGUF export knows llama.cpp's name for (plain byte-level as in GPT-2, "
-                     "digits + byte-level as in SmolLM, or Llama 3's split); use --format hf")
+                     "digits + byte-level as in SmolLM, Llama 3's or Qwen2's split); use "
+                     "--format hf")
 
 
 @dataclass(frozen=True)
@@ -341,12 +354,20 @@ def permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarr
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def _tensors(model_dir: Path, config: Any) -> Iterator[tuple[str, np.ndarray]]:
-    """(GGUF name, float32 array) of every weight, in llama.cpp's layout."""
+def _gguf_arch(model_dir: Path) -> Any:
+    import gguf
+
+    return gguf.MODEL_ARCH[GGUF_ARCHITECTURES[model_architecture(model_dir)]]
+
+
+def _tensors(model_dir: Path, config: Any, arch: Any) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array) of every weight, in llama.cpp's layout for ``arch``."""
     import gguf
     from safetensors import safe_open
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    # llama.cpp's llama architecture interleaves rotary pairs; qwen2 keeps HF's halves
+    interleaved = arch == gguf.MODEL_ARCH.LLAMA
     n_head = config.num_attention_heads
     n_kv = config.num_key_value_heads or n_head
     files = sorted(model_dir.glob("model*.safetensors"))
@@ -361,12 +382,12 @@ def _tensors(model_dir: Path, config: Any) -> Iterator[tuple[str, np.ndarray]]:
                     continue  # tied: llama.cpp reads the head from token_embd
                 gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
                 if gguf_name is None:
-                    raise ModelError(f"{file}: tensor {hf_name} has no llama.cpp name; is this "
-                                     "a plain Llama model?")
+                    raise ModelError(f"{file}: tensor {hf_name} has no llama.cpp name in its "
+                                     f"{arch.name.lower()} architecture")
                 array = f.get_tensor(hf_name).float().numpy()
-                if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+                if interleaved and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
                     array = permute(array, n_head, n_head)
-                elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+                elif interleaved and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
                     array = permute(array, n_head, n_kv)
                 yield gguf_name, array
 

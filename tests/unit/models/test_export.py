@@ -217,8 +217,8 @@ def _with_architecture(src, dst, arch):
 
 
 def test_other_architectures_are_refused(tmp_path, tiny_model_dir):
-    model_dir = _with_architecture(tiny_model_dir, tmp_path / "m", "Qwen2ForCausalLM")
-    with pytest.raises(ModelError, match="supports LlamaForCausalLM.*this model is Qwen2"):
+    model_dir = _with_architecture(tiny_model_dir, tmp_path / "m", "Phi3ForCausalLM")
+    with pytest.raises(ModelError, match="supports LlamaForCausalLM.*this model is Phi3"):
         export_gguf(model_dir, tmp_path / "out" / "m.gguf")
     assert not (tmp_path / "out").exists()
 
@@ -305,6 +305,10 @@ def test_pre_tokenizer_names_follow_llama_cpp():
     assert pre_tokenizer_name({"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": llama3}, "behavior": "Isolated", "invert": False},
         {**byte_level, "use_regex": False}]}) == "llama-bpe"
+    qwen2 = llama3.replace(r"\p{N}{1,3}", r"\p{N}")  # as Qwen2.5's tokenizer.json has it
+    assert pre_tokenizer_name({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": qwen2}, "behavior": "Isolated", "invert": False},
+        {**byte_level, "use_regex": False}]}) == "qwen2"
 
 
 def test_unsupported_tokenizers_are_refused_before_writing(tmp_path, tiny_model_dir):
