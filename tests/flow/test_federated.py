@@ -63,6 +63,16 @@ def test_rounds_average_what_clients_sent(federated_run) -> None:
     for record in result.rounds:
         assert record["global_valid_loss"] > 0 and 0 <= record["global_accuracy"] <= 1
     assert "server accuracy" in (run_dir / "report.html").read_text(encoding="utf-8")
+    # and every client scored it on its own validation split: accuracy per round and per site
+    for record in result.rounds:
+        assert set(record["sites"]) == set(record["clients"])
+        for site in record["sites"].values():
+            assert site["num_examples"] > 0 and 0 <= site["accuracy"] <= 1
+            assert all(isinstance(v, int | float) for v in site.values())
+        assert record["site_accuracy_min"] <= record["site_accuracy_mean"] \
+            <= record["site_accuracy_max"]
+    assert (run_dir / "sites.png").is_file()
+    assert "## Sites" in (run_dir / "report.md").read_text(encoding="utf-8")
 
 
 def test_server_received_only_tensors_counts_and_numbers(federated_run) -> None:

@@ -54,6 +54,12 @@ class FederatedConfig(_Section):
         None, description="Data the server scores each round's global adapter on (validation "
         "loss and, for classification, accuracy and macro-F1 as eval.mode computes them; in "
         "rounds.jsonl and the report). Empty: no server-side evaluation.")
+    client_eval: bool = Field(
+        True, description="After each round every client scores the new global adapter on its "
+        "own validation split (loss and, for classification, accuracy and macro-F1 as eval.mode "
+        "computes them): the per-site figures, whose spread across sites is a fairness figure, "
+        "in rounds.jsonl and the report. Costs each client a model load and one pass over its "
+        "validation split per round.")
     keep_client_updates: bool = Field(
         False, description="Keep each client's update of every round as "
         "rounds/round-N/client-<node>.safetensors (for audits; only tensors ever arrive).")

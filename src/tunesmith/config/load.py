@@ -55,6 +55,10 @@ class RunConfig(_Section):
                 and self.federated.ffa_lora:
             raise ValueError("federated.ffa_lora freezes LoRA A matrices; it needs "
                              "train.method: lora")
+        if self.federated is not None and self.train.head != "lm":
+            raise ValueError("federated training averages a causal LM's adapters (or weights); "
+                             "train.head: classifier is not supported there; use train.head: "
+                             "lm")
         if self.data.label_issues != "off" and (self.eval.task != "classification"
                                                 or self.train.objective != "sft"):
             raise ValueError(f"data.label_issues '{self.data.label_issues}' is for "

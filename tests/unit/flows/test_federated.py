@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("flwr", reason="federated training needs `pip install -e '.[federated]'`")
 
-from flwr.app import ArrayRecord, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict  # noqa: E402
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords  # noqa: E402
 
 from tunesmith.config import RunConfig, parse_config
@@ -241,3 +241,82 @@ def test_a_client_trains_on_every_row_it_does_not_validate_on(tiny_cfg, tmp_path
     # a run (or a search trial) of the same file keeps its test share out of training
     kept = load_splits(cfg, with_test=False)
     assert len(kept.train) + len(kept.validation) < 40
+
+
+def test_each_client_scores_the_global_adapter_on_its_own_validation_split(
+        tiny_model_dir, tmp_path, test_home) -> None:
+    from tests.helpers import review_rows, write_jsonl
+    from tunesmith.flows.federated.local import evaluate_locally
+
+    cfg = parse_config({"model": {"base": str(tiny_model_dir)},
+                        "data": {"train_file": "x.jsonl", "max_length": 128},
+                        "train": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "seed": 5},
+                        "eval": {"task": "classification", "labels": ["good", "bad"]}})
+    data = write_jsonl(tmp_path / "client-1.jsonl", review_rows(40))
+    model, _ = _lora_model(cfg, tiny_model_dir)
+    g = torch.Generator().manual_seed(3)
+    state = {k: torch.randn(v.shape, generator=g) * 0.1
+             for k, v in trainable_state_copy(model).items()}
+    n, metrics = evaluate_locally(cfg, data, tmp_path / "work", state, home=test_home)
+    # the split it trains beside: no test share carved off the client's file
+    from tunesmith.flows.federated.local import client_config
+    from tunesmith.flows.steps import load_splits
+
+    split = load_splits(client_config(cfg, data, tmp_path / "work"), with_test=False,
+                        carve_test=False)
+    assert n == len(split.validation) and len(split.train) + n == 40
+    assert set(metrics) == {"valid_loss", "accuracy", "macro_f1"}
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    # the adapter it scored is the one it was sent: another update (B negated), another loss
+    flipped = {k: -v if "lora_B" in k else v for k, v in state.items()}
+    _, other = evaluate_locally(cfg, data, tmp_path / "work", flipped, home=test_home)
+    assert other["valid_loss"] != pytest.approx(metrics["valid_loss"], abs=1e-6)
+
+
+def _eval_replies(results: dict[int, dict[str, float] | str]):
+    from flwr.app import Error, Message
+
+    replies = []
+    for node, found in results.items():
+        sent = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
+                       message_type="evaluate")
+        replies.append(Message(Error(code=2, reason=found), reply_to=sent)
+                       if isinstance(found, str) else
+                       Message(RecordDict({"metrics": MetricRecord(found)}), reply_to=sent))
+    return replies
+
+
+def test_the_sites_scores_are_kept_per_client_with_their_spread(flower_task, tmp_path,
+                                                                caplog) -> None:
+    strategy = _strategy(tmp_path, min_clients=1)
+    strategy.pending = {"round": 2, "clients": {}, "failures": []}
+    replies = _eval_replies({1: {"num-examples": 10, "accuracy": 0.9, "valid_loss": 0.5},
+                             2: {"num-examples": 30, "accuracy": 0.5, "valid_loss": 1.5},
+                             3: "killed"})
+    with caplog.at_level("WARNING", logger="tunesmith"):
+        strategy.aggregate_evaluate(2, replies)
+    sites = strategy.pending["sites"]
+    assert sites == {"1": {"num_examples": 10, "accuracy": 0.9, "valid_loss": 0.5},
+                     "2": {"num_examples": 30, "accuracy": 0.5, "valid_loss": 1.5}}
+    assert strategy.pending["site_accuracy_mean"] == pytest.approx(0.6)  # (9 + 15) / 40
+    assert (strategy.pending["site_accuracy_min"], strategy.pending["site_accuracy_max"]) \
+        == (0.5, 0.9)
+    assert "client 3 failed to evaluate: killed" in caplog.text
+
+
+def test_the_report_shows_accuracy_per_round_and_per_site(tmp_path) -> None:
+    from tunesmith.flows.federated import rounds
+
+    for r, accs in ((1, (0.6, 0.8)), (2, (0.7, 0.9))):
+        sites = {"101": {"num_examples": 10, "accuracy": accs[0]},
+                 "202": {"num_examples": 10, "accuracy": accs[1]}}
+        rounds.append_round(tmp_path, {
+            "round": r, "clients": {}, "failures": [], "examples": 20, "train_loss": 1.0,
+            "global_accuracy": sum(accs) / 2, "sites": sites,
+            "site_accuracy_mean": sum(accs) / 2, "site_accuracy_min": accs[0],
+            "site_accuracy_max": accs[1]})
+    report = rounds.write_report(tmp_path, "fed", "tiny", {"rounds": 2}).read_text()
+    assert (tmp_path / "sites.png").stat().st_size > 0
+    assert "## Sites" in report and "sites.png" in report
+    assert "| 2 | 202 | 10 | 0.9000 |" in report
+    assert "0.8000 (0.7000-0.9000)" in report

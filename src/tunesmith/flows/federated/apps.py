@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 from tunesmith.config import RunConfig, load_config
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.flows.federated import rounds
-from tunesmith.flows.federated.local import freeze_lora_a, train_locally
+from tunesmith.flows.federated.local import evaluate_locally, freeze_lora_a, train_locally
 from tunesmith.flows.steps import base_dtype, prepare_model_for_training
 from tunesmith.models.adapters import load_trainable_state, trainable_state_copy
 from tunesmith.models.load import load, save_merged
@@ -70,14 +70,21 @@ def check_same_setup(cfg: RunConfig, model_dir: Path, sent: ConfigRecord) -> Non
                          "use the server's train.method and train.lora")
 
 
-@client_app.train()
-def client_train(msg: Message, context: Context) -> Message:
+def _client_setup(msg: Message, context: Context) -> tuple[RunConfig, ConfigRecord, Path, Path]:
+    """(run config, what the server sent, home, work dir) of a client's message."""
     node = context.node_config
     cfg = load_config(str(node["config"]))
     sent = msg.content["config"]
     home = Path(str(node["home"])) if "home" in node else default_home()
     check_same_setup(cfg, resolve_model(cfg.model.base, home=home), sent)
     work_dir = Path(str(node.get("work-dir", Path(str(node["data-file"])).parent / "work")))
+    return cfg, sent, home, work_dir
+
+
+@client_app.train()
+def client_train(msg: Message, context: Context) -> Message:
+    node = context.node_config
+    cfg, sent, home, work_dir = _client_setup(msg, context)
     update = train_locally(
         cfg, Path(str(node["data-file"])), work_dir, _tensors(msg.content["arrays"]), home=home,
         local_steps=int(sent["local-steps"]), round_number=int(sent["server-round"]),
@@ -85,6 +92,16 @@ def client_train(msg: Message, context: Context) -> Message:
     # only tensors, the example count and numbers leave the client
     metrics = MetricRecord({"num-examples": update.num_examples, **update.metrics})
     return Message(RecordDict({"arrays": ArrayRecord(update.state), "metrics": metrics}),
+                   reply_to=msg)
+
+
+@client_app.evaluate()
+def client_evaluate(msg: Message, context: Context) -> Message:
+    """The round's new global adapter on this client's own validation split: numbers only."""
+    cfg, _, home, work_dir = _client_setup(msg, context)
+    n, metrics = evaluate_locally(cfg, Path(str(context.node_config["data-file"])), work_dir,
+                                  _tensors(msg.content["arrays"]), home=home)
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": n, **metrics})}),
                    reply_to=msg)
 
 
@@ -138,6 +155,13 @@ def recording(base: type, run_dir: Path, first_round: int, min_clients: int,
                     min_clients, len(list(grid.get_node_ids()))))
             return super().configure_train(server_round, arrays, config, grid)
 
+        def configure_evaluate(self, server_round: int, arrays: Any, config: Any,
+                               grid: Any) -> Any:
+            # whoever is still connected scores the new global adapter: a client that died
+            # during the round is not waited for
+            self.min_available_nodes = min_clients
+            return super().configure_evaluate(server_round, arrays, config, grid)
+
         def aggregate_train(self, server_round: int, replies: Any) -> Any:
             replies = list(replies)
             ok = [m for m in replies if not m.has_error()]
@@ -175,7 +199,42 @@ def recording(base: type, run_dir: Path, first_round: int, min_clients: int,
                 return None, None
             return super().aggregate_train(server_round, ok)
 
+        def aggregate_evaluate(self, server_round: int, replies: Any) -> Any:
+            """Each client's score of the new global adapter on its own validation split,
+            kept per client (``sites``) with the spread across them; a client that failed to
+            evaluate is logged and left out."""
+            replies = list(replies)
+            sites = {}
+            for m in replies:
+                if m.has_error():
+                    log.warning("round %s: client %s failed to evaluate: %s",
+                                server_round + first_round, m.metadata.src_node_id,
+                                m.error.reason)
+                    continue
+                metrics = dict(next(iter(m.content.metric_records.values())))
+                sites[str(m.metadata.src_node_id)] = {
+                    "num_examples": int(metrics.pop("num-examples")), **metrics}
+            self.pending["sites"] = sites
+            self.pending.update(site_spread(sites))
+            ok = [m for m in replies if not m.has_error()]
+            return super().aggregate_evaluate(server_round, ok) if ok else None
+
     return Recording
+
+
+def site_spread(sites: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Per metric over the clients' own validation splits: the example-weighted mean, and the
+    lowest and highest site (the gap between them is the fairness figure)."""
+    found: dict[str, float] = {}
+    for key in ("accuracy", "macro_f1", "valid_loss"):
+        vals = [(s[key], s["num_examples"]) for s in sites.values() if key in s]
+        if not vals:
+            continue
+        total = sum(n for _, n in vals)
+        found[f"site_{key}_mean"] = sum(v * n for v, n in vals) / max(1, total)
+        found[f"site_{key}_min"] = min(v for v, _ in vals)
+        found[f"site_{key}_max"] = max(v for v, _ in vals)
+    return found
 
 
 @server_app.main()
@@ -203,8 +262,11 @@ def server_main(grid: Grid, context: Context) -> None:
         # clients_per_round a tiny fraction leaves exactly min_train_nodes (0.0 would switch
         # training off)
         strategy = recording(base, run_dir, done, fed.min_clients, fed.keep_client_updates)(
-            fraction_train=1e-9 if fed.clients_per_round else 1.0, fraction_evaluate=0.0,
-            min_train_nodes=per_round, min_evaluate_nodes=0,
+            fraction_train=1e-9 if fed.clients_per_round else 1.0,
+            # every connected client scores each round's global adapter on its own data
+            fraction_evaluate=1.0 if fed.client_eval else 0.0,
+            min_train_nodes=per_round, min_evaluate_nodes=fed.min_clients if fed.client_eval
+            else 0,
             min_available_nodes=max(n_expected, fed.min_clients), **kwargs)
         sent = ConfigRecord({
             "local-steps": fed.local_steps, "ffa-lora": fed.ffa_lora,
@@ -229,7 +291,7 @@ def server_main(grid: Grid, context: Context) -> None:
 
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(state),
                                 num_rounds=fed.rounds - done, train_config=sent,
-                                evaluate_fn=after_round)
+                                evaluate_config=sent, evaluate_fn=after_round)
         state = _tensors(result.arrays)
     glob.load(state)
     glob.save_adapter(run_dir / "adapter")

@@ -138,6 +138,37 @@ def client_config(cfg: RunConfig, data_file: Path, work_dir: Path) -> RunConfig:
     return cfg.model_copy(update={"data": data, "output_dir": work_dir})
 
 
+def evaluate_locally(cfg: RunConfig, data_file: Path, work_dir: Path,
+                     global_state: dict[str, torch.Tensor], *, home: Path
+                     ) -> tuple[int, dict[str, float]]:
+    """The global adapter on this client's own validation split (the split ``train_locally``
+    validates on): (its size, validation loss and, for classification, accuracy and macro-F1
+    as ``eval.mode`` computes them). Only these numbers leave the client."""
+    from tunesmith.data.records import as_chat
+    from tunesmith.flows.assess import evaluate_lm
+    from tunesmith.flows.steps import prepare_model_for_training
+    from tunesmith.training.loop import evaluate_objective
+    from tunesmith.training.objectives import LMObjective
+
+    cfg = client_config(cfg, data_file, work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ready = prepare_headless(cfg, work_dir, home, carve_test=False)
+    model = prepare_model_for_training(ready.model, cfg)
+    load_trainable_state(model, global_state)
+    model.eval()
+    objective = LMObjective(model, pad_id=ready.tokenizer.pad_token_id)
+    loss = evaluate_objective(objective, ready.prepared.valid, batch_size=cfg.eval.batch_size,
+                              device=torch.device("cpu"))["valid_loss"]
+    found = {"valid_loss": loss}
+    if ready.labels:
+        metrics = evaluate_lm(model, ready.tokenizer, [as_chat(e) for e in
+                                                       ready.splits.validation],
+                              cfg.eval, ready.labels, score_labels=False).metrics
+        found.update({k: float(metrics[k]) for k in ("accuracy", "macro_f1")
+                      if metrics.get(k) is not None})
+    return len(ready.splits.validation), {k: v for k, v in found.items() if math.isfinite(v)}
+
+
 def train_locally(cfg: RunConfig, data_file: Path, work_dir: Path,
                   global_state: dict[str, torch.Tensor], *, home: Path, local_steps: int,
                   round_number: int, proximal_mu: float = 0.0, ffa: bool = False

@@ -119,15 +119,57 @@ def plot_rounds(records: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def federated_sections(records: list[dict[str, Any]], settings: dict[str, Any]) -> list[Section]:
+def plot_sites(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Accuracy per round: the server's on eval_file and each client's on its own validation
+    split (``federated.client_eval``); None where neither was measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    server = [(r["round"], r["global_accuracy"]) for r in records
+              if r.get("global_accuracy") is not None]
+    nodes = sorted({n for r in records for n in r.get("sites", {})})
+    if not server and not nodes:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if server:
+        ax.plot(*zip(*server, strict=True), marker="o", linewidth=2, label="server: eval_file")
+    for node in nodes:
+        points = [(r["round"], r["sites"][node]["accuracy"]) for r in records
+                  if "accuracy" in r.get("sites", {}).get(node, {})]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker=".", linestyle="--", alpha=0.6,
+                    label=f"client {node[-6:]}: own validation")
+    ax.set_xticks([r["round"] for r in records])
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy of the global model")
+    ax.set_title("Accuracy per round and per site")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _spread(r: dict[str, Any], key: str) -> str:
+    if r.get(f"site_{key}_mean") is None:
+        return "-"
+    return f"{fmt(r[f'site_{key}_mean'])} ({fmt(r[f'site_{key}_min'])}-{fmt(r[f'site_{key}_max'])})"
+
+
+def federated_sections(records: list[dict[str, Any]], settings: dict[str, Any],
+                       sites_plot: bool = False) -> list[Section]:
     """The report's sections: settings, per-round curves and table, per-client metrics."""
     per_round = Table(["round", "answered", "failed", "examples", "train loss",
                        "validation loss", "server eval loss", "server accuracy",
-                       "server macro-F1"],
+                       "server macro-F1", "site accuracy: mean (lowest-highest)"],
                       [[str(r["round"]), str(len(r["clients"])), str(len(r["failures"])),
                         str(r["examples"]), fmt(r.get("train_loss")), fmt(r.get("valid_loss")),
                         fmt(r.get("global_valid_loss")), fmt(r.get("global_accuracy")),
-                        fmt(r.get("global_macro_f1"))] for r in records])
+                        fmt(r.get("global_macro_f1")), _spread(r, "accuracy")]
+                       for r in records])
     metric_names = sorted({k for r in records for c in r["clients"].values()
                            for k in c["metrics"]})
     per_client = Table(["round", "client", "examples", *metric_names],
@@ -142,6 +184,20 @@ def federated_sections(records: list[dict[str, Any]], settings: dict[str, Any]) 
         Section("Rounds", [Image("per-round losses", "rounds.png"), per_round]),
         Section("Clients", [per_client]),
     ]
+    site_metrics = [k for k in ("accuracy", "macro_f1", "valid_loss")
+                    if any(k in m for r in records for m in r.get("sites", {}).values())]
+    if site_metrics:
+        per_site = Table(["round", "client", "validation examples", *site_metrics],
+                         [[str(r["round"]), node, str(m["num_examples"]),
+                           *[fmt(m.get(k)) for k in site_metrics]]
+                          for r in records for node, m in sorted(r.get("sites", {}).items())])
+        blocks: list[Any] = [Text(
+            "Each round's global model scored by every client on its own validation split: "
+            "how well the one model serves each site. The gap between the lowest and the "
+            "highest site is the federation's fairness figure.")]
+        if sites_plot:
+            blocks.append(Image("accuracy per round and per site", "sites.png"))
+        sections.insert(2, Section("Sites", [*blocks, per_site]))
     if failures:
         sections.append(Section("Failures", [Text("\n\n".join(failures))]))
     return sections
@@ -154,7 +210,8 @@ def write_report(run_dir: Path, name: str, model: str, settings: dict[str, Any])
 
     records = read_rounds(run_dir)
     plot_rounds(records, run_dir / "rounds.png")
-    sections = federated_sections(records, settings)
+    sites = plot_sites(records, run_dir / "sites.png")
+    sections = federated_sections(records, settings, sites_plot=sites is not None)
     title, meta = f"Federated run report: {name}", f"Base model: `{model}`"
     lines = [f"# {title}", "", meta, "", *sections_markdown(sections)]
     path = run_dir / "report.md"
