@@ -41,13 +41,26 @@ def config_init(
 @config_app.command("check")
 @friendly
 def config_check(config: Path = typer.Argument(..., help="Run configuration (YAML).")) -> None:
-    """Validate a configuration and print it with every default filled in."""
+    """Validate a configuration and print it with every default filled in, and the estimated
+    peak memory of training it (from the base model's configuration; no weights are loaded)."""
     import yaml
 
     from tunesmith.config import dump_config, load_config
+    from tunesmith.errors import TunesmithError
+    from tunesmith.flows.memory import training_memory
+    from tunesmith.models.resolve import default_home
 
-    out.print(yaml.safe_dump(dump_config(load_config(config)), sort_keys=False),
-              markup=False, highlight=False)
+    cfg = load_config(config)
+    out.print(yaml.safe_dump(dump_config(cfg), sort_keys=False), markup=False, highlight=False)
+    # as YAML comments, so the output stays a loadable configuration
+    try:
+        estimate = training_memory(cfg, home=default_home())
+    except TunesmithError as error:
+        lines = [f"estimated peak memory for training: unknown ({error})"]
+    else:
+        lines = [estimate.summary(), *(f"  {note}" for note in estimate.notes)]
+    for line in lines:
+        out.print(f"# {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 PAIRS_HELP = [

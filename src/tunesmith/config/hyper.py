@@ -41,12 +41,16 @@ def auto_epochs(n_train: int) -> int:
     return 3
 
 
+# The largest batch size 'auto' picks (without DP).
+AUTO_BATCH_MAX = 32
+
+
 def auto_batch_size(n_train: int) -> int:
     """A power of two near n/128, between 1 and 32: small sets get more optimiser steps."""
     if n_train <= 4:
         return max(1, n_train)
     exponent = round(math.log2(max(1.0, n_train / 128)))
-    return int(min(32, max(4, 2**exponent)))
+    return int(min(AUTO_BATCH_MAX, max(4, 2**exponent)))
 
 
 def auto_private_batch_size(n_train: int) -> int:

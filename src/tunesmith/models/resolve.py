@@ -107,20 +107,32 @@ def _hub_cache_dir(ref: str) -> Path | None:
 
 def resolve_model(ref: str, *, home: Path) -> Path:
     """The local model directory for ``ref``; imports GGUF files under ``home`` on first use."""
+    found, target = _locate(ref, home)
+    return import_gguf(found, target) if target is not None else found
+
+
+def locate_model(ref: str, *, home: Path) -> Path:
+    """Where ``ref``'s model is now, importing nothing: its model directory, or the GGUF file
+    ``resolve_model`` would import (for what only needs the config, not the weights)."""
+    return _locate(ref, home)[0]
+
+
+def _locate(ref: str, home: Path) -> tuple[Path, Path | None]:
+    """A model directory and None, or a GGUF file not imported yet and where it would go."""
     tried: list[str] = []
     if ref in BUNDLED:
         target = home / "models" / ref
         if _is_model_dir(target):
-            return target
-        return import_gguf(bundled_gguf_path(ref), target)
+            return target, None
+        return bundled_gguf_path(ref), target
     tried.append(f"a bundled model name (known: {', '.join(BUNDLED)})")
 
     path = Path(ref).expanduser()
     if path.is_dir():
         if _is_model_dir(path / "merged"):
-            return path / "merged"
+            return path / "merged", None
         if _is_model_dir(path):
-            return path
+            return path, None
         raise ModelError(f"{path}: this directory holds no model (no config.json, and no merged/ "
                          "of a finished tunesmith run); point to a Hugging Face model directory")
     tried.append("a run directory or a local model directory (no such directory)")
@@ -129,12 +141,12 @@ def resolve_model(ref: str, *, home: Path) -> Path:
             raise ModelError(f"{path}: no such GGUF file; check the path")
         digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
         target = home / "models" / f"{path.stem}-{digest}"
-        return target if _is_model_dir(target) else import_gguf(path, target)
+        return (target, None) if _is_model_dir(target) else (path, target)
     tried.append("a local .gguf file")
 
     cached = _hub_cache_dir(ref)
     if cached is not None and _is_model_dir(cached):
-        return cached
+        return cached, None
     tried.append("a Hugging Face Hub id in the local cache (nothing is downloaded)")
     raise ModelError(f"unknown model '{ref}'. Tried: " + "; ".join(tried) + ". Use one of "
                      "these, e.g. 'smollm2-135m-instruct'.")

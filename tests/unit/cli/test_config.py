@@ -1,4 +1,4 @@
-"""`tunesmith config init`: the commented defaults it writes."""
+"""`tunesmith config init|check`: the commented defaults it writes; the memory estimate."""
 
 import yaml
 
@@ -35,3 +35,20 @@ def test_config_init_for_dpo_writes_a_loadable_preference_config(tmp_path, cli):
     assert cfg.train.objective == "dpo" and cfg.train.preference.beta == "auto"
     code, out, err = cli("config", "init", str(tmp_path / "x.yaml"), "--objective", "dpx")
     assert code == 2 and "sft, dpo, ipo, simpo, orpo" in out + err
+
+
+def test_check_prints_the_memory_estimate(cli, make_config):
+    code, out, err = cli("config", "check", str(make_config()))
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if "estimated peak memory" in x)
+    assert line.startswith("# estimated peak memory for training: ")
+    for part in ("weights", "adapters/trainable", "gradients+optimizer", "activations",
+                 "runtime"):
+        assert part in line
+    assert yaml.safe_load(out)["train"]["method"] == "lora"  # still a loadable config
+
+
+def test_check_says_when_the_model_is_unknown(cli, make_config):
+    code, out, err = cli("config", "check", str(make_config(model={"base": "no-such-model"})))
+    assert code == 0, err
+    assert "# estimated peak memory for training: unknown (unknown model 'no-such-model'" in out

@@ -32,3 +32,13 @@ def test_bundled_model_is_imported_as_plain_safetensors(bundled_dir):
     assert "quantization_config" not in config
     assert list(bundled_dir.glob("*.safetensors"))
     assert (bundled_dir / "tokenizer.json").is_file()
+
+
+def test_locate_finds_the_bundled_gguf_without_importing_it(tmp_path, bundled_dir):
+    from tunesmith.models.resolve import locate_model
+
+    # an empty home: the bundled model is not imported there, so its GGUF file is returned
+    found = locate_model("smollm2-135m-instruct", home=tmp_path)
+    assert found.suffix == ".gguf" and found.is_file()
+    assert not (tmp_path / "models").exists()
+    assert locate_model("smollm2-135m-instruct", home=bundled_dir.parents[1]) == bundled_dir
