@@ -34,6 +34,8 @@ def _commands(tmp: Path, tiny: Path) -> dict[str, list[str]]:
         "label_issues": ["label_issues.py", "--smoke", *model, "--out", str(tmp / "li.json")],
         "eval_speed": ["eval_speed.py", "--smoke", *model, "--max-items", "6", "--out",
                        str(tmp / "eval.json")],
+        "serve_memory": ["serve_memory.py", "--smoke", *model, "--workdir", str(tmp), "--out",
+                         str(tmp / "serve.json")],
     }
     needs = {"dpo_speed": "trl", "dp_speed": "opacus"}
     return {name: args for name, args in found.items()
@@ -54,7 +56,7 @@ def smokes(tmp_path_factory, tiny_model_dir, bundled_dir):
 
     # the slowest first, so the two lanes end together
     order = ["search_memory", "dp_speed", "dpo_speed", "data_speed", "train_speed",
-             "label_issues", "eval_speed"]
+             "label_issues", "serve_memory", "eval_speed"]
     commands = _commands(tmp, tiny_model_dir)
     with ThreadPoolExecutor(AT_ONCE) as pool:
         done = dict(pool.map(run, sorted(commands.items(), key=lambda kv: order.index(kv[0]))))
@@ -136,3 +138,16 @@ def test_eval_speed_smoke(smokes):
     # a random model's replies: some may be invalid, never more than there are items
     assert 0 <= result["generate_invalid"] <= 6 and 0 <= result["disagree"] <= 6
     assert len(result["disagreements"]) == result["disagree"]
+
+
+def test_serve_memory_smoke(smokes):
+    done, tmp = _smoke(smokes, "serve_memory")
+    result = json.loads((tmp / "serve.json").read_text())
+    arms = result["arms"]
+    assert set(arms) == {"shared_1", "shared_3", "merged_1", "merged_3"}
+    assert "shared / merged at 3" in done.stdout
+    # three adapters cost one base and three adapters, not three bases
+    base = arms["merged_1"]["cache_mb"]
+    assert arms["shared_1"]["cache_mb"] < arms["shared_3"]["cache_mb"] < 1.2 * base
+    assert arms["merged_3"]["cache_mb"] == pytest.approx(3 * base)
+    assert all(len(a["replies"]) == a["fine_tunes"] for a in arms.values())

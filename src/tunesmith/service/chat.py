@@ -14,6 +14,7 @@ from tunesmith.models.generation import Generated, GenerationParams, generate, s
 from tunesmith.service.audit import record_completion
 from tunesmith.service.http_errors import bad_request, error_body
 from tunesmith.service.inference import ModelCache
+from tunesmith.service.lora import base_key, lora_source
 from tunesmith.service.models import ModelSource, find_model
 from tunesmith.service.schemas import ChatRequest
 from tunesmith.service.settings import ServiceSettings
@@ -80,16 +81,28 @@ class ChatService:
 
     def _load(self, source: ModelSource) -> tuple[Any, Any]:
         from tunesmith.flows import load_checkpoint_for_chat, load_for_chat
+        from tunesmith.models.resolve import resolve_model
 
+        home = self.settings.home
         if source.kind == "checkpoint":
             step = source.step
             if step is None:  # find_model names a step for every checkpoint it finds
                 raise ServiceError(f"checkpoint model '{source.name}' has no step number",
                                    status=500)
             return self.cache.get(source.name, lambda: load_checkpoint_for_chat(
-                Path(source.ref), step, home=self.settings.home))
-        return self.cache.get(source.name, lambda: load_for_chat(source.ref,
-                                                                 home=self.settings.home))
+                Path(source.ref), step, home=home))
+        if source.kind == "base":  # shared with the LoRA fine-tunes of it
+            path = resolve_model(source.ref, home=home)
+            return self.cache.get_base(base_key(path),
+                                       lambda: load_for_chat(str(path), home=home))
+        loaded = self.cache.cached(source.name)
+        if loaded is not None:
+            return loaded
+        lora = lora_source(Path(source.ref), home=home)
+        if lora is None:  # a full fine-tune, or an adapter that cannot share its base
+            return self.cache.get(source.name, lambda: load_for_chat(source.ref, home=home))
+        return self.cache.get_adapter(
+            source.name, lora, lambda: load_for_chat(str(lora.base_dir), home=home))
 
     def prepare(self, org: str, req: ChatRequest) -> Prepared:
         from tunesmith.data.encode import encode_prompt
