@@ -11,14 +11,9 @@ import torch
 
 from tunesmith.data.encode import encode_prompt
 from tunesmith.errors import ModelError
-from tunesmith.models.export import (
-    export_gguf,
-    export_hf,
-    load_gguf,
-    permute,
-    pre_tokenizer_name,
-)
+from tunesmith.models.export import export_gguf, export_hf, load_gguf, permute
 from tunesmith.models.generation import GenerationParams, generate
+from tunesmith.models.gguf_vocab import pre_tokenizer_name
 from tunesmith.models.load import load
 from tunesmith.models.modelfile import modelfile_text
 
@@ -315,7 +310,7 @@ def test_unsupported_tokenizers_are_refused_before_writing(tmp_path, tiny_model_
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from tunesmith.models.export import vocabulary
+    from tunesmith.models.gguf_vocab import vocabulary
 
     spm_like = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(
         models.BPE(vocab={"a": 0, "b": 1}, merges=[], byte_fallback=True)))
