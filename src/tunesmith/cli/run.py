@@ -21,6 +21,8 @@ def run_cmd(
     from tunesmith.flows import run
 
     result = run(config, overwrite=overwrite, resume=resume, console=err, show_progress=progress)
+    if not result.main_process:  # under torchrun: the main process evaluates and reports
+        return
     out.print(comparison_table(result.base, result.tuned))
     out.print(f"run directory: {result.run_dir}  ({result.seconds:.0f} s)")
     out.print(f"chat with it: tunesmith chat {result.run_dir}")

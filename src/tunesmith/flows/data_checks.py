@@ -58,11 +58,15 @@ def bias(cfg: RunConfig, splits: Splits) -> dict[str, Any] | None:
 
 
 def check_data(cfg: RunConfig, run_dir: Path, splits: Splits, model: Any, tokenizer: Any,
-               *, advance: Callable[[int], None] | None = None) -> DataChecks:
-    """Label check, then the bias report, of the run's splits (each only when configured)."""
+               *, advance: Callable[[int], None] | None = None, write: bool = True
+               ) -> DataChecks:
+    """Label check, then the bias report, of the run's splits (each only when configured).
+
+    ``write=False`` (a process other than a distributed run's main one) checks alike but
+    leaves ``label_issues.jsonl`` to the main process."""
     checks = DataChecks(splits)
     if cfg.data.label_issues != "off":
-        _label_check(cfg, run_dir, checks, model, tokenizer, advance)
+        _label_check(cfg, run_dir, checks, model, tokenizer, advance, write)
     found_bias = bias(cfg, checks.splits)  # of what is trained on, after any drop
     if found_bias is not None:
         checks.results["data_bias"] = found_bias
@@ -71,13 +75,15 @@ def check_data(cfg: RunConfig, run_dir: Path, splits: Splits, model: Any, tokeni
 
 
 def _label_check(cfg: RunConfig, run_dir: Path, checks: DataChecks, model: Any,
-                 tokenizer: Any, advance: Callable[[int], None] | None) -> None:
+                 tokenizer: Any, advance: Callable[[int], None] | None, write: bool) -> None:
     from tunesmith.flows.label_issues import apply_action, find_in_records, write_issues
 
     action, splits = cfg.data.label_issues, checks.splits
     report = find_in_records(splits.train, model, tokenizer, seed=cfg.train.seed,
                              source=str(cfg.data.train_file), advance=advance)
-    path = write_issues(run_dir / "label_issues.jsonl", report, action=action)
+    path = run_dir / "label_issues.jsonl"
+    if write:
+        write_issues(path, report, action=action)
     kept, dropped = apply_action(splits.train, report, action, split="train")
     checks.splits = dataclasses.replace(splits, train=kept)
     checks.rejects = dropped

@@ -108,7 +108,8 @@ def fine_tune(cfg: RunConfig, run_dir: Path, model: Any, model_dir: Path, tokeni
               callbacks: Sequence[Any] = (), resume: bool = False,
               make_objective: Callable[[Any, str], Any] | None = None,
               wrappers: Sequence[Wrapper] = (), restore_best: bool = True,
-              save: bool = True, privacy: Privacy | None = None) -> FineTuned:
+              save: bool = True, privacy: Privacy | None = None, main: bool = True
+              ) -> FineTuned:
     """Train adapters (or all weights, or a classification head); save adapter and merged.
 
     ``make_objective`` replaces the configured objective (LM loss, or the classifier's);
@@ -116,7 +117,9 @@ def fine_tune(cfg: RunConfig, run_dir: Path, model: Any, model_dir: Path, tokeni
     trains under ``privacy`` (``privacy_for``'s plan; made here when not given). A run
     stopped by a callback (not by early stopping) saves its checkpoint but no adapter or
     merged model; with ``save=False`` (a search trial) nothing but checkpoints is written,
-    and the returned model is the trained one, adapters unmerged.
+    and the returned model is the trained one, adapters unmerged. ``main=False`` (a process
+    other than a distributed run's main one, under torchrun) trains alike but writes nothing:
+    the loop's main process writes the checkpoints, ``run``'s main process the rest.
     """
     classifier = cfg.train.head == "classifier"
     if classifier:
@@ -131,7 +134,7 @@ def fine_tune(cfg: RunConfig, run_dir: Path, model: Any, model_dir: Path, tokeni
         # the reference is the model as loaded, before any adapter or update
         rows = with_references(cfg, run_dir, model, {"train": train_rows, "validation":
                                                      valid_rows}, pad_id=tokenizer.pad_token_id,
-                               batch_size=cfg.eval.batch_size)
+                               batch_size=cfg.eval.batch_size, write=main)
         train_rows, valid_rows = rows["train"], rows["validation"]
         make_objective = make_objective or preference_objective(cfg, hp, tokenizer.pad_token_id)
     privacy = privacy or privacy_for(cfg, hp, len(train_rows))
@@ -144,7 +147,7 @@ def fine_tune(cfg: RunConfig, run_dir: Path, model: Any, model_dir: Path, tokeni
                    callbacks=callbacks, resume=resume, make_objective=make_objective,
                    wrappers=wrappers)
     done = FineTuned(model, result, privacy.summary() if privacy is not None else None)
-    if not done.finished or not save:
+    if not done.finished or not save or not main:
         return done
     if cfg.train.method == "lora":
         model.save_pretrained(run_dir / "adapter")

@@ -56,14 +56,15 @@ def _fingerprint(rows: Sequence[PairEncoded]) -> str:
 
 
 def with_references(cfg: RunConfig, run_dir: Path, model: Any,
-                    named: dict[str, Sequence[PairEncoded]], *, pad_id: int, batch_size: int
-                    ) -> dict[str, list[PairEncoded]]:
+                    named: dict[str, Sequence[PairEncoded]], *, pad_id: int, batch_size: int,
+                    write: bool = True) -> dict[str, list[PairEncoded]]:
     """Each split's pairs with the reference log-probabilities attached.
 
     The reference is ``model`` as it is now, before training (with LoRA adapters, switched
     off). Values found in ``reference_logps.json`` for the same tokens are reused, so a
     resumed run, and the held-out evaluation after training, use the very same numbers.
-    Reference-free objectives get the rows back unchanged.
+    Reference-free objectives get the rows back unchanged. ``write=False`` (a process other
+    than a distributed run's main one) reads the file but leaves writing it to the main one.
     """
     if cfg.train.objective not in REFERENCE_LOSSES:
         return {k: list(v) for k, v in named.items()}
@@ -83,7 +84,7 @@ def with_references(cfg: RunConfig, run_dir: Path, model: Any,
             stored[name] = found = {"fingerprint": key, "values": values}
             changed = True
         out[name] = with_reference(rows, found["values"])
-    if changed:
+    if changed and write:
         write_json(path, stored)
     return out
 
@@ -108,9 +109,10 @@ class HeldOut:
 
 
 def held_out(cfg: RunConfig, run_dir: Path, model: Any, tokenizer: Any, splits: Splits,
-             hp: ResolvedHyperparameters) -> HeldOut:
+             hp: ResolvedHyperparameters, *, write: bool = True) -> HeldOut:
     """Score the base model (as loaded, before training) on the held-out pairs: the test
-    split's pairs when the test data has pairs, else the whole validation split."""
+    split's pairs when the test data has pairs, else the whole validation split.
+    ``write``: as ``with_references``'s."""
     in_test = [e for e in splits.test if isinstance(e, PreferenceExample)]
     split, items = ("test", in_test) if in_test else ("validation", splits.validation)
     rows, too_long = encode_examples(training_encoder(tokenizer, cfg, None), items,
@@ -119,7 +121,7 @@ def held_out(cfg: RunConfig, run_dir: Path, model: Any, tokenizer: Any, splits: 
         log.info("%d held-out pair(s) are over data.max_length and not scored", len(too_long))
     rows = with_references(cfg, run_dir, model, {f"held-out {split}": rows},
                            pad_id=tokenizer.pad_token_id,
-                           batch_size=cfg.eval.batch_size)[f"held-out {split}"]
+                           batch_size=cfg.eval.batch_size, write=write)[f"held-out {split}"]
     make = preference_objective(cfg, hp, tokenizer.pad_token_id)
     base = pair_metrics(make(model, "fp32"), rows, batch_size=cfg.eval.batch_size)
     if cfg.train.objective in REFERENCE_LOSSES:

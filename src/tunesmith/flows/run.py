@@ -52,6 +52,7 @@ from tunesmith.models.load import check_quantization, load
 from tunesmith.models.resolve import default_home, resolve_model
 from tunesmith.training.callbacks import MetricsLog, ProgressBar, read_metrics
 from tunesmith.training.privacy import Privacy
+from tunesmith.training.processes import processes, wait_for_main
 
 log = logging.getLogger("tunesmith")
 
@@ -68,6 +69,9 @@ class RunResult:
     seconds: float
     results: dict[str, Any] = field(default_factory=dict)  # everything in metrics.json
     stopped: str | None = None  # a callback's reason, when one stopped training before the end
+    # False in the other processes of a distributed run (torchrun): they train, and leave the
+    # evaluation, the merged model and the report (``tuned`` stays empty) to the main process
+    main_process: bool = True
 
 
 # ----------------------------------------------------------------------------- steps
@@ -80,21 +84,31 @@ def run(config: RunConfig | str | Path, *, overwrite: bool = False, resume: bool
 
     ``resume=True`` continues the run in the run directory from its last checkpoint (or starts
     it); ``callbacks`` receive the training events (see ``tunesmith.training.callbacks``).
+
+    Under torchrun (one or more nodes) every process runs this flow and trains its share of
+    each batch; only the main process (global rank 0) writes the run directory, evaluates and
+    reports. The others return when it is done, with ``main_process=False``.
     """
     started = time.perf_counter()
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     console = console or Console(stderr=True)
     home = home or default_home()
+    group = processes()  # under torchrun, this joins the run's other processes
+    main_done = wait_for_main(group)
     # an unknown or broken base model fails here, before any data is read or a run dir made
     model_dir = resolve_model(cfg.model.base, home=home)
     check_quantization(cfg.train.quantize_base)  # QLoRA where no GPU is: before anything
-    run_dir = prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
-    handler = attach_log_file(run_dir)
+    run_dir = prepare_run_dir(cfg, overwrite=overwrite, resume=resume, group=group)
+    main = group.is_main_process  # of the whole run, not of each node: one writer
+    handler = attach_log_file(run_dir) if main else None
     try:
-        return _run(cfg, run_dir, model_dir, console, show_progress, started, resume=resume,
-                    extra_callbacks=list(callbacks))
+        result = _run(cfg, run_dir, model_dir, console, show_progress and main, started,
+                      resume=resume, extra_callbacks=list(callbacks), main=main)
     finally:
-        detach_log_file(handler)
+        if handler is not None:
+            detach_log_file(handler)
+    main_done()  # the others wait here while the main process evaluates and reports
+    return result
 
 
 @dataclass
@@ -139,10 +153,11 @@ def prepare_headless(cfg: RunConfig, out_dir: Path, home: Path, *,
 
 def prepare_training(cfg: RunConfig, run_dir: Path, tokenizer: Any, splits: Splits,
                      labels: list[str] | None, progress: Progress, say: Callable[[str], None],
-                     rejects: list[Rejected]) -> Prepared:
+                     rejects: list[Rejected], *, write: bool = True) -> Prepared:
     """Encode, leaving out what cannot be trained on; resolve 'auto'; write config.yaml.
 
     ``rejects`` (rows the data phase left out) and the rows left out here go to rejects.jsonl.
+    ``write=False`` (a process other than a distributed run's main one) writes neither.
     """
     encode = training_encoder(tokenizer, cfg, labels)
     train_enc, more = encode_examples(encode, splits.train, max_length=cfg.data.max_length,
@@ -157,7 +172,7 @@ def prepare_training(cfg: RunConfig, run_dir: Path, tokenizer: Any, splits: Spli
                                       max_length=cfg.data.max_length, split="validation",
                                       progress=progress)
     rejects += more
-    written = write_rejects(run_dir / "rejects.jsonl", rejects)
+    written = write_rejects(run_dir / "rejects.jsonl", rejects) if write else None
     if written:
         say(f"left out {len(rejects)} example(s); reasons in {written}")
     if not train_enc:
@@ -165,18 +180,20 @@ def prepare_training(cfg: RunConfig, run_dir: Path, tokenizer: Any, splits: Spli
                         path=cfg.data.train_file)
     hp = resolve_hyperparameters(cfg.train, len(train_enc))
     privacy = privacy_for(cfg, hp, len(train_enc))  # DP that cannot work fails here, not later
-    resolved = dump_config(cfg)
-    resolved["resolved"] = hp.model_dump()
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    if write:
+        resolved = dump_config(cfg)
+        resolved["resolved"] = hp.model_dump()
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     say(f"hyperparameters: {hp.epochs} epoch(s), batch {hp.batch_size}, "
         f"lr {hp.learning_rate:.2e}, {hp.total_steps} steps")
     return Prepared(train_enc, valid_enc, rejects, hp, privacy)
 
 
 def base_eval(cfg: RunConfig, run_dir: Path, model: Any, tokenizer: Any, test: list,
-              labels: list[str] | None, progress: Progress, resume: bool
+              labels: list[str] | None, progress: Progress, resume: bool, *, write: bool = True
               ) -> assess.ModelEval | None:
-    """The base model on the test set, before any training (kept on disk for --resume)."""
+    """The base model on the test set, before any training (kept on disk for --resume, by the
+    process that ``write``s the run directory)."""
     if not cfg.eval.compare_base:
         return None
     path = run_dir / "base_eval.json"
@@ -185,13 +202,18 @@ def base_eval(cfg: RunConfig, run_dir: Path, model: Any, tokenizer: Any, test: l
         found = assess.evaluate_lm(model, tokenizer, test, cfg.eval, labels,
                                    advance_task(progress, "evaluating base", len(test)),
                                    score_labels=False)
-        assess.save_model_eval(path, found)
+        if write:
+            assess.save_model_eval(path, found)
     log.info("base model on the test set: %s", json.dumps(found.metrics))
     return found
 
 
 def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_progress: bool,
-         started: float, *, resume: bool, extra_callbacks: list[Any]) -> RunResult:
+         started: float, *, resume: bool, extra_callbacks: list[Any], main: bool = True
+         ) -> RunResult:
+    # Every process of a distributed run computes the same steps up to training (its data
+    # decides what is trained on; a process waiting alone for the base evaluation of another
+    # could run into the collective timeout); only the main one (``main``) writes.
     def say(msg: str) -> None:
         log.info(msg)
         console.print(msg)
@@ -220,7 +242,7 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
     with Progress(console=console, disable=not show_progress) as progress:
         checks = check_data(cfg, run_dir, splits, model, tokenizer, advance=advance_task(
             progress, "checking labels", len(splits.train))
-            if cfg.data.label_issues != "off" else None)
+            if cfg.data.label_issues != "off" else None, write=main)
     splits, data_rejects = checks.splits, data_rejects + checks.rejects
     found = checks.results.get("label_issues")
     if found:
@@ -229,17 +251,19 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
     for text in checks.warnings:
         log.warning(text)
         console.print(f"warning: {text}", style="yellow")
-    write_splits(run_dir / "data", splits)
+    if main:
+        write_splits(run_dir / "data", splits)
 
     with Progress(console=console, disable=not show_progress) as progress:
         # 3. encode and resolve the hyperparameters
         prepared = prepare_training(cfg, run_dir, tokenizer, splits, labels, progress, say,
-                            data_rejects)
+                                    data_rejects, write=main)
         # 4. the base model on the test set and on general text, before any training
         with meter.phase("evaluation"):
-            base = base_eval(cfg, run_dir, model, tokenizer, test, labels, progress, resume)
-            held = preference.held_out(cfg, run_dir, model, tokenizer, splits, prepared.hp) \
-                if preference.is_preference(cfg) else None
+            base = base_eval(cfg, run_dir, model, tokenizer, test, labels, progress, resume,
+                             write=main)
+            held = preference.held_out(cfg, run_dir, model, tokenizer, splits, prepared.hp,
+                                       write=main) if preference.is_preference(cfg) else None
             snapshot = assess.forgetting_snapshot(model, tokenizer, ev) \
                 if ev.forgetting and not head else None
 
@@ -248,10 +272,18 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
         tuned_run = fine_tune(
             cfg, run_dir, model, model_dir, tokenizer, train_rows=prepared.train,
             valid_rows=prepared.valid, hp=prepared.hp, labels=labels, resume=resume,
-            privacy=prepared.privacy,
-            callbacks=[MetricsLog(run_dir / "metrics.jsonl"),
-                       ProgressBar(console, enabled=show_progress), *extra_callbacks])
+            privacy=prepared.privacy, main=main,
+            callbacks=[*([MetricsLog(run_dir / "metrics.jsonl"),
+                          ProgressBar(console, enabled=show_progress)] if main else []),
+                       *extra_callbacks])
     model, result = tuned_run.model, tuned_run.result
+    if not main:
+        # the main process evaluates, merges and reports alone: nothing after this point is a
+        # collective, so it never waits for the others (they wait for it, in ``run``)
+        return RunResult(run_dir=run_dir, base=None, tuned={}, hyperparameters=prepared.hp,
+                         best_step=result.state.best_step,
+                         seconds=time.perf_counter() - started, main_process=False,
+                         stopped=None if tuned_run.finished else result.stop_reason)
     if not tuned_run.finished:
         say(f"training stopped at step {result.state.step} ({result.stop_reason}); "
             "checkpoints kept, --resume continues")

@@ -45,6 +45,7 @@ from tunesmith.errors import ConfigError, DataError, Problem
 from tunesmith.evaluation.task import check_labels
 from tunesmith.models.load import add_lora
 from tunesmith.training.precision import load_dtype
+from tunesmith.training.processes import main_decides
 
 log = logging.getLogger("tunesmith")
 
@@ -286,18 +287,28 @@ def prepare_model_for_training(model: Any, cfg: RunConfig) -> Any:
                     task_type="SEQ_CLS" if cfg.train.head == "classifier" else "CAUSAL_LM")
 
 
-def prepare_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool = False) -> Path:
+def prepare_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool = False,
+                    group: Any = None) -> Path:
+    """The run directory: created, emptied for a new run (``overwrite``) or kept (``resume``).
+
+    Under several processes (``group``, a ``PartialState``) only the main process looks and
+    writes; the others get its answer, or its error, so none goes on alone.
+    """
     run_dir = cfg.output_dir or Path("runs") / (cfg.name or "run")
-    if resume:
+
+    def make() -> Path:
+        if resume:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            return run_dir
+        if run_dir.exists() and any(run_dir.iterdir()):
+            if not overwrite:
+                raise ConfigError(f"{run_dir}: the run directory exists and is not empty; pass "
+                                  "--overwrite to replace it or set output_dir to another place")
+            shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"{run_dir}: the run directory exists and is not empty; pass "
-                              "--overwrite to replace it or set output_dir to another place")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+
+    return make() if group is None else main_decides(group, make)
 
 
 def run_config(run_dir: Path) -> RunConfig | None:

@@ -32,6 +32,7 @@ from tunesmith.training.checkpoint import (
 )
 from tunesmith.training.objectives import LMObjective
 from tunesmith.training.policies import standard_policies
+from tunesmith.training.processes import same_everywhere
 from tunesmith.training.setup import LoopSettings, TrainParts, Wrapper, setup
 
 __all__ = ["Loop", "LoopSettings", "TrainResult", "evaluate_objective", "fit", "train",
@@ -252,8 +253,13 @@ def train(model: torch.nn.Module, train_data: Sequence[Any], valid_data: Sequenc
         keep_checkpoints=s.keep_checkpoints, restore_best=s.restore_best,
         min_steps=s.warmup_steps)
     existing = list_checkpoints(checkpoint_dir) if resume else []
-    result = fit(parts, settings=s, callbacks=[*callbacks, *policies],
-                 resume_from=existing[-1] if existing else None)
+    resume_from = existing[-1] if existing else None
+    # a process (a node) that saw another checkpoint, or none, would train other steps and
+    # wait forever in a collective the others never join
+    same_everywhere(parts.accelerator, resume_from and resume_from.name,
+                    what="the checkpoint to resume from",
+                    fix="the run directory (output_dir) must be on a filesystem every node sees")
+    result = fit(parts, settings=s, callbacks=[*callbacks, *policies], resume_from=resume_from)
     best = result.state.best_step
     result.best_checkpoint = checkpoint_dir / f"step-{best}" if best is not None else None
     return result

@@ -24,6 +24,7 @@ from tunesmith.errors import TrainingError
 from tunesmith.training.batches import BatchSource, ShuffledBatches
 from tunesmith.training.objectives import Objective, frozen_models
 from tunesmith.training.precision import cast_frozen, resolve_precision
+from tunesmith.training.processes import accelerator as make_accelerator
 
 
 def _default(name: str) -> Any:
@@ -149,7 +150,7 @@ def setup(model: torch.nn.Module, make_objective: ObjectiveFactory, train_data: 
           *, settings: LoopSettings, accelerator: Accelerator | None = None) -> TrainParts:
     """The parts of a run: model cast for its precision, objective, AdamW, schedule, batches."""
     s = settings
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or make_accelerator()
     precision = prepare_model(model, precision=s.precision,
                               gradient_checkpointing=s.gradient_checkpointing,
                               device=accelerator.device)
