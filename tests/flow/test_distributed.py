@@ -13,6 +13,7 @@ SCRIPT = Path(__file__).with_name("ddp_train.py")
 
 
 def _launch(args, tmp_path):
+    # no ACCELERATE_USE_CPU: without a GPU, training.processes tells Accelerate to use the CPU
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     # a hang (a process waiting in an all-reduce the other never joins) fails, not blocks
     done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env,

@@ -34,6 +34,17 @@ from tunesmith.training.objectives import LMObjective
 from tunesmith.training.policies import standard_policies
 from tunesmith.training.processes import same_everywhere
 from tunesmith.training.setup import LoopSettings, TrainParts, Wrapper, setup
+from tunesmith.training.sharding import (
+    gathered_optimizer_state,
+    gathered_trainable,
+    is_fsdp,
+    load_optimizer_state,
+    load_trainable_sharded,
+    max_passes,
+    reshard_all,
+    unshard,
+    wrap_layers_of,
+)
 
 __all__ = ["Loop", "LoopSettings", "TrainResult", "evaluate_objective", "fit", "train",
            "train_step"]
@@ -73,18 +84,25 @@ def evaluate_objective(objective: Any, data: Sequence[Any], *, batch_size: int,
 
 
 def _passes(objective: Any, batch: Sequence[Any], accelerator: Any, micro: int | None
-            ) -> tuple[list[dict[str, torch.Tensor]], bool]:
-    """This process's forward/backward passes for a global batch, and whether they are real.
+            ) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """This process's forward/backward passes for a global batch, and how many are real.
 
     With DDP every process must join the gradient all-reduce of a step. A process whose share
     of a small last batch is empty runs one pass on another example with its loss scaled to
-    zero, so it contributes nothing and nobody waits forever.
+    zero, so it contributes nothing and nobody waits forever. Under FSDP every pass gathers
+    and reduces each layer, so every process runs as many passes as the busiest one, the
+    extra ones scaled to zero the same way.
     """
     local = local_share(batch, rank=accelerator.process_index,
                         world_size=accelerator.num_processes)
     if local:
-        return [p for part in micro_batches(local, micro) for p in objective.collate(part)], True
-    return objective.collate(list(batch[:1])), False
+        passes = [p for part in micro_batches(local, micro) for p in objective.collate(part)]
+    else:
+        passes = objective.collate(list(batch[:1]))
+    real = len(passes) if local else 0
+    if accelerator.num_processes > 1 and is_fsdp(accelerator):
+        passes = passes + passes[:1] * (max_passes(accelerator, len(passes)) - len(passes))
+    return passes, real
 
 
 def train_step(parts: TrainParts, batch: Sequence[Any], settings: LoopSettings
@@ -104,9 +122,11 @@ def train_step(parts: TrainParts, batch: Sequence[Any], settings: LoopSettings
     world = acc.num_processes
     totals: dict[str, float] = {"loss": 0.0}
     if batch:  # a Poisson batch may be empty: the step then updates with zero gradient
-        passes, real = _passes(objective, batch, acc, settings.micro_batch_size)
+        passes, n_real = _passes(objective, batch, acc, settings.micro_batch_size)
         for i, inputs in enumerate(passes):
-            # DDP averages gradients over processes; scaling by world size makes that a sum.
+            real = i < n_real
+            # DDP (and FSDP's reduce-scatter) average gradients over processes; scaling by
+            # world size makes that a sum.
             sync = i == len(passes) - 1
             with acc.no_sync(module) if not sync and world > 1 else nullcontext():
                 out = module(**_to(inputs, acc.device))
@@ -155,29 +175,47 @@ class Loop:
         return evaluate_objective(objective, data, batch_size=batch_size,
                                   device=self.parts.accelerator.device)
 
+    @property
+    def sharded(self) -> bool:
+        return is_fsdp(self.parts.accelerator)
+
     def load_trainable(self, weights: dict[str, torch.Tensor]) -> None:
-        load_trainable_state(self.parts.model, weights)
+        if self.sharded:
+            reshard_all(self.parts.module)
+            load_trainable_sharded(self.parts.model, weights)
+        else:
+            load_trainable_state(self.parts.model, weights)
 
     def save_checkpoint(self, directory: Path) -> Path | None:
-        """Every process's RNG state goes in; the main process writes. Returns the path there."""
-        acc = self.parts.accelerator
+        """Every process's RNG state goes in; the main process writes. Returns the path there.
+
+        Under FSDP the weights and optimiser state are gathered first (see ``sharding``)."""
+        acc, p = self.parts.accelerator, self.parts
         states = [rng_state()]
         if acc.num_processes > 1:
             from accelerate.utils import gather_object
 
             states = gather_object(states)  # in memory, rank order
+        if self.sharded:
+            reshard_all(p.module)  # the optimiser holds the sharded parameters, not the gathered
+            weights = gathered_trainable(p.model, keep=acc.is_main_process)
+            optimizer: Any = _Stated(gathered_optimizer_state(p.module, p.optimizer))
+        else:
+            weights, optimizer = trainable_state(p.model), p.optimizer
         path = None
         if acc.is_main_process:
-            path = save_checkpoint(directory, weights=trainable_state(self.parts.model),
-                                   optimizer=self.parts.optimizer,
-                                   scheduler=self.parts.scheduler, state=self.state, rng=states)
+            path = save_checkpoint(directory, weights=weights, optimizer=optimizer,
+                                   scheduler=p.scheduler, state=self.state, rng=states)
         acc.wait_for_everyone()
         return path
 
     def resume(self, checkpoint: Path) -> None:
         weights, extra, self.state = load_checkpoint(checkpoint)
-        load_trainable_state(self.parts.model, weights)
-        self.parts.optimizer.load_state_dict(extra["optimizer"])
+        self.load_trainable(weights)
+        if self.sharded:
+            load_optimizer_state(self.parts.module, self.parts.optimizer, extra["optimizer"])
+        else:
+            self.parts.optimizer.load_state_dict(extra["optimizer"])
         self.parts.scheduler.load_state_dict(extra["scheduler"])
         states = extra["rng"]
         rank = self.parts.accelerator.process_index
@@ -217,6 +255,9 @@ def fit(parts: TrainParts, *, settings: LoopSettings, callbacks: Sequence[Any] =
         resume_from: Path | None = None) -> TrainResult:
     """Train with ``parts`` under ``callbacks`` (the run's own first, then its policies)."""
     acc = parts.accelerator
+    sharded = is_fsdp(acc)
+    if sharded:
+        wrap_layers_of(acc, parts.model)
     module, optimizer = acc.prepare(parts.objective, parts.optimizer)
     parts.module, parts.optimizer = module, optimizer
     module.train()
@@ -224,7 +265,20 @@ def fit(parts: TrainParts, *, settings: LoopSettings, callbacks: Sequence[Any] =
     loop = Loop(parts, settings, [*parts.extra.get("callbacks", ()), *callbacks])
     if resume_from is not None:
         loop.resume(resume_from)
-    return loop.run()
+    result = loop.run()
+    if sharded:  # what follows the loop (adapter, merge, evaluation) sees a plain model
+        unshard(module)
+    return result
+
+
+class _Stated:
+    """An optimiser state already in hand, for ``save_checkpoint``'s ``state_dict()`` call."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
 
 
 def train(model: torch.nn.Module, train_data: Sequence[Any], valid_data: Sequence[Any],

@@ -91,7 +91,23 @@ def test_paths_are_relative_to_the_config_file(tmp_path):
     assert cfg.name == "run"
 
 
-@pytest.mark.parametrize("path", sorted(REPO.glob("examples/**/*.yaml")), ids=str)
+ACCELERATE_CONFIGS = REPO / "examples" / "accelerate"  # launch configs, not run configs
+
+
+@pytest.mark.parametrize("path", sorted(p for p in REPO.glob("examples/**/*.yaml")
+                                        if ACCELERATE_CONFIGS not in p.parents), ids=str)
 def test_every_shipped_example_config_loads(path):
     cfg = load_config(path)
     assert cfg.data.train_file.is_file()
+
+
+@pytest.mark.parametrize("path", sorted(ACCELERATE_CONFIGS.glob("*.yaml")), ids=str)
+def test_every_shipped_accelerate_config_loads_as_fsdp2(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    cfg = ClusterConfig.from_yaml_file(path)
+    assert cfg.distributed_type == DistributedType.FSDP
+    assert cfg.fsdp_config["fsdp_version"] == 2
+    assert cfg.mixed_precision == "no"  # tunesmith applies train.precision itself
+    assert cfg.num_processes >= cfg.num_machines
