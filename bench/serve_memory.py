@@ -6,7 +6,8 @@
 Makes ``--adapters`` finished LoRA runs of the bundled SmolLM2-135M-Instruct (r=8, alpha 16,
 every linear layer, random nonzero weights: memory does not care what they learned), each an
 ``adapter/``, a ``merged/`` model (fp32) and its ``config.yaml``, as a service job leaves them.
-Then four arms, each in a process of its own so the figures are its own:
+Then four arms, each in a process of its own so the figures are its own (``--smoke`` runs them
+in this process, to check the code, not to measure):
 
 - ``shared`` with 1 and with N fine-tunes: the service's chat model cache
   (``service.inference.ModelCache.get_adapter``, what the chat API calls for a LoRA
@@ -166,7 +167,10 @@ def main() -> None:
         started = time.perf_counter()
         runs = make_runs(base_dir, n, Path(tmp))
         made_s = time.perf_counter() - started
-        results = {f"{way}_{k}": run_arm(way, base_dir, runs[:k])
+        # each arm in a fresh process, so RSS is its own; the smoke run (figures meaningless)
+        # runs them here, saving four interpreter starts
+        measure = arm if args.smoke else run_arm
+        results = {f"{way}_{k}": measure(way, base_dir, runs[:k])
                    for way in ("shared", "merged") for k in (1, n)}
     s1, sn, m1, mn = (results[k] for k in ("shared_1", f"shared_{n}", "merged_1", f"merged_{n}"))
     ratios = {

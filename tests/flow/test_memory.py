@@ -5,9 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).with_name("memory_runs.py")
 
 
+# slow: keeps `make test` under 25 minutes; `make test-slow` runs it
+@pytest.mark.slow
 def test_three_runs_in_one_process_keep_peak_memory_flat(make_config, tmp_path):
     cfg = make_config(train={"epochs": 2})
     done = subprocess.run([sys.executable, str(SCRIPT), str(cfg)], capture_output=True,

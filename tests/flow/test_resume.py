@@ -32,7 +32,9 @@ PRIVATE = {"objective": "sft", "batch_size": 16, "epochs": 6,
            "privacy": {"noise_multiplier": 0.8, "max_grad_norm": 1.0, "accountant": "rdp"}}
 
 
-@pytest.mark.parametrize("objective", ["sft", "dpo", "sft-dp"])
+# sft stays in `make test`; dpo and sft-dp (slow) resume through the same checkpoint code
+@pytest.mark.parametrize("objective", ["sft", pytest.param("dpo", marks=pytest.mark.slow),
+                                       pytest.param("sft-dp", marks=pytest.mark.slow)])
 def test_sigkill_and_resume_follows_the_same_curve(make_config, tmp_path, objective):
     train = {**TRAIN, **PRIVATE} if objective == "sft-dp" else {**TRAIN, "objective": objective}
     rows = review_pairs(80) if objective == "dpo" else None

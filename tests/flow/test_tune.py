@@ -86,6 +86,8 @@ def test_a_study_prunes_fails_and_picks_the_best_without_reading_the_test_split(
     assert all("parent_peak_rss_mb" in t.user_attrs for t in trials)
 
 
+# slow: keeps `make test` under 25 minutes; `make test-slow` runs it
+@pytest.mark.slow
 def test_a_killed_study_resumes_without_rerunning_finished_trials(study_config, tmp_path):
     cfg = study_config(trials=2, space={"train.learning_rate": {"type": "choice",
                                                                "values": [GOOD]}})
@@ -127,6 +129,8 @@ def test_a_killed_study_resumes_without_rerunning_finished_trials(study_config, 
                                      for t in counted)
 
 
+# slow: keeps `make test` under 25 minutes; `make test-slow` runs it
+@pytest.mark.slow
 def test_final_trains_the_best_and_the_default_and_compares_them_on_test(make_config,
                                                                          tmp_path, cli):
     cfg = make_config(tune={"space": {"train.learning_rate": {"type": "choice",

@@ -212,6 +212,8 @@ def test_dpo_job_data_is_checked_by_the_worker(tmp_path: Path) -> None:
 
 
 @pytest.mark.dpo_training
+# slow: keeps `make test` under 25 minutes; `make test-slow` runs it
+@pytest.mark.slow
 def test_dpo_job_trains_a_model_that_answers(server: LiveServer, files: dict[str, str]) -> None:
     client = server.client("acme")
     job = client.fine_tuning.jobs.create(model="tiny", training_file=files["pairs"],

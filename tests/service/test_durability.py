@@ -9,6 +9,7 @@ import signal
 import time
 
 import psutil
+import pytest
 
 from tests.helpers import all_events, training_children, wait_for, wait_status
 
@@ -110,6 +111,8 @@ def test_cancel_stops_training_and_frees_the_worker(launch, tmp_path, upload_rev
         raise AssertionError("cancelling a cancelled job must be a 409")
 
 
+# slow: keeps `make test` under 25 minutes (the browser test pauses and resumes a job too)
+@pytest.mark.slow
 def test_pause_keeps_checkpoints_and_resume_continues(launch, tmp_path, upload_reviews) -> None:
     server = launch(tmp_path / "svc")
     client = server.client("acme")

@@ -54,6 +54,8 @@ def _bad_request(call) -> openai.BadRequestError:
     return caught.value
 
 
+# slow: keeps `make test` under 25 minutes; `make test-slow` runs it
+@pytest.mark.slow
 def test_private_job_reports_the_epsilon_it_spent(server: LiveServer,
                                                   files: dict[str, str]) -> None:
     client = server.client("acme")
