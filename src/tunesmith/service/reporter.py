@@ -101,9 +101,12 @@ class JobReporter:
 
     def on_train_end(self, loop: Any) -> None:
         state = loop.state
-        if self.superseded:
-            return  # the job row is no longer ours to write
+        # The last step trained is in the checkpoint the loop writes as it stops, and a
+        # resumed job continues after it: its metrics event is written now or never (a paused
+        # job's chart would miss that step). The job row itself is no longer ours to write.
         self._flush()
+        if self.superseded:
+            return
         with self.store.begin() as s:
             s.execute(update(Job).where(Job.id == self.job_id)
                       .values(trained_tokens=state.tokens_seen, step=state.step))
