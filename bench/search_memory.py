@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
+from procmem import peak_mb, rss_mb  # noqa: E402
 from train_speed import (  # noqa: E402
     BATCH,
     LORA,
@@ -40,18 +40,6 @@ from train_speed import (  # noqa: E402
 )
 
 LR_LOW, LR_HIGH = 5e-5, 3e-3
-
-
-def rss_mb() -> float:
-    """Resident memory now (VmRSS), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_hf(trials: int, steps: int, model_ref: str) -> dict:

@@ -29,7 +29,6 @@ import argparse
 import gc
 import json
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,23 +37,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from procmem import peak_mb, rss_mb  # noqa: E402
 
 BASE = "smollm2-135m-instruct"
 LORA = {"r": 8, "alpha": 16}
 PROMPT = [{"role": "user", "content": "Is this spam: you won a free cruise, reply YES"}]
 NEW_TOKENS = 4
-
-
-def rss_mb() -> float:
-    """Resident memory now (VmRSS), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def make_runs(base_dir: Path, n: int, root: Path) -> list[Path]:

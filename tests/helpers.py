@@ -278,3 +278,30 @@ def federated_config(root: Path, model_dir: Path, clients: list[Path], **federat
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return path
+
+
+def queued_job(data_dir: Path, model_dir: Path, home: Path) -> tuple[Any, Any, str]:
+    """(settings, store, job id) of a service with one job on a 12-review training file."""
+    from tunesmith.service import ServiceSettings, Store
+    from tunesmith.service.jobs import create_job
+    from tunesmith.service.schemas import JobCreate
+    from tunesmith.service.tables import StoredFile
+
+    settings = ServiceSettings(data_dir=data_dir, home=home, base_models={"tiny": str(model_dir)})
+    store = Store(settings.url)
+    settings.files_dir.mkdir(parents=True, exist_ok=True)
+    (settings.files_dir / "file-t").write_bytes(jsonl_bytes(review_rows(12)))
+    with store.begin() as s:
+        s.add(StoredFile(id="file-t", org="acme", filename="t.jsonl", purpose="fine-tune",
+                         bytes=1, examples=12))
+    job_id = create_job(store, settings, "acme", JobCreate(model="tiny",
+                                                             training_file="file-t"))["id"]
+    return settings, store, job_id
+
+
+def start_job(store: Any, job_id: str, worker_id: str) -> None:
+    """Claim the job for ``worker_id`` and set it running, as a worker does before training."""
+    from tunesmith.service import queue
+
+    assert queue.claim_next(store, worker_id, lease_seconds=30).job_id == job_id
+    assert queue.set_status(store, job_id, worker_id, "running", expect=("validating_files",))

@@ -7,29 +7,17 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from tests.helpers import jsonl_bytes, review_rows
-from tunesmith.service import ServiceSettings, Store, queue
-from tunesmith.service.jobs import create_job, pause_job
+from tests.helpers import queued_job, start_job
+from tunesmith.service.jobs import pause_job
 from tunesmith.service.reporter import JobReporter
-from tunesmith.service.schemas import JobCreate
-from tunesmith.service.tables import JobEvent, StoredFile
+from tunesmith.service.tables import JobEvent
 from tunesmith.training.callbacks import Control
 
 
 def test_the_step_a_paused_job_stops_at_keeps_its_metrics(tmp_path: Path, tiny_model_dir: Path,
                                                           test_home: Path) -> None:
-    settings = ServiceSettings(data_dir=tmp_path / "svc", home=test_home,
-                               base_models={"tiny": str(tiny_model_dir)})
-    store = Store(settings.url)
-    settings.files_dir.mkdir(parents=True, exist_ok=True)
-    (settings.files_dir / "file-t").write_bytes(jsonl_bytes(review_rows(12)))
-    with store.begin() as s:
-        s.add(StoredFile(id="file-t", org="acme", filename="t.jsonl", purpose="fine-tune",
-                         bytes=1, examples=12))
-    job_id = create_job(store, settings, "acme", JobCreate(model="tiny",
-                                                             training_file="file-t"))["id"]
-    assert queue.claim_next(store, "w1", lease_seconds=30).job_id == job_id
-    assert queue.set_status(store, job_id, "w1", "running", expect=("validating_files",))
+    _, store, job_id = queued_job(tmp_path / "svc", tiny_model_dir, test_home)
+    start_job(store, job_id, "w1")
     reporter = JobReporter(store, job_id, "w1", checkpoint_dir=tmp_path / "ckpt",
                            output_model="ft:tiny:acme::x")
     loop = SimpleNamespace(state=SimpleNamespace(step=0, tokens_seen=0), total_steps=10,

@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.helpers import jsonl_bytes, review_rows
-from tunesmith.service import ServiceSettings, Store, queue
-from tunesmith.service.jobs import create_job, get_job, list_events
-from tunesmith.service.schemas import JobCreate
-from tunesmith.service.tables import Job, StoredFile
+from tests.helpers import queued_job, start_job
+from tunesmith.service.jobs import get_job, list_events
+from tunesmith.service.tables import Job
 from tunesmith.service.worker import Worker, energy_message
 
 PHASE = {"kwh": 2e-4, "kg_co2e": 7.4e-5, "seconds": 9.5, "cpu_kwh": 6e-5, "gpu_kwh": 0.0,
@@ -24,19 +22,9 @@ ENERGY = {"training": PHASE, "evaluation": PHASE,
 
 def test_a_successful_job_reports_its_energy(tmp_path: Path, tiny_model_dir: Path,
                                              test_home: Path) -> None:
-    settings = ServiceSettings(data_dir=tmp_path / "svc", home=test_home,
-                               base_models={"tiny": str(tiny_model_dir)})
-    store = Store(settings.url)
-    settings.files_dir.mkdir(parents=True, exist_ok=True)
-    (settings.files_dir / "file-t").write_bytes(jsonl_bytes(review_rows(12)))
-    with store.begin() as s:
-        s.add(StoredFile(id="file-t", org="acme", filename="t.jsonl", purpose="fine-tune",
-                         bytes=1, examples=12))
-    job_id = create_job(store, settings, "acme", JobCreate(model="tiny",
-                                                             training_file="file-t"))["id"]
+    settings, store, job_id = queued_job(tmp_path / "svc", tiny_model_dir, test_home)
     worker = Worker(settings, store)
-    assert queue.claim_next(store, worker.id, lease_seconds=30).job_id == job_id
-    assert queue.set_status(store, job_id, worker.id, "running", expect=("validating_files",))
+    start_job(store, job_id, worker.id)
     assert get_job(store, "acme", job_id)["energy"] is None  # nothing before success
     run_dir = settings.runs_dir / job_id
     run_dir.mkdir(parents=True)

@@ -107,16 +107,7 @@ def plot_rounds(records: list[dict[str, Any]], path: Path) -> Path:
         if points:
             ax.plot(*zip(*points, strict=True), alpha=0.35, linestyle="--",
                     label=f"client {node[-6:]}")
-    ax.set_xticks(rounds)
-    ax.set_xlabel("round")
-    ax.set_ylabel("loss (target tokens)")
-    ax.set_title("Federated rounds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_by_round(fig, ax, rounds, "loss (target tokens)", "Federated rounds", path)
 
 
 def plot_sites(records: list[dict[str, Any]], path: Path) -> Path | None:
@@ -141,10 +132,19 @@ def plot_sites(records: list[dict[str, Any]], path: Path) -> Path | None:
         if points:
             ax.plot(*zip(*points, strict=True), marker=".", linestyle="--", alpha=0.6,
                     label=f"client {node[-6:]}: own validation")
-    ax.set_xticks([r["round"] for r in records])
+    return _save_by_round(fig, ax, [r["round"] for r in records],
+                          "accuracy of the global model", "Accuracy per round and per site", path)
+
+
+def _save_by_round(fig: Any, ax: Any, rounds: list[int], ylabel: str, title: str,
+                   path: Path) -> Path:
+    """Label a per-round plot, write it to ``path`` and free the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xticks(rounds)
     ax.set_xlabel("round")
-    ax.set_ylabel("accuracy of the global model")
-    ax.set_title("Accuracy per round and per site")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
