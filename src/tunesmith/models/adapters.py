@@ -23,7 +23,15 @@ def trainable_state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_trainable_state(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Copy ``weights`` into the model's trainable parameters, in place (dtype/device kept)."""
+    """Copy ``weights`` into the model's trainable parameters, in place (dtype/device kept).
+
+    A parameter sharded by FSDP2 (a ``DTensor``) takes its own shard of the full tensor, which
+    every process holds, with no communication."""
+    try:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+    except ImportError:  # torch < 2.5: no public DTensor, so no FSDP2-sharded parameter
+        DTensor = None  # noqa: N806
+
     params = trainable_state(model)
     missing = sorted(set(params) - set(weights))
     if missing:
@@ -34,4 +42,8 @@ def load_trainable_state(model: torch.nn.Module, weights: dict[str, torch.Tensor
             if weights[name].shape != p.shape:
                 raise ModelError(f"{name}: saved shape {tuple(weights[name].shape)} differs "
                                  f"from the model's {tuple(p.shape)}; check train.lora.r")
-            p.copy_(weights[name])
+            value = weights[name]
+            if DTensor is not None and isinstance(p, DTensor):
+                value = distribute_tensor(value.to(device=p.device, dtype=p.dtype),
+                                          p.device_mesh, p.placements, src_data_rank=None)
+            p.copy_(value)

@@ -39,7 +39,6 @@ from tunesmith.training.sharding import (
     gathered_trainable,
     is_fsdp,
     load_optimizer_state,
-    load_trainable_sharded,
     max_passes,
     reshard_all,
     unshard,
@@ -181,10 +180,8 @@ class Loop:
 
     def load_trainable(self, weights: dict[str, torch.Tensor]) -> None:
         if self.sharded:
-            reshard_all(self.parts.module)
-            load_trainable_sharded(self.parts.model, weights)
-        else:
-            load_trainable_state(self.parts.model, weights)
+            reshard_all(self.parts.module)  # load into the shards, not into gathered copies
+        load_trainable_state(self.parts.model, weights)
 
     def save_checkpoint(self, directory: Path) -> Path | None:
         """Every process's RNG state goes in; the main process writes. Returns the path there.

@@ -93,28 +93,6 @@ def gathered_trainable(model: nn.Module, *, keep: bool) -> dict[str, torch.Tenso
     return out
 
 
-def load_trainable_sharded(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Copy full ``weights`` (every process holds them) into the sharded trainable parameters:
-    each process keeps its own shard, with no communication."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(set(params) - set(weights))
-    if missing:
-        raise TrainingError(f"the saved state lacks {len(missing)} trainable tensors (e.g. "
-                            f"{missing[0]}); it belongs to another model or LoRA setup")
-    with torch.no_grad():
-        for name, p in params.items():
-            if tuple(weights[name].shape) != tuple(p.shape):
-                raise TrainingError(f"{name}: saved shape {tuple(weights[name].shape)} differs "
-                                    f"from the model's {tuple(p.shape)}; check train.lora.r")
-            value = weights[name].to(device=p.device, dtype=p.dtype)
-            if isinstance(p, DTensor):
-                value = distribute_tensor(value, p.device_mesh, p.placements,
-                                          src_data_rank=None)
-            p.copy_(value)
-
-
 def _options(*, cpu_offload: bool) -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
