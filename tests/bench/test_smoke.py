@@ -36,6 +36,8 @@ def _commands(tmp: Path, tiny: Path) -> dict[str, list[str]]:
                        str(tmp / "eval.json")],
         "serve_memory": ["serve_memory.py", "--smoke", *model, "--workdir", str(tmp), "--out",
                          str(tmp / "serve.json")],
+        "serve_speed": ["serve_speed.py", "--smoke", *model, "--workdir", str(tmp), "--out",
+                        str(tmp / "serve_speed.json")],
     }
     needs = {"dpo_speed": "trl", "dp_speed": "opacus"}
     return {name: args for name, args in found.items()
@@ -56,7 +58,7 @@ def smokes(tmp_path_factory, tiny_model_dir, bundled_dir):
 
     # the slowest first, so the two lanes end together
     order = ["search_memory", "dp_speed", "dpo_speed", "data_speed", "train_speed",
-             "label_issues", "serve_memory", "eval_speed"]
+             "label_issues", "serve_memory", "serve_speed", "eval_speed"]
     commands = _commands(tmp, tiny_model_dir)
     with ThreadPoolExecutor(AT_ONCE) as pool:
         done = dict(pool.map(run, sorted(commands.items(), key=lambda kv: order.index(kv[0]))))
@@ -151,3 +153,14 @@ def test_serve_memory_smoke(smokes):
     assert arms["shared_1"]["cache_mb"] < arms["shared_3"]["cache_mb"] < 1.2 * base
     assert arms["merged_3"]["cache_mb"] == pytest.approx(3 * base)
     assert all(len(a["replies"]) == a["fine_tunes"] for a in arms.values())
+
+
+def test_serve_speed_smoke(smokes):
+    done, tmp = _smoke(smokes, "serve_speed")
+    result = json.loads((tmp / "serve_speed.json").read_text())
+    assert set(result["arms"]) == {"one_at_a_time", "batched"}  # --smoke: one server
+    for arm in result["arms"].values():
+        assert arm["requests"] == 2 and arm["tokens"] >= 2 and arm["p95_latency_s"] > 0
+    # greedy: every arm gives every request the same answer
+    assert result["same_answers"] == {"one_at_a_time": 2, "batched": 2}
+    assert "batched / one at a time" in done.stdout

@@ -60,6 +60,10 @@ def serve_cmd(
     lease_seconds: float = typer.Option(60, help="A job whose worker is silent this long is "
                                         "resumed by another worker."),
     threads: int | None = typer.Option(None, help="Torch threads per process."),
+    max_batch: int = typer.Option(8, min=1, help="Chat requests to one model generated "
+                                  "together (1: one at a time)."),
+    batch_window_ms: float = typer.Option(10, min=0, help="How long a batch waits for more "
+                                          "requests before it starts, in ms."),
     energy: bool = Energy,
     energy_country: str | None = EnergyCountry,
     energy_region: str | None = EnergyRegion,
@@ -72,6 +76,7 @@ def serve_cmd(
     settings = _settings(data_dir, database_url, max_upload_bytes=int(max_upload_mb * MB),
                          audit_log=audit_log, cache_budget_bytes=int(cache_budget_mb * MB),
                          lease_seconds=lease_seconds, torch_threads=threads,
+                         max_batch=max_batch, batch_window_ms=batch_window_ms,
                          energy=energy_section(enabled=energy, country=energy_country,
                                                region=energy_region), **extra)
     serve(settings, host=host, port=port, worker=not no_worker)

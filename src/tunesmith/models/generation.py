@@ -1,10 +1,12 @@
-"""The one generation path: parameters, seeding, stop sequences, streaming, padding.
+"""The one generation path: parameters, seeding, stop sequences, padding, batches of rows.
 
 Evaluation, ``tunesmith.chat`` / ``tunesmith chat`` and the service's chat completions all
-generate here: ``generate`` returns whole replies (batched, left-padded), ``stream`` yields one
-reply as text pieces. Both run transformers' ``generate`` with the same arguments, so the same
-prompt and parameters give the same tokens either way. Prompts are token ids rendered by
-``data.encode.encode_prompt``, the chat template exactly as training renders it.
+generate here: ``generate`` returns whole replies (batched, left-padded); ``generate_rows``
+runs one batch whose rows each end on their own terms and report their tokens as they come,
+which ``models.batching`` builds streaming and the service's request batching on. Every
+reply comes from transformers' ``generate`` with the same arguments, so the same prompt and
+parameters give the same tokens whichever way they are asked for. Prompts are token ids
+rendered by ``data.encode.encode_prompt``, the chat template exactly as training renders it.
 
 - Greedy when ``temperature`` is 0. A ``seed`` seeds torch inside ``torch.random.fork_rng``,
   so a seeded call is reproducible and the caller's random state is left as it was.
@@ -131,10 +133,42 @@ def held_back(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
+@dataclass
+class Row:
+    """One reply to generate in a batch: its prompt and parameters, and who hears of it.
+
+    ``on_tokens`` gets the row's new token ids after every step until the row ends (for
+    streaming); ``on_end`` gets the reply as soon as the row ends, while the batch may still run
+    for longer rows; ``cancel`` ends the row at its next token (the client went away)."""
+
+    prompt: Sequence[int]
+    params: GenerationParams
+    on_tokens: Callable[[list[int]], None] | None = None
+    on_end: Callable[[Generated], None] | None = None
+    cancel: threading.Event | None = None
+
+
+def _sampling(params: GenerationParams) -> tuple[Any, ...]:
+    """What the rows of one ``generate_rows`` call share; their stops and token limits may
+    differ."""
+    if params.sampling:
+        return ("sample", params.temperature, params.top_p, params.min_new_tokens, params.seed)
+    return ("greedy", params.min_new_tokens)
+
+
+def batch_key(params: GenerationParams) -> tuple[Any, ...] | None:
+    """Replies to different requests whose parameters have the same key can be generated in
+    one batch. None: this one runs alone (a seeded sample draws its own random numbers, which
+    a batch would share with other requests)."""
+    if params.sampling and params.seed is not None:
+        return None
+    return _sampling(params)
+
+
 class _Ends:
-    """A stopping criterion (transformers calls it like its own): end a row at EOS or once its
-    decoded text holds a stop string, noting how many new tokens it took; end every row once
-    ``cancel`` is set (a streaming client went away).
+    """A stopping criterion (transformers calls it like its own) that ends each row on its own
+    terms: at EOS, once its decoded text holds one of its stop strings, at its own token limit
+    or when its ``cancel`` is set; it notes where and why each row ended and tells the row.
 
     Not transformers' ``stop_strings``: its ``StopStringCriteria`` scans the whole vocabulary
     for every new set of stop strings (0.2-0.6 s on CPU for a 49k vocabulary), and the service
@@ -143,66 +177,82 @@ class _Ends:
     cuts the reply, so the two always agree.
     """
 
-    def __init__(self, tokenizer: Any, params: GenerationParams, *, prompt_width: int,
-                 rows: int, cancel: threading.Event | None) -> None:
-        self.tokenizer, self.stops = tokenizer, params.stop
-        self.prompt_width, self.cancel = prompt_width, cancel
-        self.ends: list[int | None] = [None] * rows
+    def __init__(self, tokenizer: Any, rows: Sequence[Row], *, prompt_width: int) -> None:
+        self.tokenizer, self.rows, self.prompt_width = tokenizer, rows, prompt_width
+        self.ends: list[int | None] = [None] * len(rows)
+        self.reasons: list[FinishReason] = ["length"] * len(rows)
+        self.replies: list[Generated | None] = [None] * len(rows)
 
-    def _ended(self, input_ids: torch.Tensor) -> list[bool]:
+    def _why(self, row: Row, new: list[int]) -> FinishReason | None:
         eos = self.tokenizer.eos_token_id
-        ended = [eos is not None and t == eos for t in input_ids[:, -1].tolist()]
-        if self.stops:
-            for row, new in enumerate(input_ids[:, self.prompt_width:].tolist()):
-                if not ended[row] and self.ends[row] is None:
-                    text = self.tokenizer.decode(new, skip_special_tokens=True)
-                    ended[row] = first_stop(text, self.stops) is not None
-        return ended
+        if eos is not None and new and new[-1] == eos:
+            return "stop"
+        if row.params.stop:
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            if first_stop(text, row.params.stop) is not None:
+                return "stop"
+        if len(new) >= row.params.max_new_tokens:
+            return "length"
+        if row.cancel is not None and row.cancel.is_set():
+            return "length"
+        return None
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        ended = self._ended(input_ids)
-        new_tokens = input_ids.shape[1] - self.prompt_width
-        for row, now in enumerate(ended):
-            if now and self.ends[row] is None:
-                self.ends[row] = new_tokens
-        if self.cancel is not None and self.cancel.is_set():
-            ended = [True] * len(ended)
-        return torch.tensor(ended, dtype=torch.bool, device=input_ids.device)
+        new_ids = input_ids[:, self.prompt_width:].tolist()
+        for i, (row, new) in enumerate(zip(self.rows, new_ids, strict=True)):
+            if self.ends[i] is not None:
+                continue
+            why = self._why(row, new)
+            if row.on_tokens is not None:
+                row.on_tokens(new)
+            if why is not None:
+                self.ends[i], self.reasons[i] = len(new), why
+                self.end(i, new)
+        return torch.tensor([e is not None for e in self.ends], dtype=torch.bool,
+                            device=input_ids.device)
+
+    def end(self, i: int, new_ids: list[int]) -> Generated:
+        """Row ``i``'s reply from its new tokens (told to the row once)."""
+        if self.replies[i] is None:
+            end = self.ends[i]
+            tokens = new_ids if end is None else new_ids[:end]  # after its end, padding
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            cut = first_stop(text, self.rows[i].params.stop)
+            reason = "stop" if cut is not None else self.reasons[i]
+            reply = Generated(text if cut is None else text[:cut], reason, len(tokens))
+            self.replies[i] = reply
+            if self.rows[i].on_end is not None:
+                self.rows[i].on_end(reply)
+        return self.replies[i]  # type: ignore[return-value]
 
 
-def _finish(tokenizer: Any, new_ids: list[int], end: int | None, stops: Sequence[str]
-            ) -> Generated:
-    # after its end a finished row holds only padding
-    tokens = new_ids if end is None else new_ids[:end]
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
-    cut = first_stop(text, stops)
-    reason: FinishReason = "stop" if end is not None or cut is not None else "length"
-    return Generated(text if cut is None else text[:cut], reason, len(tokens))
+def generate_rows(model: Any, tokenizer: Any, rows: Sequence[Row]) -> list[Generated]:
+    """The replies to ``rows`` from one ``model.generate`` call over the left-padded batch.
 
-
-def _generate_batch(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
-                    params: GenerationParams, *, streamer: Any = None,
-                    cancel: threading.Event | None = None) -> list[Generated]:
+    The rows must share their ``batch_key``; each ends on its own (see ``_Ends``) and the call
+    runs until the last one has. Call it inside ``generating``."""
     from transformers import StoppingCriteriaList
 
-    batch = pad_batch(prompts, pad_id=tokenizer.pad_token_id, side="left")
+    if len({_sampling(r.params) for r in rows}) != 1:
+        raise ValueError("rows of one batch must share their sampling parameters")
+    params = rows[0].params
+    batch = pad_batch([r.prompt for r in rows], pad_id=tokenizer.pad_token_id, side="left")
     width = batch.input_ids.shape[1]
-    ends = _Ends(tokenizer, params, prompt_width=width, rows=len(prompts), cancel=cancel)
+    ends = _Ends(tokenizer, rows, prompt_width=width)
     device = next(model.parameters()).device
     out = model.generate(
         input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-        max_new_tokens=params.max_new_tokens, do_sample=params.sampling,
+        max_new_tokens=max(r.params.max_new_tokens for r in rows), do_sample=params.sampling,
         min_new_tokens=params.min_new_tokens or None,
         temperature=params.temperature if params.sampling else None,
         top_p=params.top_p if params.sampling else None, top_k=None,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        stopping_criteria=StoppingCriteriaList([ends]), streamer=streamer, use_cache=True)
-    return [_finish(tokenizer, out[row, width:].tolist(), ends.ends[row], params.stop)
-            for row in range(len(prompts))]
+        stopping_criteria=StoppingCriteriaList([ends]), use_cache=True)
+    return [ends.end(i, out[i, width:].tolist()) for i in range(len(rows))]
 
 
 @contextmanager
-def _generating(model: Any, seed: int | None) -> Iterator[None]:
+def generating(model: Any, seed: int | None) -> Iterator[None]:
     """The lock, eval mode and the call's seed, for one generation call."""
     was_training = model.training
     with GENERATION_LOCK, torch.no_grad(), seeded(seed, next(model.parameters()).device):
@@ -220,85 +270,11 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
     # longest first so the first batch shows the peak memory, and batches pad little
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     replies: dict[int, Generated] = {}
-    with _generating(model, params.seed):
+    with generating(model, params.seed):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            done = _generate_batch(model, tokenizer, [prompts[i] for i in idx], params)
+            done = generate_rows(model, tokenizer, [Row(prompts[i], params) for i in idx])
             replies.update(zip(idx, done, strict=True))
             if on_batch is not None:
                 on_batch(len(idx))
     return [replies[i] for i in range(len(prompts))]
-
-
-class TextStream:
-    """One reply as text pieces, for streaming; ``result`` once the pieces are all read.
-
-    The pieces join to ``result.text``, the text ``generate`` gives for the same prompt and
-    parameters. Text that could still become a stop sequence is held back until it is clear.
-    Closing the iteration early (the client went away) ends the generation at the next token.
-    """
-
-    def __init__(self, model: Any, tokenizer: Any, prompt: Sequence[int],
-                 params: GenerationParams) -> None:
-        self.model, self.tokenizer, self.prompt, self.params = model, tokenizer, prompt, params
-        self._result: Generated | None = None
-        self._sent = 0  # characters handed out so far
-
-    @property
-    def result(self) -> Generated:
-        if self._result is None:
-            raise RuntimeError("the stream has not been read to its end")
-        return self._result
-
-    def __iter__(self) -> Iterator[str]:
-        from transformers import TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
-                                        skip_special_tokens=True)
-        cancel = threading.Event()
-        self._sent = 0
-        outcome: list[Generated | BaseException] = []
-
-        def work() -> None:
-            try:
-                with _generating(self.model, self.params.seed):
-                    outcome.append(_generate_batch(self.model, self.tokenizer, [self.prompt],
-                                                   self.params, streamer=streamer,
-                                                   cancel=cancel)[0])
-            except BaseException as err:  # handed to the reader, raised there
-                outcome.append(err)
-                streamer.end()  # unblocks the reader
-
-        thread = threading.Thread(target=work, name="generate", daemon=True)
-        thread.start()
-        try:
-            yield from self._pieces(streamer)
-            thread.join()
-            reply = outcome[0]
-            if isinstance(reply, BaseException):
-                raise reply
-            if len(reply.text) > self._sent:  # the tail held back for a stop that never came
-                yield reply.text[self._sent:]
-            self._result = reply
-        finally:
-            cancel.set()
-            thread.join()
-
-    def _pieces(self, streamer: Iterator[str]) -> Iterator[str]:
-        stops = self.params.stop
-        text, cut = "", None
-        for piece in streamer:
-            if cut is not None:  # the rest is cut; generation ends at the stop's last token
-                continue
-            text += piece
-            cut = first_stop(text, stops)
-            ready = cut if cut is not None else len(text) - held_back(text, stops)
-            if ready > self._sent:
-                yield text[self._sent:ready]
-                self._sent = ready
-
-
-def stream(model: Any, tokenizer: Any, prompt: Sequence[int], params: GenerationParams
-           ) -> TextStream:
-    """The reply to ``prompt`` as text pieces (see ``TextStream``)."""
-    return TextStream(model, tokenizer, prompt, params)

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import ServiceError
-from tunesmith.models.generation import Generated, GenerationParams, generate, stream
+from tunesmith.models.batching import Batcher, Ticket, batcher_for
+from tunesmith.models.generation import GenerationParams
 from tunesmith.service.audit import record_completion
 from tunesmith.service.http_errors import bad_request, error_body
 from tunesmith.service.inference import ModelCache
@@ -131,9 +132,16 @@ class ChatService:
                         model=model, tokenizer=tokenizer, messages=messages,
                         prompt_ids=prompt_ids, params=params, n=req.n or 1)
 
-    def _reply(self, p: Prepared, index: int) -> Generated:
-        return generate(p.model, p.tokenizer, [p.prompt_ids], p.choice_params(index),
-                        batch_size=1)[0]
+    def _batcher(self, p: Prepared) -> Batcher:
+        return batcher_for(p.model, max_batch=self.settings.max_batch,
+                           window_s=self.settings.batch_window_ms / 1000)
+
+    def _submit(self, p: Prepared, *, streaming: bool) -> list[Ticket]:
+        """The request's choices, queued together with the other requests to its model."""
+        batcher = self._batcher(p)
+        return [batcher.submit(Ticket(p.model, p.tokenizer, p.prompt_ids, p.choice_params(i),
+                                      streaming=streaming))
+                for i in range(p.n)]
 
     def _audit(self, org: str, p: Prepared, texts: list[str]) -> None:
         if self.settings.audit_log:
@@ -146,8 +154,8 @@ class ChatService:
     def complete(self, org: str, req: ChatRequest) -> dict[str, Any]:
         p = self.prepare(org, req)
         choices, texts, used = [], [], 0
-        for i in range(p.n):
-            reply = self._reply(p, i)
+        for i, ticket in enumerate(self._submit(p, streaming=False)):
+            reply = ticket.result()
             texts.append(reply.text)
             used += reply.completion_tokens
             choices.append({"index": i, "message": {"role": "assistant", "content": reply.text,
@@ -174,20 +182,24 @@ class ChatService:
 
         def events() -> Iterator[str]:
             texts, used = [], 0
+            tickets = self._submit(p, streaming=True)  # the choices generate side by side
             try:
-                for i in range(p.n):
+                for i, ticket in enumerate(tickets):
                     yield chunk([delta(i, {"role": "assistant", "content": "", "refusal": None})])
-                    reply = stream(p.model, p.tokenizer, p.prompt_ids, p.choice_params(i))
-                    for piece in reply:
+                    for piece in ticket.pieces():
                         yield chunk([delta(i, {"content": piece})])
-                    used += reply.result.completion_tokens
-                    texts.append(reply.result.text)
-                    yield chunk([delta(i, {}, reply.result.finish_reason)])
+                    reply = ticket.result()
+                    used += reply.completion_tokens
+                    texts.append(reply.text)
+                    yield chunk([delta(i, {}, reply.finish_reason)])
                 if with_usage:
                     yield chunk([], usage=_usage(len(p.prompt_ids), used))
                 self._audit(org, p, texts)
             except Exception as err:  # the status line is sent: report in-band, as OpenAI does
                 yield f"data: {json.dumps(error_body(str(err), status=500))}\n\n"
+            finally:  # the client went away: its rows stop at their next token
+                for ticket in tickets:
+                    ticket.cancel()
             yield "data: [DONE]\n\n"
 
         return events()

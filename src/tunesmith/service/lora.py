@@ -9,9 +9,9 @@ Exactness under concurrency: a ``SharedBase`` has one lock. Every generation on 
 (``Served.generate``) holds the lock from choosing its adapter (``set_adapter``, or
 ``disable_adapter`` for the plain base) to its last token, and attaching or unloading an
 adapter takes the same lock, so no forward pass ever sees another request's adapter or a
-half-loaded one. The service already runs one generation at a time
-(``models.generation.GENERATION_LOCK``, taken before this one), so the lock costs no
-throughput; it makes the adapter switch safe on its own, whoever calls ``generate``.
+half-loaded one. The service already runs one generation (one batch of requests to one
+model) at a time (``models.generation.GENERATION_LOCK``, taken before this one), so the lock
+costs no throughput; it makes the adapter switch safe on its own, whoever calls ``generate``.
 """
 
 from __future__ import annotations

@@ -32,6 +32,10 @@ class ServiceSettings:
     """Store (redacted) chat requests and responses; needed for POST /v1/feedback."""
     cache_budget_bytes: int = 4096 * MB
     """Memory the loaded chat models may take together; the least recently used go first."""
+    max_batch: int = 8
+    """Chat requests to one model generated together in one batch (1: one at a time)."""
+    batch_window_ms: float = 10.0
+    """How long a batch waits for more requests before it starts."""
     lease_seconds: float = 60.0
     """A running job whose worker is silent this long is taken over by another worker."""
     poll_seconds: float = 1.0

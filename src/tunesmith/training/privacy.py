@@ -22,6 +22,7 @@ modules with trainable parameters: with LoRA the frozen base computes none.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Sequence
@@ -39,6 +40,22 @@ from tunesmith.errors import ConfigError
 from tunesmith.training.batches import PoissonBatches
 from tunesmith.training.objectives import ObjectiveOutput
 from tunesmith.training.setup import TrainParts
+
+# Opacus calls ``logging.basicConfig`` when imported (opacus/utils/module_utils.py), which hangs
+# a stderr handler on the root logger: every tunesmith record then printed twice on the screen,
+# once in Opacus' format, in every run, private or not. Take that one handler back off; a root
+# handler the application set up itself has another format and stays.
+OPACUS_ROOT_FORMAT = "%(asctime)s:%(levelname)s:%(message)s"
+
+
+def _drop_opacus_root_handler() -> None:
+    for handler in list(logging.root.handlers):
+        formatter = handler.formatter
+        if formatter is not None and formatter._fmt == OPACUS_ROOT_FORMAT:
+            logging.root.removeHandler(handler)
+
+
+_drop_opacus_root_handler()
 
 # Below this expected batch the noise (std sigma*C/B per coordinate of the averaged gradient)
 # drowns the signal at any useful epsilon; DP-SGD work uses batches of hundreds.

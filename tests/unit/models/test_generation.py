@@ -10,13 +10,13 @@ import torch
 
 from tunesmith.data.encode import encode_prompt
 from tunesmith.errors import ConfigError, ModelError
+from tunesmith.models.batching import Batcher, Ticket
 from tunesmith.models.generation import (
     GenerationParams,
     first_stop,
     generate,
     held_back,
     pad_batch,
-    stream,
 )
 
 QUESTIONS = ["I love it", "broke after a day, would not buy again", "ok"]
@@ -123,6 +123,10 @@ def test_the_end_of_sequence_token_ends_a_reply_with_stop(tiny_model_dir: Path, 
     assert reply.finish_reason == "stop" and reply.completion_tokens == 1
 
 
+def stream(model, tokenizer, prompt: list[int], params: GenerationParams) -> Ticket:
+    return Batcher(window_s=0).submit(Ticket(model, tokenizer, prompt, params, streaming=True))
+
+
 def test_streamed_pieces_join_to_the_generated_text(loaded, prompts) -> None:
     model, tokenizer = loaded
     for params in (GenerationParams(max_new_tokens=12),
@@ -130,26 +134,26 @@ def test_streamed_pieces_join_to_the_generated_text(loaded, prompts) -> None:
         for prompt in prompts:
             whole = generate(model, tokenizer, [prompt], params)[0]
             reply = stream(model, tokenizer, prompt, params)
-            pieces = list(reply)
-            assert "".join(pieces) == whole.text and reply.result == whole
+            pieces = list(reply.pieces())
+            assert "".join(pieces) == whole.text and reply.result() == whole
             assert len(pieces) >= 1
     # with a stop string, nothing at or after it is ever streamed
     whole = generate(model, tokenizer, prompts[1:2], GenerationParams(max_new_tokens=12))[0]
     stop = whole.text.strip()[2:4]
     params = GenerationParams(max_new_tokens=12, stop=(stop,))
     reply = stream(model, tokenizer, prompts[1], params)
-    assert "".join(reply) == whole.text[:whole.text.index(stop)]
-    assert reply.result == generate(model, tokenizer, prompts[1:2], params)[0]
+    assert "".join(reply.pieces()) == whole.text[:whole.text.index(stop)]
+    assert reply.result() == generate(model, tokenizer, prompts[1:2], params)[0]
 
 
-def test_a_stream_that_is_closed_early_ends_its_generation(loaded, prompts) -> None:
+def test_a_cancelled_stream_ends_its_generation(loaded, prompts) -> None:
     model, tokenizer = loaded
     reply = stream(model, tokenizer, prompts[0], GenerationParams(max_new_tokens=200))
-    pieces = iter(reply)
+    pieces = reply.pieces()
     next(pieces)
-    pieces.close()  # joins the generation thread, which stops at its next token
-    with pytest.raises(RuntimeError, match="not been read"):
-        _ = reply.result
+    reply.cancel()  # the client went away: the row ends at its next token
+    pieces.close()
+    assert reply.result(timeout=60).completion_tokens < 200
     # the lock is free again: a new generation runs
     assert generate(model, tokenizer, prompts[:1], GenerationParams(max_new_tokens=2))
 

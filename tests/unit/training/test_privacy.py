@@ -2,6 +2,8 @@
 
 import copy
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -175,3 +177,15 @@ def test_layers_opacus_cannot_handle_are_a_config_error(tiny_model_dir, tmp_path
                        batches=None, accelerator=Accelerator(), precision="fp32")
     with pytest.raises(ConfigError, match="Opacus cannot compute per-example gradients"):
         Privacy(_plan(), seed=0).wrap(parts)
+
+
+def test_importing_privacy_leaves_the_root_logger_alone():
+    """Opacus' import-time basicConfig would print every tunesmith record twice on the screen."""
+    code = (
+        "import logging, tunesmith.training.privacy\n"
+        "assert logging.root.handlers == [], logging.root.handlers\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

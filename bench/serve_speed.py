@@ -1,0 +1,230 @@
+"""Chat throughput of a live `tunesmith serve`: concurrent clients batched, against the same
+requests sent one at a time.
+
+    .venv/bin/python bench/serve_speed.py [--clients 8] [--rounds 3] [--max-tokens 64]
+    .venv/bin/python bench/serve_speed.py --smoke --model DIR   # tiny model, 2 clients
+
+Starts `tunesmith serve --no-worker` on 127.0.0.1 with the bundled SmolLM2-135M-Instruct
+(``--model``: another) and sends greedy chat completions (``temperature`` 0, ``max_tokens``
+each) over HTTP, ``--clients`` different prompts, ``--rounds`` times each:
+
+- ``one_at_a_time``: every request after the previous one's answer (what a server that
+  generates one request at a time gives in total, whatever the number of clients);
+- ``batched``: ``--clients`` threads each sending its prompt ``--rounds`` times, all at once,
+  to the same server (``--max-batch`` = clients): requests that arrive together share forward
+  passes (``models.batching``);
+- ``unbatched``: the same clients against a second server started with ``--max-batch 1``
+  (the service before batching: concurrent requests wait in line); not in ``--smoke``,
+  which starts one server only.
+
+Reported per arm: generated tokens (the ``usage.completion_tokens`` of every answer) per
+second of wall time from the first request sent to the last answer, requests per second, and
+the p50 and p95 latency of a request. Ratio: batched over one at a time, the target. The
+answers must be the same in every arm (greedy); the script says how many are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+BASE = "smollm2-135m-instruct"
+SYSTEM = "You are a helpful assistant. Answer in a few sentences."
+QUESTIONS = [
+    "What is the capital of France, and what is it known for?",
+    "Give me three tips for writing a clear bug report.",
+    "Explain what a hash table is.",
+    "Why is the sky blue?",
+    "How do I boil an egg?",
+    "What does a compiler do?",
+    "Name two benefits of regular exercise.",
+    "What is the difference between weather and climate?",
+    "Summarise the plot of Romeo and Juliet.",
+    "How does a bicycle stay upright?",
+    "What is photosynthesis?",
+    "Suggest a name for a cat.",
+]
+
+
+def start(model_ref: str, data_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "tunesmith.cli", "serve", "--port", str(port), "--data-dir",
+           str(data_dir), "--model", f"m={model_ref}", "--no-worker", "--no-energy", *extra]
+    log = (data_dir / f"server-{port}.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                 "PYTHONPATH": str(REPO / "src")})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"the server exited: see {log.name}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    sys.exit("the server did not start in 180 s")
+
+
+def api_key(data_dir: Path) -> str:
+    from tunesmith.service import Store, create_key, store_url
+
+    key, _ = create_key(Store(store_url(data_dir, data_dir=data_dir)), "bench")
+    return key
+
+
+def ask(client, question: str, max_tokens: int) -> tuple[str, int, float]:
+    """One chat completion: its text, generated tokens and latency."""
+    body = {"model": "m", "temperature": 0, "max_tokens": max_tokens,
+            "messages": [{"role": "system", "content": SYSTEM},
+                         {"role": "user", "content": question}]}
+    started = time.perf_counter()
+    resp = client.post("/v1/chat/completions", json=body)
+    latency = time.perf_counter() - started
+    resp.raise_for_status()
+    out = resp.json()
+    return out["choices"][0]["message"]["content"], out["usage"]["completion_tokens"], latency
+
+
+def one_at_a_time(url: str, key: str, questions: list[str], rounds: int, max_tokens: int
+                  ) -> dict:
+    import httpx
+
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"},
+                      timeout=600) as client:
+        started = time.perf_counter()
+        answers = [ask(client, q, max_tokens) for _ in range(rounds) for q in questions]
+        wall = time.perf_counter() - started
+    return summary(answers, wall)
+
+
+def concurrent(url: str, key: str, questions: list[str], rounds: int, max_tokens: int
+               ) -> dict:
+    import httpx
+
+    answers: dict[tuple[int, int], tuple[str, int, float]] = {}
+    errors: list[BaseException] = []
+    go = threading.Barrier(len(questions))
+
+    def client_thread(i: int) -> None:
+        try:
+            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"},
+                              timeout=600) as client:
+                go.wait()
+                for r in range(rounds):
+                    answers[r, i] = ask(client, questions[i], max_tokens)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(len(questions))]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return summary([answers[r, i] for r in range(rounds) for i in range(len(questions))], wall)
+
+
+def summary(answers: list[tuple[str, int, float]], wall: float) -> dict:
+    tokens = sum(a[1] for a in answers)
+    latencies = sorted(a[2] for a in answers)
+    p95 = latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]
+    return {"requests": len(answers), "tokens": tokens, "wall_seconds": wall,
+            "tokens_per_second": tokens / wall, "requests_per_second": len(answers) / wall,
+            "p50_latency_s": statistics.median(latencies), "p95_latency_s": p95,
+            "texts": [a[0] for a in answers]}
+
+
+def measure(model_ref: str, workdir: Path, clients: int, max_batch: int, arms: list[str],
+            questions: list[str], rounds: int, max_tokens: int, threads: int | None) -> dict:
+    data_dir = Path(tempfile.mkdtemp(prefix="serve-speed-", dir=workdir))
+    extra = ["--max-batch", str(max_batch), *(["--threads", str(threads)] if threads else [])]
+    proc, url = start(model_ref, data_dir, *extra)
+    try:
+        key = api_key(data_dir)
+        one_at_a_time(url, key, questions[:1], 1, 2)  # loads the model
+        out = {}
+        for arm in arms:
+            run = one_at_a_time if arm == "one_at_a_time" else concurrent
+            out[arm] = run(url, key, questions, rounds, max_tokens)
+            print(f"{arm}: {out[arm]['tokens_per_second']:.1f} tokens/s, p95 "
+                  f"{out[arm]['p95_latency_s']:.2f} s", flush=True)
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=BASE, help="base model (name or directory)")
+    parser.add_argument("--clients", type=int, default=None, help="concurrent clients (8)")
+    parser.add_argument("--rounds", type=int, default=None, help="requests per client (3)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="per request (64)")
+    parser.add_argument("--threads", type=int, default=None, help="the server's torch threads")
+    parser.add_argument("--smoke", action="store_true", help="--model DIR: a quick check")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="write the result as JSON")
+    args = parser.parse_args()
+    if args.smoke and args.model == BASE:
+        parser.error("--smoke needs --model DIR (a tiny model)")
+    clients = args.clients or (2 if args.smoke else 8)
+    rounds = args.rounds or (1 if args.smoke else 3)
+    max_tokens = args.max_tokens or (4 if args.smoke else 64)
+    if clients > len(QUESTIONS):
+        parser.error(f"--clients: at most {len(QUESTIONS)}")
+    questions = QUESTIONS[:clients]
+    workdir = args.workdir or Path(tempfile.gettempdir())
+    batched = measure(args.model, workdir, clients, clients, ["one_at_a_time", "batched"],
+                      questions, rounds, max_tokens, args.threads)
+    unbatched = {} if args.smoke else measure(args.model, workdir, clients, 1, ["unbatched"],
+                                              questions, rounds, max_tokens, args.threads)
+    arms = {**batched, **unbatched}
+    reference = arms["one_at_a_time"]["texts"]
+    same = {arm: sum(a == b for a, b in zip(r["texts"], reference, strict=True))
+            for arm, r in arms.items()}
+    ratio = arms["batched"]["tokens_per_second"] / arms["one_at_a_time"]["tokens_per_second"]
+    result = {"model": args.model, "smoke": args.smoke, "clients": clients, "rounds": rounds,
+              "max_tokens": max_tokens, "cpus": os.cpu_count(), "machine": platform.machine(),
+              "arms": {k: {m: v for m, v in r.items() if m != "texts"} for k, r in arms.items()},
+              "batched_over_one_at_a_time": ratio,
+              "unbatched_over_one_at_a_time": arms["unbatched"]["tokens_per_second"]
+              / arms["one_at_a_time"]["tokens_per_second"] if unbatched else None,
+              "same_answers": same}
+    print(f"{clients} clients x {rounds} requests, greedy, max_tokens {max_tokens}, "
+          f"{args.model}")
+    print("| arm | requests | generated tokens | tokens/s | requests/s | p50 s | p95 s |")
+    for arm, r in arms.items():
+        print(f"| {arm} | {r['requests']} | {r['tokens']} | {r['tokens_per_second']:.1f} | "
+              f"{r['requests_per_second']:.2f} | {r['p50_latency_s']:.2f} | "
+              f"{r['p95_latency_s']:.2f} |")
+    print(f"batched / one at a time: {ratio:.2f}x tokens/s; same answers: {same}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

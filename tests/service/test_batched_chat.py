@@ -1,0 +1,121 @@
+"""Concurrent chat completions to one model are generated in shared batches, and each answer
+is exactly the one the request gets alone: its text, finish reason, usage counts, stop
+strings and token limit, streamed or not, with several choices."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.helpers import SYSTEM
+from tunesmith.service import ServiceSettings, Store, create_app, create_key
+
+QUESTIONS = ["I love it", "Broke after a day", "Fine, I guess", "Where is my parcel?",
+             "Terrible support, never again", "ok"]
+
+
+@pytest.fixture
+def client(tmp_path: Path, tiny_model_dir: Path, test_home: Path) -> Iterator[TestClient]:
+    settings = ServiceSettings(data_dir=tmp_path / "svc", home=test_home,
+                               base_models={"tiny": str(tiny_model_dir)},
+                               max_batch=8, batch_window_ms=300)
+    key, _ = create_key(Store(settings.url), "acme")
+    with TestClient(create_app(settings, worker=False),
+                    headers={"Authorization": f"Bearer {key}"}) as c:
+        yield c
+
+
+def body(i: int, **extra: Any) -> dict[str, Any]:
+    return {"model": "tiny", "temperature": 0, "max_tokens": (6, 14, 9)[i % 3],
+            "messages": [{"role": "system", "content": SYSTEM},
+                         {"role": "user", "content": QUESTIONS[i]}], **extra}
+
+
+def answer(client: TestClient, request: dict[str, Any]) -> dict[str, Any]:
+    """What a client reads: each choice's text and finish reason, and the usage."""
+    resp = client.post("/v1/chat/completions", json=request)
+    assert resp.status_code == 200, resp.text
+    if not request.get("stream"):
+        out = resp.json()
+        return {"choices": [(c["message"]["content"], c["finish_reason"])
+                            for c in out["choices"]], "usage": out["usage"]}
+    chunks = [json.loads(line[6:]) for line in resp.text.splitlines()
+              if line.startswith("data: {")]
+    assert resp.text.rstrip().endswith("data: [DONE]")
+    n = 1 + max(c["index"] for chunk in chunks for c in chunk["choices"])
+    texts, reasons = [""] * n, [None] * n
+    for chunk in chunks:
+        for c in chunk["choices"]:
+            texts[c["index"]] += c["delta"].get("content") or ""
+            reasons[c["index"]] = c["finish_reason"] or reasons[c["index"]]
+    usage = [c["usage"] for c in chunks if c.get("usage")]
+    return {"choices": list(zip(texts, reasons, strict=True)),
+            "usage": usage[0] if usage else None}
+
+
+def all_at_once(client: TestClient, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    got: dict[int, dict[str, Any]] = {}
+    errors: list[BaseException] = []
+
+    def send(k: int) -> None:
+        try:
+            got[k] = answer(client, requests[k])
+        except BaseException as err:  # reported by the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    return [got[k] for k in range(len(requests))]
+
+
+def batches(client: TestClient) -> list[int]:
+    from tunesmith.models.batching import batcher_for
+
+    cache = client.app.state.service.cache
+    (key,) = cache.names()
+    model, _ = cache.cached(key)
+    return batcher_for(model, max_batch=8, window_s=0.3).batches
+
+
+def test_concurrent_requests_are_batched_and_each_answers_as_alone(client: TestClient
+                                                                   ) -> None:
+    plain = [body(i) for i in range(len(QUESTIONS))]
+    alone = [answer(client, r) for r in plain]  # one at a time: batches of one
+    assert batches(client) == [1] * len(QUESTIONS)
+    # a stop string found in one reply, so that it really ends that reply early
+    text = alone[1]["choices"][0][0]
+    stop = text.strip()[3:5]
+    assert stop
+    requests = [*plain, body(1, stop=[stop, "never-seen"]),
+                body(2, stream=True, stream_options={"include_usage": True})]
+    expected = [*alone, answer(client, requests[-2]), answer(client, requests[-1])]
+    assert expected[-2]["choices"][0] == (text[:text.index(stop)], "stop")
+    assert expected[-2]["usage"]["completion_tokens"] < alone[1]["usage"]["completion_tokens"]
+    assert expected[-1] == alone[2]  # streamed: the same text, reason and usage
+
+    before = len(batches(client))
+    assert all_at_once(client, requests) == expected
+    sizes = batches(client)[before:]
+    assert sum(sizes) == len(requests) and max(sizes) > 1, sizes
+
+
+def test_the_choices_of_one_request_generate_together(client: TestClient) -> None:
+    one = answer(client, body(0))
+    before = len(batches(client))
+    three = answer(client, body(0, n=3))
+    assert three["choices"] == one["choices"] * 3  # greedy: every choice the same
+    assert three["usage"]["completion_tokens"] == 3 * one["usage"]["completion_tokens"]
+    assert batches(client)[before:] == [3]
+    streamed = answer(client, body(0, n=3, stream=True,
+                                   stream_options={"include_usage": True}))
+    assert streamed == three

@@ -1,0 +1,165 @@
+"""Requests generated together (``models.batching``) on the tiny random model: each reply is
+exactly what the request gets alone, with its own token limit, stop strings, token count,
+finish reason, stream and cancellation; seeded samples run alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tunesmith.data.encode import encode_prompt
+from tunesmith.models.batching import Batcher, Cancelled, Ticket, batcher_for
+from tunesmith.models.generation import (
+    GenerationParams,
+    Row,
+    generate,
+    generate_rows,
+    generating,
+)
+
+QUESTIONS = ["I love it", "broke after a day, would not buy again", "ok", "Where is my order?",
+             "The screen cracked when I dropped it from the table", "fine"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Path):
+    from tunesmith.models.load import load
+
+    model, tokenizer = load(tiny_model_dir)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def prompts(loaded) -> list[list[int]]:
+    _, tokenizer = loaded
+    return [encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+
+
+def alone(loaded, prompt: list[int], params: GenerationParams):
+    model, tokenizer = loaded
+    return generate(model, tokenizer, [prompt], params, batch_size=1)[0]
+
+
+def mixed_params(loaded, prompts) -> list[GenerationParams]:
+    """Different token limits, and stop strings taken from the replies themselves so they
+    really cut some of them."""
+    full = [alone(loaded, p, GenerationParams(max_new_tokens=12)) for p in prompts]
+    params = []
+    for i, reply in enumerate(full):
+        stop = (reply.text.strip()[2:4],) if i % 3 == 1 and len(reply.text.strip()) > 4 else ()
+        params.append(GenerationParams(max_new_tokens=(4, 12, 7)[i % 3], stop=stop))
+    assert any(p.stop for p in params)
+    return params
+
+
+def test_concurrent_requests_share_batches_and_each_gets_its_reply_alone(loaded, prompts
+                                                                         ) -> None:
+    model, tokenizer = loaded
+    params = mixed_params(loaded, prompts)
+    expected = [alone(loaded, p, q) for p, q in zip(prompts, params, strict=True)]
+    assert {r.finish_reason for r in expected} == {"stop", "length"}
+
+    batcher = Batcher(max_batch=4, window_s=0.2)
+    tickets = [batcher.submit(Ticket(model, tokenizer, p, q))
+               for p, q in zip(prompts, params, strict=True)]
+    assert [t.result(timeout=120) for t in tickets] == expected  # text, reason, token count
+    assert batcher.batches == [4, 2]  # max_batch rows, then the rest
+
+
+def test_a_row_ends_and_answers_while_a_longer_row_goes_on(loaded, prompts) -> None:
+    model, tokenizer = loaded
+    steps_of_long: list[int] = []
+    seen_when_short_ended: list[int] = []
+    long = Row(prompts[0], GenerationParams(max_new_tokens=20, min_new_tokens=20),
+               on_tokens=lambda ids: steps_of_long.append(len(ids)))
+    short = Row(prompts[1], GenerationParams(max_new_tokens=3, min_new_tokens=0))
+    short.on_end = lambda reply: seen_when_short_ended.append(len(steps_of_long))
+    with pytest.raises(ValueError, match="sampling parameters"):  # min_new_tokens differ
+        generate_rows(model, tokenizer, [long, short])
+    short.params = GenerationParams(max_new_tokens=3, min_new_tokens=3)
+    long.params = GenerationParams(max_new_tokens=20, min_new_tokens=3)
+    with generating(model, None):
+        long_reply, short_reply = generate_rows(model, tokenizer, [long, short])
+    assert short_reply.completion_tokens == 3 and short_reply.finish_reason == "length"
+    assert seen_when_short_ended == [3]  # told at its own third token, not the batch's last
+    assert steps_of_long[-1] == long_reply.completion_tokens > 3
+
+
+def test_seeded_samples_run_alone_and_repeat(loaded, prompts) -> None:
+    model, tokenizer = loaded
+    seeded = [GenerationParams(max_new_tokens=8, temperature=1.0, seed=s) for s in (1, 2)]
+    expected = [alone(loaded, prompts[0], q) for q in seeded]
+    batcher = Batcher(window_s=0.2)
+    tickets = [batcher.submit(Ticket(model, tokenizer, prompts[0], q)) for q in seeded]
+    assert [t.result(timeout=120) for t in tickets] == expected
+    assert batcher.batches == [1, 1]
+    # unseeded samples of the same temperature do share a batch
+    free = GenerationParams(max_new_tokens=8, temperature=1.0)
+    tickets = [batcher.submit(Ticket(model, tokenizer, p, free)) for p in prompts[:3]]
+    assert all(t.result(timeout=120).completion_tokens >= 1 for t in tickets)
+    assert batcher.batches[2:] == [3]
+
+
+def test_streams_in_one_batch_join_to_their_replies_and_one_can_leave(loaded, prompts
+                                                                      ) -> None:
+    model, tokenizer = loaded
+    params = mixed_params(loaded, prompts[:3])
+    expected = [alone(loaded, p, q) for p, q in zip(prompts[:3], params, strict=True)]
+    batcher = Batcher(window_s=0.3)
+    leaving = batcher.submit(Ticket(model, tokenizer, prompts[3],
+                                    GenerationParams(max_new_tokens=200), streaming=True))
+    tickets = [batcher.submit(Ticket(model, tokenizer, p, q, streaming=True))
+               for p, q in zip(prompts[:3], params, strict=True)]
+    first = leaving.pieces()
+    next(first)
+    leaving.cancel()  # the client went away after its first piece
+    first.close()
+    streamed = ["".join(t.pieces()) for t in tickets]
+    assert streamed == [r.text for r in expected]
+    assert [t.result() for t in tickets] == expected
+    assert batcher.batches == [4]  # all four in one batch, the leaver included
+    assert leaving.result(timeout=60).completion_tokens < 200
+
+
+def test_a_ticket_cancelled_before_its_batch_never_runs(loaded, prompts) -> None:
+    model, tokenizer = loaded
+    batcher = Batcher(window_s=0.3)
+    ticket = Ticket(model, tokenizer, prompts[0], GenerationParams(max_new_tokens=4))
+    ticket.cancel()
+    batcher.submit(ticket)
+    with pytest.raises(Cancelled):
+        ticket.result(timeout=60)
+
+
+def test_an_error_reaches_every_request_of_the_batch(loaded, prompts) -> None:
+    class Broken:
+        training = False
+
+        def __init__(self, model) -> None:
+            self.model = model
+
+        def parameters(self):
+            return self.model.parameters()
+
+        def eval(self):
+            return self
+
+        def train(self, mode: bool = True):
+            return self
+
+        def generate(self, **kwargs):
+            raise RuntimeError("out of memory")
+
+    model, tokenizer = loaded
+    broken = Broken(model)
+    batcher = batcher_for(broken, window_s=0.2)
+    assert batcher_for(broken, window_s=0.2) is batcher
+    tickets = [batcher.submit(Ticket(broken, tokenizer, p, GenerationParams(max_new_tokens=4)))
+               for p in prompts[:3]]
+    for t in tickets:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            t.result(timeout=60)
+    # the worker goes on: the next request (a ticket carries its own model) is answered
+    ok = batcher.submit(Ticket(model, tokenizer, prompts[0], GenerationParams(max_new_tokens=2)))
+    assert ok.result(timeout=60).completion_tokens <= 2
