@@ -78,20 +78,21 @@ def all_at_once(client: TestClient, requests: list[dict[str, Any]]) -> list[dict
     return [got[k] for k in range(len(requests))]
 
 
-def batches(client: TestClient) -> list[int]:
+def sizes(client: TestClient) -> list[int]:
+    """The rows of each ``generate`` call of the model's batcher so far."""
     from tunesmith.models.batching import batcher_for
 
     cache = client.app.state.service.cache
     (key,) = cache.names()
     model, _ = cache.cached(key)
-    return batcher_for(model, max_batch=8, window_s=0.3).batches
+    return batcher_for(model, max_batch=8, window_s=0.3).sizes
 
 
 def test_concurrent_requests_are_batched_and_each_answers_as_alone(client: TestClient
                                                                    ) -> None:
     plain = [body(i) for i in range(len(QUESTIONS))]
     alone = [answer(client, r) for r in plain]  # one at a time: batches of one
-    assert batches(client) == [1] * len(QUESTIONS)
+    assert set(sizes(client)) == {1}
     # a stop string found in one reply, so that it really ends that reply early
     text = alone[1]["choices"][0][0]
     stop = text.strip()[3:5]
@@ -103,19 +104,18 @@ def test_concurrent_requests_are_batched_and_each_answers_as_alone(client: TestC
     assert expected[-2]["usage"]["completion_tokens"] < alone[1]["usage"]["completion_tokens"]
     assert expected[-1] == alone[2]  # streamed: the same text, reason and usage
 
-    before = len(batches(client))
+    before = len(sizes(client))
     assert all_at_once(client, requests) == expected
-    sizes = batches(client)[before:]
-    assert sum(sizes) == len(requests) and max(sizes) > 1, sizes
+    assert max(sizes(client)[before:]) > 1
 
 
 def test_the_choices_of_one_request_generate_together(client: TestClient) -> None:
     one = answer(client, body(0))
-    before = len(batches(client))
+    before = len(sizes(client))
     three = answer(client, body(0, n=3))
     assert three["choices"] == one["choices"] * 3  # greedy: every choice the same
     assert three["usage"]["completion_tokens"] == 3 * one["usage"]["completion_tokens"]
-    assert batches(client)[before:] == [3]
+    assert set(sizes(client)[before:]) == {3}
     streamed = answer(client, body(0, n=3, stream=True,
                                    stream_options={"include_usage": True}))
     assert streamed == three

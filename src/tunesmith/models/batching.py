@@ -5,15 +5,18 @@ A ``Ticket`` is one reply being generated: its token ids arrive as the model pro
 its row ends, even while a longer row of the same batch goes on.
 
 ``Batcher`` is how the service answers requests that arrive together: every request to a
-model is queued on that model's batcher, whose worker thread waits ``window_s`` for others
-to arrive, then generates the queued requests that share their sampling parameters (see
-``generation.batch_key``) in one ``generation.generate_rows`` call of up to ``max_batch``
-rows: one forward pass per step for all of them, each row with its own KV cache, stop strings,
-token limit and cancellation. Requests that arrive while a batch runs form the next one (a
-running batch takes no new rows: transformers' ``generate`` keeps one KV cache per call).
-Greedy rows give what they give alone, because the batch is the same left-padded ``generate``
-that evaluation runs and a row never attends to another. A seeded sample runs alone: its
-random draws would be shared with the rest of the batch.
+model is queued on that model's batcher. Its worker thread waits ``window_s`` for others to
+arrive, then runs the queued requests that share their sampling parameters (see
+``generation.batch_key``) as one batch of up to ``max_batch`` rows: one forward pass per
+step for all of them, each row with its own stop strings, token limit and cancellation. The
+batch goes on in ``generate`` calls of ``CHUNK_TOKENS`` tokens (``_Running``); between two
+calls the rows that ended leave it and requests queued meanwhile join it, so a batch stays
+full while clients come and go, and nobody waits for the longest reply of a batch to end.
+Greedy rows give what they give alone: a row attends only to its own tokens, and each call is
+transformers' ``generate``, the path evaluation runs, going on from the batch's KV cache.
+Requests that cannot join a running batch run in one ``generate`` call of their own batch:
+a seeded sample (alone: its random draws are its own), a request with a minimum length, and
+models with sliding-window layers (their caches drop columns, so rows cannot be merged).
 
 Why not transformers' continuous batching (``ContinuousBatchingManager``): it generates
 outside ``generate`` through a paged-attention implementation of the model's attention, so
@@ -30,16 +33,24 @@ import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
+
 from tunesmith.models.generation import (
     Generated,
     GenerationParams,
     Row,
     batch_key,
+    extend,
     first_stop,
     generate_rows,
     generating,
     held_back,
+    pad_batch,
 )
+
+# Tokens a running batch generates between two chances for rows to leave and join it: each
+# ``generate`` call costs a little setting up; a row that ends mid-chunk idles for the rest.
+CHUNK_TOKENS = 8
 
 
 class Cancelled(Exception):
@@ -113,22 +124,151 @@ def _word_end(text: str) -> int:
     return max(text.rfind(" "), text.rfind("\n")) + 1
 
 
+def _settle_all(tickets: Sequence[Ticket], err: BaseException) -> None:
+    for t in tickets:
+        t._settle(error=err)
+
+
 def _run(batch: list[Ticket]) -> None:
-    live = [t for t in batch if not t.cancelled]
-    for t in batch:
-        if t.cancelled:
-            t._settle(error=Cancelled("the request was cancelled"))
+    """One ``generate_rows`` call for ``batch``, start to end (rows that cannot join a
+    running batch: a seeded sample, a minimum length, a model with sliding-window layers)."""
+    live = _live(batch)
     if not live:
         return
     model, tokenizer = live[0].model, live[0].tokenizer
     try:
         with generating(model, live[0].params.seed):
             generate_rows(model, tokenizer, [t.row for t in live])
-    except BaseException as err:  # each waiting request hears of it
-        for t in live:
-            t._settle(error=err)
-        if not isinstance(err, Exception):
-            raise
+    except Exception as err:  # each waiting request hears of it
+        _settle_all(live, err)
+
+
+def _live(batch: Sequence[Ticket]) -> list[Ticket]:
+    """The tickets not cancelled yet; the others are told so."""
+    for t in batch:
+        if t.cancelled:
+            t._settle(error=Cancelled("the request was cancelled"))
+    return [t for t in batch if not t.cancelled]
+
+
+def _joinable(ticket: Ticket) -> bool:
+    """Whether the ticket can run in a batch that rows join and leave: not a seeded sample,
+    no minimum length (counted per ``generate`` call), and a model whose layers all keep a
+    plain KV cache (rows are merged by left-padding it; sliding-window layers drop columns)."""
+    if ticket.key is None or ticket.params.min_new_tokens:
+        return False
+    config = ticket.model.config
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return False
+    return all(t == "full_attention" for t in getattr(config, "layer_types", None) or ())
+
+
+def _left_pad(x: torch.Tensor, columns: int, value: float = 0) -> torch.Tensor:
+    """``x`` (rows first, sequence in dim 1 for ids/masks, dim 2 for [B, H, S, D] caches) with
+    ``columns`` more columns on the left."""
+    if columns == 0:
+        return x
+    if x.dim() == 2:
+        return torch.nn.functional.pad(x, (columns, 0), value=value)
+    return torch.nn.functional.pad(x, (0, 0, columns, 0), value=value)
+
+
+class _Running:
+    """A batch in progress: a left-padded block of sequences, their attention mask and one
+    KV cache (every column but the last), to which rows are admitted and from which ended
+    rows are dropped between ``generate`` calls of up to ``CHUNK_TOKENS`` tokens.
+
+    A row's tokens are what the same row gets in a batch of its own: its columns attend only to
+    its own tokens (the mask), its positions count from its first real token (transformers
+    derives them from the mask), and a zero-padded cache column is masked like a padding
+    token. Admitting a row runs its prompt in a ``generate`` call of one token, as the first
+    step of a ``generate`` call over the whole reply would."""
+
+    def __init__(self, model: Any, tokenizer: Any, key: Any) -> None:
+        self.model, self.tokenizer, self.key = model, tokenizer, key
+        self.tickets: list[Ticket] = []
+        self.ids: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+        self.cache: Any = None
+        self.new: list[int] = []  # tokens each row has generated
+
+    def __len__(self) -> int:
+        return len(self.tickets)
+
+    def admit(self, tickets: list[Ticket]) -> None:
+        from transformers import DynamicCache
+
+        batch = pad_batch([t.row.prompt for t in tickets], pad_id=self.tokenizer.pad_token_id,
+                          side="left")
+        width = batch.input_ids.shape[1]
+        cache = DynamicCache()
+        out, ends = self._extend(tickets, batch.input_ids, batch.attention_mask,
+                                 [width] * len(tickets), 1, cache)
+        grown = out.shape[1] - width
+        mask = batch.attention_mask
+        mask = torch.cat([mask, torch.ones(len(tickets), grown, dtype=mask.dtype)], dim=1)
+        self._merge(tickets, out.cpu(), mask, cache, [grown] * len(tickets))
+        self._drop(ends.ends, first=len(self) - len(tickets))
+
+    def step(self) -> None:
+        assert self.ids is not None and self.mask is not None
+        width = self.ids.shape[1]
+        room = max(t.params.max_new_tokens - n for t, n in zip(self.tickets, self.new,
+                                                                 strict=True))
+        out, ends = self._extend(self.tickets, self.ids, self.mask,
+                                 [width - n for n in self.new], min(CHUNK_TOKENS, room),
+                                 self.cache)
+        grown = out.shape[1] - width
+        self.ids = out.cpu()
+        self.mask = torch.cat([self.mask, torch.ones(len(self), grown, dtype=self.mask.dtype)],
+                              dim=1)
+        self.new = [n + grown for n in self.new]
+        self._drop(ends.ends)
+
+    def _extend(self, tickets: Sequence[Ticket], ids: torch.Tensor, mask: torch.Tensor,
+                starts: list[int], tokens: int, cache: Any) -> tuple[torch.Tensor, Any]:
+        with generating(self.model, None):
+            return extend(self.model, self.tokenizer, [t.row for t in tickets], ids, mask,
+                          starts=starts, max_new_tokens=tokens, cache=cache)
+
+    def _merge(self, tickets: list[Ticket], ids: torch.Tensor, mask: torch.Tensor, cache: Any,
+               new: list[int]) -> None:
+        if self.ids is None or self.mask is None:
+            self.tickets, self.ids, self.mask, self.cache, self.new = (
+                list(tickets), ids, mask, cache, list(new))
+            return
+        width = max(self.ids.shape[1], ids.shape[1])
+        a, b = width - self.ids.shape[1], width - ids.shape[1]
+        pad_id = self.tokenizer.pad_token_id
+        self.ids = torch.cat([_left_pad(self.ids, a, pad_id), _left_pad(ids, b, pad_id)])
+        self.mask = torch.cat([_left_pad(self.mask, a), _left_pad(mask, b)])
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, a), _left_pad(theirs.keys, b)])
+            mine.values = torch.cat([_left_pad(mine.values, a), _left_pad(theirs.values, b)])
+        self.tickets += tickets
+        self.new += new
+
+    def _drop(self, ended: Sequence[int | None], first: int = 0) -> None:
+        """Drop the rows (from ``first`` on) that ended; trim the columns no row uses."""
+        keep = [i for i in range(len(self))
+                if i < first or ended[i - first] is None]
+        if len(keep) == len(self):
+            return
+        if not keep:
+            self.tickets, self.ids, self.mask, self.cache, self.new = [], None, None, None, []
+            return
+        assert self.ids is not None and self.mask is not None
+        index = torch.tensor(keep)
+        self.tickets = [self.tickets[i] for i in keep]
+        self.new = [self.new[i] for i in keep]
+        self.ids, self.mask = self.ids[index], self.mask[index]
+        self.cache.batch_select_indices(index.to(self.cache.layers[0].keys.device))
+        used = self.mask.any(dim=0).nonzero()
+        cut = int(used[0]) if len(used) else 0
+        if cut:
+            self.ids, self.mask = self.ids[:, cut:], self.mask[:, cut:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
 
 
 class Batcher:
@@ -141,8 +281,8 @@ class Batcher:
         self._pending: list[Ticket] = []
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
-        self.batches: list[int] = []
-        """The size of each batch run so far (for tests and benchmarks)."""
+        self.sizes: list[int] = []
+        """The rows of each ``generate`` call so far (for tests and benchmarks)."""
 
     def submit(self, ticket: Ticket) -> Ticket:
         with self._lock:
@@ -152,26 +292,51 @@ class Batcher:
                 self._worker.start()
         return ticket
 
-    def _next_batch(self) -> list[Ticket]:
-        """The oldest request and the queued ones that can share its batch (under the lock)."""
-        first = self._pending[0]
-        if first.key is None:
-            batch = [first]
-        else:
-            batch = [t for t in self._pending if t.key == first.key][:self.max_batch]
+    def _take(self, key: Any, room: int) -> list[Ticket]:
+        """Up to ``room`` queued tickets of ``key``, oldest first (under the lock)."""
+        batch = [t for t in self._pending if t.key == key][:room]
         self._pending = [t for t in self._pending if not any(t is b for b in batch)]
         return batch
 
     def _work(self) -> None:
+        running: _Running | None = None
         while True:
-            time.sleep(self.window_s)  # requests sent together arrive a few ms apart
+            if running is None:
+                time.sleep(self.window_s)  # requests sent together arrive a few ms apart
             with self._lock:
-                if not self._pending:
-                    self._worker = None
-                    return
-                batch = self._next_batch()
-            self.batches.append(len(batch))
+                if running is None:
+                    if not self._pending:
+                        self._worker = None
+                        return
+                    first = self._pending[0]
+                    if first.key is None:  # a seeded sample: alone
+                        batch = [self._pending.pop(0)]
+                    else:
+                        batch = self._take(first.key, self.max_batch)
+                else:
+                    batch = self._take(running.key, self.max_batch - len(running))
+            try:
+                running = self._advance(running, batch)
+            except Exception as err:  # every request of the batch hears of it
+                _settle_all([*batch, *(running.tickets if running else [])], err)
+                running = None
+
+    def _advance(self, running: _Running | None, batch: list[Ticket]) -> _Running | None:
+        """Admit ``batch`` and generate one chunk; the batch still running after it."""
+        if running is None and batch and not _joinable(batch[0]):
+            self.sizes.append(len(batch))
             _run(batch)
+            return None
+        batch = _live(batch)
+        if batch:
+            if running is None:
+                running = _Running(batch[0].model, batch[0].tokenizer, batch[0].key)
+            running.admit(batch)
+        if running is None or not len(running):
+            return None
+        self.sizes.append(len(running))
+        running.step()
+        return running if len(running) else None
 
 
 _BATCHERS: weakref.WeakKeyDictionary[Any, Batcher] = weakref.WeakKeyDictionary()

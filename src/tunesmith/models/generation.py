@@ -177,8 +177,9 @@ class _Ends:
     cuts the reply, so the two always agree.
     """
 
-    def __init__(self, tokenizer: Any, rows: Sequence[Row], *, prompt_width: int) -> None:
-        self.tokenizer, self.rows, self.prompt_width = tokenizer, rows, prompt_width
+    def __init__(self, tokenizer: Any, rows: Sequence[Row], *, starts: Sequence[int]) -> None:
+        """``starts[i]``: the column of the batch where row ``i``'s new tokens begin."""
+        self.tokenizer, self.rows, self.starts = tokenizer, rows, list(starts)
         self.ends: list[int | None] = [None] * len(rows)
         self.reasons: list[FinishReason] = ["length"] * len(rows)
         self.replies: list[Generated | None] = [None] * len(rows)
@@ -198,10 +199,11 @@ class _Ends:
         return None
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        new_ids = input_ids[:, self.prompt_width:].tolist()
-        for i, (row, new) in enumerate(zip(self.rows, new_ids, strict=True)):
+        ids = input_ids.tolist()
+        for i, row in enumerate(self.rows):
             if self.ends[i] is not None:
                 continue
+            new = ids[i][self.starts[i]:]
             why = self._why(row, new)
             if row.on_tokens is not None:
                 row.on_tokens(new)
@@ -229,26 +231,51 @@ class _Ends:
 def generate_rows(model: Any, tokenizer: Any, rows: Sequence[Row]) -> list[Generated]:
     """The replies to ``rows`` from one ``model.generate`` call over the left-padded batch.
 
-    The rows must share their ``batch_key``; each ends on its own (see ``_Ends``) and the call
-    runs until the last one has. Call it inside ``generating``."""
+    The rows must share their sampling parameters; each ends on its own (see ``_Ends``) and
+    the call runs until the last one has. Call it inside ``generating``."""
+    batch = pad_batch([r.prompt for r in rows], pad_id=tokenizer.pad_token_id, side="left")
+    width = batch.input_ids.shape[1]
+    out, ends = extend(model, tokenizer, rows, batch.input_ids, batch.attention_mask,
+                       starts=[width] * len(rows),
+                       max_new_tokens=max(r.params.max_new_tokens for r in rows))
+    return [ends.end(i, out[i, width:].tolist()) for i in range(len(rows))]
+
+
+def extend(model: Any, tokenizer: Any, rows: Sequence[Row], input_ids: torch.Tensor,
+           attention_mask: torch.Tensor, *, starts: Sequence[int], max_new_tokens: int,
+           cache: Any = None) -> tuple[torch.Tensor, _Ends]:
+    """One ``model.generate`` call: up to ``max_new_tokens`` more tokens for every row of the
+    left-padded batch ``input_ids``, whose row ``i`` began its reply at column ``starts[i]``.
+    With ``cache`` (a ``DynamicCache`` holding every column but the last), the call goes on
+    from it and leaves it holding every column of the result but the last. The sequences and
+    the criterion that says where each row ended."""
     from transformers import StoppingCriteriaList
 
     if len({_sampling(r.params) for r in rows}) != 1:
         raise ValueError("rows of one batch must share their sampling parameters")
     params = rows[0].params
-    batch = pad_batch([r.prompt for r in rows], pad_id=tokenizer.pad_token_id, side="left")
-    width = batch.input_ids.shape[1]
-    ends = _Ends(tokenizer, rows, prompt_width=width)
+    ends = _Ends(tokenizer, rows, starts=starts)
     device = next(model.parameters()).device
     out = model.generate(
-        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-        max_new_tokens=max(r.params.max_new_tokens for r in rows), do_sample=params.sampling,
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+        max_new_tokens=max_new_tokens, do_sample=params.sampling,
         min_new_tokens=params.min_new_tokens or None,
         temperature=params.temperature if params.sampling else None,
         top_p=params.top_p if params.sampling else None, top_k=None,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        stopping_criteria=StoppingCriteriaList([ends]), use_cache=True)
-    return [ends.end(i, out[i, width:].tolist()) for i in range(len(rows))]
+        stopping_criteria=StoppingCriteriaList([ends]), use_cache=True,
+        **({} if cache is None else {_cache_argument(): cache}))
+    return out, ends
+
+
+def _cache_argument() -> str:
+    """``generate``'s name for a KV cache to go on from: ``cache`` since transformers 5.24,
+    which warns on the older ``past_key_values``, the only name before it."""
+    import transformers
+    from packaging.version import Version
+
+    new = Version(transformers.__version__).release >= (5, 24)
+    return "cache" if new else "past_key_values"
 
 
 @contextmanager

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tunesmith.data.encode import encode_prompt
-from tunesmith.models.batching import Batcher, Cancelled, Ticket, batcher_for
+from tunesmith.models.batching import CHUNK_TOKENS, Batcher, Cancelled, Ticket, batcher_for
 from tunesmith.models.generation import (
     GenerationParams,
     Row,
@@ -64,7 +64,22 @@ def test_concurrent_requests_share_batches_and_each_gets_its_reply_alone(loaded,
     tickets = [batcher.submit(Ticket(model, tokenizer, p, q))
                for p, q in zip(prompts, params, strict=True)]
     assert [t.result(timeout=120) for t in tickets] == expected  # text, reason, token count
-    assert batcher.batches == [4, 2]  # max_batch rows, then the rest
+    assert max(batcher.sizes) <= 4  # never more than max_batch rows in a call
+    assert batcher.sizes[0] == 4 - sum(r.completion_tokens == 1 for r in expected[:4])
+
+
+def test_rows_leave_a_running_batch_and_queued_requests_join_it(loaded, prompts) -> None:
+    model, tokenizer = loaded
+    params = [GenerationParams(max_new_tokens=(4, 12, 7)[i % 3]) for i in range(6)]
+    expected = [alone(loaded, p, q) for p, q in zip(prompts, params, strict=True)]
+    assert [r.completion_tokens for r in expected] == [4, 12, 7] * 2  # the random model
+    batcher = Batcher(max_batch=4, window_s=0.2)
+    tickets = [batcher.submit(Ticket(model, tokenizer, p, q))
+               for p, q in zip(prompts, params, strict=True)]
+    assert [t.result(timeout=120) for t in tickets] == expected
+    # rows 0-3 take one token each to join, then a call of CHUNK_TOKENS (8): rows of 4 and 7
+    # tokens end, the 12 goes on; the two queued join it (3 rows), and the last 12 ends alone
+    assert CHUNK_TOKENS == 8 and batcher.sizes == [4, 3, 1]
 
 
 def test_a_row_ends_and_answers_while_a_longer_row_goes_on(loaded, prompts) -> None:
@@ -93,12 +108,12 @@ def test_seeded_samples_run_alone_and_repeat(loaded, prompts) -> None:
     batcher = Batcher(window_s=0.2)
     tickets = [batcher.submit(Ticket(model, tokenizer, prompts[0], q)) for q in seeded]
     assert [t.result(timeout=120) for t in tickets] == expected
-    assert batcher.batches == [1, 1]
+    assert batcher.sizes == [1, 1]
     # unseeded samples of the same temperature do share a batch
     free = GenerationParams(max_new_tokens=8, temperature=1.0)
     tickets = [batcher.submit(Ticket(model, tokenizer, p, free)) for p in prompts[:3]]
     assert all(t.result(timeout=120).completion_tokens >= 1 for t in tickets)
-    assert batcher.batches[2:] == [3]
+    assert batcher.sizes[2:] == [3]
 
 
 def test_streams_in_one_batch_join_to_their_replies_and_one_can_leave(loaded, prompts
@@ -118,7 +133,8 @@ def test_streams_in_one_batch_join_to_their_replies_and_one_can_leave(loaded, pr
     streamed = ["".join(t.pieces()) for t in tickets]
     assert streamed == [r.text for r in expected]
     assert [t.result() for t in tickets] == expected
-    assert batcher.batches == [4]  # all four in one batch, the leaver included
+    # all four joined at once, the leaver included (a reply of one token ends as it joins)
+    assert batcher.sizes[0] == 4 - sum(r.completion_tokens == 1 for r in expected)
     assert leaving.result(timeout=60).completion_tokens < 200
 
 
@@ -137,7 +153,7 @@ def test_an_error_reaches_every_request_of_the_batch(loaded, prompts) -> None:
         training = False
 
         def __init__(self, model) -> None:
-            self.model = model
+            self.model, self.config = model, model.config
 
         def parameters(self):
             return self.model.parameters()
