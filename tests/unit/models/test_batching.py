@@ -8,8 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.families import FAMILIES
 from tunesmith.data.encode import encode_prompt
-from tunesmith.models.batching import CHUNK_TOKENS, Batcher, Cancelled, Ticket, batcher_for
+from tunesmith.models.batching import (
+    CHUNK_TOKENS,
+    Batcher,
+    Cancelled,
+    Ticket,
+    _joinable,
+    batcher_for,
+)
 from tunesmith.models.generation import (
     GenerationParams,
     Row,
@@ -179,3 +187,29 @@ def test_an_error_reaches_every_request_of_the_batch(loaded, prompts) -> None:
     # the worker goes on: the next request (a ticket carries its own model) is answered
     ok = batcher.submit(Ticket(model, tokenizer, prompts[0], GenerationParams(max_new_tokens=2)))
     assert ok.result(timeout=60).completion_tokens <= 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_answers_in_a_batch_as_alone(family: str, tiny_family_dir) -> None:
+    """Families whose layers keep a plain KV cache run in a batch that rows join (all but
+    Gemma 3 here: these Mistral and Phi-3 configs set no sliding window); Gemma 3's
+    sliding-window layers run each batch in one call. Either way each reply is the one it
+    gets alone."""
+    from tunesmith.models.load import load
+
+    model, tokenizer = load(tiny_family_dir(family))
+    model.eval()
+    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    params = [GenerationParams(max_new_tokens=(4, 12, 7)[i % 3]) for i in range(len(prompts))]
+    expected = [alone((model, tokenizer), p, q) for p, q in zip(prompts, params, strict=True)]
+    batcher = Batcher(max_batch=4, window_s=0.2)
+    tickets = [batcher.submit(Ticket(model, tokenizer, p, q))
+               for p, q in zip(prompts, params, strict=True)]
+    assert [t.result(timeout=120) for t in tickets] == expected
+    joins = _joinable(tickets[0])
+    assert joins == (family != "gemma3")
+    if joins:  # the two queued requests joined the running batch (see the test above)
+        assert [r.completion_tokens for r in expected] != [4, 12, 7] * 2 or \
+            batcher.sizes == [4, 3, 1]
+    else:
+        assert batcher.sizes == [4, 2]
