@@ -52,11 +52,13 @@ class ModelEval:
 
 def save_model_eval(path: Path, result: ModelEval) -> None:
     """Keep an evaluation on disk (the base model's, so a resumed run need not redo it)."""
+    from tunesmith.flows.steps import write_json
+
     p = result.predictions
-    path.write_text(json.dumps({
+    write_json(path, {  # whole or not at all: a run killed while writing resumes cleanly
         "metrics": result.metrics, "replies": p.replies, "predicted": p.predicted,
         "expected": p.expected, "mode": p.mode,
-        "log_probs": None if result.log_probs is None else result.log_probs.tolist()}))
+        "log_probs": None if result.log_probs is None else result.log_probs.tolist()})
 
 
 def load_model_eval(path: Path) -> ModelEval | None:

@@ -63,11 +63,23 @@ def import_gguf(gguf: Path, target: Path) -> Path:
     """Dequantise a GGUF file into a trainable safetensors model directory at ``target``.
 
     Written to a temporary directory first and renamed, so an interrupted import never leaves a
-    half-written model behind.
+    half-written model behind. Processes that need the same model at once (the processes of a
+    distributed run, a server's worker and its chat) take turns on a lock file beside it: the
+    first imports, the others find the model there and use it (``filelock``, which
+    huggingface_hub uses for its own cache, works where ``fcntl`` does not).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from filelock import FileLock
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.parent / f".{target.name}.lock"):
+        if _is_model_dir(target):  # another process imported it while this one waited
+            return target
+        return _import_gguf(gguf, target)
+
+
+def _import_gguf(gguf: Path, target: Path) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         try:
