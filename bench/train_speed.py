@@ -85,26 +85,74 @@ def padding_collator(pad_id: int):
     return collate
 
 
-def run_hf(steps: int) -> dict:
-    from transformers import Trainer, TrainingArguments
+# The peers' shared training arguments: HF Trainer's and TRL's SFTConfig take the same ones.
+def trainer_args(steps: int, output_dir: str) -> dict:
+    return dict(output_dir=output_dir, per_device_train_batch_size=BATCH, max_steps=steps,
+                learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
+                max_grad_norm=1.0, logging_steps=10_000, save_strategy="no", report_to=[],
+                use_cpu=True, seed=SEED, dataloader_num_workers=0, disable_tqdm=True)
 
-    model, tok, train, valid = setup(steps)
-    dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in train]
 
-    args = TrainingArguments(
-        output_dir="/tmp/bench-hf", per_device_train_batch_size=BATCH, max_steps=steps,
-        learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, logging_steps=10_000, save_strategy="no", report_to=[],
-        use_cpu=True, seed=SEED, dataloader_num_workers=0, remove_unused_columns=False,
-        disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      data_collator=padding_collator(tok.pad_token_id))
+def timed(trainer, model, tok, train, valid, steps: int) -> dict:
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
     tokens = sum(len(e) for e in train[: steps * BATCH])
-    return {"tokens": tokens, "seconds": seconds, "valid_loss": final_valid_loss(model, tok,
-                                                                                   valid)}
+    return {"tokens": tokens, "seconds": seconds, "steps": steps,
+            "valid_loss": final_valid_loss(model, tok, valid)}
+
+
+def run_hf(steps: int, bf16: bool = False) -> dict:
+    """HF Trainer + PEFT with dynamic padding, in fp32 or with ``bf16=True`` (autocast)."""
+    from transformers import Trainer, TrainingArguments
+
+    model, tok, train, valid = setup(steps)
+    dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in train]
+    args = TrainingArguments(**trainer_args(steps, "/tmp/bench-hf"), bf16=bf16,
+                             remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                      data_collator=padding_collator(tok.pad_token_id))
+    return timed(trainer, model, tok, train, valid, steps)
+
+
+def run_trl(steps: int) -> dict:
+    """TRL's SFTTrainer, padding-free: each batch's examples in one row, no padding, each
+    attending to itself (its collator's position ids restart per example), in fp32."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model, tok, train, valid = setup(steps)
+    dataset = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in train])
+    args = SFTConfig(**trainer_args(steps, "/tmp/bench-trl"), padding_free=True,
+                     max_length=None, dataset_kwargs={"skip_prepare_dataset": True})
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
+    return timed(trainer, model, tok, train, valid, steps)
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = 1024, seconds: float = 2.0) -> float:
+    """This machine's rate for a square matmul in ``dtype`` (all of torch's threads)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        done += 1
+    return 2 * size ** 3 * done / (time.perf_counter() - started) / 1e9
+
+
+def lora_flops_per_token() -> float:
+    """FLOPs to train one token with LoRA: forward and the backward to the activations through
+    every linear layer and the LM head (2 + 2 per weight); the frozen weights get no
+    gradients, and the adapters' own products are negligible beside them."""
+    from transformers import AutoConfig
+
+    from tunesmith.models.resolve import default_home, resolve_model
+
+    config = AutoConfig.from_pretrained(resolve_model(MODEL, home=default_home()))
+    h, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = h // config.num_attention_heads * config.num_key_value_heads
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * f  # q, o; k, v; gate, up, down
+    return 4.0 * (layers * per_layer + h * config.vocab_size)
 
 
 def run_tunesmith(steps: int) -> dict:
@@ -123,17 +171,22 @@ def run_tunesmith(steps: int) -> dict:
     seconds = time.perf_counter() - started
     tokens = sum(len(e) for e in data[: steps * BATCH])
     return {"tokens": tokens, "seconds": seconds, "precision": result.precision,
-            "valid_loss": final_valid_loss(model, tok, valid)}
+            "steps": steps, "valid_loss": final_valid_loss(model, tok, valid)}
+
+
+ENGINES = {"hf": run_hf, "hf_bf16": lambda steps: run_hf(steps, bf16=True), "trl": run_trl,
+           "tunesmith": run_tunesmith}
 
 
 def child(engine: str, steps: int) -> None:
     torch.manual_seed(SEED)
-    result = (run_hf if engine == "hf" else run_tunesmith)(steps)
+    result = ENGINES[engine](steps)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def measure(engine: str, steps: int) -> dict:
+    """One engine in a process of its own, so its peak RSS is its own."""
     done = subprocess.run([sys.executable, __file__, "--child", engine, "--steps", str(steps),
                            "--model", MODEL], capture_output=True, text=True, check=False)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -155,18 +208,28 @@ def ratio_table(peer_name: str, short: str, peer: dict, ts: dict,
                       "| --- | ---: | ---: | ---: |", *(row(*r) for r in rows)])
 
 
-def table(hf: dict, ts: dict) -> str:
-    return ratio_table("HF Trainer + PEFT (fp32)", "HF", hf, ts, [
-        ("trained tokens/s", "tokens_per_s", "{:.0f}"),
-        ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"),
+ROWS = [("trained tokens/s", "tokens_per_s", "{:.0f}"), ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"),
         ("final validation loss", "valid_loss", "{:.4f}"),
-        ("training-loop seconds", "seconds", "{:.1f}")])
+        ("training-loop seconds", "seconds", "{:.1f}")]
+PEERS = {"hf": ("HF Trainer + PEFT (fp32)", "HF"),
+         "hf_bf16": ("HF Trainer + PEFT (bf16=True)", "HF bf16"),
+         "trl": ("TRL SFTTrainer, padding-free (fp32)", "TRL")}
+
+
+def table(hf: dict, ts: dict) -> str:
+    return ratio_table(*PEERS["hf"], hf, ts, ROWS)
 
 
 def main() -> None:
     global MODEL
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--bf16-steps", type=int, default=None,
+                        help="steps of the HF bf16 peer (default --steps; fewer where bf16 is "
+                        "emulated: its tokens/s are per its own steps, its validation loss is "
+                        "then not comparable)")
+    parser.add_argument("--peers", default="hf,hf_bf16,trl",
+                        help="comma-separated: hf, hf_bf16, trl (the suite's smoke: hf)")
     parser.add_argument("--child")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--model", default=MODEL, help="model name or directory")
@@ -175,19 +238,33 @@ def main() -> None:
     if args.child:
         child(args.child, args.steps)
         return
-    hf = measure("hf", args.steps)
+    peers = [p for p in args.peers.split(",") if p]
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        parser.error(f"--peers: unknown {sorted(unknown)}; choose from {sorted(PEERS)}")
+    found = {p: measure(p, args.bf16_steps if p == "hf_bf16" and args.bf16_steps
+                        else args.steps) for p in peers}
     ts = measure("tunesmith", args.steps)
-    text = table(hf, ts)
+    rates = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    flops = lora_flops_per_token()
+    limits = {k: v * 1e9 / flops for k, v in rates.items()}
+    text = "\n\n".join(ratio_table(*PEERS[p], r, ts, ROWS if r["steps"] == args.steps
+                                     else ROWS[:2]) for p, r in found.items())
+    limit_text = "\n".join(
+        f"{k} matmul: {rates[k]:.1f} GFLOP/s -> LoRA limit {limits[k]:.0f} tokens/s "
+        f"({flops / 1e6:.0f} MFLOP per trained token); tunesmith at "
+        f"{100 * ts['tokens_per_s'] / limits[k]:.1f}% of it" for k in ("bf16", "fp32"))
     print(text)
+    print(limit_text)
     print(f"tunesmith precision: {ts['precision']}; {args.steps} steps of batch {BATCH}; "
-          f"{hf['tokens']} trained tokens each")
+          f"{ts['tokens']} trained tokens each")
     if args.out:
         section = (f"## Training speed\n\nMachine: {platform.processor() or platform.machine()}, "
                    f"{torch.get_num_threads()} threads, torch {torch.__version__}. Command: "
                    f"`.venv/bin/python bench/train_speed.py --steps {args.steps} --out "
                    f"{args.out}`. SmolLM2-135M-Instruct, SMS spam chat rows, LoRA r=16/alpha 32/"
                    f"all linear, batch {BATCH}, lr {LR}, cosine, {args.steps} steps; tunesmith "
-                   f"precision {ts['precision']}.\n\n{text}\n")
+                   f"precision {ts['precision']}.\n\n{text}\n\n{limit_text}\n")
         replace_section(args.out, "## Training speed", section)
 
 

@@ -24,7 +24,9 @@ AT_ONCE = 2
 def _commands(tmp: Path, tiny: Path) -> dict[str, list[str]]:
     model = ["--model", str(tiny)]
     found = {
-        "train_speed": ["train_speed.py", "--steps", "2", *model],
+        # HF bf16 is the HF arm with one flag more, and emulated (slow) on CPUs without bf16
+        "train_speed": ["train_speed.py", "--steps", "2", *model, "--peers",
+                        "hf,trl" if importlib.util.find_spec("trl") else "hf"],
         "data_speed": ["data_speed.py", "--examples", "300", "--no-big", "--workdir",
                        str(tmp / "data_speed")],
         "search_memory": ["search_memory.py", "--trials", "2", "--steps", "1", *model],
@@ -76,6 +78,10 @@ def _smoke(smokes, name: str):
 def test_train_speed_smoke(smokes):
     done, _ = _smoke(smokes, "train_speed")
     assert "trained tokens/s" in done.stdout and "tunesmith / HF" in done.stdout
+    if importlib.util.find_spec("trl"):
+        assert "tunesmith / TRL" in done.stdout
+    for precision in ("bf16", "fp32"):
+        assert f"{precision} matmul:" in done.stdout and "LoRA limit" in done.stdout
 
 
 def test_data_speed_smoke(smokes):
