@@ -12,7 +12,7 @@ each) over HTTP, ``--clients`` different prompts, ``--rounds`` times each:
   generates one request at a time gives in total, whatever the number of clients);
 - ``batched``: ``--clients`` threads each sending its prompt ``--rounds`` times, all at once,
   to the same server (``--max-batch`` = clients): requests that arrive together share forward
-  passes (``models.batching``);
+  passes (``service.batching``);
 - ``unbatched``: the same clients against a second server started with ``--max-batch 1``
   (the service before batching: concurrent requests wait in line); not in ``--smoke``,
   which starts one server only.

@@ -123,8 +123,11 @@ def run_trl(steps: int) -> dict:
 
     model, tok, train, valid = setup(steps)
     dataset = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in train])
+    # SFTConfig turns on bf16 and gradient checkpointing by default, unlike TrainingArguments:
+    # off here, as in the HF arm (bf16 is emulated, and slow, on CPUs without it)
     args = SFTConfig(**trainer_args(steps, "/tmp/bench-trl"), padding_free=True,
-                     max_length=None, dataset_kwargs={"skip_prepare_dataset": True})
+                     max_length=None, dataset_kwargs={"skip_prepare_dataset": True},
+                     bf16=False, gradient_checkpointing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
     return timed(trainer, model, tok, train, valid, steps)
 

@@ -80,7 +80,7 @@ def all_at_once(client: TestClient, requests: list[dict[str, Any]]) -> list[dict
 
 def sizes(client: TestClient) -> list[int]:
     """The rows of each ``generate`` call of the model's batcher so far."""
-    from tunesmith.models.batching import batcher_for
+    from tunesmith.service.batching import batcher_for
 
     cache = client.app.state.service.cache
     (key,) = cache.names()

@@ -3,7 +3,7 @@
 Evaluation, ``tunesmith.chat`` / ``tunesmith chat`` and the service's chat completions all
 generate here: ``generate`` returns whole replies (batched, left-padded); ``generate_rows``
 runs one batch whose rows each end on their own terms and report their tokens as they come,
-which ``models.batching`` builds streaming and the service's request batching on. Every
+which ``service.batching`` builds streaming and the service's request batching on. Every
 reply comes from transformers' ``generate`` with the same arguments, so the same prompt and
 parameters give the same tokens whichever way they are asked for. Prompts are token ids
 rendered by ``data.encode.encode_prompt``, the chat template exactly as training renders it.

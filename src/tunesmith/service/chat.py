@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import ServiceError
-from tunesmith.models.batching import Batcher, Ticket, batcher_for
 from tunesmith.models.generation import GenerationParams
 from tunesmith.service.audit import record_completion
+from tunesmith.service.batching import Batcher, Ticket, batcher_for
 from tunesmith.service.http_errors import bad_request, error_body
 from tunesmith.service.inference import ModelCache
 from tunesmith.service.lora import base_key, lora_source

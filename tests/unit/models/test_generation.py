@@ -10,7 +10,6 @@ import torch
 
 from tunesmith.data.encode import encode_prompt
 from tunesmith.errors import ConfigError, ModelError
-from tunesmith.models.batching import Batcher, Ticket
 from tunesmith.models.generation import (
     GenerationParams,
     first_stop,
@@ -18,6 +17,7 @@ from tunesmith.models.generation import (
     held_back,
     pad_batch,
 )
+from tunesmith.service.batching import Batcher, Ticket
 
 QUESTIONS = ["I love it", "broke after a day, would not buy again", "ok"]
 

@@ -1,4 +1,4 @@
-"""Requests generated together (``models.batching``) on the tiny random model: each reply is
+"""Requests generated together (``service.batching``) on the tiny random model: each reply is
 exactly what the request gets alone, with its own token limit, stop strings, token count,
 finish reason, stream and cancellation; seeded samples run alone."""
 
@@ -10,20 +10,20 @@ import pytest
 
 from tests.families import FAMILIES
 from tunesmith.data.encode import encode_prompt
-from tunesmith.models.batching import (
-    CHUNK_TOKENS,
-    Batcher,
-    Cancelled,
-    Ticket,
-    _joinable,
-    batcher_for,
-)
 from tunesmith.models.generation import (
     GenerationParams,
     Row,
     generate,
     generate_rows,
     generating,
+)
+from tunesmith.service.batching import (
+    CHUNK_TOKENS,
+    Batcher,
+    Cancelled,
+    Ticket,
+    _joinable,
+    batcher_for,
 )
 
 QUESTIONS = ["I love it", "broke after a day, would not buy again", "ok", "Where is my order?",
