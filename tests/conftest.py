@@ -60,6 +60,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_model_dir: Path):
+    """The tiny model (eval mode) and its tokenizer, loaded once per test module."""
+    from tunesmith.models.load import load
+
+    model, tokenizer = load(tiny_model_dir)
+    return model.eval(), tokenizer
+
+
 @pytest.fixture(scope="session")
 def tiny_family_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Callable[[str], Path]:
     """``tiny_family_dir(family)``: a random model of that family (``tests.families``), 2

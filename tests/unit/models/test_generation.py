@@ -23,16 +23,8 @@ QUESTIONS = ["I love it", "broke after a day, would not buy again", "ok"]
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path):
-    from tunesmith.models.load import load
-
-    model, tokenizer = load(tiny_model_dir)
-    return model.eval(), tokenizer
-
-
-@pytest.fixture(scope="module")
-def prompts(loaded) -> list[list[int]]:
-    _, tokenizer = loaded
+def prompts(tiny_loaded) -> list[list[int]]:
+    _, tokenizer = tiny_loaded
     return [encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
 
 
@@ -58,8 +50,8 @@ def test_pad_batch_pads_left_for_generation_and_right_for_scoring() -> None:
         pad_batch([[1]], pad_id=None, side="left")
 
 
-def test_greedy_is_deterministic_and_batching_does_not_change_replies(loaded, prompts) -> None:
-    model, tokenizer = loaded
+def test_greedy_is_deterministic_and_batching_does_not_change_replies(tiny_loaded, prompts) -> None:
+    model, tokenizer = tiny_loaded
     params = GenerationParams(max_new_tokens=8)
     batched = generate(model, tokenizer, prompts, params, batch_size=3)
     assert generate(model, tokenizer, prompts, params, batch_size=3) == batched
@@ -70,9 +62,9 @@ def test_greedy_is_deterministic_and_batching_does_not_change_replies(loaded, pr
                for r in batched)
 
 
-def test_a_seed_makes_sampling_reproducible_and_leaves_the_caller_rng_alone(loaded, prompts
+def test_a_seed_makes_sampling_reproducible_and_leaves_the_caller_rng_alone(tiny_loaded, prompts
                                                                              ) -> None:
-    model, tokenizer = loaded
+    model, tokenizer = tiny_loaded
 
     def sample(seed: int) -> list[str]:
         params = GenerationParams(max_new_tokens=8, temperature=1.0, seed=seed)
@@ -86,8 +78,8 @@ def test_a_seed_makes_sampling_reproducible_and_leaves_the_caller_rng_alone(load
     assert any(sample(s) != first for s in (2, 3, 4))
 
 
-def test_a_reply_runs_to_the_token_limit_when_nothing_stops_it(loaded, prompts) -> None:
-    model, tokenizer = loaded
+def test_a_reply_runs_to_the_token_limit_when_nothing_stops_it(tiny_loaded, prompts) -> None:
+    model, tokenizer = tiny_loaded
     # the random model's first greedy tokens are not its EOS (the decoded text shows which)
     reply = generate(model, tokenizer, prompts[:1], GenerationParams(max_new_tokens=3))[0]
     assert reply.finish_reason == "length" and reply.completion_tokens == 3
@@ -95,8 +87,8 @@ def test_a_reply_runs_to_the_token_limit_when_nothing_stops_it(loaded, prompts) 
                                           skip_special_tokens=True)
 
 
-def test_a_stop_string_cuts_the_reply_and_ends_it_there(loaded, prompts) -> None:
-    model, tokenizer = loaded
+def test_a_stop_string_cuts_the_reply_and_ends_it_there(tiny_loaded, prompts) -> None:
+    model, tokenizer = tiny_loaded
     full = generate(model, tokenizer, prompts, GenerationParams(max_new_tokens=12))
     target = max(full, key=lambda r: len(r.text.strip()))
     stop = target.text.strip()[3:6]
@@ -127,8 +119,8 @@ def stream(model, tokenizer, prompt: list[int], params: GenerationParams) -> Tic
     return Batcher(window_s=0).submit(Ticket(model, tokenizer, prompt, params, streaming=True))
 
 
-def test_streamed_pieces_join_to_the_generated_text(loaded, prompts) -> None:
-    model, tokenizer = loaded
+def test_streamed_pieces_join_to_the_generated_text(tiny_loaded, prompts) -> None:
+    model, tokenizer = tiny_loaded
     for params in (GenerationParams(max_new_tokens=12),
                    GenerationParams(max_new_tokens=12, temperature=1.0, seed=5)):
         for prompt in prompts:
@@ -146,8 +138,8 @@ def test_streamed_pieces_join_to_the_generated_text(loaded, prompts) -> None:
     assert reply.result() == generate(model, tokenizer, prompts[1:2], params)[0]
 
 
-def test_a_cancelled_stream_ends_its_generation(loaded, prompts) -> None:
-    model, tokenizer = loaded
+def test_a_cancelled_stream_ends_its_generation(tiny_loaded, prompts) -> None:
+    model, tokenizer = tiny_loaded
     reply = stream(model, tokenizer, prompts[0], GenerationParams(max_new_tokens=200))
     pieces = reply.pieces()
     next(pieces)

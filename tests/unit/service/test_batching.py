@@ -4,8 +4,6 @@ finish reason, stream and cancellation; seeded samples run alone."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from tests.families import FAMILIES
@@ -31,28 +29,20 @@ QUESTIONS = ["I love it", "broke after a day, would not buy again", "ok", "Where
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path):
-    from tunesmith.models.load import load
-
-    model, tokenizer = load(tiny_model_dir)
-    return model.eval(), tokenizer
-
-
-@pytest.fixture(scope="module")
-def prompts(loaded) -> list[list[int]]:
-    _, tokenizer = loaded
+def prompts(tiny_loaded) -> list[list[int]]:
+    _, tokenizer = tiny_loaded
     return [encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
 
 
-def alone(loaded, prompt: list[int], params: GenerationParams):
-    model, tokenizer = loaded
+def alone(tiny_loaded, prompt: list[int], params: GenerationParams):
+    model, tokenizer = tiny_loaded
     return generate(model, tokenizer, [prompt], params, batch_size=1)[0]
 
 
-def mixed_params(loaded, prompts) -> list[GenerationParams]:
+def mixed_params(tiny_loaded, prompts) -> list[GenerationParams]:
     """Different token limits, and stop strings taken from the replies themselves so they
     really cut some of them."""
-    full = [alone(loaded, p, GenerationParams(max_new_tokens=12)) for p in prompts]
+    full = [alone(tiny_loaded, p, GenerationParams(max_new_tokens=12)) for p in prompts]
     params = []
     for i, reply in enumerate(full):
         stop = (reply.text.strip()[2:4],) if i % 3 == 1 and len(reply.text.strip()) > 4 else ()
@@ -61,11 +51,11 @@ def mixed_params(loaded, prompts) -> list[GenerationParams]:
     return params
 
 
-def test_concurrent_requests_share_batches_and_each_gets_its_reply_alone(loaded, prompts
+def test_concurrent_requests_share_batches_and_each_gets_its_reply_alone(tiny_loaded, prompts
                                                                          ) -> None:
-    model, tokenizer = loaded
-    params = mixed_params(loaded, prompts)
-    expected = [alone(loaded, p, q) for p, q in zip(prompts, params, strict=True)]
+    model, tokenizer = tiny_loaded
+    params = mixed_params(tiny_loaded, prompts)
+    expected = [alone(tiny_loaded, p, q) for p, q in zip(prompts, params, strict=True)]
     assert {r.finish_reason for r in expected} == {"stop", "length"}
 
     batcher = Batcher(max_batch=4, window_s=0.2)
@@ -76,10 +66,10 @@ def test_concurrent_requests_share_batches_and_each_gets_its_reply_alone(loaded,
     assert batcher.sizes[0] == 4 - sum(r.completion_tokens == 1 for r in expected[:4])
 
 
-def test_rows_leave_a_running_batch_and_queued_requests_join_it(loaded, prompts) -> None:
-    model, tokenizer = loaded
+def test_rows_leave_a_running_batch_and_queued_requests_join_it(tiny_loaded, prompts) -> None:
+    model, tokenizer = tiny_loaded
     params = [GenerationParams(max_new_tokens=(4, 12, 7)[i % 3]) for i in range(6)]
-    expected = [alone(loaded, p, q) for p, q in zip(prompts, params, strict=True)]
+    expected = [alone(tiny_loaded, p, q) for p, q in zip(prompts, params, strict=True)]
     assert [r.completion_tokens for r in expected] == [4, 12, 7] * 2  # the random model
     batcher = Batcher(max_batch=4, window_s=0.2)
     tickets = [batcher.submit(Ticket(model, tokenizer, p, q))
@@ -90,8 +80,8 @@ def test_rows_leave_a_running_batch_and_queued_requests_join_it(loaded, prompts)
     assert CHUNK_TOKENS == 8 and batcher.sizes == [4, 3, 1]
 
 
-def test_a_row_ends_and_answers_while_a_longer_row_goes_on(loaded, prompts) -> None:
-    model, tokenizer = loaded
+def test_a_row_ends_and_answers_while_a_longer_row_goes_on(tiny_loaded, prompts) -> None:
+    model, tokenizer = tiny_loaded
     steps_of_long: list[int] = []
     seen_when_short_ended: list[int] = []
     long = Row(prompts[0], GenerationParams(max_new_tokens=20, min_new_tokens=20),
@@ -109,10 +99,10 @@ def test_a_row_ends_and_answers_while_a_longer_row_goes_on(loaded, prompts) -> N
     assert steps_of_long[-1] == long_reply.completion_tokens > 3
 
 
-def test_seeded_samples_run_alone_and_repeat(loaded, prompts) -> None:
-    model, tokenizer = loaded
+def test_seeded_samples_run_alone_and_repeat(tiny_loaded, prompts) -> None:
+    model, tokenizer = tiny_loaded
     seeded = [GenerationParams(max_new_tokens=8, temperature=1.0, seed=s) for s in (1, 2)]
-    expected = [alone(loaded, prompts[0], q) for q in seeded]
+    expected = [alone(tiny_loaded, prompts[0], q) for q in seeded]
     batcher = Batcher(window_s=0.2)
     tickets = [batcher.submit(Ticket(model, tokenizer, prompts[0], q)) for q in seeded]
     assert [t.result(timeout=120) for t in tickets] == expected
@@ -124,11 +114,11 @@ def test_seeded_samples_run_alone_and_repeat(loaded, prompts) -> None:
     assert batcher.sizes[2:] == [3]
 
 
-def test_streams_in_one_batch_join_to_their_replies_and_one_can_leave(loaded, prompts
+def test_streams_in_one_batch_join_to_their_replies_and_one_can_leave(tiny_loaded, prompts
                                                                       ) -> None:
-    model, tokenizer = loaded
-    params = mixed_params(loaded, prompts[:3])
-    expected = [alone(loaded, p, q) for p, q in zip(prompts[:3], params, strict=True)]
+    model, tokenizer = tiny_loaded
+    params = mixed_params(tiny_loaded, prompts[:3])
+    expected = [alone(tiny_loaded, p, q) for p, q in zip(prompts[:3], params, strict=True)]
     batcher = Batcher(window_s=0.3)
     leaving = batcher.submit(Ticket(model, tokenizer, prompts[3],
                                     GenerationParams(max_new_tokens=200), streaming=True))
@@ -146,8 +136,8 @@ def test_streams_in_one_batch_join_to_their_replies_and_one_can_leave(loaded, pr
     assert leaving.result(timeout=60).completion_tokens < 200
 
 
-def test_a_ticket_cancelled_before_its_batch_never_runs(loaded, prompts) -> None:
-    model, tokenizer = loaded
+def test_a_ticket_cancelled_before_its_batch_never_runs(tiny_loaded, prompts) -> None:
+    model, tokenizer = tiny_loaded
     batcher = Batcher(window_s=0.3)
     ticket = Ticket(model, tokenizer, prompts[0], GenerationParams(max_new_tokens=4))
     ticket.cancel()
@@ -156,7 +146,7 @@ def test_a_ticket_cancelled_before_its_batch_never_runs(loaded, prompts) -> None
         ticket.result(timeout=60)
 
 
-def test_an_error_reaches_every_request_of_the_batch(loaded, prompts) -> None:
+def test_an_error_reaches_every_request_of_the_batch(tiny_loaded, prompts) -> None:
     class Broken:
         training = False
 
@@ -175,7 +165,7 @@ def test_an_error_reaches_every_request_of_the_batch(loaded, prompts) -> None:
         def generate(self, **kwargs):
             raise RuntimeError("out of memory")
 
-    model, tokenizer = loaded
+    model, tokenizer = tiny_loaded
     broken = Broken(model)
     batcher = batcher_for(broken, window_s=0.2)
     assert batcher_for(broken, window_s=0.2) is batcher
