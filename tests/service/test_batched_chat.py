@@ -85,7 +85,7 @@ def sizes(client: TestClient) -> list[int]:
     cache = client.app.state.service.cache
     (key,) = cache.names()
     model, _ = cache.cached(key)
-    return batcher_for(model, max_batch=8, window_s=0.3).sizes
+    return list(batcher_for(model, max_batch=8, window_s=0.3).sizes)
 
 
 def test_concurrent_requests_are_batched_and_each_answers_as_alone(client: TestClient

@@ -37,6 +37,7 @@ from tunesmith.evaluation.report import make_plots, write_reports, write_results
 from tunesmith.evaluation.scoring import label_probabilities
 from tunesmith.evaluation.stats import compare_classification, compare_generation
 from tunesmith.evaluation.task import Predictions, evaluate_examples, label_token_budget
+from tunesmith.flows.steps import write_json
 
 Advance = Callable[[int], None]
 
@@ -52,8 +53,6 @@ class ModelEval:
 
 def save_model_eval(path: Path, result: ModelEval) -> None:
     """Keep an evaluation on disk (the base model's, so a resumed run need not redo it)."""
-    from tunesmith.flows.steps import write_json
-
     p = result.predictions
     write_json(path, {  # whole or not at all: a run killed while writing resumes cleanly
         "metrics": result.metrics, "replies": p.replies, "predicted": p.predicted,

@@ -16,6 +16,7 @@ rendered by ``data.encode.encode_prompt``, the chat template exactly as training
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -199,11 +200,12 @@ class _Ends:
         return None
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        ids = input_ids.tolist()
+        first = min(self.starts)  # the columns before every row's reply stay out of Python
+        ids = input_ids[:, first:].tolist()
         for i, row in enumerate(self.rows):
             if self.ends[i] is not None:
                 continue
-            new = ids[i][self.starts[i]:]
+            new = ids[i][self.starts[i] - first:]
             why = self._why(row, new)
             if row.on_tokens is not None:
                 row.on_tokens(new)
@@ -268,6 +270,7 @@ def extend(model: Any, tokenizer: Any, rows: Sequence[Row], input_ids: torch.Ten
     return out, ends
 
 
+@functools.cache
 def _cache_argument() -> str:
     """``generate``'s name for a KV cache to go on from: ``cache`` since transformers 5.24,
     which warns on the older ``past_key_values``, the only name before it."""

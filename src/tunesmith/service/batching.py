@@ -30,6 +30,7 @@ import queue
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -202,34 +203,33 @@ class _Running:
                           side="left")
         width = batch.input_ids.shape[1]
         cache = DynamicCache()
-        out, ends = self._extend(tickets, batch.input_ids, batch.attention_mask,
-                                 [width] * len(tickets), 1, cache)
-        grown = out.shape[1] - width
-        mask = batch.attention_mask
-        mask = torch.cat([mask, torch.ones(len(tickets), grown, dtype=mask.dtype)], dim=1)
-        self._merge(tickets, out.cpu(), mask, cache, [grown] * len(tickets))
-        self._drop(ends.ends, first=len(self) - len(tickets))
+        ids, mask, grown, ended = self._extend(tickets, batch.input_ids, batch.attention_mask,
+                                               [width] * len(tickets), 1, cache)
+        self._merge(tickets, ids, mask, cache, [grown] * len(tickets))
+        self._drop(ended, first=len(self) - len(tickets))
 
     def step(self) -> None:
         assert self.ids is not None and self.mask is not None
         width = self.ids.shape[1]
         room = max(t.params.max_new_tokens - n for t, n in zip(self.tickets, self.new,
                                                                  strict=True))
-        out, ends = self._extend(self.tickets, self.ids, self.mask,
-                                 [width - n for n in self.new], min(CHUNK_TOKENS, room),
-                                 self.cache)
-        grown = out.shape[1] - width
-        self.ids = out.cpu()
-        self.mask = torch.cat([self.mask, torch.ones(len(self), grown, dtype=self.mask.dtype)],
-                              dim=1)
+        self.ids, self.mask, grown, ended = self._extend(
+            self.tickets, self.ids, self.mask, [width - n for n in self.new],
+            min(CHUNK_TOKENS, room), self.cache)
         self.new = [n + grown for n in self.new]
-        self._drop(ends.ends)
+        self._drop(ended)
 
     def _extend(self, tickets: Sequence[Ticket], ids: torch.Tensor, mask: torch.Tensor,
-                starts: list[int], tokens: int, cache: Any) -> tuple[torch.Tensor, Any]:
+                starts: list[int], tokens: int, cache: Any
+                ) -> tuple[torch.Tensor, torch.Tensor, int, list[int | None]]:
+        """One ``generate`` call of up to ``tokens`` tokens: the grown ids and mask, how many
+        columns they grew by, and where each row ended (None: it goes on)."""
         with generating(self.model, None):
-            return extend(self.model, self.tokenizer, [t.row for t in tickets], ids, mask,
-                          starts=starts, max_new_tokens=tokens, cache=cache)
+            out, ends = extend(self.model, self.tokenizer, [t.row for t in tickets], ids, mask,
+                               starts=starts, max_new_tokens=tokens, cache=cache)
+        grown = out.shape[1] - ids.shape[1]
+        mask = torch.cat([mask, mask.new_ones(len(tickets), grown)], dim=1)
+        return out.cpu(), mask, grown, ends.ends
 
     def _merge(self, tickets: list[Ticket], ids: torch.Tensor, mask: torch.Tensor, cache: Any,
                new: list[int]) -> None:
@@ -281,8 +281,9 @@ class Batcher:
         self._pending: list[Ticket] = []
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
-        self.sizes: list[int] = []
-        """The rows of each ``generate`` call so far (for tests and benchmarks)."""
+        self.sizes: deque[int] = deque(maxlen=1024)
+        """The rows of each recent ``generate`` call (for tests and benchmarks); bounded, as a
+        server makes calls for as long as it runs."""
 
     def submit(self, ticket: Ticket) -> Ticket:
         with self._lock:
@@ -295,7 +296,8 @@ class Batcher:
     def _take(self, key: Any, room: int) -> list[Ticket]:
         """Up to ``room`` queued tickets of ``key``, oldest first (under the lock)."""
         batch = [t for t in self._pending if t.key == key][:room]
-        self._pending = [t for t in self._pending if not any(t is b for b in batch)]
+        taken = {id(t) for t in batch}
+        self._pending = [t for t in self._pending if id(t) not in taken]
         return batch
 
     def _work(self) -> None:
@@ -308,11 +310,8 @@ class Batcher:
                     if not self._pending:
                         self._worker = None
                         return
-                    first = self._pending[0]
-                    if first.key is None:  # a seeded sample: alone
-                        batch = [self._pending.pop(0)]
-                    else:
-                        batch = self._take(first.key, self.max_batch)
+                    key = self._pending[0].key  # None: a seeded sample, which runs alone
+                    batch = self._take(key, self.max_batch if key is not None else 1)
                 else:
                     batch = self._take(running.key, self.max_batch - len(running))
             try:

@@ -77,7 +77,7 @@ def test_rows_leave_a_running_batch_and_queued_requests_join_it(tiny_loaded, pro
     assert [t.result(timeout=120) for t in tickets] == expected
     # rows 0-3 take one token each to join, then a call of CHUNK_TOKENS (8): rows of 4 and 7
     # tokens end, the 12 goes on; the two queued join it (3 rows), and the last 12 ends alone
-    assert CHUNK_TOKENS == 8 and batcher.sizes == [4, 3, 1]
+    assert CHUNK_TOKENS == 8 and list(batcher.sizes) == [4, 3, 1]
 
 
 def test_a_row_ends_and_answers_while_a_longer_row_goes_on(tiny_loaded, prompts) -> None:
@@ -106,12 +106,12 @@ def test_seeded_samples_run_alone_and_repeat(tiny_loaded, prompts) -> None:
     batcher = Batcher(window_s=0.2)
     tickets = [batcher.submit(Ticket(model, tokenizer, prompts[0], q)) for q in seeded]
     assert [t.result(timeout=120) for t in tickets] == expected
-    assert batcher.sizes == [1, 1]
+    assert list(batcher.sizes) == [1, 1]
     # unseeded samples of the same temperature do share a batch
     free = GenerationParams(max_new_tokens=8, temperature=1.0)
     tickets = [batcher.submit(Ticket(model, tokenizer, p, free)) for p in prompts[:3]]
     assert all(t.result(timeout=120).completion_tokens >= 1 for t in tickets)
-    assert batcher.sizes[2:] == [3]
+    assert list(batcher.sizes)[2:] == [3]
 
 
 def test_streams_in_one_batch_join_to_their_replies_and_one_can_leave(tiny_loaded, prompts
@@ -200,6 +200,6 @@ def test_every_family_answers_in_a_batch_as_alone(family: str, tiny_family_dir) 
     assert joins == (family != "gemma3")
     if joins:  # the two queued requests joined the running batch (see the test above)
         assert [r.completion_tokens for r in expected] != [4, 12, 7] * 2 or \
-            batcher.sizes == [4, 3, 1]
+            list(batcher.sizes) == [4, 3, 1]
     else:
-        assert batcher.sizes == [4, 2]
+        assert list(batcher.sizes) == [4, 2]
