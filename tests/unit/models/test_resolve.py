@@ -48,38 +48,32 @@ def test_locate_finds_the_bundled_gguf_without_importing_it(tmp_path, bundled_di
 
 def test_importers_of_one_gguf_at_once_take_turns(tmp_path, tiny_model_dir):
     """The first imports; the others wait on the lock and use its import (before the lock,
-    one importer deleted the directory another had just imported and was loading). Threads
-    stand in for processes: the lock is a lock file, which they contend for alike."""
-    import threading
+    one process deleted the directory another had just imported and was loading). Processes,
+    not threads: transformers' loading patches process-wide state that threads loading at
+    once leave broken for every later model of the process."""
+    import subprocess
+    import sys
 
     from tunesmith.models.export import export_gguf
-    from tunesmith.models.load import load
 
     gguf = export_gguf(tiny_model_dir, tmp_path / "tiny.gguf", tensor_type="f32",
                        name="tiny").path
-    found: list[tuple[Path, int]] = []
-    errors: list[BaseException] = []
-    go = threading.Barrier(2)
-
-    def use() -> None:
-        try:
-            go.wait()
-            path = resolve_model(str(gguf), home=tmp_path / "home")
-            load(path)
-            found.append((path, path.stat().st_ino))
-        except BaseException as err:  # reported by the test's thread
-            errors.append(err)
-
-    threads = [threading.Thread(target=use) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors, errors
+    code = ("import sys; from pathlib import Path\n"
+            "from tunesmith.models.resolve import resolve_model\n"
+            "from tunesmith.models.load import load\n"
+            "path = resolve_model(sys.argv[1], home=Path(sys.argv[2]))\n"
+            "load(path)\n"
+            "print(path, path.stat().st_ino)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(gguf), str(tmp_path / "home")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    found = {out.strip() for out, _ in outs}
     # one import: both loaded the same directory (the same inode), not one that the other
     # then replaced with its own import
-    assert len(set(found)) == 1, found
-    imported = found[0][0]
+    assert len(found) == 1, found
+    imported = Path(found.pop().rsplit(" ", 1)[0])
     assert (imported / "config.json").is_file()
     # nothing half-written is left beside it, only the lock file
     assert sorted(p.name for p in imported.parent.iterdir()) == \
