@@ -212,9 +212,67 @@ def _with_architecture(src, dst, arch):
 
 
 def test_other_architectures_are_refused(tmp_path, tiny_model_dir):
-    model_dir = _with_architecture(tiny_model_dir, tmp_path / "m", "Phi3ForCausalLM")
-    with pytest.raises(ModelError, match="supports LlamaForCausalLM.*this model is Phi3"):
+    model_dir = _with_architecture(tiny_model_dir, tmp_path / "m", "GPTNeoXForCausalLM")
+    with pytest.raises(ModelError, match="supports LlamaForCausalLM.*Phi3ForCausalLM, "
+                       "Gemma3ForCausalLM.*this model is GPTNeoX"):
         export_gguf(model_dir, tmp_path / "out" / "m.gguf")
+    assert not (tmp_path / "out").exists()
+
+
+# Phi-3 with partial rotary and fused projections; Gemma 3 as llama.cpp runs it (q/k norms,
+# norms around both blocks, tied scaled embeddings, sliding layers): both must come back from
+# the file exactly, through transformers' loader, with llama.cpp's layout inside.
+@pytest.mark.parametrize(("family", "overrides", "arch"), [
+    ("phi3", {}, "phi3"),
+    ("gemma3", {"layer_types": None, "final_logit_softcapping": None}, "gemma3")])
+def test_other_families_round_trip_exactly(tmp_path, tokenizer, family, overrides, arch):
+    from gguf import GGUFReader
+    from safetensors.torch import load_file
+
+    from tests.families import GEMMA3_AS_LLAMA_CPP, build_family
+
+    if family == "gemma3":
+        assert overrides == GEMMA3_AS_LLAMA_CPP
+    model_dir = build_family(family, tokenizer, tmp_path / family, **overrides)
+    written = export_gguf(model_dir, tmp_path / f"{family}.gguf", tensor_type="f32")
+    model, own_tok = load(model_dir)  # Gemma's copy has Gemma's chat template
+    back, back_tok = load_gguf(written.path)
+    ids = prompt_ids(own_tok)
+    assert back_tok.chat_template == own_tok.chat_template and prompt_ids(back_tok) == ids
+    assert max_logit_difference(model.eval(), back, ids)[0] < 1e-5
+
+    reader = GGUFReader(written.path)
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    tensors = {t.name: t for t in reader.tensors}
+    assert fields["general.architecture"] == arch
+    weights = load_file(model_dir / "model.safetensors")
+    if family == "phi3":
+        # fused tensors stay fused; 8 of each head's 16 dimensions rotate
+        assert fields["phi3.rope.dimension_count"] == 8
+        assert fields["phi3.attention.sliding_window"] == 0
+        assert tuple(tensors["blk.0.attn_qkv.weight"].shape) == (64, 128)  # gguf: (in, out)
+        assert tuple(tensors["blk.0.ffn_up.weight"].shape) == (64, 256)
+        assert back.config.partial_rotary_factor == 0.5
+    else:
+        assert fields["gemma3.attention.key_length"] == 16
+        assert fields["gemma3.attention.sliding_window"] == model.config.sliding_window
+        assert "output.weight" not in tensors  # tied
+        stored = np.asarray(tensors["blk.0.attn_q_norm.weight"].data)
+        hf = weights["model.layers.0.self_attn.q_norm.weight"].numpy()
+        assert np.allclose(stored, hf + 1)  # llama.cpp multiplies by 1 + weight as stored
+        assert back.config.query_pre_attn_scalar == 16
+        assert back.config.layer_types == model.config.layer_types
+
+
+def test_gemma3_settings_llama_cpp_fixes_otherwise_are_refused(tmp_path, tiny_family_dir):
+    model_dir = tiny_family_dir("gemma3")  # one full layer of two, a soft-capped head
+    with pytest.raises(ModelError) as err:
+        export_gguf(model_dir, tmp_path / "out" / "g.gguf")
+    message = str(err.value)
+    assert "llama.cpp's gemma3 architecture fixes in its code" in message
+    assert "layer_types ['sliding_attention', 'full_attention']" in message
+    assert "final_logit_softcapping 30.0 (llama.cpp's gemma3 applies none)" in message
+    assert "--format hf" in message
     assert not (tmp_path / "out").exists()
 
 
