@@ -365,15 +365,19 @@ def test_pre_tokenizer_names_follow_llama_cpp():
 
 
 def test_unsupported_tokenizers_are_refused_before_writing(tmp_path, tiny_model_dir):
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     from tunesmith.models.gguf_vocab import vocabulary
 
-    spm_like = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(
-        models.BPE(vocab={"a": 0, "b": 1}, merges=[], byte_fallback=True)))
-    with pytest.raises(ModelError, match="sentencepiece-style"):
-        vocabulary(spm_like, 2)
+    # byte fallback, but spaces split by whitespace: no sentencepiece tokenizer llama.cpp knows
+    odd = Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[], byte_fallback=True))
+    odd.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(ModelError, match="sentencepiece-style tokenizer .*Whitespace"):
+        vocabulary(PreTrainedTokenizerFast(tokenizer_object=odd), 2)
+    word_level = Tokenizer(models.WordLevel(vocab={"a": 0, "<unk>": 1}, unk_token="<unk>"))
+    with pytest.raises(ModelError, match="this one is WordLevel"):
+        vocabulary(PreTrainedTokenizerFast(tokenizer_object=word_level), 2)
     model_dir = shutil.copytree(tiny_model_dir, tmp_path / "m")
     data = json.loads((model_dir / "tokenizer.json").read_text())
     data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always",
@@ -382,3 +386,124 @@ def test_unsupported_tokenizers_are_refused_before_writing(tmp_path, tiny_model_
     with pytest.raises(ModelError, match="Metaspace"):
         export_gguf(model_dir, tmp_path / "out" / "m.gguf")
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------- sentencepiece vocabularies
+
+SPACE = "\u2581"
+# words the small vocabulary only covers in parts, where the order of merges decides the split
+NOVEL = ["productive haikus rained over capitals", "worksheet of brokers", "heartbroken",
+         "lovely Frenchmen write haiku", "terribly wonderful day-trips", "capitalist"]
+
+
+def sentencepiece_tokenizer(style: str):
+    """A small tokenizer shaped as a sentencepiece model converted to tokenizer.json: BPE with
+    byte fallback, <unk> <s> </s> then the 256 <0xNN> byte pieces, spaces as "\u2581"; a
+    space before the text as Llama 2's normalizer puts it ("llama2") or none (Gemma's)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    from tokenizers.trainers import BpeTrainer
+    from transformers import PreTrainedTokenizerFast
+
+    steps = [normalizers.Replace(" ", SPACE)]
+    if style == "llama2":
+        steps.insert(0, normalizers.Prepend(SPACE))
+    learner = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    learner.normalizer = normalizers.Sequence(steps)
+    learner.pre_tokenizer = pre_tokenizers.Split(SPACE, behavior="merged_with_next")
+    learner.train_from_iterator(TEXTS * 10, BpeTrainer(vocab_size=400, show_progress=False))
+    learned = json.loads(learner.to_str())["model"]
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for token, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True,
+                                   unk_token="<unk>", fuse_unk=True))
+    backend.normalizer = normalizers.Sequence(steps)
+    if style == "gemma":  # as transformers' GemmaTokenizer builds it (spaces are gone by then)
+        backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(" ", 1, 0)] if style == "llama2" else []))
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    backend.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                               "{% endfor %}")
+    return tokenizer
+
+
+def llama_cpp_sentencepiece(text: str, tokens: list, scores: list, prefix: bool) -> list[int]:
+    """llama.cpp's sentencepiece tokenizer (``llm_tokenizer_spm``), as a reference: spaces to
+    "\u2581" (one before the text with ``add_space_prefix``), characters merged pair by pair,
+    the best-scored pair whose concatenation is a token first (the leftmost of equals), then
+    each piece's id, or its UTF-8 bytes' <0xNN> pieces."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    pieces = list((SPACE if prefix else "") + text.replace(" ", SPACE))
+    while True:
+        pairs = [(scores[ids[a + b]], -i)
+                 for i, (a, b) in enumerate(zip(pieces, pieces[1:], strict=False))
+                 if a + b in ids]
+        if not pairs:
+            break
+        i = -max(pairs)[1]
+        pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+    out = []
+    for piece in pieces:
+        out.extend([ids[piece]] if piece in ids
+                   else [ids[f"<0x{b:02X}>"] for b in piece.encode("utf-8")])
+    return out
+
+
+@pytest.mark.parametrize(("style", "family"), [("llama2", "llama"), ("llama2", "phi3"),
+                                               ("gemma", "gemma3")])
+def test_sentencepiece_vocabularies_round_trip(tmp_path, style, family):
+    """Llama 2 / Mistral 7B / Phi-3 / Gemma keep sentencepiece vocabularies: the file holds
+    llama.cpp's "llama" vocabulary, whose scores make llama.cpp split text as the tokenizer
+    does, and transformers' loader gives back the same tokenizer and model."""
+    import transformers as tf
+    from gguf import GGUFReader
+
+    tokenizer = sentencepiece_tokenizer(style)
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  bos_token_id=1, eos_token_id=2)
+    config = {"llama": lambda: tf.LlamaConfig(**common),
+              "phi3": lambda: tf.Phi3Config(**common, pad_token_id=0),
+              "gemma3": lambda: tf.Gemma3TextConfig(**common, head_dim=16, pad_token_id=0,
+                                                    query_pre_attn_scalar=16)}[family]()
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    written = export_gguf(tmp_path / "m", tmp_path / "m.gguf", tensor_type="f32")
+
+    fields = {k: f.contents() for k, f in GGUFReader(written.path).fields.items()}
+    assert fields["tokenizer.ggml.model"] == "llama"
+    assert fields["tokenizer.ggml.add_space_prefix"] is (style == "llama2")
+    tokens, scores = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.scores"]
+    types = fields["tokenizer.ggml.token_type"]
+    assert types[:4] == [2, 3, 3, 6] and tokens[3] == "<0x00>"  # unknown, control, byte
+    split_as_llama_cpp = []
+    for text in TEXTS + NOVEL:
+        expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert llama_cpp_sentencepiece(text, tokens, scores, style == "llama2") == expected, text
+        split_as_llama_cpp.append(llama_cpp_sentencepiece(text, tokens, [0.0] * len(tokens),
+                                                          style == "llama2") == expected)
+    assert not all(split_as_llama_cpp)  # without the scores llama.cpp would split otherwise
+
+    back, back_tok = load_gguf(written.path)
+    for text in TEXTS + NOVEL:
+        if family == "llama" and text.startswith(" "):
+            # transformers' loader builds Llama's tokenizer with a Metaspace pre-tokenizer, which
+            # reads leading spaces differently from Llama 2's normalizer (and from llama.cpp)
+            continue
+        ids = tokenizer(text)["input_ids"]
+        assert back_tok(text)["input_ids"] == ids, text
+        assert back_tok.decode(ids) == tokenizer.decode(ids)
+    assert back_tok.chat_template == tokenizer.chat_template
+    ids = [tokenizer(text)["input_ids"] for text in PROMPTS]
+    assert max_logit_difference(model, back, ids)[0] < 1e-5
