@@ -16,7 +16,8 @@ model with:
 - 1-D tensors (norms) and biases stay f32; matrices become f16 or q8_0, and a matrix whose rows
   are not whole q8_0 blocks of 32 falls back to f16, as llama.cpp does;
 - the tokenizer is the one the run trained with (``models.load.load_tokenizer``: its chat
-  template, its pad token), as a byte-level BPE ("gpt2") vocabulary with its merges.
+  template, its pad token), as llama.cpp's byte-level BPE ("gpt2") or sentencepiece ("llama")
+  vocabulary (``models.gguf_vocab``).
 
 What llama.cpp fixes in its code rather than reading from the file (Gemma 3's pattern of one
 full-attention layer in six and its local rotary base, its attention scale, Gemma 2's soft
@@ -138,7 +139,7 @@ def _gguf_inputs(model_dir: Path) -> tuple[Any, Any, Vocabulary]:
                              "supported by the GGUF export (plain rotary embeddings only); use "
                              "--format hf")
     window = _window(config)
-    if layout.arch == "LLAMA" or layout.arch == "QWEN2":
+    if layout.arch in ("LLAMA", "QWEN2"):
         if window is not None and window < config.max_position_embeddings:
             raise ModelError(f"{model_dir}: a sliding attention window ({window} tokens) is not "
                              "supported by the GGUF export (llama.cpp's llama architecture "
