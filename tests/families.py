@@ -30,24 +30,12 @@ GEMMA_TEMPLATE = (
 
 # These export to GGUF (llama.cpp's llama, qwen2 and phi3 architectures). The tiny Gemma 3
 # sets what llama.cpp's gemma3 fixes in code (its layer pattern, a soft-capped head), so it is
-# refused naming those settings (``GEMMA3_AS_LLAMA_CPP`` is one llama.cpp runs as built);
-# GPT-NeoX is refused by name.
+# refused naming those settings; GPT-NeoX is refused by name.
 GGUF_EXPORTS = {"mistral", "qwen2", "phi3"}
-# A tiny Gemma 3 as llama.cpp's gemma3 runs it: the default layer pattern (every sixth layer
-# full attention, so both of two are sliding) and no soft caps.
-GEMMA3_AS_LLAMA_CPP = {"layer_types": None, "final_logit_softcapping": None}
 
 
-def family_config(family: str, tokenizer: Any, **overrides: Any) -> Any:
-    """The family's config class, tiny: 2 layers, hidden 64, GQA where the family has it;
-    ``overrides`` replace any of its settings."""
-    config = _family_config(family, tokenizer)
-    if overrides:
-        config = type(config)(**{**config.to_dict(), **overrides})
-    return config
-
-
-def _family_config(family: str, tokenizer: Any) -> Any:
+def family_config(family: str, tokenizer: Any) -> Any:
+    """The family's config class, tiny: 2 layers, hidden 64, GQA where the family has it."""
     import transformers as tf
 
     common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
@@ -76,16 +64,15 @@ def _family_config(family: str, tokenizer: Any) -> Any:
     raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
 
 
-def build_family(family: str, tokenizer: Any, path: Path, **overrides: Any) -> Path:
-    """A random model of ``family`` (its settings changed by ``overrides``) with a copy of
-    ``tokenizer``, saved to ``path``."""
+def build_family(family: str, tokenizer: Any, path: Path) -> Path:
+    """A random model of ``family`` with a copy of ``tokenizer``, saved to ``path``."""
     import copy
 
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(family_config(family, tokenizer, **overrides))
+    model = AutoModelForCausalLM.from_config(family_config(family, tokenizer))
     model.save_pretrained(path)
     tok = copy.deepcopy(tokenizer)
     if family == "gemma3":

@@ -219,51 +219,6 @@ def test_other_architectures_are_refused(tmp_path, tiny_model_dir):
     assert not (tmp_path / "out").exists()
 
 
-# Phi-3 with partial rotary and fused projections; Gemma 3 as llama.cpp runs it (q/k norms,
-# norms around both blocks, tied scaled embeddings, sliding layers): both must come back from
-# the file exactly, through transformers' loader, with llama.cpp's layout inside.
-@pytest.mark.parametrize(("family", "overrides", "arch"), [
-    ("phi3", {}, "phi3"),
-    ("gemma3", {"layer_types": None, "final_logit_softcapping": None}, "gemma3")])
-def test_other_families_round_trip_exactly(tmp_path, tokenizer, family, overrides, arch):
-    from gguf import GGUFReader
-    from safetensors.torch import load_file
-
-    from tests.families import GEMMA3_AS_LLAMA_CPP, build_family
-
-    if family == "gemma3":
-        assert overrides == GEMMA3_AS_LLAMA_CPP
-    model_dir = build_family(family, tokenizer, tmp_path / family, **overrides)
-    written = export_gguf(model_dir, tmp_path / f"{family}.gguf", tensor_type="f32")
-    model, own_tok = load(model_dir)  # Gemma's copy has Gemma's chat template
-    back, back_tok = load_gguf(written.path)
-    ids = prompt_ids(own_tok)
-    assert back_tok.chat_template == own_tok.chat_template and prompt_ids(back_tok) == ids
-    assert max_logit_difference(model.eval(), back, ids)[0] < 1e-5
-
-    reader = GGUFReader(written.path)
-    fields = {k: f.contents() for k, f in reader.fields.items()}
-    tensors = {t.name: t for t in reader.tensors}
-    assert fields["general.architecture"] == arch
-    weights = load_file(model_dir / "model.safetensors")
-    if family == "phi3":
-        # fused tensors stay fused; 8 of each head's 16 dimensions rotate
-        assert fields["phi3.rope.dimension_count"] == 8
-        assert fields["phi3.attention.sliding_window"] == 0
-        assert tuple(tensors["blk.0.attn_qkv.weight"].shape) == (64, 128)  # gguf: (in, out)
-        assert tuple(tensors["blk.0.ffn_up.weight"].shape) == (64, 256)
-        assert back.config.partial_rotary_factor == 0.5
-    else:
-        assert fields["gemma3.attention.key_length"] == 16
-        assert fields["gemma3.attention.sliding_window"] == model.config.sliding_window
-        assert "output.weight" not in tensors  # tied
-        stored = np.asarray(tensors["blk.0.attn_q_norm.weight"].data)
-        hf = weights["model.layers.0.self_attn.q_norm.weight"].numpy()
-        assert np.allclose(stored, hf + 1)  # llama.cpp multiplies by 1 + weight as stored
-        assert back.config.query_pre_attn_scalar == 16
-        assert back.config.layer_types == model.config.layer_types
-
-
 def test_gemma3_settings_llama_cpp_fixes_otherwise_are_refused(tmp_path, tiny_family_dir):
     model_dir = tiny_family_dir("gemma3")  # one full layer of two, a soft-capped head
     with pytest.raises(ModelError) as err:
@@ -463,7 +418,10 @@ def llama_cpp_sentencepiece(text: str, tokens: list, scores: list, prefix: bool)
 def test_sentencepiece_vocabularies_round_trip(tmp_path, style, family):
     """Llama 2 / Mistral 7B / Phi-3 / Gemma keep sentencepiece vocabularies: the file holds
     llama.cpp's "llama" vocabulary, whose scores make llama.cpp split text as the tokenizer
-    does, and transformers' loader gives back the same tokenizer and model."""
+    does, and transformers' loader gives back the same tokenizer and model. The Phi-3 (partial
+    rotary, fused projections) and the Gemma 3 (llama.cpp's layer pattern: both of two layers
+    sliding; q/k norms, norms around both blocks, tied scaled embeddings) also show their
+    architectures' layouts in the file and come back with the same logits."""
     import transformers as tf
     from gguf import GGUFReader
 
@@ -472,7 +430,8 @@ def test_sentencepiece_vocabularies_round_trip(tmp_path, style, family):
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   bos_token_id=1, eos_token_id=2)
     config = {"llama": lambda: tf.LlamaConfig(**common),
-              "phi3": lambda: tf.Phi3Config(**common, pad_token_id=0),
+              "phi3": lambda: tf.Phi3Config(**common, pad_token_id=0,
+                                            partial_rotary_factor=0.5),
               "gemma3": lambda: tf.Gemma3TextConfig(**common, head_dim=16, pad_token_id=0,
                                                     query_pre_attn_scalar=16)}[family]()
     torch.manual_seed(0)
@@ -507,3 +466,26 @@ def test_sentencepiece_vocabularies_round_trip(tmp_path, style, family):
     assert back_tok.chat_template == tokenizer.chat_template
     ids = [tokenizer(text)["input_ids"] for text in PROMPTS]
     assert max_logit_difference(model, back, ids)[0] < 1e-5
+
+    tensors = {t.name: t for t in GGUFReader(written.path).tensors}
+    assert fields["general.architecture"] == family
+    if family == "phi3":
+        # fused tensors stay fused; 8 of each head's 16 dimensions rotate, which transformers'
+        # loader would leave at all 16 (load_gguf sets it from the file)
+        assert fields["phi3.rope.dimension_count"] == 8
+        assert fields["phi3.attention.sliding_window"] == 0
+        assert tuple(tensors["blk.0.attn_qkv.weight"].shape) == (64, 128)  # gguf: (in, out)
+        assert tuple(tensors["blk.0.ffn_up.weight"].shape) == (64, 256)
+        assert back.config.partial_rotary_factor == 0.5
+    elif family == "gemma3":
+        from safetensors.torch import load_file
+
+        assert fields["gemma3.attention.key_length"] == 16
+        assert fields["gemma3.attention.sliding_window"] == model.config.sliding_window
+        assert "output.weight" not in tensors  # tied
+        stored = np.asarray(tensors["blk.0.attn_q_norm.weight"].data)
+        weights = load_file(tmp_path / "m" / "model.safetensors")
+        # llama.cpp multiplies by the norm weight as stored; Gemma's RMSNorm by 1 + weight
+        assert np.allclose(stored, weights["model.layers.0.self_attn.q_norm.weight"].numpy() + 1)
+        assert back.config.query_pre_attn_scalar == 16  # the loader's default would be 256
+        assert back.config.layer_types == model.config.layer_types
