@@ -244,7 +244,15 @@ class TrainConfig(_Section):
         "about 10 times a run; 'epoch': at the end of each epoch.",
     )
     early_stopping_patience: int | None = Field(
-        3, gt=0, description="Stop after this many evaluations without a better validation loss."
+        3, gt=0, description="Stop after this many evaluations without a better best_metric."
+    )
+    best_metric: Literal["loss", "macro_f1", "accuracy"] = Field(
+        "loss", description="What picks the best step (the weights a run ends with) and what "
+        "early stopping waits on, as Hugging Face Trainer's metric_for_best_model: 'loss', the "
+        "validation loss (lower is better); with head 'classifier' also 'macro_f1' or "
+        "'accuracy' on the validation set (higher is better; a tie goes to the lower loss). "
+        "A small validation set's loss swings with a few confidently wrong examples; F1 "
+        "follows what a classifier is judged by.",
     )
     keep_checkpoints: int = Field(2, ge=1, description="Recent checkpoints kept (plus the best).")
     seed: int = Field(42, description="Seed for splitting, sampling, initialisation and order.")
@@ -269,6 +277,14 @@ class TrainConfig(_Section):
                              "on a 4-bit base (method: lora, head: lm); 4-bit weights cannot "
                              "be trained themselves. Set method: lora and head: lm, or "
                              "quantize_base: none")
+        return self
+
+    @model_validator(mode="after")
+    def _best_metric_exists(self) -> TrainConfig:
+        if self.best_metric != "loss" and self.head != "classifier":
+            raise ValueError(f"train.best_metric: {self.best_metric} is measured by a "
+                             "classification head (head: classifier); a head 'lm' run is "
+                             "judged by its validation loss: set best_metric: loss")
         return self
 
     @model_validator(mode="after")

@@ -45,6 +45,7 @@ def loop_settings(cfg: RunConfig, hp: ResolvedHyperparameters, *, restore_best: 
         # clip of the batch gradient would also log its non-private norm
         weight_decay=t.weight_decay, max_grad_norm=None if t.privacy else t.max_grad_norm,
         early_stopping_patience=t.early_stopping_patience, keep_checkpoints=t.keep_checkpoints,
+        best_metric=t.best_metric,
         micro_batch_size=t.micro_batch_size, schedule=t.schedule, layer_lr_decay=t.layer_lr_decay,
         packing=t.packing, pack_capacity=cfg.data.max_length,
         group_by_length=t.group_by_length, precision=t.precision,

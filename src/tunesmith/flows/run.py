@@ -290,7 +290,9 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
         return RunResult(run_dir=run_dir, base=base.metrics if base else None, tuned={},
                          hyperparameters=prepared.hp, best_step=result.state.best_step,
                          seconds=time.perf_counter() - started, stopped=result.stop_reason)
-    say(f"training: best validation loss {result.state.best_valid_loss:.4f} at step "
+    by = cfg.train.best_metric
+    chosen = "" if by == "loss" else f"{by} {result.state.best_score:.4f}, "
+    say(f"training: best validation {chosen}loss {result.state.best_valid_loss:.4f} at step "
         f"{result.state.best_step}" + (" (stopped early)" if result.state.stopped_early else ""))
 
     # 6. evaluate what was saved: test set, calibration, forgetting
@@ -334,6 +336,7 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
         token_lengths=stats, hyperparameters=prepared.hp.model_dump(),
         training={"best_step": result.state.best_step,
                   "best_valid_loss": result.state.best_valid_loss,
+                  "best_metric": cfg.train.best_metric,
                   "stopped_early": result.state.stopped_early,
                   "tokens_seen": result.state.tokens_seen, "precision": result.precision,
                   "seconds": round(seconds, 1), "warnings": warnings},

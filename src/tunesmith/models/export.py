@@ -219,9 +219,12 @@ def load_gguf(path: Path) -> tuple[Any, Any]:
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
             config = as_llama_cpp(model.config, path)
-            if config is not None:  # built again, as llama.cpp runs the file
-                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                             config=config)
+            if config is not None:  # built again, as llama.cpp runs the file: the settings
+                # change no weight's shape, so the weights read once move over (reading and
+                # dequantising the file a second time cost as long as the first)
+                rebuilt = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+                rebuilt.load_state_dict(model.state_dict())
+                model = rebuilt
     except Exception as err:  # transformers raises many kinds here
         raise ModelError(f"{path}: transformers cannot load this GGUF file ({err})") from err
     if tokenizer.pad_token is None:

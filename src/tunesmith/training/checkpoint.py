@@ -39,8 +39,9 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0
     tokens_seen: int = 0
-    best_valid_loss: float | None = None
+    best_valid_loss: float | None = None  # the validation loss at best_step
     best_step: int | None = None
+    best_score: float | None = None  # train.best_metric at best_step (the loss by default)
     evals_without_improvement: int = 0
     stopped_early: bool = False
 

@@ -30,7 +30,7 @@ from tunesmith.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from tunesmith.training.objectives import LMObjective
+from tunesmith.training.objectives import LMObjective, summarise
 from tunesmith.training.policies import standard_policies
 from tunesmith.training.processes import same_everywhere
 from tunesmith.training.setup import LoopSettings, TrainParts, Wrapper, setup
@@ -79,7 +79,8 @@ def evaluate_objective(objective: Any, data: Sequence[Any], *, batch_size: int,
     objective.train(was_training)
     if norm == 0:
         return {"valid_loss": float("nan")}
-    return {"valid_loss": loss / norm, **{f"valid_{k}": v / norm for k, v in sums.items()}}
+    metrics = summarise(objective, {k: v / norm for k, v in sums.items()})
+    return {"valid_loss": loss / norm, **{f"valid_{k}": v for k, v in metrics.items()}}
 
 
 def _passes(objective: Any, batch: Sequence[Any], accelerator: Any, micro: int | None
@@ -302,7 +303,7 @@ def train(model: torch.nn.Module, train_data: Sequence[Any], valid_data: Sequenc
         valid_data, checkpoint_dir=checkpoint_dir, eval_every=s.eval_every,
         eval_batch_size=s.eval_batch_size, early_stopping_patience=s.early_stopping_patience,
         keep_checkpoints=s.keep_checkpoints, restore_best=s.restore_best,
-        min_steps=s.warmup_steps)
+        min_steps=s.warmup_steps, best_metric=s.best_metric)
     existing = list_checkpoints(checkpoint_dir) if resume else []
     resume_from = existing[-1] if existing else None
     # a process (a node) that saw another checkpoint, or none, would train other steps and

@@ -7,7 +7,9 @@ for language modelling, examples for a classifier, pairs for preference losses),
 The loop divides both by the global batch's normaliser, so gradient accumulation and data
 parallelism give the gradient of one big batch for every objective alike, and each named
 metric reaches ``metrics.jsonl``, the progress bar, the service's events and the report as
-``train_<name>`` / ``valid_<name>`` without special cases.
+``train_<name>`` / ``valid_<name>`` without special cases. An objective may also define
+``summarise(sums)``, which turns summed counts into metrics that are not means (the
+classifier's macro F1 from its confusion counts) after the evaluation's sums are complete.
 
 An objective is an ``nn.Module`` whose trainable parameters are the model's, so Accelerate
 can wrap it in DDP. Models it only consults (a DPO reference, a distillation teacher) are held
@@ -48,6 +50,13 @@ class ObjectiveOutput:
 
     loss_sum: torch.Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def summarise(objective: Any, sums: dict[str, float]) -> dict[str, float]:
+    """The final metrics of an evaluation from its (normalised) sums: the objective's own
+    ``summarise`` where it has one, the sums themselves otherwise."""
+    finish = getattr(objective, "summarise", None)
+    return finish(sums) if finish is not None else sums
 
 
 @runtime_checkable
@@ -196,7 +205,29 @@ class ClassifierObjective(nn.Module):
                                      attention_mask=attention_mask, position_ids=position_ids)
         targets = labels[marks]
         losses = F.cross_entropy(logits, targets, weight=self.class_weights, reduction="none")
-        hits = (logits.argmax(-1) == targets).float()
+        predicted = logits.argmax(-1)
+        hits = (predicted == targets).float()
         if self.class_weights is not None:
             hits = hits * self.class_weights[targets]
-        return losses, {"accuracy": float(hits.sum())}
+        metrics = {"accuracy": float(hits.sum())}
+        if not self.training:  # evaluation: the confusion counts that ``summarise`` turns to F1
+            for c in range(logits.shape[-1]):  # every class, so every process has the same keys
+                predicted_c, true_c = predicted == c, targets == c
+                metrics[f"tp_{c}"] = float((predicted_c & true_c).sum())
+                metrics[f"fp_{c}"] = float((predicted_c & ~true_c).sum())
+                metrics[f"fn_{c}"] = float((~predicted_c & true_c).sum())
+        return losses, metrics
+
+    @staticmethod
+    def summarise(sums: dict[str, float]) -> dict[str, float]:
+        """``macro_f1`` (the unweighted mean of the classes' F1, as scikit-learn's
+        ``f1_score(average="macro")``) in place of the confusion counts. The counts were all
+        divided by the same normaliser, which F1, a ratio of counts, does not see."""
+        out = {k: v for k, v in sums.items() if not k.startswith(("tp_", "fp_", "fn_"))}
+        # the classes that occur among the targets or the predictions, as scikit-learn counts
+        counts = [(sums[f"tp_{c}"], sums[f"fp_{c}"], sums[f"fn_{c}"])
+                  for c in sorted(int(k[3:]) for k in sums if k.startswith("tp_"))]
+        f1 = [2 * tp / (2 * tp + fp + fn) for tp, fp, fn in counts if tp + fp + fn > 0]
+        if f1:
+            out["macro_f1"] = sum(f1) / len(f1)
+        return out

@@ -24,18 +24,39 @@ log = logging.getLogger("tunesmith")
 
 class Evaluation:
     """Validation loss and metrics before training, every ``every`` steps and at the end;
-    the best step (lowest validation loss) is tracked in the loop's state."""
+    the best step is tracked in the loop's state: the lowest validation loss, or with
+    ``metric`` another validation metric ("macro_f1", "accuracy": the highest; a tie goes to
+    the lower loss)."""
 
-    def __init__(self, data: Sequence[Any], *, every: int, batch_size: int) -> None:
+    def __init__(self, data: Sequence[Any], *, every: int, batch_size: int,
+                 metric: str = "loss") -> None:
         self.data, self.every, self.batch_size = data, max(1, every), batch_size
+        self.metric = metric
+
+    def _value(self, metrics: dict[str, Any]) -> float:
+        key = f"valid_{self.metric}"
+        if key not in metrics:
+            raise ValueError(f"best_metric {self.metric!r}: the objective reports no {key} "
+                             f"(it reports {sorted(k for k in metrics if k.startswith('valid_'))})")
+        return float(metrics[key])
+
+    def _better(self, state: Any, value: float, loss: float) -> bool:
+        if not (math.isfinite(value) and math.isfinite(loss)):
+            return state.best_step is None  # a first evaluation that is NaN still starts
+        best = state.best_score if state.best_score is not None else state.best_valid_loss
+        if state.best_step is None or best is None or not math.isfinite(best) or (
+                state.best_score is None and self.metric != "loss"):
+            return True  # nothing finite to beat yet (or a loss kept by an older checkpoint)
+        sign = 1.0 if self.metric == "loss" else -1.0  # lower is better after the sign
+        return (sign * value, loss) < (sign * best, state.best_valid_loss)
 
     def _run(self, loop: Any) -> None:
         state = loop.state
         metrics = {"step": state.step, "epoch": state.epoch,
                    **loop.evaluate(self.data, batch_size=self.batch_size)}
-        loss = metrics["valid_loss"]
-        if state.best_valid_loss is None or (math.isfinite(loss) and loss < state.best_valid_loss):
-            state.best_valid_loss, state.best_step = loss, state.step
+        loss, value = metrics["valid_loss"], self._value(metrics)
+        if self._better(state, value, loss):
+            state.best_score, state.best_valid_loss, state.best_step = value, loss, state.step
             state.evals_without_improvement = 0
         else:
             state.evals_without_improvement += 1
@@ -53,7 +74,7 @@ class Evaluation:
 
 
 class EarlyStopping:
-    """Ask the loop to stop after ``patience`` evaluations without a better validation loss
+    """Ask the loop to stop after ``patience`` evaluations without a better best step
     (``None``: never).
 
     No stop before ``min_steps``: a learning rate still warming up often makes the loss worse
@@ -66,7 +87,7 @@ class EarlyStopping:
     def on_evaluate(self, loop: Any, metrics: dict[str, Any]) -> None:
         state = loop.state
         if (self.patience and state.evals_without_improvement >= self.patience
-                and state.step >= self.min_steps):
+                and self.min_steps <= state.step < loop.total_steps):  # the last step is no stop
             state.stopped_early = True
             loop.control.stop("early_stopping")
 
@@ -102,7 +123,7 @@ class Checkpointing:
 
 
 class RestoreBest:
-    """At the end, load the weights of the best checkpoint (lowest validation loss)."""
+    """At the end, load the weights of the best checkpoint (``Evaluation``'s best step)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -121,9 +142,10 @@ class RestoreBest:
 def standard_policies(valid_data: Sequence[Any], *, checkpoint_dir: Path, eval_every: int,
                       eval_batch_size: int, early_stopping_patience: int | None,
                       keep_checkpoints: int, restore_best: bool = True,
-                      min_steps: int = 0) -> list[Any]:
+                      min_steps: int = 0, best_metric: str = "loss") -> list[Any]:
     """Evaluation, early stopping, checkpointing and (optionally) best-weights restore."""
-    policies: list[Any] = [Evaluation(valid_data, every=eval_every, batch_size=eval_batch_size),
+    policies: list[Any] = [Evaluation(valid_data, every=eval_every, batch_size=eval_batch_size,
+                                      metric=best_metric),
                            EarlyStopping(early_stopping_patience, min_steps=min_steps),
                            Checkpointing(checkpoint_dir, every=eval_every,
                                          keep_last=keep_checkpoints)]

@@ -38,7 +38,7 @@ from torch import nn
 
 from tunesmith.errors import ConfigError
 from tunesmith.training.batches import PoissonBatches
-from tunesmith.training.objectives import ObjectiveOutput
+from tunesmith.training.objectives import ObjectiveOutput, summarise
 from tunesmith.training.setup import TrainParts
 
 # Opacus calls ``logging.basicConfig`` when imported (opacus/utils/module_utils.py), which hangs
@@ -253,6 +253,9 @@ class PrivateObjective(nn.Module):
 
     def size(self, example: Any) -> int:
         return self.inner.size(example)
+
+    def summarise(self, sums: dict[str, float]) -> dict[str, float]:
+        return summarise(self.inner, sums)
 
     def forward(self, **inputs: torch.Tensor) -> ObjectiveOutput:
         if self.training and torch.is_grad_enabled() and self.optimizer is not None:

@@ -50,6 +50,7 @@ class LoopSettings:
     weight_decay: float = _default("weight_decay")
     max_grad_norm: float | None = _default("max_grad_norm")
     early_stopping_patience: int | None = _default("early_stopping_patience")
+    best_metric: str = _default("best_metric")
     keep_checkpoints: int = _default("keep_checkpoints")
     schedule: str = _default("schedule")
     layer_lr_decay: float = _default("layer_lr_decay")

@@ -111,3 +111,13 @@ def test_every_shipped_accelerate_config_loads_as_fsdp2(path):
     assert cfg.fsdp_config["fsdp_version"] == 2
     assert cfg.mixed_precision == "no"  # tunesmith applies train.precision itself
     assert cfg.num_processes >= cfg.num_machines
+
+
+def test_best_metric_other_than_loss_needs_a_classification_head():
+    from pydantic import ValidationError
+
+    from tunesmith.config.sections import TrainConfig
+
+    assert TrainConfig(head="classifier", best_metric="macro_f1").best_metric == "macro_f1"
+    with pytest.raises(ValidationError, match="best_metric: macro_f1.*head: classifier"):
+        TrainConfig(best_metric="macro_f1")

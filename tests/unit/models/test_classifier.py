@@ -1,5 +1,6 @@
 """A classification head pools each sequence at its own last prompt token, packed or padded."""
 
+import pytest
 import torch
 
 from tests.helpers import review_rows
@@ -55,3 +56,52 @@ def test_the_new_head_starts_from_the_seed_alone(tiny_model_dir, tokenizer):
     head(7, draw_first=False)
     # the global generator is where it would be without the head: loading it drew nothing
     torch.testing.assert_close(torch.rand(3), untouched, rtol=0, atol=0)
+
+
+def test_validation_macro_f1_is_scikit_learns_over_the_heads_predictions(tiny_model_dir,
+                                                                         tokenizer):
+    """``valid_macro_f1`` from summed confusion counts (batched, class-weighted loss) equals
+    scikit-learn's macro F1 of the head's argmax predictions, example by example."""
+    from sklearn.metrics import f1_score
+
+    from tunesmith.training.loop import evaluate_objective
+    from tunesmith.training.objectives import ClassifierObjective
+
+    torch.manual_seed(0)
+    labels = ["a", "b", "c"]
+    model = load_classifier(tiny_model_dir, labels, pad_token_id=tokenizer.pad_token_id).eval()
+    rows = review_rows(14)
+    truth = [i % 3 if i < 12 else 0 for i in range(len(rows))]  # class 0 most common
+    examples = [encode_class_example(tokenizer, r["messages"][:2], y)
+                for r, y in zip(rows, truth, strict=True)]
+    with torch.no_grad():
+        predicted = [int(class_logits(model, torch.tensor([e.input_ids]), None).argmax())
+                     for e in examples]
+    assert len(set(predicted)) > 1  # a random head that still tells some classes apart
+    objective = ClassifierObjective(model, pad_id=tokenizer.pad_token_id,
+                                    class_weights=torch.tensor([0.5, 2.0, 1.0]))
+    metrics = evaluate_objective(objective, examples, batch_size=4, device=torch.device("cpu"))
+    assert metrics["valid_macro_f1"] == pytest.approx(f1_score(truth, predicted,
+                                                               average="macro"))
+    assert not any(k.startswith(("valid_tp_", "valid_fp_", "valid_fn_")) for k in metrics)
+    # in training the objective reports no counts (they would only be summed per batch)
+    objective.train()
+    out = objective(**collate(examples[:4], pad_id=tokenizer.pad_token_id))
+    assert set(out.metrics) == {"accuracy"}
+
+
+def test_macro_f1_counts_only_classes_that_occur():
+    """A class neither true nor predicted anywhere is left out, as scikit-learn does."""
+    from sklearn.metrics import f1_score
+
+    from tunesmith.training.objectives import ClassifierObjective
+
+    truth, predicted = [0, 0, 1, 1, 0], [0, 1, 1, 1, 0]
+    sums = {"accuracy": 0.8}
+    for c in range(3):  # class 2 never occurs
+        sums[f"tp_{c}"] = sum(t == c and p == c for t, p in zip(truth, predicted, strict=True))
+        sums[f"fp_{c}"] = sum(t != c and p == c for t, p in zip(truth, predicted, strict=True))
+        sums[f"fn_{c}"] = sum(t == c and p != c for t, p in zip(truth, predicted, strict=True))
+    out = ClassifierObjective.summarise({k: v / 7.0 for k, v in sums.items()})
+    assert out == {"accuracy": pytest.approx(0.8 / 7.0),
+                   "macro_f1": pytest.approx(f1_score(truth, predicted, average="macro"))}

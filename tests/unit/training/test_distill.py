@@ -102,7 +102,12 @@ def test_the_loss_and_its_gradient_equal_a_hand_computation(pair, monkeypatch, c
     assert out.metrics["ce"] == pytest.approx(float(ce.detach()), rel=1e-5)
     assert out.metrics["token_accuracy"] == float(correct)
     for name, p in student.named_parameters():
-        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        # chunked and whole-row sums round differently in fp32: absolute error up to a few
+        # float32 epsilons of the tensor's largest gradient (measured: 1.2e-6 on a q_proj
+        # gradient whose largest entry is 5.5), which a fixed 1e-6 fails on its small entries
+        scale = float(p.grad.abs().max())
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-6 * max(1.0, scale),
+                                   msg=name)
 
 
 def test_weight_zero_is_exactly_the_lm_loss(pair):
