@@ -14,7 +14,10 @@ def test_ctrl_c_leaves_the_last_checkpoint_intact(make_config, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "tunesmith.cli", "run", str(cfg), "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # Ctrl-C as a terminal delivers it: a suite started in the background by a shell
+        # without job control inherits SIGINT ignored, and Python keeps an ignored SIGINT
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpt_dir = tmp_path / "run" / "checkpoints"
     deadline = time.time() + 240
     while time.time() < deadline and len(list_checkpoints(ckpt_dir)) < 3:
