@@ -221,8 +221,10 @@ def load_gguf(path: Path) -> tuple[Any, Any]:
             config = as_llama_cpp(model.config, path)
             if config is not None:  # built again, as llama.cpp runs the file: the settings
                 # change no weight's shape, so the weights read once move over (reading and
-                # dequantising the file a second time cost as long as the first)
-                rebuilt = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+                # dequantising the file a second time cost as long as the first), into a model
+                # left uninitialised (a random init of every weight would be overwritten)
+                with _no_init_weights():
+                    rebuilt = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
                 rebuilt.load_state_dict(model.state_dict())
                 model = rebuilt
     except Exception as err:  # transformers raises many kinds here
@@ -230,6 +232,14 @@ def load_gguf(path: Path) -> tuple[Any, Any]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def _no_init_weights() -> Any:
+    try:  # transformers 5
+        from transformers.initialization import no_init_weights
+    except ImportError:  # 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 # ----------------------------------------------------------------------------- metadata

@@ -211,11 +211,12 @@ class ClassifierObjective(nn.Module):
             hits = hits * self.class_weights[targets]
         metrics = {"accuracy": float(hits.sum())}
         if not self.training:  # evaluation: the confusion counts that ``summarise`` turns to F1
-            for c in range(logits.shape[-1]):  # every class, so every process has the same keys
-                predicted_c, true_c = predicted == c, targets == c
-                metrics[f"tp_{c}"] = float((predicted_c & true_c).sum())
-                metrics[f"fp_{c}"] = float((predicted_c & ~true_c).sum())
-                metrics[f"fn_{c}"] = float((~predicted_c & true_c).sum())
+            k = logits.shape[-1]  # every class, so every process has the same keys
+            tp = torch.bincount(targets[predicted == targets], minlength=k)
+            fp = torch.bincount(predicted, minlength=k) - tp
+            fn = torch.bincount(targets, minlength=k) - tp
+            for name, counts in (("tp", tp), ("fp", fp), ("fn", fn)):
+                metrics.update({f"{name}_{c}": float(n) for c, n in enumerate(counts.tolist())})
         return losses, metrics
 
     @staticmethod

@@ -43,10 +43,11 @@ class Evaluation:
     def _better(self, state: Any, value: float, loss: float) -> bool:
         if not (math.isfinite(value) and math.isfinite(loss)):
             return state.best_step is None  # a first evaluation that is NaN still starts
-        best = state.best_score if state.best_score is not None else state.best_valid_loss
-        if state.best_step is None or best is None or not math.isfinite(best) or (
-                state.best_score is None and self.metric != "loss"):
-            return True  # nothing finite to beat yet (or a loss kept by an older checkpoint)
+        best = state.best_score
+        if best is None and self.metric == "loss":
+            best = state.best_valid_loss  # a checkpoint written before best_score existed
+        if best is None or not math.isfinite(best):
+            return True  # nothing finite to beat yet
         sign = 1.0 if self.metric == "loss" else -1.0  # lower is better after the sign
         return (sign * value, loss) < (sign * best, state.best_valid_loss)
 
