@@ -29,3 +29,9 @@ def test_unreachable_server_exits_non_zero_with_the_address(cli, make_config, tm
                        "--data", str(tmp_path / data), "--retries", "1")
     assert code != 0
     assert address in err
+
+
+def test_clients_alone_without_an_eval_file_exits_2_naming_it(cli, make_config) -> None:
+    pytest.importorskip("flwr")
+    code, _, err = cli("federated", "alone", str(make_config(federated={"rounds": 1})))
+    assert code == 2 and "federated.eval_file" in err

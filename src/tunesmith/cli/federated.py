@@ -74,5 +74,34 @@ def client_cmd(
     out.print("the server ended the run")
 
 
+@federated_app.command("alone")
+@friendly
+def alone_cmd(
+    config: Path = typer.Argument(..., help="The federated run's configuration (YAML); "
+                                  "federated.eval_file is what each client is scored on."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Train the baseline again."),
+) -> None:
+    """The baseline: each client trained alone on its own data for as many steps as in the
+    whole federation, scored on federated.eval_file as the global model is."""
+    from tunesmith.flows.federated.alone import alone
+    from tunesmith.flows.federated.rounds import read_rounds
+
+    result = alone(config, overwrite=overwrite)
+    for c in result.clients:
+        acc, loss = c.get("accuracy"), c.get("valid_loss")
+        out.print(f"client {c['client']}: {c['num_examples']} examples, {c['steps']} steps"
+                  + (f", accuracy {acc:.4f}" if acc is not None else "")
+                  + (f", loss on eval_file {loss:.4f}" if loss is not None else ""))
+    mean = result.mean_accuracy
+    if mean is not None:
+        out.print(f"clients alone: mean accuracy {mean:.4f}")
+    last = (read_rounds(result.run_dir) or [{}])[-1]
+    if mean is not None and last.get("global_accuracy") is not None:
+        out.print(f"federated global model after round {last['round']}: accuracy "
+                  f"{last['global_accuracy']:.4f} ({100 * (last['global_accuracy'] - mean):+.1f}"
+                  " points over the clients alone)")
+    out.print(f"written: {result.run_dir / 'alone' / 'alone.json'}")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(federated_app, name="federated")

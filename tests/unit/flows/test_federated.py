@@ -273,6 +273,29 @@ def test_each_client_scores_the_global_adapter_on_its_own_validation_split(
     assert other["valid_loss"] != pytest.approx(metrics["valid_loss"], abs=1e-6)
 
 
+def test_under_ffa_lora_a_client_scores_the_b_only_global_adapter(tiny_model_dir, tmp_path,
+                                                                   test_home) -> None:
+    """Under FFA-LoRA the server sends only the B matrices; the client's evaluation freezes A
+    as its training does, instead of refusing the adapter as another LoRA setup's."""
+    from tests.helpers import review_rows, write_jsonl
+    from tunesmith.errors import ModelError
+    from tunesmith.flows.federated.local import evaluate_locally, freeze_lora_a
+
+    cfg = parse_config({"model": {"base": str(tiny_model_dir)},
+                        "data": {"train_file": "x.jsonl", "max_length": 128},
+                        "train": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "seed": 5},
+                        "eval": {"task": "classification", "labels": ["good", "bad"]}})
+    data = write_jsonl(tmp_path / "client-1.jsonl", review_rows(40))
+    model, _ = _lora_model(cfg, tiny_model_dir)
+    freeze_lora_a(model)
+    state = {k: v + 0.05 for k, v in trainable_state_copy(model).items()}
+    assert state and all("lora_B" in k for k in state)
+    n, metrics = evaluate_locally(cfg, data, tmp_path / "work", state, home=test_home, ffa=True)
+    assert n > 0 and 0.0 <= metrics["accuracy"] <= 1.0 and metrics["valid_loss"] > 0
+    with pytest.raises(ModelError, match="lacks"):
+        evaluate_locally(cfg, data, tmp_path / "work", state, home=test_home)
+
+
 def _eval_replies(results: dict[int, dict[str, float] | str]):
     from flwr.app import Error, Message
 

@@ -98,9 +98,10 @@ def client_train(msg: Message, context: Context) -> Message:
 @client_app.evaluate()
 def client_evaluate(msg: Message, context: Context) -> Message:
     """The round's new global adapter on this client's own validation split: numbers only."""
-    cfg, _, home, work_dir = _client_setup(msg, context)
+    cfg, sent, home, work_dir = _client_setup(msg, context)
     n, metrics = evaluate_locally(cfg, Path(str(context.node_config["data-file"])), work_dir,
-                                  _tensors(msg.content["arrays"]), home=home)
+                                  _tensors(msg.content["arrays"]), home=home,
+                                  ffa=bool(sent["ffa-lora"]))
     return Message(RecordDict({"metrics": MetricRecord({"num-examples": n, **metrics})}),
                    reply_to=msg)
 
@@ -273,7 +274,7 @@ def server_main(grid: Grid, context: Context) -> None:
             "base-model": cfg.model.base, "base-fingerprint": model_fingerprint(glob.model_dir),
             "lora": f"method={cfg.train.method}, r={cfg.train.lora.r}, "
                     f"targets={cfg.train.lora.target_modules}"})
-        evaluator = _server_eval(cfg, glob) if fed.eval_file else None
+        evaluator = server_evaluator(cfg, glob) if fed.eval_file else None
 
         def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             if server_round == 0:
@@ -296,17 +297,15 @@ def server_main(grid: Grid, context: Context) -> None:
     glob.load(state)
     glob.save_adapter(run_dir / "adapter")
     save_merged(glob.model, glob.tokenizer, run_dir / "merged")
-    rounds.write_report(run_dir, cfg.name or run_dir.name, cfg.model.base, {
-        "rounds": fed.rounds, "strategy": fed.strategy, "proximal_mu": fed.proximal_mu,
-        "local_steps": fed.local_steps, "ffa_lora": fed.ffa_lora,
-        "min_clients": fed.min_clients, "clients_per_round": fed.clients_per_round or "all"})
+    rounds.write_report(run_dir, cfg.name or run_dir.name, cfg.model.base,
+                        rounds.federation_settings(fed))
 
 
 # what the server measures each round on federated.eval_file
 SERVER_METRICS = ("global_valid_loss", "global_accuracy", "global_macro_f1")
 
 
-def _server_eval(cfg: RunConfig, glob: GlobalModel) -> Any:
+def server_evaluator(cfg: RunConfig, glob: GlobalModel) -> Any:
     """The global model each round on ``federated.eval_file``: validation loss as the loop
     computes it (same encoding, same objective) and, for classification, accuracy and
     macro-F1 as the run's evaluation computes them (``eval.mode``, by scoring by default)."""

@@ -139,11 +139,12 @@ def client_config(cfg: RunConfig, data_file: Path, work_dir: Path) -> RunConfig:
 
 
 def evaluate_locally(cfg: RunConfig, data_file: Path, work_dir: Path,
-                     global_state: dict[str, torch.Tensor], *, home: Path
+                     global_state: dict[str, torch.Tensor], *, home: Path, ffa: bool = False
                      ) -> tuple[int, dict[str, float]]:
     """The global adapter on this client's own validation split (the split ``train_locally``
     validates on): (its size, validation loss and, for classification, accuracy and macro-F1
-    as ``eval.mode`` computes them). Only these numbers leave the client."""
+    as ``eval.mode`` computes them). Only these numbers leave the client. Under FFA-LoRA
+    (``ffa``) the global adapter holds only the B matrices, as the model here trains."""
     from tunesmith.data.records import as_chat
     from tunesmith.flows.assess import evaluate_lm
     from tunesmith.flows.steps import prepare_model_for_training
@@ -154,6 +155,8 @@ def evaluate_locally(cfg: RunConfig, data_file: Path, work_dir: Path,
     work_dir.mkdir(parents=True, exist_ok=True)
     ready = prepare_headless(cfg, work_dir, home, carve_test=False)
     model = prepare_model_for_training(ready.model, cfg)
+    if ffa:
+        freeze_lora_a(model)
     load_trainable_state(model, global_state)
     model.eval()
     objective = LMObjective(model, pad_id=ready.tokenizer.pad_token_id)

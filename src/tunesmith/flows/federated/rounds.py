@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from tunesmith.evaluation.blocks import Image, Section, Table, Text, fmt
 from tunesmith.evaluation.report import sections_markdown
+from tunesmith.flows.federated.alone import read_alone
 
 ROUNDS_DIR, ROUNDS_LOG, GLOBAL_FILE = "rounds", "rounds.jsonl", "global.safetensors"
 _ROUND = re.compile(r"^round-(\d+)$")
@@ -203,6 +204,33 @@ def federated_sections(records: list[dict[str, Any]], settings: dict[str, Any],
     return sections
 
 
+def federation_settings(fed: Any) -> dict[str, Any]:
+    """The settings table of the report, from a ``FederatedConfig``."""
+    return {"rounds": fed.rounds, "strategy": fed.strategy, "proximal_mu": fed.proximal_mu,
+            "local_steps": fed.local_steps, "ffa_lora": fed.ffa_lora,
+            "min_clients": fed.min_clients, "clients_per_round": fed.clients_per_round or "all"}
+
+
+def alone_section(records: list[dict[str, Any]], clients: list[dict[str, Any]]) -> Section:
+    """Each client trained alone (``federated alone``) next to the last round's global model,
+    both scored on the server's eval_file."""
+    table = Table(["client", "training examples", "steps", "accuracy", "macro-F1",
+                   "loss on eval_file"],
+                  [[str(c["client"]), str(c["num_examples"]), str(c["steps"]),
+                    fmt(c.get("accuracy")), fmt(c.get("macro_f1")), fmt(c.get("valid_loss"))]
+                   for c in clients])
+    accs = [c["accuracy"] for c in clients if c.get("accuracy") is not None]
+    last = records[-1] if records else {}
+    words = ("Each client trained alone on its own data, from the same initial adapter, for "
+             "as many steps as in the whole federation, and scored on the server's eval_file.")
+    if accs and last.get("global_accuracy") is not None:
+        mean, glob = sum(accs) / len(accs), last["global_accuracy"]
+        words += (f" Mean accuracy of the clients alone {mean:.4f} (best {max(accs):.4f}); "
+                  f"the global model after round {last['round']} {glob:.4f} "
+                  f"({100 * (glob - mean):+.1f} points over the mean).")
+    return Section("Clients alone", [Text(words), table])
+
+
 def write_report(run_dir: Path, name: str, model: str, settings: dict[str, Any]) -> Path:
     """``report.md``, ``report.html`` and ``rounds.png`` from rounds.jsonl, rendered by the
     renderers of every run report."""
@@ -212,6 +240,10 @@ def write_report(run_dir: Path, name: str, model: str, settings: dict[str, Any])
     plot_rounds(records, run_dir / "rounds.png")
     sites = plot_sites(records, run_dir / "sites.png")
     sections = federated_sections(records, settings, sites_plot=sites is not None)
+    clients_alone = read_alone(run_dir)
+    if clients_alone:
+        sections.insert(-1 if sections[-1].title == "Failures" else len(sections),
+                        alone_section(records, clients_alone))
     title, meta = f"Federated run report: {name}", f"Base model: `{model}`"
     lines = [f"# {title}", "", meta, "", *sections_markdown(sections)]
     path = run_dir / "report.md"
