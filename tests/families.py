@@ -28,10 +28,10 @@ GEMMA_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 
-# These export to GGUF (llama.cpp's llama, qwen2 and phi3 architectures). The tiny Gemma 3
-# sets what llama.cpp's gemma3 fixes in code (its layer pattern, a soft-capped head), so it is
-# refused naming those settings; GPT-NeoX is refused by name.
-GGUF_EXPORTS = {"mistral", "qwen2", "phi3"}
+# These export to GGUF (llama.cpp's llama, qwen2, phi3 and gptneox architectures). The tiny
+# Gemma 3 sets what llama.cpp's gemma3 fixes in code (its layer pattern, a soft-capped head), so
+# it is refused naming those settings.
+GGUF_EXPORTS = {"mistral", "qwen2", "phi3", "gpt_neox"}
 
 
 def family_config(family: str, tokenizer: Any) -> Any:

@@ -4,8 +4,9 @@ One `tunesmith run` per family (LoRA on all linear layers, a few steps) and one 
 classification head, through the CLI; then what the run wrote is checked: the loss fell,
 every LoRA tensor moved, the adapters sit on the family's own linear layers (fused ones
 included) and not on the head, the merged model gives the adapter model's logits, the model
-chats, and the GGUF export round-trips (Mistral, Qwen2, Phi-3) or is refused with a message
-naming the family (GPT-NeoX) or the settings llama.cpp would run otherwise (this Gemma 3).
+chats, and the GGUF export round-trips (Mistral, Qwen2, Phi-3, GPT-NeoX: the last through
+tunesmith's own reader, transformers' GGUF loader having no gptneox) or is refused with a
+message naming the settings llama.cpp would run otherwise (this Gemma 3).
 Packing, and the loss's own use of the head (Gemma's soft-capping), are checked on the loss
 directly.
 """
@@ -140,17 +141,11 @@ def test_gguf_export_round_trips_or_is_refused_by_name(family_run, cli):
         assert code == 0, err
         assert (run / "export" / "fam-f16.gguf").is_file()
         assert "same" in (out + err).lower(), out + err
-    elif family == "gemma3":  # its head is soft-capped, its layer pattern is not llama.cpp's
+    else:  # this Gemma 3: its head is soft-capped, its layer pattern is not llama.cpp's
+        assert family == "gemma3"
         assert code == 2
         assert "llama.cpp's gemma3 architecture fixes in its code" in err
         assert "final_logit_softcapping 30.0" in err and "--format hf" in err
-        assert not (run / "export").exists()
-    else:
-        arch = json.loads((run / "merged" / "config.json").read_text())["architectures"][0]
-        assert code == 2
-        assert f"this model is {arch}" in err
-        assert "GGUF export supports LlamaForCausalLM, MistralForCausalLM" in err
-        assert "--format hf" in err
         assert not (run / "export").exists()
 
 

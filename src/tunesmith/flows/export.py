@@ -9,7 +9,8 @@ Ollama Modelfile beside it (``NAME-<type>.Modelfile``: one per file, so an f16 a
 can share the folder). ``hf``: a clean Hugging Face directory (``runs/NAME/export/hf``).
 
 The check loads the export back (a GGUF file through transformers' GGUF loader, the one the
-bundled model is imported with) and runs it beside the merged model on the run's first N test
+bundled model is imported with, or for llama.cpp's gptneox, which that loader lacks, through
+``models.gguf_neox``) and runs it beside the merged model on the run's first N test
 items through the evaluation path the run itself was tested with: for classification, the
 fraction of items where both give the same label; otherwise the fraction of identical greedy
 replies (first ``GENERATION_CHECK_TOKENS`` tokens). For a language-model head it also reports

@@ -1,12 +1,14 @@
 """Export a tuned model: a GGUF file for llama.cpp and Ollama, or a clean Hugging Face directory.
 
 The GGUF writer follows llama.cpp's ``convert_hf_to_gguf.py`` (``LlamaModel``, ``Qwen2Model``,
-``Phi3MiniModel`` and ``Gemma3Model``), so the file loads in llama.cpp and back through
-transformers' GGUF loader, the one ``tunesmith.models.resolve.import_gguf`` imports the bundled
-model with:
+``Phi3MiniModel``, ``Gemma3Model`` and ``GPTNeoXModel``), so the file loads in llama.cpp and back
+through transformers' GGUF loader, the one ``tunesmith.models.resolve.import_gguf`` imports the
+bundled model with (a gptneox file, which that loader does not know, through
+``models.gguf_neox``):
 
 - tensor names from gguf's own name map (``blk.N.attn_q.weight``, ...); Phi-3's fused
   ``qkv_proj`` and ``gate_up_proj`` stay fused (``attn_qkv``, ``ffn_up``), as llama.cpp reads them;
+  GPT-NeoX's fused ``query_key_value`` too, its rows regrouped as llama.cpp splits them;
 - q and k projections permuted the way llama.cpp's llama architecture lays out rotary halves
   (``permute``); qwen2, phi3 and gemma3 rotate halves as Hugging Face does and keep its order;
 - Gemma's norms are stored as ``1 + weight`` (llama.cpp multiplies by the stored value; Gemma's
@@ -21,8 +23,8 @@ model with:
 
 What llama.cpp fixes in its code rather than reading from the file (Gemma 3's pattern of one
 full-attention layer in six and its local rotary base, its attention scale, Gemma 2's soft
-caps it no longer applies) is checked before anything is written: a model that differs is
-refused with the setting that differs, never exported to answer differently.
+caps it no longer applies; GPT-NeoX's GELU) is checked before anything is written: a model
+that differs is refused with the setting that differs, never exported to answer differently.
 
 Files are written to a temporary name in the target directory and renamed when complete.
 """
@@ -43,13 +45,14 @@ from typing import Any
 import numpy as np
 
 from tunesmith.errors import ModelError
+from tunesmith.models import gguf_neox
 from tunesmith.models.gguf_layout import (
+    FIXED_IN_CODE,
     GGUF_LAYOUTS,
     SUPPORTED_ARCHITECTURES,
     Layout,
     add_parameters,
     as_llama_cpp,
-    gemma3_differences,
     ropes,
     sliding_window,
 )
@@ -104,8 +107,8 @@ def _check_architecture(model_dir: Path) -> None:
                          "head; export it with --format hf, or train with train.head: lm")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelError(f"{model_dir}: GGUF export supports {', '.join(SUPPORTED_ARCHITECTURES)}"
-                         " (llama.cpp's llama, qwen2, phi3 and gemma3 architectures); this "
-                         f"model is {arch}. "
+                         " (llama.cpp's llama, qwen2, phi3, gemma3 and gptneox architectures); "
+                         f"this model is {arch}. "
                          "Export it with --format hf, or convert it with llama.cpp's "
                          "convert_hf_to_gguf.py")
 
@@ -128,11 +131,12 @@ def _gguf_inputs(model_dir: Path) -> tuple[Any, Any, Vocabulary]:
             raise ModelError(f"{model_dir}: a sliding attention window ({window} tokens) is not "
                              "supported by the GGUF export (llama.cpp's llama architecture "
                              "attends to the whole context); use --format hf")
-    elif layout.arch == "GEMMA3":
-        differences = gemma3_differences(config)
+    elif layout.arch in FIXED_IN_CODE:
+        differences = FIXED_IN_CODE[layout.arch](config)
         if differences:
-            raise ModelError(f"{model_dir}: llama.cpp's gemma3 architecture fixes in its code "
-                             "what this model sets otherwise: " + "; ".join(differences)
+            raise ModelError(f"{model_dir}: llama.cpp's {layout.arch.lower()} architecture fixes "
+                             "in its code what this model sets otherwise: "
+                             + "; ".join(differences)
                              + ". The GGUF file would answer differently; use --format hf")
     tokenizer = load_tokenizer(model_dir)
     return config, tokenizer, vocabulary(tokenizer, config.vocab_size)
@@ -205,8 +209,19 @@ def export_hf(model_dir: Path, target: Path) -> Written:
 
 
 def load_gguf(path: Path) -> tuple[Any, Any]:
+    """``read_gguf``'s model (in eval mode) and tokenizer, with a pad token (the end-of-text
+    one where the file names none), ready to run."""
+    model, tokenizer = read_gguf(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def read_gguf(path: Path) -> tuple[Any, Any]:
     """Model and tokenizer of a GGUF file, through transformers' GGUF loader (dequantised), with
-    the settings llama.cpp derives that the loader leaves at its defaults (``as_llama_cpp``)."""
+    the settings llama.cpp derives that the loader leaves at its defaults (``as_llama_cpp``);
+    a gptneox file, which that loader does not know, through ``models.gguf_neox``. What
+    ``tunesmith.models.resolve`` imports a base model with, and what the export check reads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -216,22 +231,31 @@ def load_gguf(path: Path) -> tuple[Any, Any]:
         contextlib.redirect_stderr(io.StringIO())
     try:
         with quiet:
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-            config = as_llama_cpp(model.config, path)
-            if config is not None:  # built again, as llama.cpp runs the file: the settings
-                # change no weight's shape, so the weights read once move over (reading and
-                # dequantising the file a second time cost as long as the first), into a model
-                # left uninitialised (a random init of every weight would be overwritten)
-                with _no_init_weights():
-                    rebuilt = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
-                rebuilt.load_state_dict(model.state_dict())
-                model = rebuilt
+            if gguf_neox.file_architecture(path) == gguf_neox.ARCH:  # no loader: by hand
+                config, weights, tokenizer = gguf_neox.read_gptneox(path)
+                model = _built(config, weights)
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+                config = as_llama_cpp(model.config, path)
+                if config is not None:  # built again, as llama.cpp runs the file: the settings
+                    # change no weight's shape, so the weights read once move over (reading and
+                    # dequantising the file a second time cost as long as the first)
+                    model = _built(config, model.state_dict(), dtype=model.dtype)
     except Exception as err:  # transformers raises many kinds here
-        raise ModelError(f"{path}: transformers cannot load this GGUF file ({err})") from err
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+        raise ModelError(f"{path}: cannot read this GGUF file ({err})") from err
+    return model, tokenizer
+
+
+def _built(config: Any, weights: dict[str, Any], dtype: Any = None) -> Any:
+    """A model of ``config`` holding ``weights``, left uninitialised before they are loaded (a
+    random init of every weight would be overwritten)."""
+    from transformers import AutoModelForCausalLM
+
+    with _no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(weights)
+    return model
 
 
 def _no_init_weights() -> Any:
@@ -274,7 +298,7 @@ def _tensors(model_dir: Path, config: Any, layout: Layout) -> Iterator[tuple[str
     arch = gguf.MODEL_ARCH[layout.arch]
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     n_head = config.num_attention_heads
-    n_kv = config.num_key_value_heads or n_head
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
     files = sorted(model_dir.glob("model*.safetensors"))
     if not files:
         raise ModelError(f"{model_dir}: no safetensors weights (model.safetensors) to export")
@@ -283,13 +307,17 @@ def _tensors(model_dir: Path, config: Any, layout: Layout) -> Iterator[tuple[str
             for hf_name in f.keys():  # noqa: SIM118 (safe_open is no dict)
                 if hf_name.endswith(".rotary_emb.inv_freq"):
                     continue  # recomputed from rope.freq_base
-                if hf_name == "lm_head.weight" and config.tie_word_embeddings:
-                    continue  # tied: llama.cpp reads the head from token_embd
                 gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
                 if gguf_name is None:
                     raise ModelError(f"{file}: tensor {hf_name} has no llama.cpp name in its "
                                      f"{arch.name.lower()} architecture")
+                if gguf_name == "output.weight" and config.tie_word_embeddings:
+                    continue  # tied: llama.cpp reads the head from token_embd (gptneox:
+                    # from output.weight alone, written again from it by gguf_neox)
                 array = f.get_tensor(hf_name).float().numpy()
+                if layout.arch == "GPTNEOX":
+                    yield from gguf_neox.gptneox_tensors(gguf_name, hf_name, array, config)
+                    continue
                 if layout.interleaved_rope and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
                     array = permute(array, n_head, n_head)
                 elif layout.interleaved_rope and hf_name.endswith(("k_proj.weight",
@@ -298,6 +326,8 @@ def _tensors(model_dir: Path, config: Any, layout: Layout) -> Iterator[tuple[str
                 elif layout.norm_offset and hf_name.endswith("norm.weight"):
                     array = array + np.float32(layout.norm_offset)
                 yield gguf_name, array
+    if layout.arch == "GPTNEOX":
+        yield from gguf_neox.absent_biases(config)
 
 
 def _ggml_types() -> dict[str, Any]:

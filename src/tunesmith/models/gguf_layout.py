@@ -1,7 +1,8 @@
 """How llama.cpp lays out each architecture the GGUF export writes, and the settings its code
 fixes or derives (``convert_hf_to_gguf.py`` and ``llama-model.cpp``): the hyperparameters in the
-file's metadata, what makes a Gemma 3 differ from llama.cpp's gemma3, and the settings
-transformers' GGUF loader leaves at its defaults when it reads such a file back."""
+file's metadata, what makes a Gemma 3 differ from llama.cpp's gemma3 (or a GPT-NeoX from its
+gptneox), and the settings transformers' GGUF loader leaves at its defaults when it reads such a
+file back."""
 
 from __future__ import annotations
 
@@ -24,13 +25,19 @@ class Layout:
 # is Llama's layout (written as "llama" too) when it has no sliding window, which llama.cpp's
 # llama architecture does not apply; Qwen2 is Llama's with q/k/v biases and rotary halves
 # (NeoX order), so its q and k rows are written as they are; Phi-3 keeps its fused
-# projections; Gemma 3 (the text model) has q/k norms and norms around both blocks.
+# projections; Gemma 3 (the text model) has q/k norms and norms around both blocks; GPT-NeoX
+# keeps its fused query_key_value (its rows regrouped, ``models.gguf_neox``), LayerNorms with
+# biases and rotary halves on part of each head.
 GGUF_LAYOUTS = {"LlamaForCausalLM": Layout("LLAMA", interleaved_rope=True),
                 "MistralForCausalLM": Layout("LLAMA", interleaved_rope=True),
                 "Qwen2ForCausalLM": Layout("QWEN2"),
                 "Phi3ForCausalLM": Layout("PHI3"),
-                "Gemma3ForCausalLM": Layout("GEMMA3", norm_offset=1.0)}
+                "Gemma3ForCausalLM": Layout("GEMMA3", norm_offset=1.0),
+                "GPTNeoXForCausalLM": Layout("GPTNEOX")}
 SUPPORTED_ARCHITECTURES = tuple(GGUF_LAYOUTS)
+# transformers' names for the GELU llama.cpp's gptneox applies in its code, exactly or in the
+# tanh form llama.cpp computes (a difference of the approximation's size, under 1e-3)
+GELUS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python", "gelu_accurate")
 # llama.cpp's gemma3 (llama-model.cpp) fixes these in code: one layer in six attends to the
 # whole context, the others to a window with their own rotary base
 GEMMA3_FULL_EVERY = 6
@@ -84,6 +91,16 @@ def gemma3_differences(config: Any) -> list[str]:
     return found
 
 
+def gptneox_differences(config: Any) -> list[str]:
+    """What a GPT-NeoX configuration sets otherwise than llama.cpp's gptneox code assumes."""
+    act = getattr(config, "hidden_act", "gelu")
+    return [] if act in GELUS else [f"hidden_act {act!r} (llama.cpp's gptneox applies GELU)"]
+
+
+# per llama.cpp architecture: what its code fixes that a model may set otherwise
+FIXED_IN_CODE = {"GEMMA3": gemma3_differences, "GPTNEOX": gptneox_differences}
+
+
 def gemma3_attention_scalar(config: Any) -> int:
     """llama.cpp's gemma3 attention scale is 1/sqrt(this): the head size, or hidden size per
     head for the 27B model, which it recognises by its layer count."""
@@ -96,9 +113,20 @@ def head_size(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def rotary_fraction(config: Any) -> float:
+    """The share of each head that rotates: ``partial_rotary_factor`` (Phi-3; GPT-NeoX in
+    transformers 5) or GPT-NeoX's ``rotary_pct`` (transformers 4)."""
+    rope = ropes(config)["full_attention"]
+    found = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+    return float(found or getattr(config, "rotary_pct", None) or 1.0)
+
+
 def add_parameters(writer: Any, config: Any, layout: Layout) -> None:
     """The hyperparameters llama.cpp reads (``TextModel.set_gguf_parameters`` and each
     architecture's own: ``LlamaModel``, ``Phi3MiniModel``, ``Gemma3Model``)."""
+    if layout.arch == "GPTNEOX":
+        _add_gptneox_parameters(writer, config)
+        return
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -111,9 +139,7 @@ def add_parameters(writer: Any, config: Any, layout: Layout) -> None:
     head_dim = head_size(config)
     if layout.arch == "PHI3":
         # partial rotary: llama.cpp rotates int(factor * hidden) // heads dimensions per head
-        factor = float(ropes(config)["full_attention"].get(
-            "partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0) or 1.0))
-        writer.add_rope_dimension_count(int(factor * config.hidden_size)
+        writer.add_rope_dimension_count(int(rotary_fraction(config) * config.hidden_size)
                                         // config.num_attention_heads)
         original = getattr(config, "original_max_position_embeddings", None)
         if original:
@@ -129,6 +155,23 @@ def add_parameters(writer: Any, config: Any, layout: Layout) -> None:
     if head_dim != config.hidden_size // config.num_attention_heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+
+
+def _add_gptneox_parameters(writer: Any, config: Any) -> None:
+    """``GPTNeoXModel.set_gguf_parameters``: LayerNorm's epsilon (not RMS), the rotating share
+    of each head as a dimension count, the parallel-residual flag. Also the rotary base, which
+    llama.cpp reads for every architecture (its converter leaves this one at the default
+    10000), and the vocabulary size, as for the others."""
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_rope_dimension_count(int(rotary_fraction(config) * head_size(config)))
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_parallel_residual(bool(getattr(config, "use_parallel_residual", True)))
+    writer.add_layer_norm_eps(float(config.layer_norm_eps))
+    writer.add_rope_freq_base(rope_theta(config))
+    writer.add_vocab_size(config.vocab_size)
 
 
 def as_llama_cpp(config: Any, path: Path) -> Any | None:

@@ -78,15 +78,13 @@ def import_gguf(gguf: Path, target: Path) -> Path:
 
 
 def _import_gguf(gguf: Path, target: Path) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    # the export check's reader: llama.cpp's settings the loader leaves at its defaults
+    # (Phi-3, Gemma 3) and the architectures transformers has no loader for (gptneox)
+    from tunesmith.models.export import read_gguf
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        except Exception as err:  # transformers raises many kinds here
-            raise ModelError(f"{gguf}: cannot import this GGUF file ({err})") from err
+        model, tokenizer = read_gguf(gguf)
         # The weights are dequantised to float32 on load; dropping the GGUF quantisation marker
         # makes the model an ordinary one that can be trained and saved.
         model.hf_quantizer = None

@@ -16,7 +16,7 @@ from tests.helpers import federated_config, review_rows, write_jsonl  # noqa: E4
 from tunesmith.config import load_config  # noqa: E402
 from tunesmith.errors import ConfigError  # noqa: E402
 from tunesmith.flows.federated import rounds  # noqa: E402
-from tunesmith.flows.federated.alone import alone, read_alone  # noqa: E402
+from tunesmith.flows.federated.alone import alone  # noqa: E402
 from tunesmith.flows.federated.apps import GlobalModel, server_evaluator  # noqa: E402
 
 ROUNDS, LOCAL_STEPS = 2, 2
@@ -51,7 +51,7 @@ def test_each_client_trains_alone_for_the_whole_federations_steps(baseline) -> N
         assert 0.0 <= c["accuracy"] <= 1.0 and c["valid_loss"] > 0
     assert result.mean_accuracy == pytest.approx(
         sum(c["accuracy"] for c in result.clients) / 2)
-    assert read_alone(result.run_dir) == result.clients
+    assert rounds.read_alone(result.run_dir) == result.clients
     saved = json.loads((result.run_dir / "alone" / "alone.json").read_text())
     assert saved["steps"] == ROUNDS * LOCAL_STEPS
 

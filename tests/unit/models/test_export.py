@@ -212,9 +212,9 @@ def _with_architecture(src, dst, arch):
 
 
 def test_other_architectures_are_refused(tmp_path, tiny_model_dir):
-    model_dir = _with_architecture(tiny_model_dir, tmp_path / "m", "GPTNeoXForCausalLM")
+    model_dir = _with_architecture(tiny_model_dir, tmp_path / "m", "FalconForCausalLM")
     with pytest.raises(ModelError, match="supports LlamaForCausalLM.*Phi3ForCausalLM, "
-                       "Gemma3ForCausalLM.*this model is GPTNeoX"):
+                       "Gemma3ForCausalLM, GPTNeoXForCausalLM .*this model is Falcon"):
         export_gguf(model_dir, tmp_path / "out" / "m.gguf")
     assert not (tmp_path / "out").exists()
 

@@ -31,12 +31,12 @@ from safetensors.torch import save_file
 
 from tunesmith.config import RunConfig
 from tunesmith.errors import ConfigError
+from tunesmith.flows.federated.rounds import ALONE_DIR, ALONE_FILE
 from tunesmith.models.resolve import default_home, resolve_model
 
-__all__ = ["ALONE_DIR", "ALONE_FILE", "AloneResult", "alone", "read_alone"]
+__all__ = ["AloneResult", "alone"]
 
 log = logging.getLogger("tunesmith")
-ALONE_DIR, ALONE_FILE = "alone", "alone.json"
 
 
 @dataclass
@@ -49,14 +49,6 @@ class AloneResult:
     def mean_accuracy(self) -> float | None:
         found = [c["accuracy"] for c in self.clients if c.get("accuracy") is not None]
         return sum(found) / len(found) if found else None
-
-
-def read_alone(run_dir: Path) -> list[dict[str, Any]] | None:
-    """What ``alone`` recorded for a federated run directory, if it ran."""
-    path = Path(run_dir) / ALONE_DIR / ALONE_FILE
-    if not path.is_file():
-        return None
-    return list(json.loads(path.read_text(encoding="utf-8"))["clients"])
 
 
 def alone(config: RunConfig | str | Path, *, overwrite: bool = False,

@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from tunesmith.evaluation.blocks import Image, Section, Table, Text, fmt
 from tunesmith.evaluation.report import sections_markdown
-from tunesmith.flows.federated.alone import read_alone
 
 ROUNDS_DIR, ROUNDS_LOG, GLOBAL_FILE = "rounds", "rounds.jsonl", "global.safetensors"
+ALONE_DIR, ALONE_FILE = "alone", "alone.json"  # the clients-alone baseline (``alone``)
 _ROUND = re.compile(r"^round-(\d+)$")
 
 
@@ -72,6 +72,14 @@ def last_round(run_dir: Path) -> tuple[int, dict[str, torch.Tensor]] | None:
 def append_round(run_dir: Path, record: dict[str, Any]) -> None:
     with (run_dir / ROUNDS_LOG).open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
+
+
+def read_alone(run_dir: Path) -> list[dict[str, Any]] | None:
+    """What ``federated alone`` recorded for a federated run directory, if it ran."""
+    path = Path(run_dir) / ALONE_DIR / ALONE_FILE
+    if not path.is_file():
+        return None
+    return list(json.loads(path.read_text(encoding="utf-8"))["clients"])
 
 
 def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
