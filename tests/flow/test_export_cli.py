@@ -132,7 +132,7 @@ def _edit_yaml(path, section, **changes):
     ("ok", ["--format", "gguf", "-o", "{tmp}/model.bin"], "ending in .gguf"),
     ("ok", ["--format", "gguf", "-o", "{tmp}/exists.gguf"], "already exists"),
     ("ok", ["--format", "hf", "-o", "{tmp}/exists.gguf"], "already exists"),
-    ("neox", ["--format", "gguf"], "this model is GPTNeoXForCausalLM"),
+    ("falcon", ["--format", "gguf"], "this model is FalconForCausalLM"),
     ("head", ["--format", "gguf"], "trained a classification head"),
 ])
 def test_bad_input_is_refused_and_nothing_written(cli, run_dir, tmp_path, case, args, message):
@@ -144,9 +144,9 @@ def test_bad_input_is_refused_and_nothing_written(cli, run_dir, tmp_path, case, 
         copy_run(run_dir, tmp_path / "src")
     else:
         copy_run(run_dir, tmp_path / "src")
-        if case == "neox":  # an architecture the GGUF export does not write
+        if case == "falcon":  # an architecture the GGUF export does not write
             _edit_json(tmp_path / "src" / "merged" / "config.json",
-                       architectures=["GPTNeoXForCausalLM"])
+                       architectures=["FalconForCausalLM"])
         else:
             _edit_yaml(tmp_path / "src" / "config.yaml", "train", head="classifier")
     (tmp_path / "exists.gguf").write_text("keep me")
