@@ -243,16 +243,22 @@ def test_a_client_trains_on_every_row_it_does_not_validate_on(tiny_cfg, tmp_path
     assert len(kept.train) + len(kept.validation) < 40
 
 
-def test_each_client_scores_the_global_adapter_on_its_own_validation_split(
-        tiny_model_dir, tmp_path, test_home) -> None:
+def _classification_client(tiny_model_dir: Path, tmp_path: Path) -> tuple[RunConfig, Path]:
+    """A LoRA classification config of the tiny model and a 40-review client file."""
     from tests.helpers import review_rows, write_jsonl
-    from tunesmith.flows.federated.local import evaluate_locally
 
     cfg = parse_config({"model": {"base": str(tiny_model_dir)},
                         "data": {"train_file": "x.jsonl", "max_length": 128},
                         "train": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "seed": 5},
                         "eval": {"task": "classification", "labels": ["good", "bad"]}})
-    data = write_jsonl(tmp_path / "client-1.jsonl", review_rows(40))
+    return cfg, write_jsonl(tmp_path / "client-1.jsonl", review_rows(40))
+
+
+def test_each_client_scores_the_global_adapter_on_its_own_validation_split(
+        tiny_model_dir, tmp_path, test_home) -> None:
+    from tunesmith.flows.federated.local import evaluate_locally
+
+    cfg, data = _classification_client(tiny_model_dir, tmp_path)
     model, _ = _lora_model(cfg, tiny_model_dir)
     g = torch.Generator().manual_seed(3)
     state = {k: torch.randn(v.shape, generator=g) * 0.1
@@ -277,15 +283,10 @@ def test_under_ffa_lora_a_client_scores_the_b_only_global_adapter(tiny_model_dir
                                                                    test_home) -> None:
     """Under FFA-LoRA the server sends only the B matrices; the client's evaluation freezes A
     as its training does, instead of refusing the adapter as another LoRA setup's."""
-    from tests.helpers import review_rows, write_jsonl
     from tunesmith.errors import ModelError
     from tunesmith.flows.federated.local import evaluate_locally, freeze_lora_a
 
-    cfg = parse_config({"model": {"base": str(tiny_model_dir)},
-                        "data": {"train_file": "x.jsonl", "max_length": 128},
-                        "train": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "seed": 5},
-                        "eval": {"task": "classification", "labels": ["good", "bad"]}})
-    data = write_jsonl(tmp_path / "client-1.jsonl", review_rows(40))
+    cfg, data = _classification_client(tiny_model_dir, tmp_path)
     model, _ = _lora_model(cfg, tiny_model_dir)
     freeze_lora_a(model)
     state = {k: v + 0.05 for k, v in trainable_state_copy(model).items()}

@@ -169,7 +169,8 @@ def _spread(r: dict[str, Any], key: str) -> str:
 
 
 def federated_sections(records: list[dict[str, Any]], settings: dict[str, Any],
-                       sites_plot: bool = False) -> list[Section]:
+                       sites_plot: bool = False,
+                       clients_alone: list[dict[str, Any]] | None = None) -> list[Section]:
     """The report's sections: settings, per-round curves and table, per-client metrics."""
     per_round = Table(["round", "answered", "failed", "examples", "train loss",
                        "validation loss", "server eval loss", "server accuracy",
@@ -207,6 +208,8 @@ def federated_sections(records: list[dict[str, Any]], settings: dict[str, Any],
         if sites_plot:
             blocks.append(Image("accuracy per round and per site", "sites.png"))
         sections.insert(2, Section("Sites", [*blocks, per_site]))
+    if clients_alone:
+        sections.append(alone_section(records, clients_alone))
     if failures:
         sections.append(Section("Failures", [Text("\n\n".join(failures))]))
     return sections
@@ -247,11 +250,8 @@ def write_report(run_dir: Path, name: str, model: str, settings: dict[str, Any])
     records = read_rounds(run_dir)
     plot_rounds(records, run_dir / "rounds.png")
     sites = plot_sites(records, run_dir / "sites.png")
-    sections = federated_sections(records, settings, sites_plot=sites is not None)
-    clients_alone = read_alone(run_dir)
-    if clients_alone:
-        sections.insert(-1 if sections[-1].title == "Failures" else len(sections),
-                        alone_section(records, clients_alone))
+    sections = federated_sections(records, settings, sites_plot=sites is not None,
+                                  clients_alone=read_alone(run_dir))
     title, meta = f"Federated run report: {name}", f"Base model: `{model}`"
     lines = [f"# {title}", "", meta, "", *sections_markdown(sections)]
     path = run_dir / "report.md"
