@@ -39,7 +39,14 @@ class FederatedConfig(_Section):
         "goes on when a client fails as long as this many answer.")
     local_steps: int = Field(
         10, ge=1, description="Optimiser steps each client takes per round, starting from the "
-        "global adapter (the same train function and settings as `tunesmith run`).")
+        "global adapter (the same train function and settings as `tunesmith run`). Every "
+        "client takes the same number, whatever its data size.")
+    local_epochs: float | None = Field(
+        None, gt=0, description="Instead of local_steps: each client passes over this share of "
+        "its own training examples per round (ceil(local_epochs x examples / batch_size) "
+        "steps, at least 1), so a client with more data does more of the work, as in "
+        "McMahan et al.'s FedAvg. rounds x local_epochs = 1 gives the federation the steps "
+        "of one centralised epoch over the union of the clients' data.")
     strategy: Literal["fedavg", "fedprox"] = Field(
         "fedavg", description="'fedavg': the global adapter is the example-count-weighted mean "
         "of the clients'. 'fedprox': the same mean, and each client adds "
@@ -66,6 +73,9 @@ class FederatedConfig(_Section):
 
     @model_validator(mode="after")
     def _enough_clients(self) -> FederatedConfig:
+        if self.local_epochs is not None and "local_steps" in self.model_fields_set:
+            raise ValueError("set local_steps or local_epochs, not both: one says how long "
+                             "each client trains per round")
         n = len(self.clients) if self.clients else self.num_clients
         if self.min_clients > n:
             raise ValueError(f"min_clients ({self.min_clients}) is more than the {n} "

@@ -344,3 +344,36 @@ def test_the_report_shows_accuracy_per_round_and_per_site(tmp_path) -> None:
     assert "## Sites" in report and "sites.png" in report
     assert "| 2 | 202 | 10 | 0.9000 |" in report
     assert "0.8000 (0.7000-0.9000)" in report
+
+
+def test_local_epochs_give_each_client_steps_in_proportion_to_its_data(tiny_cfg, tmp_path,
+                                                                        test_home) -> None:
+    """With local_epochs a client takes ceil(local_epochs x its training rows / batch) steps
+    (the loop's own count), so the larger client does more of the round's work."""
+    from tests.helpers import review_rows, write_jsonl
+    from tunesmith.flows.federated.local import client_config, train_locally
+    from tunesmith.flows.steps import load_splits
+
+    cfg = tiny_cfg.model_copy(update={"train": tiny_cfg.train.model_copy(
+        update={"batch_size": 4})})
+    initial = trainable_state_copy(_lora_model(cfg, tiny_cfg.model.base)[0])
+    taken = []
+    for name, n in (("small", 16), ("large", 48)):
+        data = write_jsonl(tmp_path / f"{name}.jsonl", review_rows(n))
+        n_train = len(load_splits(client_config(cfg, data, tmp_path / name), with_test=False,
+                                  carve_test=False).train)
+        update = train_locally(cfg, data, tmp_path / name, initial, home=test_home,
+                               local_steps=99,
+                               local_epochs=0.5, round_number=1)
+        assert update.steps == -(-n_train // 8)  # ceil(0.5 * n / 4)
+        assert update.num_examples == n_train
+        taken.append(update.steps)
+    assert taken[1] > taken[0] >= 1
+
+
+def test_local_steps_and_local_epochs_are_not_both_set() -> None:
+    from tunesmith.config.federated import FederatedConfig
+
+    assert FederatedConfig(local_epochs=0.25).local_epochs == 0.25
+    with pytest.raises(ValueError, match="local_steps or local_epochs"):
+        FederatedConfig(local_steps=5, local_epochs=0.25)

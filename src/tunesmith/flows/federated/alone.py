@@ -5,8 +5,8 @@
 
 Each client's file gets the training a federated client does, with the same function
 (``local.train_locally``: the same adapters, FFA-LoRA when configured, the same learning
-rate and batch), for as many steps as it takes in the whole federation (``rounds *
-local_steps``), from the same initial adapter, but nothing is averaged. Each resulting model is
+rate and batch), for as many steps as it takes in the whole federation (``rounds`` times
+its steps per round: ``local_steps``, or ``local_epochs`` of its data), from the same initial adapter, but nothing is averaged. Each resulting model is
 scored on the server's ``federated.eval_file`` by the evaluation the server applies to every
 round's global model (``apps.server_evaluator``), so the two are compared on the same test set
 by the same code. What a client alone reaches is what a site gets without the federation
@@ -78,24 +78,26 @@ def alone(config: RunConfig | str | Path, *, overwrite: bool = False,
     glob = GlobalModel(cfg, home)
     initial = glob.initial_state()
     evaluate = server_evaluator(cfg, glob)
-    steps = fed.rounds * fed.local_steps
     out.mkdir(parents=True, exist_ok=True)
     found: list[dict[str, Any]] = []
     for i, data_file in enumerate(files):
-        log.info("client %d of %d alone: %d steps on %s", i + 1, len(files), steps, data_file)
+        log.info("client %d of %d alone: %d rounds' steps on %s", i + 1, len(files),
+                 fed.rounds, data_file)
         t0 = time.perf_counter()
         update = train_locally(cfg, data_file, out / f"work-{i}", initial, home=home,
-                               local_steps=steps, round_number=0, ffa=fed.ffa_lora)
+                               local_steps=fed.local_steps, local_epochs=fed.local_epochs,
+                               rounds=fed.rounds, round_number=0, ffa=fed.ffa_lora)
         save_file({k: v.contiguous() for k, v in update.state.items()},
                   out / f"client-{i}.safetensors")
         glob.load(update.state)
         scores = {k.removeprefix("global_"): v for k, v in evaluate().items()}
         found.append({"client": i, "data_file": str(data_file),
-                      "num_examples": update.num_examples, "steps": steps,
+                      "num_examples": update.num_examples, "steps": update.steps,
                       "train_loss": update.metrics.get("train_loss"), **scores,
                       "seconds": round(time.perf_counter() - t0, 1)})
     tmp = out / f".{ALONE_FILE}.tmp"
-    tmp.write_text(json.dumps({"steps": steps, "eval_file": str(fed.eval_file),
+    tmp.write_text(json.dumps({"steps": [c["steps"] for c in found],
+                               "eval_file": str(fed.eval_file),
                                "clients": found}, indent=2), encoding="utf-8")
     os.replace(tmp, out / ALONE_FILE)
     if rounds.read_rounds(run_dir):

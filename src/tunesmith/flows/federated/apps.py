@@ -88,7 +88,9 @@ def client_train(msg: Message, context: Context) -> Message:
     update = train_locally(
         cfg, Path(str(node["data-file"])), work_dir, _tensors(msg.content["arrays"]), home=home,
         local_steps=int(sent["local-steps"]), round_number=int(sent["server-round"]),
-        proximal_mu=float(sent.get("proximal-mu", 0.0)), ffa=bool(sent["ffa-lora"]))
+        proximal_mu=float(sent.get("proximal-mu", 0.0)), ffa=bool(sent["ffa-lora"]),
+        # 0: local_steps (a ConfigRecord holds no None)
+        local_epochs=float(sent.get("local-epochs", 0.0)) or None)
     # only tensors, the example count and numbers leave the client
     metrics = MetricRecord({"num-examples": update.num_examples, **update.metrics})
     return Message(RecordDict({"arrays": ArrayRecord(update.state), "metrics": metrics}),
@@ -270,7 +272,8 @@ def server_main(grid: Grid, context: Context) -> None:
             else 0,
             min_available_nodes=max(n_expected, fed.min_clients), **kwargs)
         sent = ConfigRecord({
-            "local-steps": fed.local_steps, "ffa-lora": fed.ffa_lora,
+            "local-steps": fed.local_steps, "local-epochs": fed.local_epochs or 0.0,
+            "ffa-lora": fed.ffa_lora,
             "base-model": cfg.model.base, "base-fingerprint": model_fingerprint(glob.model_dir),
             "lora": f"method={cfg.train.method}, r={cfg.train.lora.r}, "
                     f"targets={cfg.train.lora.target_modules}"})

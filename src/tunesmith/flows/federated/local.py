@@ -39,6 +39,15 @@ class LocalUpdate:
     state: dict[str, torch.Tensor]
     num_examples: int
     metrics: dict[str, float]
+    steps: int = 0
+
+
+def steps_for(local_steps: int, local_epochs: float | None, n_train: int,
+              batch_size: int) -> int:
+    """A client's steps this round: ``local_steps``, or ``local_epochs`` of its own data."""
+    if local_epochs is None:
+        return local_steps
+    return max(1, math.ceil(local_epochs * n_train / batch_size))
 
 
 # ----------------------------------------------------------------------------- wrappers
@@ -174,17 +183,21 @@ def evaluate_locally(cfg: RunConfig, data_file: Path, work_dir: Path,
 
 def train_locally(cfg: RunConfig, data_file: Path, work_dir: Path,
                   global_state: dict[str, torch.Tensor], *, home: Path, local_steps: int,
-                  round_number: int, proximal_mu: float = 0.0, ffa: bool = False
-                  ) -> LocalUpdate:
-    """One client's round: ``local_steps`` of the run's training from ``global_state``."""
+                  round_number: int, proximal_mu: float = 0.0, ffa: bool = False,
+                  local_epochs: float | None = None, rounds: int = 1) -> LocalUpdate:
+    """One client's round: ``local_steps`` of the run's training from ``global_state`` (or
+    ``local_epochs`` of its own training examples, ``steps_for``); ``rounds`` rounds' worth of
+    steps in one go for the clients-alone baseline."""
     cfg = client_config(cfg, data_file, work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     # checkpoints of an earlier round belong to another global adapter
     shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
     ready = prepare_headless(cfg, work_dir, home, carve_test=False)
     prepared = ready.prepared
-    hp = prepared.hp.model_copy(update={"total_steps": local_steps, "eval_every": local_steps,
-                                        "warmup_steps": 0, "epochs": local_steps})
+    steps = rounds * steps_for(local_steps, local_epochs, len(prepared.train),
+                               prepared.hp.batch_size)
+    hp = prepared.hp.model_copy(update={"total_steps": steps, "eval_every": steps,
+                                        "warmup_steps": 0, "epochs": steps})
     wrappers: list[Wrapper] = [ffa_lora] if ffa else []
     wrappers += [load_global(global_state), round_order(round_number)]
     if proximal_mu > 0:
@@ -195,4 +208,5 @@ def train_locally(cfg: RunConfig, data_file: Path, work_dir: Path,
                       labels=ready.labels, callbacks=[seen],
                       wrappers=wrappers, restore_best=False, save=False)
     return LocalUpdate(state=trainable_state_copy(tuned.model),
-                       num_examples=len(prepared.train), metrics=seen.metrics())
+                       num_examples=len(prepared.train), metrics=seen.metrics(),
+                       steps=len(seen.train_losses))

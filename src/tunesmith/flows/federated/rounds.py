@@ -217,9 +217,15 @@ def federated_sections(records: list[dict[str, Any]], settings: dict[str, Any],
 
 def federation_settings(fed: Any) -> dict[str, Any]:
     """The settings table of the report, from a ``FederatedConfig``."""
-    return {"rounds": fed.rounds, "strategy": fed.strategy, "proximal_mu": fed.proximal_mu,
-            "local_steps": fed.local_steps, "ffa_lora": fed.ffa_lora,
-            "min_clients": fed.min_clients, "clients_per_round": fed.clients_per_round or "all"}
+    found: dict[str, Any] = {"rounds": fed.rounds, "strategy": fed.strategy}
+    if fed.strategy == "fedprox":
+        found["proximal_mu"] = fed.proximal_mu
+    if fed.local_epochs is None:
+        found["local_steps"] = fed.local_steps
+    else:
+        found["local_epochs"] = fed.local_epochs
+    return {**found, "ffa_lora": fed.ffa_lora, "min_clients": fed.min_clients,
+            "clients_per_round": fed.clients_per_round or "all"}
 
 
 def alone_section(records: list[dict[str, Any]], clients: list[dict[str, Any]]) -> Section:
