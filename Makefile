@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LLAMA_CPP := $(VENV)/.llama-cpp
 
-.PHONY: install demo test test-slow test-browser lint clean
+.PHONY: install llama-cpp demo test test-slow test-browser lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,14 +20,23 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# llama.cpp for the tests that run exported GGUF files in it: compiled once (about 30 minutes
+# on 2 cores the first time on a machine; pip keeps the wheel), apart from the main install so
+# `make demo` never waits for it.
+$(LLAMA_CPP): $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -e '.[llama-cpp]'
+	touch $(LLAMA_CPP)
+
+llama-cpp: $(LLAMA_CPP)
+
 demo: $(STAMP)
 	$(BIN)/tunesmith run examples/sms_spam/config.yaml --overwrite
 
-test: $(STAMP)
+test: $(STAMP) $(LLAMA_CPP)
 	$(BIN)/python -m pytest -q --durations=30
 
 # Real-model training runs that take many minutes on 2 CPU cores (marked `slow`).
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(LLAMA_CPP)
 	$(BIN)/python -m pytest -q -m slow
 
 # The dashboard in headless chromium (Debian's: `apt-get install chromium`; .ci/run installs it).

@@ -37,10 +37,11 @@ class FederatedConfig(_Section):
     min_clients: int = Field(
         1, ge=1, description="A round needs at least this many connected clients to start, and "
         "goes on when a client fails as long as this many answer.")
-    local_steps: int = Field(
-        10, ge=1, description="Optimiser steps each client takes per round, starting from the "
+    local_steps: int | None = Field(
+        None, ge=1, description="Optimiser steps each client takes per round, starting from the "
         "global adapter (the same train function and settings as `tunesmith run`). Every "
-        "client takes the same number, whatever its data size.")
+        "client takes the same number, whatever its data size. Empty: 10, unless local_epochs "
+        "is set.")
     local_epochs: float | None = Field(
         None, gt=0, description="Instead of local_steps: each client passes over this share of "
         "its own training examples per round (ceil(local_epochs x examples / batch_size) "
@@ -73,9 +74,11 @@ class FederatedConfig(_Section):
 
     @model_validator(mode="after")
     def _enough_clients(self) -> FederatedConfig:
-        if self.local_epochs is not None and "local_steps" in self.model_fields_set:
+        if self.local_epochs is not None and self.local_steps is not None:
             raise ValueError("set local_steps or local_epochs, not both: one says how long "
                              "each client trains per round")
+        if self.local_epochs is None and self.local_steps is None:
+            self.local_steps = 10
         n = len(self.clients) if self.clients else self.num_clients
         if self.min_clients > n:
             raise ValueError(f"min_clients ({self.min_clients}) is more than the {n} "

@@ -374,6 +374,11 @@ def test_local_epochs_give_each_client_steps_in_proportion_to_its_data(tiny_cfg,
 def test_local_steps_and_local_epochs_are_not_both_set() -> None:
     from tunesmith.config.federated import FederatedConfig
 
-    assert FederatedConfig(local_epochs=0.25).local_epochs == 0.25
+    by_epochs = FederatedConfig(local_epochs=0.25)
+    assert (by_epochs.local_epochs, by_epochs.local_steps) == (0.25, None)
+    assert FederatedConfig().local_steps == 10
+    # the configuration a run writes (every field) loads again
+    for cfg in (by_epochs, FederatedConfig(local_steps=5)):
+        assert FederatedConfig.model_validate(cfg.model_dump(mode="json")) == cfg
     with pytest.raises(ValueError, match="local_steps or local_epochs"):
         FederatedConfig(local_steps=5, local_epochs=0.25)

@@ -113,3 +113,54 @@ def test_the_bundled_model_in_llama_cpp(tensor_type, bundled_dir, tmp_path) -> N
     worst = float(np.abs(ours - theirs).max()) / float(np.abs(theirs).max())
     assert agree >= (0.95 if tensor_type == "f16" else 0.9), agree
     assert worst <= (0.005 if tensor_type == "f16" else 0.08), worst
+
+
+@pytest.mark.parametrize(("style", "family"), [("llama2", "llama"), ("llama2", "phi3"),
+                                               ("gemma", "gemma3")])
+def test_sentencepiece_vocabularies_split_text_in_llama_cpp_as_the_tokenizer(
+        style, family, tmp_path) -> None:
+    """Llama 2 / Mistral 7B / Phi-3 / Gemma keep sentencepiece vocabularies, which tunesmith
+    writes as llama.cpp's "llama" vocabulary with scores derived from the merges. llama.cpp
+    itself splits text as the tokenizer does (leading spaces, tabs, byte fallback for CJK and
+    emoji, words only covered in parts), and computes the same logits; the Gemma 3 is the one
+    llama.cpp's gemma3 runs as transformers does (both layers sliding, no soft caps)."""
+    import transformers as tf
+
+    from tests.unit.models.test_export import NOVEL, PROMPTS, TEXTS, sentencepiece_tokenizer
+
+    tokenizer = sentencepiece_tokenizer(style)
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  bos_token_id=1, eos_token_id=2)
+    config = {"llama": lambda: tf.LlamaConfig(**common),
+              "phi3": lambda: tf.Phi3Config(**common, pad_token_id=0,
+                                            partial_rotary_factor=0.5),
+              "gemma3": lambda: tf.Gemma3TextConfig(**common, head_dim=16, pad_token_id=0,
+                                                    query_pre_attn_scalar=16)}[family]()
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m.gguf"
+    export_gguf(tmp_path / "m", path, tensor_type="f32", name="tiny")
+
+    f32 = llama_cpp.GGML_TYPE_F32
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, n_threads=2,
+                          verbose=False, type_k=f32, type_v=f32)
+    try:
+        for text in TEXTS + NOVEL:
+            expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+            assert llm.tokenize(text.encode("utf-8"), add_bos=False) == expected, text
+        worst = scale = 0.0
+        with torch.no_grad():
+            for text in PROMPTS:
+                ids = tokenizer(text)["input_ids"]  # with <s>, as the model is run
+                llm.reset()
+                llm.eval(ids)
+                ours = np.array(llm.scores[:len(ids)], dtype=np.float32)
+                theirs = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+                worst = max(worst, float(np.abs(ours - theirs).max()))
+                scale = max(scale, float(np.abs(theirs).max()))
+    finally:
+        llm.close()
+    assert worst <= 1e-3 * scale, (worst, scale)

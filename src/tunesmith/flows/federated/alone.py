@@ -6,7 +6,8 @@
 Each client's file gets the training a federated client does, with the same function
 (``local.train_locally``: the same adapters, FFA-LoRA when configured, the same learning
 rate and batch), for as many steps as it takes in the whole federation (``rounds`` times
-its steps per round: ``local_steps``, or ``local_epochs`` of its data), from the same initial adapter, but nothing is averaged. Each resulting model is
+its steps per round: ``local_steps``, or ``local_epochs`` of its data), from the same initial
+adapter, but nothing is averaged. Each resulting model is
 scored on the server's ``federated.eval_file`` by the evaluation the server applies to every
 round's global model (``apps.server_evaluator``), so the two are compared on the same test set
 by the same code. What a client alone reaches is what a site gets without the federation

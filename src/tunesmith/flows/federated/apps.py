@@ -89,7 +89,6 @@ def client_train(msg: Message, context: Context) -> Message:
         cfg, Path(str(node["data-file"])), work_dir, _tensors(msg.content["arrays"]), home=home,
         local_steps=int(sent["local-steps"]), round_number=int(sent["server-round"]),
         proximal_mu=float(sent.get("proximal-mu", 0.0)), ffa=bool(sent["ffa-lora"]),
-        # 0: local_steps (a ConfigRecord holds no None)
         local_epochs=float(sent.get("local-epochs", 0.0)) or None)
     # only tensors, the example count and numbers leave the client
     metrics = MetricRecord({"num-examples": update.num_examples, **update.metrics})
@@ -272,7 +271,8 @@ def server_main(grid: Grid, context: Context) -> None:
             else 0,
             min_available_nodes=max(n_expected, fed.min_clients), **kwargs)
         sent = ConfigRecord({
-            "local-steps": fed.local_steps, "local-epochs": fed.local_epochs or 0.0,
+            # 0 stands for "not set" (a ConfigRecord holds no None)
+            "local-steps": fed.local_steps or 0, "local-epochs": fed.local_epochs or 0.0,
             "ffa-lora": fed.ffa_lora,
             "base-model": cfg.model.base, "base-fingerprint": model_fingerprint(glob.model_dir),
             "lora": f"method={cfg.train.method}, r={cfg.train.lora.r}, "

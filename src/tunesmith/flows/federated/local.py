@@ -42,10 +42,12 @@ class LocalUpdate:
     steps: int = 0
 
 
-def steps_for(local_steps: int, local_epochs: float | None, n_train: int,
+def steps_for(local_steps: int | None, local_epochs: float | None, n_train: int,
               batch_size: int) -> int:
     """A client's steps this round: ``local_steps``, or ``local_epochs`` of its own data."""
     if local_epochs is None:
+        if not local_steps:
+            raise ValueError("a round needs local_steps or local_epochs")
         return local_steps
     return max(1, math.ceil(local_epochs * n_train / batch_size))
 
@@ -182,9 +184,10 @@ def evaluate_locally(cfg: RunConfig, data_file: Path, work_dir: Path,
 
 
 def train_locally(cfg: RunConfig, data_file: Path, work_dir: Path,
-                  global_state: dict[str, torch.Tensor], *, home: Path, local_steps: int,
-                  round_number: int, proximal_mu: float = 0.0, ffa: bool = False,
-                  local_epochs: float | None = None, rounds: int = 1) -> LocalUpdate:
+                  global_state: dict[str, torch.Tensor], *, home: Path,
+                  local_steps: int | None, round_number: int, proximal_mu: float = 0.0,
+                  ffa: bool = False, local_epochs: float | None = None, rounds: int = 1
+                  ) -> LocalUpdate:
     """One client's round: ``local_steps`` of the run's training from ``global_state`` (or
     ``local_epochs`` of its own training examples, ``steps_for``); ``rounds`` rounds' worth of
     steps in one go for the clients-alone baseline."""
