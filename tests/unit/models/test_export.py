@@ -413,19 +413,12 @@ def llama_cpp_sentencepiece(text: str, tokens: list, scores: list, prefix: bool)
     return out
 
 
-@pytest.mark.parametrize(("style", "family"), [("llama2", "llama"), ("llama2", "phi3"),
-                                               ("gemma", "gemma3")])
-def test_sentencepiece_vocabularies_round_trip(tmp_path, style, family):
-    """Llama 2 / Mistral 7B / Phi-3 / Gemma keep sentencepiece vocabularies: the file holds
-    llama.cpp's "llama" vocabulary, whose scores make llama.cpp split text as the tokenizer
-    does, and transformers' loader gives back the same tokenizer and model. The Phi-3 (partial
-    rotary, fused projections) and the Gemma 3 (llama.cpp's layer pattern: both of two layers
-    sliding; q/k norms, norms around both blocks, tied scaled embeddings) also show their
-    architectures' layouts in the file and come back with the same logits."""
+def sentencepiece_model(family: str, tokenizer):
+    """A tiny random model of ``family`` for a sentencepiece ``tokenizer``: Llama, Phi-3
+    (partial rotary, fused projections) or Gemma 3 (llama.cpp's layer pattern: both of two
+    layers sliding; q/k norms, norms around both blocks, tied scaled embeddings)."""
     import transformers as tf
-    from gguf import GGUFReader
 
-    tokenizer = sentencepiece_tokenizer(style)
     common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   bos_token_id=1, eos_token_id=2)
@@ -435,7 +428,22 @@ def test_sentencepiece_vocabularies_round_trip(tmp_path, style, family):
               "gemma3": lambda: tf.Gemma3TextConfig(**common, head_dim=16, pad_token_id=0,
                                                     query_pre_attn_scalar=16)}[family]()
     torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize(("style", "family"), [("llama2", "llama"), ("llama2", "phi3"),
+                                               ("gemma", "gemma3")])
+def test_sentencepiece_vocabularies_round_trip(tmp_path, style, family):
+    """Llama 2 / Mistral 7B / Phi-3 / Gemma keep sentencepiece vocabularies: the file holds
+    llama.cpp's "llama" vocabulary, whose scores make llama.cpp split text as the tokenizer
+    does, and transformers' loader gives back the same tokenizer and model. The Phi-3 (partial
+    rotary, fused projections) and the Gemma 3 (llama.cpp's layer pattern: both of two layers
+    sliding; q/k norms, norms around both blocks, tied scaled embeddings) also show their
+    architectures' layouts in the file and come back with the same logits."""
+    from gguf import GGUFReader
+
+    tokenizer = sentencepiece_tokenizer(style)
+    model = sentencepiece_model(family, tokenizer)
     model.save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
     written = export_gguf(tmp_path / "m", tmp_path / "m.gguf", tensor_type="f32")

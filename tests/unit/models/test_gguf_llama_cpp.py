@@ -124,21 +124,16 @@ def test_sentencepiece_vocabularies_split_text_in_llama_cpp_as_the_tokenizer(
     itself splits text as the tokenizer does (leading spaces, tabs, byte fallback for CJK and
     emoji, words only covered in parts), and computes the same logits; the Gemma 3 is the one
     llama.cpp's gemma3 runs as transformers does (both layers sliding, no soft caps)."""
-    import transformers as tf
-
-    from tests.unit.models.test_export import NOVEL, PROMPTS, TEXTS, sentencepiece_tokenizer
+    from tests.unit.models.test_export import (
+        NOVEL,
+        PROMPTS,
+        TEXTS,
+        sentencepiece_model,
+        sentencepiece_tokenizer,
+    )
 
     tokenizer = sentencepiece_tokenizer(style)
-    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  bos_token_id=1, eos_token_id=2)
-    config = {"llama": lambda: tf.LlamaConfig(**common),
-              "phi3": lambda: tf.Phi3Config(**common, pad_token_id=0,
-                                            partial_rotary_factor=0.5),
-              "gemma3": lambda: tf.Gemma3TextConfig(**common, head_dim=16, pad_token_id=0,
-                                                    query_pre_attn_scalar=16)}[family]()
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    model = sentencepiece_model(family, tokenizer)
     model.save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
     path = tmp_path / "m.gguf"
