@@ -15,7 +15,10 @@ cores); without it these tests are skipped with that reason.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -42,20 +45,32 @@ def prompt_text(model_dir: Path) -> str:
     return load_tokenizer(model_dir).apply_chat_template(CHAT, tokenize=False)
 
 
-def run_in_llama_cpp(path: Path, text: str) -> tuple[list[int], np.ndarray]:
-    """llama.cpp's token ids for ``text`` (special tokens parsed, no BOS added) and its
-    logits at every position. The KV cache in f32 (llama.cpp's default is f16, which alone
-    moves logits by about 0.2% of the largest)."""
+@contextmanager
+def in_llama_cpp(path: Path) -> Iterator[Any]:
+    """The file loaded by llama.cpp, logits kept for every position, the KV cache in f32
+    (llama.cpp's default f16 cache alone moves logits by about 0.2% of the largest)."""
     f32 = llama_cpp.GGML_TYPE_F32
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=True,
                           n_threads=2, verbose=False, type_k=f32, type_v=f32)
     try:
-        ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        llm.reset()
-        llm.eval(ids)
-        return ids, np.array(llm.scores[:len(ids)], dtype=np.float32)
+        yield llm
     finally:
         llm.close()
+
+
+def llama_cpp_logits(llm: Any, ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits at every position of ``ids``, from an empty cache."""
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[:len(ids)], dtype=np.float32)
+
+
+def run_in_llama_cpp(path: Path, text: str) -> tuple[list[int], np.ndarray]:
+    """llama.cpp's token ids for ``text`` (special tokens parsed, no BOS added) and its
+    logits at every position."""
+    with in_llama_cpp(path) as llm:
+        ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return ids, llama_cpp_logits(llm, ids)
 
 
 @torch.no_grad()
@@ -139,23 +154,15 @@ def test_sentencepiece_vocabularies_split_text_in_llama_cpp_as_the_tokenizer(
     path = tmp_path / "m.gguf"
     export_gguf(tmp_path / "m", path, tensor_type="f32", name="tiny")
 
-    f32 = llama_cpp.GGML_TYPE_F32
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, n_threads=2,
-                          verbose=False, type_k=f32, type_v=f32)
-    try:
+    with in_llama_cpp(path) as llm, torch.no_grad():
         for text in TEXTS + NOVEL:
             expected = tokenizer(text, add_special_tokens=False)["input_ids"]
             assert llm.tokenize(text.encode("utf-8"), add_bos=False) == expected, text
         worst = scale = 0.0
-        with torch.no_grad():
-            for text in PROMPTS:
-                ids = tokenizer(text)["input_ids"]  # with <s>, as the model is run
-                llm.reset()
-                llm.eval(ids)
-                ours = np.array(llm.scores[:len(ids)], dtype=np.float32)
-                theirs = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-                worst = max(worst, float(np.abs(ours - theirs).max()))
-                scale = max(scale, float(np.abs(theirs).max()))
-    finally:
-        llm.close()
+        for text in PROMPTS:
+            ids = tokenizer(text)["input_ids"]  # with <s>, as the model is run
+            ours = llama_cpp_logits(llm, ids)
+            theirs = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+            worst = max(worst, float(np.abs(ours - theirs).max()))
+            scale = max(scale, float(np.abs(theirs).max()))
     assert worst <= 1e-3 * scale, (worst, scale)

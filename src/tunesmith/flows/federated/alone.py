@@ -97,9 +97,8 @@ def alone(config: RunConfig | str | Path, *, overwrite: bool = False,
                       "train_loss": update.metrics.get("train_loss"), **scores,
                       "seconds": round(time.perf_counter() - t0, 1)})
     tmp = out / f".{ALONE_FILE}.tmp"
-    tmp.write_text(json.dumps({"steps": [c["steps"] for c in found],
-                               "eval_file": str(fed.eval_file),
-                               "clients": found}, indent=2), encoding="utf-8")
+    tmp.write_text(json.dumps({"eval_file": str(fed.eval_file), "clients": found}, indent=2),
+                   encoding="utf-8")
     os.replace(tmp, out / ALONE_FILE)
     if rounds.read_rounds(run_dir):
         rounds.write_report(run_dir, cfg.name or run_dir.name, cfg.model.base,

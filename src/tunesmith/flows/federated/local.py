@@ -34,12 +34,13 @@ LORA_A = "lora_A"
 
 @dataclass
 class LocalUpdate:
-    """What a client sends back: its trainable tensors, its example count, its metrics."""
+    """What a client sends back: its trainable tensors, its example count, its metrics; and
+    the optimiser steps it took (the loop's count)."""
 
     state: dict[str, torch.Tensor]
     num_examples: int
     metrics: dict[str, float]
-    steps: int = 0
+    steps: int
 
 
 def steps_for(local_steps: int | None, local_epochs: float | None, n_train: int,
