@@ -105,7 +105,7 @@ def simulate(config: RunConfig | str | Path, *, overwrite: bool = False, resume:
     launch.write_connection(flower / "home", f"127.0.0.1:{port}")
     app = launch.write_app(flower / "app", {
         "config": str(config_file), "run-dir": str(run_dir), "home": str(home),
-        "expected-clients": len(files)})
+        "expected-clients": len(files)}, secure=fed.secure_aggregation)
     env = launch.flower_env(flower / "home")
     logs = flower / "logs"
     with launch.processes(env, logs) as procs:
@@ -155,7 +155,8 @@ def serve(config: RunConfig | str | Path, *, address: str = "0.0.0.0:9092",
                             root_certificates=ca_certfile if certfile else None)
     n = len(fed.clients) if fed.clients else fed.num_clients
     app = launch.write_app(flower / "app", {"config": str(config_file), "run-dir": str(run_dir),
-                                            "home": str(home), "expected-clients": n})
+                                            "home": str(home), "expected-clients": n},
+                           secure=fed.secure_aggregation)
     env = launch.flower_env(flower / "home")
     logs = flower / "logs"
     with launch.processes(env, logs) as procs:

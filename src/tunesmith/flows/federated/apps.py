@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,13 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 from tunesmith.config import RunConfig, load_config
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.flows.federated import rounds
-from tunesmith.flows.federated.local import evaluate_locally, freeze_lora_a, train_locally
+from tunesmith.flows.federated.local import (
+    LocalUpdate,
+    evaluate_locally,
+    freeze_lora_a,
+    train_locally,
+)
+from tunesmith.flows.federated.scoring import RoundScorer
 from tunesmith.flows.steps import base_dtype, prepare_model_for_training
 from tunesmith.models.adapters import load_trainable_state, trainable_state_copy
 from tunesmith.models.load import load, save_merged
@@ -70,26 +77,44 @@ def check_same_setup(cfg: RunConfig, model_dir: Path, sent: ConfigRecord) -> Non
                          "use the server's train.method and train.lora")
 
 
-def _client_setup(msg: Message, context: Context) -> tuple[RunConfig, ConfigRecord, Path, Path]:
-    """(run config, what the server sent, home, work dir) of a client's message."""
+def work_dir_of(context: Context) -> Path:
+    """Where a client trains (its node config's work-dir, else beside its data file)."""
+    node = context.node_config
+    return Path(str(node.get("work-dir", Path(str(node["data-file"])).parent / "work")))
+
+
+def client_setup(sent: Any, context: Context) -> tuple[RunConfig, Path, Path]:
+    """(run config, home, work dir) of a client, after checking that what the server sent
+    (``sent``: its round settings) is for this client's base model and adapter shape."""
     node = context.node_config
     cfg = load_config(str(node["config"]))
-    sent = msg.content["config"]
     home = Path(str(node["home"])) if "home" in node else default_home()
     check_same_setup(cfg, resolve_model(cfg.model.base, home=home), sent)
-    work_dir = Path(str(node.get("work-dir", Path(str(node["data-file"])).parent / "work")))
-    return cfg, sent, home, work_dir
+    return cfg, home, work_dir_of(context)
+
+
+def train_round(sent: Any, context: Context, state: dict[str, torch.Tensor]) -> LocalUpdate:
+    """This client's round from the global adapter ``state`` with the server's settings."""
+    cfg, home, work_dir = client_setup(sent, context)
+    return train_locally(
+        cfg, Path(str(context.node_config["data-file"])), work_dir, state, home=home,
+        local_steps=int(sent["local-steps"]), round_number=int(sent["server-round"]),
+        proximal_mu=float(sent.get("proximal-mu", 0.0)), ffa=bool(sent["ffa-lora"]),
+        local_epochs=float(sent.get("local-epochs", 0.0)) or None)
+
+
+def evaluate_round(sent: Any, context: Context, state: dict[str, torch.Tensor]
+                   ) -> tuple[int, dict[str, float]]:
+    """The global adapter ``state`` on this client's validation split: (size, metrics)."""
+    cfg, home, work_dir = client_setup(sent, context)
+    return evaluate_locally(cfg, Path(str(context.node_config["data-file"])), work_dir, state,
+                            home=home, ffa=bool(sent["ffa-lora"]))
 
 
 @client_app.train()
 def client_train(msg: Message, context: Context) -> Message:
-    node = context.node_config
-    cfg, sent, home, work_dir = _client_setup(msg, context)
-    update = train_locally(
-        cfg, Path(str(node["data-file"])), work_dir, _tensors(msg.content["arrays"]), home=home,
-        local_steps=int(sent["local-steps"]), round_number=int(sent["server-round"]),
-        proximal_mu=float(sent.get("proximal-mu", 0.0)), ffa=bool(sent["ffa-lora"]),
-        local_epochs=float(sent.get("local-epochs", 0.0)) or None)
+    sent = msg.content["config"]
+    update = train_round(sent, context, _tensors(msg.content["arrays"]))
     # only tensors, the example count and numbers leave the client
     metrics = MetricRecord({"num-examples": update.num_examples, **update.metrics})
     return Message(RecordDict({"arrays": ArrayRecord(update.state), "metrics": metrics}),
@@ -99,10 +124,7 @@ def client_train(msg: Message, context: Context) -> Message:
 @client_app.evaluate()
 def client_evaluate(msg: Message, context: Context) -> Message:
     """The round's new global adapter on this client's own validation split: numbers only."""
-    cfg, sent, home, work_dir = _client_setup(msg, context)
-    n, metrics = evaluate_locally(cfg, Path(str(context.node_config["data-file"])), work_dir,
-                                  _tensors(msg.content["arrays"]), home=home,
-                                  ffa=bool(sent["ffa-lora"]))
+    n, metrics = evaluate_round(msg.content["config"], context, _tensors(msg.content["arrays"]))
     return Message(RecordDict({"metrics": MetricRecord({"num-examples": n, **metrics})}),
                    reply_to=msg)
 
@@ -176,23 +198,9 @@ def recording(base: type, run_dir: Path, first_round: int, min_clients: int,
                                  for name, rec in m.content.items()}}
             failures = [{"node": str(m.metadata.src_node_id), "reason": m.error.reason}
                         for m in replies if m.has_error()]
-            for f in failures:
-                log.warning("round %s: client %s failed: %s", server_round + first_round,
-                            f["node"], f["reason"])
             self.updates = {str(m.metadata.src_node_id): _tensors(m.content["arrays"])
                             for m in ok} if keep_updates else {}
-            total = sum(c["num_examples"] for c in clients.values())
-
-            def weighted(key: str) -> float | None:
-                vals = [(c["metrics"][key], c["num_examples"]) for c in clients.values()
-                        if key in c["metrics"]]
-                return sum(v * n for v, n in vals) / max(1, sum(n for _, n in vals)) \
-                    if vals else None
-
-            self.pending = {"round": server_round + first_round, "clients": clients,
-                            "failures": failures, "examples": total,
-                            "train_loss": weighted("train_loss"),
-                            "valid_loss": weighted("valid_loss")}
+            self.pending = round_record(server_round + first_round, clients, failures)
             if len(ok) < min_clients:
                 log.warning("round %s: %d client(s) answered, fewer than min_clients (%d); the "
                             "global adapter is kept", server_round + first_round, len(ok),
@@ -224,6 +232,23 @@ def recording(base: type, run_dir: Path, first_round: int, min_clients: int,
     return Recording
 
 
+def round_record(round_number: int, clients: dict[str, dict[str, Any]],
+                 failures: list[dict[str, str]]) -> dict[str, Any]:
+    """A round's line in rounds.jsonl as the training replies make it: each client's count,
+    metrics and what arrived from it, the failures (logged), the example-weighted means."""
+    for f in failures:
+        log.warning("round %s: client %s failed: %s", round_number, f["node"], f["reason"])
+
+    def weighted(key: str) -> float | None:
+        vals = [(c["metrics"][key], c["num_examples"]) for c in clients.values()
+                if key in c["metrics"]]
+        return sum(v * n for v, n in vals) / max(1, sum(n for _, n in vals)) if vals else None
+
+    return {"round": round_number, "clients": clients, "failures": failures,
+            "examples": sum(c["num_examples"] for c in clients.values()),
+            "train_loss": weighted("train_loss"), "valid_loss": weighted("valid_loss")}
+
+
 def site_spread(sites: dict[str, dict[str, Any]]) -> dict[str, float]:
     """Per metric over the clients' own validation splits: the example-weighted mean, and the
     lowest and highest site (the gap between them is the fairness figure)."""
@@ -239,73 +264,106 @@ def site_spread(sites: dict[str, dict[str, Any]]) -> dict[str, float]:
     return found
 
 
+@dataclass
+class ServerRun:
+    """What every server (plain or secure aggregation) starts from: the config, the global
+    model, and the round to continue after (a restarted server resumes from its last saved
+    round)."""
+
+    cfg: RunConfig
+    fed: Any
+    run_dir: Path
+    glob: GlobalModel
+    done: int
+    state: dict[str, torch.Tensor]
+    expected: int
+    scorer: RoundScorer
+
+    @classmethod
+    def start(cls, context: Context) -> ServerRun:
+        run_cfg = context.run_config
+        cfg = load_config(str(run_cfg["config"]))
+        fed = _federated(cfg, str(run_cfg["config"]))
+        run_dir = Path(str(run_cfg["run-dir"]))
+        home = Path(str(run_cfg["home"])) if run_cfg.get("home") else default_home()
+        glob = GlobalModel(cfg, home)
+        scorer = RoundScorer(run_dir, server_evaluator(cfg, glob) if fed.eval_file else None)
+        state, done = glob.initial_state(), 0
+        found = rounds.last_round(run_dir)
+        if found is not None:
+            done, state = found
+            log.info("continuing after round %d from %s", done, run_dir / rounds.ROUNDS_DIR)
+            unscored = rounds.saved_record(run_dir, done)
+            if unscored is not None:  # killed while it scored that round
+                glob.load(state)
+                scorer.score(unscored, background=False)
+        if done >= fed.rounds:
+            log.info("all %d rounds are done", fed.rounds)
+        return cls(cfg, fed, run_dir, glob, done, state,
+                   int(run_cfg.get("expected-clients", fed.min_clients)), scorer)
+
+    def settings(self) -> dict[str, Any]:
+        """What each client is sent with the global adapter (a client refuses another base
+        model or adapter shape); 0 stands for "not set" (a ConfigRecord holds no None)."""
+        cfg, fed = self.cfg, self.fed
+        return {"local-steps": fed.local_steps or 0, "local-epochs": fed.local_epochs or 0.0,
+                "ffa-lora": fed.ffa_lora, "base-model": cfg.model.base,
+                "base-fingerprint": model_fingerprint(self.glob.model_dir),
+                "lora": f"method={cfg.train.method}, r={cfg.train.lora.r}, "
+                        f"targets={cfg.train.lora.target_modules}"}
+
+    def keep_round(self, record: dict[str, Any], tensors: dict[str, torch.Tensor],
+                   updates: dict[str, dict[str, torch.Tensor]]) -> None:
+        """A finished round: the global adapter saved atomically (the restart point), then
+        scored on eval_file (if any) and recorded; rounds before the last are scored while
+        the next one runs (``scoring``)."""
+        self.scorer.wait()  # the previous round's scoring uses the model
+        self.glob.load(tensors)
+        rounds.save_round(self.run_dir, record["round"], tensors, self.glob.save_adapter,
+                          updates, record)
+        self.scorer.score(record, background=record["round"] < self.fed.rounds)
+
+    def finish(self, state: dict[str, torch.Tensor]) -> None:
+        """The final adapter, the merged model and the report."""
+        self.scorer.wait()
+        self.glob.load(state)
+        self.glob.save_adapter(self.run_dir / "adapter")
+        save_merged(self.glob.model, self.glob.tokenizer, self.run_dir / "merged")
+        rounds.write_report(self.run_dir, self.cfg.name or self.run_dir.name,
+                            self.cfg.model.base, rounds.federation_settings(self.fed))
+
+
 @server_app.main()
 def server_main(grid: Grid, context: Context) -> None:
-    run_cfg = context.run_config
-    cfg = load_config(str(run_cfg["config"]))
-    fed = _federated(cfg, str(run_cfg["config"]))
-    run_dir = Path(str(run_cfg["run-dir"]))
-    home = Path(str(run_cfg["home"])) if run_cfg.get("home") else default_home()
-    glob = GlobalModel(cfg, home)
-    state, done = glob.initial_state(), 0
-    found = rounds.last_round(run_dir)
-    if found is not None:  # a restarted server continues from its last saved round
-        done, state = found
-        log.info("continuing after round %d from %s", done, run_dir / rounds.ROUNDS_DIR)
-    if done >= fed.rounds:
-        log.info("all %d rounds are done", fed.rounds)
-    else:
-        n_expected = int(run_cfg.get("expected-clients", fed.min_clients))
+    run = ServerRun.start(context)
+    fed, state = run.fed, run.state
+    if run.done < fed.rounds:
         base = FedProx if fed.strategy == "fedprox" else FedAvg
         kwargs: dict[str, Any] = {"proximal_mu": fed.proximal_mu} \
             if fed.strategy == "fedprox" else {}
-        per_round = fed.clients_per_round or n_expected
+        per_round = fed.clients_per_round or run.expected
         # Flower samples max(int(connected * fraction_train), min_train_nodes) clients; with
         # clients_per_round a tiny fraction leaves exactly min_train_nodes (0.0 would switch
         # training off)
-        strategy = recording(base, run_dir, done, fed.min_clients, fed.keep_client_updates)(
+        strategy = recording(base, run.run_dir, run.done, fed.min_clients,
+                             fed.keep_client_updates)(
             fraction_train=1e-9 if fed.clients_per_round else 1.0,
             # every connected client scores each round's global adapter on its own data
             fraction_evaluate=1.0 if fed.client_eval else 0.0,
             min_train_nodes=per_round, min_evaluate_nodes=fed.min_clients if fed.client_eval
             else 0,
-            min_available_nodes=max(n_expected, fed.min_clients), **kwargs)
-        sent = ConfigRecord({
-            # 0 stands for "not set" (a ConfigRecord holds no None)
-            "local-steps": fed.local_steps or 0, "local-epochs": fed.local_epochs or 0.0,
-            "ffa-lora": fed.ffa_lora,
-            "base-model": cfg.model.base, "base-fingerprint": model_fingerprint(glob.model_dir),
-            "lora": f"method={cfg.train.method}, r={cfg.train.lora.r}, "
-                    f"targets={cfg.train.lora.target_modules}"})
-        evaluator = server_evaluator(cfg, glob) if fed.eval_file else None
+            min_available_nodes=max(run.expected, fed.min_clients), **kwargs)
+        sent = ConfigRecord(run.settings())
 
-        def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            if server_round == 0:
-                return None  # Flower's call before round 1: nothing trained yet
-            tensors = _tensors(arrays)
-            glob.load(tensors)
-            record = strategy.pending
-            if evaluator is not None:
-                record.update(evaluator())
-            rounds.save_round(run_dir, record["round"], tensors, glob.save_adapter,
-                              strategy.updates)
-            rounds.append_round(run_dir, record)
-            found = {k: record[k] for k in SERVER_METRICS if record.get(k) is not None}
-            return MetricRecord(found) if found else None
+        def after_round(server_round: int, arrays: ArrayRecord) -> None:
+            if server_round > 0:  # 0: Flower's call before round 1, nothing trained yet
+                run.keep_round(strategy.pending, _tensors(arrays), strategy.updates)
 
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(state),
-                                num_rounds=fed.rounds - done, train_config=sent,
+                                num_rounds=fed.rounds - run.done, train_config=sent,
                                 evaluate_config=sent, evaluate_fn=after_round)
         state = _tensors(result.arrays)
-    glob.load(state)
-    glob.save_adapter(run_dir / "adapter")
-    save_merged(glob.model, glob.tokenizer, run_dir / "merged")
-    rounds.write_report(run_dir, cfg.name or run_dir.name, cfg.model.base,
-                        rounds.federation_settings(fed))
-
-
-# what the server measures each round on federated.eval_file
-SERVER_METRICS = ("global_valid_loss", "global_accuracy", "global_macro_f1")
+    run.finish(state)
 
 
 def server_evaluator(cfg: RunConfig, glob: GlobalModel) -> Any:

@@ -37,8 +37,8 @@ dependencies = []
 publisher = "tunesmith"
 
 [tool.flwr.app.components]
-serverapp = "tunesmith.flows.federated.apps:server_app"
-clientapp = "tunesmith.flows.federated.apps:client_app"
+serverapp = "tunesmith.flows.federated.{module}:server_app"
+clientapp = "tunesmith.flows.federated.{module}:client_app"
 
 [tool.flwr.app.config]
 {config}
@@ -67,12 +67,14 @@ def _toml_value(v: object) -> str:
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def write_app(folder: Path, run_config: dict[str, object]) -> Path:
+def write_app(folder: Path, run_config: dict[str, object], *, secure: bool = False) -> Path:
     """The Flower app directory ``flwr run`` packages: only a pyproject.toml, pointing at the
-    apps inside the installed tunesmith package."""
+    apps inside the installed tunesmith package (``secure``: the SecAgg+ pair). SuperNodes
+    run the ClientApp the server's app names, so the server decides for every client."""
     folder.mkdir(parents=True, exist_ok=True)
     lines = "\n".join(f"{k} = {_toml_value(v)}" for k, v in run_config.items())
-    (folder / "pyproject.toml").write_text(APP_TOML.format(config=lines), encoding="utf-8")
+    (folder / "pyproject.toml").write_text(
+        APP_TOML.format(config=lines, module="secure" if secure else "apps"), encoding="utf-8")
     return folder
 
 

@@ -21,6 +21,7 @@ from tunesmith.evaluation.blocks import Image, Section, Table, Text, fmt
 from tunesmith.evaluation.report import sections_markdown
 
 ROUNDS_DIR, ROUNDS_LOG, GLOBAL_FILE = "rounds", "rounds.jsonl", "global.safetensors"
+RECORD_FILE = "record.json"  # the round's record as saved, before the server's scores
 ALONE_DIR, ALONE_FILE = "alone", "alone.json"  # the clients-alone baseline (``alone``)
 _ROUND = re.compile(r"^round-(\d+)$")
 
@@ -42,12 +43,15 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 def save_round(run_dir: Path, round_number: int, state: dict[str, torch.Tensor],
                adapter_saver: Any = None,
-               client_updates: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+               client_updates: dict[str, dict[str, torch.Tensor]] | None = None,
+               record: dict[str, Any] | None = None) -> Path:
     """``rounds/round-N``: the global trainable tensors (what a restart continues from), the
-    PEFT adapter directory when ``adapter_saver(dir)`` is given, and optionally each client's
-    update."""
+    PEFT adapter directory when ``adapter_saver(dir)`` is given, optionally each client's
+    update, and the round's record as it stands (``saved_record``)."""
     final = run_dir / ROUNDS_DIR / f"round-{round_number}"
     with atomic_dir(final) as tmp:
+        if record is not None:
+            (tmp / RECORD_FILE).write_text(json.dumps(record), encoding="utf-8")
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / GLOBAL_FILE)
         if adapter_saver is not None:
             adapter_saver(tmp / "adapter")
@@ -67,6 +71,15 @@ def last_round(run_dir: Path) -> tuple[int, dict[str, torch.Tensor]] | None:
         return None
     number, path = found[-1]
     return number, load_file(path / GLOBAL_FILE)
+
+
+def saved_record(run_dir: Path, round_number: int) -> dict[str, Any] | None:
+    """Round N's record as ``save_round`` wrote it, if rounds.jsonl does not hold it yet (a
+    server killed while it scored the round)."""
+    if any(r.get("round") == round_number for r in read_rounds(run_dir)):
+        return None
+    path = run_dir / ROUNDS_DIR / f"round-{round_number}" / RECORD_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def append_round(run_dir: Path, record: dict[str, Any]) -> None:
@@ -224,6 +237,8 @@ def federation_settings(fed: Any) -> dict[str, Any]:
         found["local_steps"] = fed.local_steps
     else:
         found["local_epochs"] = fed.local_epochs
+    if fed.secure_aggregation:
+        found["secure_aggregation"] = "SecAgg+ (the server saw only each round's sum)"
     return {**found, "ffa_lora": fed.ffa_lora, "min_clients": fed.min_clients,
             "clients_per_round": fed.clients_per_round or "all"}
 
