@@ -20,10 +20,15 @@ class FederatedConfig(_Section):
         None, description="One data file per client (simulate): each client trains on its own "
         "file and splits its own validation examples off it. Empty: partition data.train_file "
         "(see partition).")
-    partition: Literal["iid", "label_skew"] = Field(
+    partition: Literal["iid", "label_skew", "by_column"] = Field(
         "iid", description="Without clients: how the run's training split is dealt to "
-        "num_clients clients (seeded by train.seed). 'iid': at random, equal sizes. "
-        "'label_skew': each label's examples divided by Dirichlet(alpha) shares per client.")
+        "clients (seeded by train.seed). 'iid': at random, equal sizes, num_clients of them. "
+        "'label_skew': each label's examples divided by Dirichlet(alpha) shares per client. "
+        "'by_column': one client per distinct value of partition_column (the sites as the "
+        "data names them; num_clients is not used).")
+    partition_column: str | None = Field(
+        None, description="partition: by_column: the top-level field of every training row "
+        "that names its site (e.g. 'hospital'); a row without it is an error naming its line.")
     num_clients: int = Field(
         2, ge=1, description="Without clients: how many clients the training split is "
         "partitioned into.")
@@ -93,8 +98,13 @@ class FederatedConfig(_Section):
                              "each client trains per round")
         if self.local_epochs is None and self.local_steps is None:
             self.local_steps = 10
-        n = len(self.clients) if self.clients else self.num_clients
-        if self.min_clients > n:
+        by_column = self.partition == "by_column" and not self.clients
+        if by_column and not self.partition_column:
+            raise ValueError("partition: by_column needs partition_column: the field of each "
+                             "row that names its site")
+        # by_column: the number of clients is known once the data is read (client_files)
+        n = len(self.clients) if self.clients else None if by_column else self.num_clients
+        if n is not None and self.min_clients > n:
             raise ValueError(f"min_clients ({self.min_clients}) is more than the {n} "
                              "client(s) configured")
         if self.secure_aggregation:
@@ -102,7 +112,7 @@ class FederatedConfig(_Section):
                 raise ValueError("keep_client_updates cannot go with secure_aggregation: under "
                                  "SecAgg+ the server never holds one client's update (each "
                                  "site keeps its own); set one of them to false")
-            if n < 2 or (self.clients_per_round or n) < 2:
+            if (n is not None and n < 2) or (self.clients_per_round or 2) < 2:
                 raise ValueError("secure_aggregation needs at least 2 clients per round (the "
                                  "server learns only their sum); add clients or set "
                                  "secure_aggregation: false")

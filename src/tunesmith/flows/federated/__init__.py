@@ -24,7 +24,7 @@ from typing import Any
 
 from tunesmith.config import FederatedConfig, RunConfig, load_config
 from tunesmith.data.records import example_label, record_to_json
-from tunesmith.errors import ConfigError, TrainingError, TunesmithError
+from tunesmith.errors import ConfigError, DataError, TrainingError, TunesmithError
 from tunesmith.flows.federated import launch
 from tunesmith.flows.federated.partition import partition
 from tunesmith.flows.federated.rounds import read_rounds
@@ -64,10 +64,16 @@ def client_files(cfg: RunConfig, fed: FederatedConfig, folder: Path) -> list[Pat
             raise ConfigError(f"federated.clients: no such file: {', '.join(missing)}")
         return list(fed.clients)
     train = load_splits(cfg, with_test=False).train
-    labels = [example_label(e) for e in train] if fed.partition == "label_skew" else None
-    parts = partition(train, fed.num_clients, seed=cfg.train.seed, labels=labels,
-                      alpha=fed.alpha if labels else None)
     folder.mkdir(parents=True, exist_ok=True)
+    if fed.partition == "by_column":
+        values, parts = by_column(train, fed)
+        # which client is which site, for the report's reader
+        (folder / "partition.json").write_text(json.dumps(
+            {f"client-{i}": v for i, v in enumerate(values)}, indent=1), encoding="utf-8")
+    else:
+        labels = [example_label(e) for e in train] if fed.partition == "label_skew" else None
+        parts = partition(train, fed.num_clients, seed=cfg.train.seed, labels=labels,
+                          alpha=fed.alpha if labels else None)
     files = []
     for i, part in enumerate(parts):
         path = folder / f"client-{i}.jsonl"
@@ -75,6 +81,29 @@ def client_files(cfg: RunConfig, fed: FederatedConfig, folder: Path) -> list[Pat
                                 for e in part), encoding="utf-8")
         files.append(path)
     return files
+
+
+def column_value(example: Any, column: str | None) -> str:
+    value = example.extra.get(column) if column else None
+    return "" if value is None else str(value)
+
+
+def by_column(train: list[Any], fed: FederatedConfig) -> tuple[list[str], list[list[Any]]]:
+    """One client per distinct value of ``partition_column``: (the sorted values, each one's
+    examples)."""
+    col = fed.partition_column
+    missing = [e for e in train if column_value(e, col) == ""]
+    if missing:
+        raise DataError(f"{len(missing)} training row(s) have no '{col}' (partition: by_column "
+                        "gives each value of federated.partition_column to one client, so every "
+                        "row needs one)", path=missing[0].source, line=missing[0].line, field=col)
+    values = sorted({column_value(e, col) for e in train})
+    need = max(fed.min_clients, 2 if fed.secure_aggregation else 1)
+    if len(values) < need:
+        raise ConfigError(f"federated.partition_column '{col}' has {len(values)} value(s) "
+                          f"({', '.join(values[:10])}): fewer clients than the {need} that "
+                          "min_clients (and secure_aggregation) need")
+    return values, [[e for e in train if column_value(e, col) == v] for v in values]
 
 
 def _finish(run_dir: Path, code: int, logs: Path, started: float) -> FederatedResult:
