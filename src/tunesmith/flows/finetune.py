@@ -22,7 +22,7 @@ from tunesmith.errors import ConfigError
 from tunesmith.flows.preference import preference_objective, with_references
 from tunesmith.flows.steps import base_dtype, prepare_model_for_training
 from tunesmith.models.classifier import load_classifier
-from tunesmith.models.load import onto_unquantised_base, save_merged
+from tunesmith.models.load import load_model, onto_stored_base, save_merged
 from tunesmith.training.loop import TrainResult, train
 from tunesmith.training.objectives import ClassifierObjective
 from tunesmith.training.privacy import Privacy, PrivacySettings, plan_privacy
@@ -152,8 +152,9 @@ def fine_tune(cfg: RunConfig, run_dir: Path, model: Any, model_dir: Path, tokeni
         return done
     if cfg.train.method == "lora":
         model.save_pretrained(run_dir / "adapter")
-    if cfg.train.quantize_base != "none":
-        model = onto_unquantised_base(model, model_dir)
+        model = onto_stored_base(model, model_dir, lambda dtype: (
+            load_classifier(model_dir, labels, pad_token_id=tokenizer.pad_token_id, dtype=dtype)
+            if classifier else load_model(model_dir, dtype=dtype)))
     done.model = save_merged(model, tokenizer, run_dir / "merged")
     if done.privacy is not None:
         write_privacy_card(done.privacy, run_dir / "adapter", run_dir / "merged")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,15 +115,38 @@ def add_lora(model: Any, *, r: int, alpha: float, dropout: float,
             from err
 
 
-def onto_unquantised_base(model: Any, base_dir: Path, *, dtype: str = "bfloat16") -> Any:
-    """The trained adapters of ``model`` (on a 4-bit base) on the base loaded unquantised: a
-    merge into 4-bit weights would round the update away and save a bitsandbytes-only model,
-    so QLoRA's adapters are merged into the full-precision weights instead."""
-    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+def stored_dtype(path: Path) -> str:
+    """The dtype a model directory's weights are stored in, read from its first safetensors
+    file (what ``from_pretrained(dtype="auto")`` would also go by); float32 where they are not
+    bf16 (fp32 holds fp16 weights exactly) or no safetensors file is there."""
+    from safetensors import safe_open
 
+    files = sorted(Path(path).glob("*.safetensors"))
+    if files:
+        with safe_open(files[0], framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                kind = f.get_slice(name).get_dtype()
+                if kind in ("F32", "BF16", "F16", "F64"):
+                    return "bfloat16" if kind == "BF16" else "float32"
+    return "float32"
+
+
+def onto_stored_base(model: Any, base_dir: Path, reload: Callable[[str], Any]) -> Any:
+    """The trained LoRA adapters of ``model`` on the base as it is stored, when training held
+    the frozen base in lower precision (bf16 copies of fp32 weights, or 4-bit under QLoRA):
+    merged into those weights, a small update is rounded away and the merged model would not
+    give the adapter model's outputs, so the adapters go onto the base reloaded in its stored
+    dtype (``reload(dtype)`` loads it: the causal LM, or the classifier). ``model`` itself
+    when its frozen weights are already in that dtype."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    stored = DTYPES[stored_dtype(base_dir)]
+    if {p.dtype for p in model.parameters() if not p.requires_grad} <= {stored}:
+        return model
     adapters = get_peft_model_state_dict(model)
     config = model.peft_config["default"]
-    plain = PeftModel(load_model(base_dir, dtype=dtype), config)
+    with torch.random.fork_rng(devices=[]):  # the fresh adapters are overwritten anyway
+        plain = get_peft_model(reload(str(stored).removeprefix("torch.")), config)
     set_peft_model_state_dict(plain, adapters)
     return plain.to(next(model.parameters()).device)
 

@@ -146,8 +146,8 @@ def test_dp_changes_only_the_lora_weights_and_follows_the_seed(tiny_model_dir, t
     changed = [n for n in lora if not torch.equal(before[n], after[n])]
     assert len(changed) == len(lora)  # opacus issue 820: adapters must really move
     for n in after:
-        if "lora_" not in n:
-            assert torch.equal(before[n], after[n]), n
+        if "lora_" not in n:  # frozen: at most cast to the loop's precision (bf16 where native)
+            assert torch.equal(before[n].to(after[n].dtype), after[n]), n
     summary = privacy.summary()
     assert summary["steps"] == 4
     assert summary["epsilon"] == pytest.approx(epsilon_for(privacy.plan, 4), abs=1e-6)
