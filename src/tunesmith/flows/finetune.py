@@ -123,12 +123,19 @@ def fine_tune(cfg: RunConfig, run_dir: Path, model: Any, model_dir: Path, tokeni
     the loop's main process writes the checkpoints, ``run``'s main process the rest.
     """
     classifier = cfg.train.head == "classifier"
+
+    def load_base(dtype: str) -> Any:
+        """The base as this run trains it: the causal LM, or with a new classification head."""
+        if classifier:
+            return load_classifier(model_dir, labels, pad_token_id=tokenizer.pad_token_id,
+                                   dtype=dtype, seed=cfg.train.seed)
+        return load_model(model_dir, dtype=dtype)
+
     if classifier:
         if not labels:
             raise ConfigError("train.head: classifier needs the classification labels")
         del model  # the causal LM; the classifier is loaded from the same weights
-        model = load_classifier(model_dir, labels, pad_token_id=tokenizer.pad_token_id,
-                                dtype=base_dtype(cfg), seed=cfg.train.seed)
+        model = load_base(base_dtype(cfg))
         make_objective = make_objective or classifier_objective(
             cfg, train_rows, len(labels), tokenizer.pad_token_id)
     elif cfg.train.objective != "sft":
@@ -152,9 +159,7 @@ def fine_tune(cfg: RunConfig, run_dir: Path, model: Any, model_dir: Path, tokeni
         return done
     if cfg.train.method == "lora":
         model.save_pretrained(run_dir / "adapter")
-        model = onto_stored_base(model, model_dir, lambda dtype: (
-            load_classifier(model_dir, labels, pad_token_id=tokenizer.pad_token_id, dtype=dtype)
-            if classifier else load_model(model_dir, dtype=dtype)))
+        model = onto_stored_base(model, model_dir, load_base)
     done.model = save_merged(model, tokenizer, run_dir / "merged")
     if done.privacy is not None:
         write_privacy_card(done.privacy, run_dir / "adapter", run_dir / "merged")

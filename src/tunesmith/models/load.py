@@ -140,13 +140,13 @@ def onto_stored_base(model: Any, base_dir: Path, reload: Callable[[str], Any]) -
     when its frozen weights are already in that dtype."""
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-    stored = DTYPES[stored_dtype(base_dir)]
-    if {p.dtype for p in model.parameters() if not p.requires_grad} <= {stored}:
+    stored = stored_dtype(base_dir)
+    if {p.dtype for p in model.parameters() if not p.requires_grad} <= {DTYPES[stored]}:
         return model
     adapters = get_peft_model_state_dict(model)
     config = model.peft_config["default"]
     with torch.random.fork_rng(devices=[]):  # the fresh adapters are overwritten anyway
-        plain = get_peft_model(reload(str(stored).removeprefix("torch.")), config)
+        plain = get_peft_model(reload(stored), config)
     set_peft_model_state_dict(plain, adapters)
     return plain.to(next(model.parameters()).device)
 

@@ -1,5 +1,7 @@
 """LoRA adapters trained over a bf16 copy of an fp32 base are merged into the base as stored."""
 
+import copy
+
 import torch
 from peft import PeftModel
 
@@ -35,7 +37,8 @@ def test_merge_goes_onto_the_fp32_base_not_its_bf16_copy(tiny_model_dir, tokeniz
     with torch.no_grad():
         expected = reference.eval()(ids).logits
         # merged into the bf16 copy, the update is rounded: the outputs move visibly
-        rounded = save_merged(_copy(model), tokenizer, tmp_path / "rounded").eval()(ids).logits
+        rounded = save_merged(copy.deepcopy(model), tokenizer, tmp_path / "rounded")
+        rounded = rounded.eval()(ids).logits
         assert (rounded - expected).abs().max() > 1e-3
         on_stored = onto_stored_base(model, tiny_model_dir,
                                      lambda dtype: load_model(tiny_model_dir, dtype=dtype))
@@ -69,12 +72,6 @@ def test_the_classifier_head_goes_along(tiny_model_dir, tokenizer):
     for n, p in again.items():  # the head (trained in full) and every adapter carried over
         assert torch.equal(p, trained[n]), n
     assert {p.dtype for p in on_stored.parameters()} == {torch.float32}
-
-
-def _copy(model):
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def _never(dtype):
