@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from tests.flow.test_bad_input_cli import assert_clean_failure
 from tunesmith.flows.run import run
@@ -44,7 +45,63 @@ def test_a_private_run_reports_its_guarantee_everywhere(make_config, tmp_path):
     ({**PRIVATE, "privacy": {"target_epsilon": 8, "noise_multiplier": 1.0}},
      ["train.privacy", "exactly one of target_epsilon and noise_multiplier"]),
     ({**PRIVATE, "objective": "dpo"}, ["train.objective 'sft'"]),
+    ({**PRIVATE, "head": "classifier", "class_weights": "balanced"},
+     ["train.class_weights: none", "a statistic of the private data"]),
 ])
 def test_bad_privacy_settings_fail_cleanly(make_config, cli, train, fragments):
     cfg = make_config(train=train)
     assert_clean_failure(*cli("run", str(cfg)), *fragments)
+
+
+def test_a_private_classifier_head_folds_its_input_scale_into_the_saved_weights(
+        make_config, tokenizer, tiny_model_dir):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from tunesmith.config import load_config
+    from tunesmith.data.encode import encode_prompt
+    from tunesmith.evaluation.forgetting import (
+        GENERAL_PROMPTS_FILE,
+        general_text_dir,
+        read_general_prompts,
+    )
+    from tunesmith.flows.steps import base_dtype, prepare_model_for_training
+    from tunesmith.models.classifier import class_logits, load_classifier, load_trained_classifier
+    from tunesmith.training.head_scale import public_feature_rms
+
+    cfg = make_config(train={**PRIVATE, "head": "classifier", "optimizer": "sgd",
+                             "learning_rate": 0.05, "head_learning_rate": 0.5},
+                      eval={"forgetting": False, "calibration": False})
+    result = run(cfg, show_progress=False)
+    run_dir = result.run_dir
+    assert result.results["privacy"]["epsilon"] <= 8.0 + 1e-6
+    assert "optimizer: sgd" in (run_dir / "config.yaml").read_text()
+    assert "scale_head_input: true" in (run_dir / "config.yaml").read_text()
+    merged = load_trained_classifier(run_dir / "merged").eval()
+    base = load_classifier(tiny_model_dir, ["good", "bad"],
+                           pad_token_id=tokenizer.pad_token_id)
+    adapted = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+    ids = torch.tensor([encode_prompt(tokenizer, [{"role": "user", "content": "Great value."}])])
+    with torch.no_grad():
+        expected = class_logits(adapted, ids, None)
+        # a plain head (no scaling left anywhere) gives what the adapters and head give
+        torch.testing.assert_close(class_logits(merged, ids, None), expected,
+                                   rtol=1e-4, atol=1e-4)
+    assert not merged.score._forward_pre_hooks
+    # the head trained on scaled input (the best checkpoint holds it so); what was saved is
+    # that head with the public prompts' feature RMS folded in
+    prompts = read_general_prompts(general_text_dir() / GENERAL_PROMPTS_FILE)
+    # on the base as the run loaded it (bf16 where the CPU computes it natively), with its
+    # fresh adapters (zero updates, fp32)
+    loaded = load_config(cfg)
+    fresh = prepare_model_for_training(load_classifier(
+        tiny_model_dir, ["good", "bad"], pad_token_id=tokenizer.pad_token_id,
+        dtype=base_dtype(loaded)), loaded)
+    scale = public_feature_rms(fresh, [encode_prompt(tokenizer, m) for m in prompts])
+    trained = load_file(run_dir / "checkpoints" / f"step-{result.best_step}" /
+                        "trainable.safetensors")
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    (trained_head,) = [v for k, v in trained.items() if "score" in k]
+    (saved_head,) = [v for k, v in saved.items() if "score" in k]
+    assert (scale - 1).abs().max() > 0.1  # a scale that does something
+    torch.testing.assert_close(saved_head, trained_head / scale)

@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from tunesmith.config.sections import _Section
+from tunesmith.config.base import _Section
 
 DEFAULT_COUNTRY = "USA"
 # codecarbon's regional data (its offline tracker uses a region only for these countries)

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tunesmith.config.sections import _Section
+from tunesmith.config.base import _Section
 
 
 class FederatedConfig(_Section):

@@ -9,19 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-Auto = Literal["auto"]
+from tunesmith.config.base import Auto, _Section
+from tunesmith.config.privacy import PrivacyConfig
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # eval.mode 'score' with a generation task: refused by the config and by library callers alike
 SCORE_NEEDS_CLASSIFICATION = (
     "eval.mode 'score' picks one of the labels, so it needs eval.task: classification; use "
     "eval.mode: generate (or auto) for generation")
-
-
-class _Section(BaseModel):
-    # Unknown keys are errors: a typo like `lerning_rate` must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelConfig(_Section):
@@ -107,6 +104,10 @@ class LoraConfig(_Section):
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Modules that get adapters: 'all-linear' or a list of names.")
+    layers: list[int] | None = Field(
+        None, description="Only these decoder layers get adapters (PEFT's layers_to_transform); "
+        "negative numbers count from the top: [-2, -1] is the last two. Empty: every layer. "
+        "Under DP, adapters on the top layers keep the noise small and the backward short.")
 
 
 PreferenceLoss = Literal["dpo", "ipo", "simpo", "orpo"]
@@ -130,41 +131,6 @@ class PreferenceConfig(_Section):
         0.5, ge=0, description="SimPO: target reward margin, as a fraction of beta.")
 
 
-class PrivacyConfig(_Section):
-    target_epsilon: float | None = Field(
-        None, gt=0, description="Differential privacy budget epsilon to spend over the whole "
-        "run; the noise is chosen to reach it. Give this or noise_multiplier.")
-    noise_multiplier: float | None = Field(
-        None, gt=0, description="Noise std over the clipping bound, instead of target_epsilon; "
-        "the epsilon it spends is reported.")
-    delta: float | Auto = Field(
-        "auto", description="The delta of (epsilon, delta). 'auto': "
-        "min(1e-5, 1/(10 n)) for n training examples; must be below 1/n.")
-    max_grad_norm: float = Field(
-        1.0, gt=0, description="Each example's gradient is clipped to this L2 norm before the "
-        "noise is added (the sensitivity bound).")
-    accountant: Literal["prv", "rdp"] = Field(
-        "prv", description="Privacy accountant: 'prv' (tight, numerical) or 'rdp' (Renyi DP, "
-        "a looser closed-form bound).")
-    physical_batch_size: int = Field(
-        16, gt=0, description="Examples whose per-example gradients are held at once; the "
-        "logical batch (train.batch_size, expected under Poisson sampling) is cut into these, "
-        "so memory stays flat at large batches.")
-
-    @field_validator("delta")
-    @classmethod
-    def _probability(cls, v: float | str) -> float | str:
-        if not isinstance(v, str) and not 0 < v < 1:
-            raise ValueError("delta must be between 0 and 1 (and below 1/n), or 'auto'")
-        return v
-
-    @model_validator(mode="after")
-    def _one_of(self) -> PrivacyConfig:
-        if (self.target_epsilon is None) == (self.noise_multiplier is None):
-            raise ValueError("give exactly one of target_epsilon and noise_multiplier")
-        return self
-
-
 class TrainConfig(_Section):
     objective: Literal["sft", "dpo", "ipo", "simpo", "orpo"] = Field(
         "sft", description="'sft': learn the assistant answers. Preference pairs (a preferred "
@@ -184,7 +150,8 @@ class TrainConfig(_Section):
         "(needs eval.task: classification).",
     )
     class_weights: Literal["balanced", "none"] = Field(
-        "balanced", description="With head 'classifier': weigh classes by inverse frequency."
+        "balanced", description="With head 'classifier': weigh classes by inverse frequency. "
+        "Under train.privacy 'none' (the counts are private)."
     )
     head_learning_rate: float | Auto = Field(
         "auto", description="With head 'classifier': learning rate of the new classification "
@@ -237,7 +204,13 @@ class TrainConfig(_Section):
         "lr * decay^(n-1-i), so earlier layers learn slower. 1: off.",
     )
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on norms/biases).")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="'adamw'; or 'sgd': SGD with momentum 0.9, DP-SGD's own optimiser. "
+        "Under differential privacy a noisy gradient's coordinates are mostly noise: Adam "
+        "moves each weight by about the learning rate whatever its signal, SGD by the "
+        "averaged gradient (its learning rates are far larger: 0.1-1 for a new head). "
+        "'sgd' needs an explicit learning_rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay (not on norms/biases).")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; empty: none.")
     eval_every: int | Literal["auto", "epoch"] = Field(
         "auto", description="Compute validation loss (and checkpoint) every N steps. 'auto': "
@@ -268,6 +241,9 @@ class TrainConfig(_Section):
         # DP clips per example, so packing is off unless the user asked for it (then an error)
         if isinstance(data, dict) and data.get("privacy") and "packing" not in data:
             data = {**data, "packing": False}
+        # and class weights counted from the training labels are off unless asked for
+        if isinstance(data, dict) and data.get("privacy") and "class_weights" not in data:
+            data = {**data, "class_weights": "none"}
         return data
 
     @model_validator(mode="after")
@@ -277,6 +253,14 @@ class TrainConfig(_Section):
                              "on a 4-bit base (method: lora, head: lm); 4-bit weights cannot "
                              "be trained themselves. Set method: lora and head: lm, or "
                              "quantize_base: none")
+        return self
+
+    @model_validator(mode="after")
+    def _sgd_has_its_rate(self) -> TrainConfig:
+        if self.optimizer == "sgd" and self.learning_rate == "auto":
+            raise ValueError("train.optimizer: sgd needs an explicit train.learning_rate: the "
+                             "'auto' rates are AdamW's (2e-4 for LoRA); SGD's are hundreds of "
+                             "times larger (try 0.05-0.5)")
         return self
 
     @model_validator(mode="after")
@@ -298,6 +282,10 @@ class TrainConfig(_Section):
             raise ValueError(f"train.privacy works with train.objective 'sft' (or head "
                              f"'classifier'), not '{self.objective}': a preference pair spans "
                              "two rows")
+        if self.head == "classifier" and self.class_weights == "balanced":
+            raise ValueError("train.privacy needs train.class_weights: none: 'balanced' counts "
+                             "the training labels, a statistic of the private data that the "
+                             "(epsilon, delta) guarantee does not cover")
         if self.gradient_checkpointing:
             raise ValueError("train.privacy needs train.gradient_checkpointing: false: the "
                              "per-example gradient hooks see each layer once per forward")

@@ -17,12 +17,18 @@ from typing import Any
 import torch
 
 from tunesmith.config import ResolvedHyperparameters, RunConfig
-from tunesmith.data.encode import Encoded
+from tunesmith.data.encode import Encoded, encode_prompt
 from tunesmith.errors import ConfigError
+from tunesmith.evaluation.forgetting import (
+    GENERAL_PROMPTS_FILE,
+    general_text_dir,
+    read_general_prompts,
+)
 from tunesmith.flows.preference import preference_objective, with_references
 from tunesmith.flows.steps import base_dtype, prepare_model_for_training
 from tunesmith.models.classifier import load_classifier
 from tunesmith.models.load import load_model, onto_stored_base, save_merged
+from tunesmith.training.head_scale import ScaledHeadInput, public_feature_rms
 from tunesmith.training.loop import TrainResult, train
 from tunesmith.training.objectives import ClassifierObjective
 from tunesmith.training.privacy import Privacy, PrivacySettings, plan_privacy
@@ -45,7 +51,7 @@ def loop_settings(cfg: RunConfig, hp: ResolvedHyperparameters, *, restore_best: 
         # clip of the batch gradient would also log its non-private norm
         weight_decay=t.weight_decay, max_grad_norm=None if t.privacy else t.max_grad_norm,
         early_stopping_patience=t.early_stopping_patience, keep_checkpoints=t.keep_checkpoints,
-        best_metric=t.best_metric,
+        best_metric=t.best_metric, optimizer=t.optimizer,
         micro_batch_size=t.micro_batch_size, schedule=t.schedule, layer_lr_decay=t.layer_lr_decay,
         packing=t.packing, pack_capacity=cfg.data.max_length,
         group_by_length=t.group_by_length, precision=t.precision,
@@ -80,6 +86,17 @@ def privacy_for(cfg: RunConfig, hp: ResolvedHyperparameters, n_examples: int) ->
     plan = plan_privacy(settings, n_examples=n_examples, batch_size=hp.batch_size,
                         steps=hp.total_steps, epochs=hp.epochs)
     return Privacy(plan, seed=cfg.train.seed)
+
+
+def scaled_head_input(cfg: RunConfig, model: Any, tokenizer: Any) -> ScaledHeadInput | None:
+    """Under DP, a new classification head trains on its input scaled by public prompts'
+    feature RMS (``training.head_scale``); None where that is off or not private."""
+    p = cfg.train.privacy
+    if p is None or not p.scale_head_input:
+        return None
+    prompts = read_general_prompts(general_text_dir() / GENERAL_PROMPTS_FILE)
+    scale = public_feature_rms(model, [encode_prompt(tokenizer, m) for m in prompts])
+    return ScaledHeadInput(model, scale)
 
 
 def write_privacy_card(summary: dict[str, Any], *directories: Path) -> None:
@@ -149,11 +166,14 @@ def fine_tune(cfg: RunConfig, run_dir: Path, model: Any, model_dir: Path, tokeni
     if privacy is not None:
         wrappers = [*wrappers, privacy.wrap]
     model = prepare_model_for_training(model, cfg)
+    scaled = scaled_head_input(cfg, model, tokenizer) if classifier else None
     result = train(model, train_rows, valid_rows,
                    settings=loop_settings(cfg, hp, restore_best=restore_best),
                    pad_id=tokenizer.pad_token_id, checkpoint_dir=run_dir / "checkpoints",
                    callbacks=callbacks, resume=resume, make_objective=make_objective,
                    wrappers=wrappers)
+    if scaled is not None:  # the best step's head is restored by now: back to a plain head
+        scaled.fold()
     done = FineTuned(model, result, privacy.summary() if privacy is not None else None)
     if not done.finished or not save or not main:
         return done

@@ -283,7 +283,7 @@ def prepare_model_for_training(model: Any, cfg: RunConfig) -> Any:
             model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     lora = cfg.train.lora
     return add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                    target_modules=lora.target_modules,
+                    target_modules=lora.target_modules, layers=lora.layers,
                     task_type="SEQ_CLS" if cfg.train.head == "classifier" else "CAUSAL_LM")
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tunesmith.errors import ConfigError, ModelError
+from tunesmith.models.sizing import decoder_linear_names
 
 # ChatML: used when a model ships no chat template of its own (plain base models).
 CHATML_TEMPLATE = (
@@ -96,15 +97,28 @@ def load(path: Path, *, dtype: str = "float32", quantize: str = "none") -> tuple
 
 
 def add_lora(model: Any, *, r: int, alpha: float, dropout: float,
-             target_modules: list[str] | str, task_type: str = "CAUSAL_LM") -> Any:
+             target_modules: list[str] | str, task_type: str = "CAUSAL_LM",
+             layers: Sequence[int] | None = None) -> Any:
     """Wrap ``model`` with fresh LoRA adapters (PEFT); only the adapters are trainable.
 
-    With ``task_type="SEQ_CLS"`` the classification head is trained in full as well.
+    With ``task_type="SEQ_CLS"`` the classification head is trained in full as well. With
+    ``layers`` only those decoder layers (negative: from the top) get adapters.
     """
     from peft import LoraConfig, get_peft_model
 
+    only: dict[str, Any] = {}
+    if layers is not None:
+        n = int(model.config.get_text_config().num_hidden_layers)
+        wrong = [i for i in layers if not -n <= i < n]
+        if wrong or not layers:
+            raise ModelError(f"train.lora.layers {list(layers)}: this model has {n} decoder "
+                             f"layers; give indexes from 0 to {n - 1}, or from -{n} to -1 "
+                             "counting from the top")
+        if target_modules == "all-linear":  # PEFT takes layers only with a list of names
+            target_modules = decoder_linear_names(model)
+        only = {"layers_to_transform": sorted({i % n for i in layers})}
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=target_modules, task_type=task_type)
+                        target_modules=target_modules, task_type=task_type, **only)
     try:
         with warnings.catch_warnings():
             # PEFT probes a property transformers has deprecated; nothing for users to act on

@@ -6,11 +6,31 @@ The model is built on PyTorch's ``meta`` device, so every shape is the real arch
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import ModelError
+
+# a module inside decoder layer i: model.layers.i..., gpt_neox.layers.i...
+_IN_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a module's qualified name lies in, or None (embeddings, heads)."""
+    found = _IN_LAYER.search(name)
+    return int(found.group(1)) if found else None
+
+
+def decoder_linear_names(model: Any) -> list[str]:
+    """The distinct short names of the linear layers inside the decoder layers (q_proj, ...):
+    what 'all-linear' adapts, as the list of names PEFT needs to adapt some layers only."""
+    import torch
+
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and layer_index(name) is not None})
 
 
 @dataclass(frozen=True)
@@ -72,14 +92,21 @@ def model_shape(config: Any) -> ModelShape:
         vocab=int(text.vocab_size), linears=linears)
 
 
-def lora_targets(shape: ModelShape, target_modules: list[str] | str) -> list[Linear]:
+def lora_targets(shape: ModelShape, target_modules: list[str] | str,
+                 layers: Sequence[int] | None = None) -> list[Linear]:
     """The linear layers PEFT puts adapters on: 'all-linear' is every linear layer but the LM
-    head; a list of names matches a module whose name is one of them or ends in '.' + one."""
+    head; a list of names matches a module whose name is one of them or ends in '.' + one;
+    ``layers`` (negative: from the top) keeps those inside these decoder layers only."""
     if target_modules == "all-linear":
-        return list(shape.linears)
-    names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    return [lin for lin in shape.linears
-            if any(lin.name == t or lin.name.endswith("." + t) for t in names)]
+        found = list(shape.linears)
+    else:
+        names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        found = [lin for lin in shape.linears
+                 if any(lin.name == t or lin.name.endswith("." + t) for t in names)]
+    if layers is None:
+        return found
+    keep = {i % shape.layers for i in layers}
+    return [lin for lin in found if layer_index(lin.name) in keep]
 
 
 def lora_parameters(targets: list[Linear], r: int) -> int:

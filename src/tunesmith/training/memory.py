@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tunesmith.models.sizing import Linear, ModelShape, lora_parameters, lora_targets
+from tunesmith.models.sizing import (
+    Linear,
+    ModelShape,
+    layer_index,
+    lora_parameters,
+    lora_targets,
+)
 from tunesmith.training.loss import HEAD_CHUNK
 
 GIB = 2**30
@@ -89,6 +95,7 @@ def _adapter_inputs(targets: list[Linear], layers: int, dropout: float, mask_byt
 def estimate_training_memory(
         shape: ModelShape, *, method: str, rows: int, max_length: int, lora_r: int = 16,
         lora_target_modules: list[str] | str = "all-linear", lora_dropout: float = 0.0,
+        lora_layers: list[int] | None = None, optimizer: str = "adamw",
         gradient_checkpointing: bool = False, precision: str = "fp32",
         base_dtype: str = "float32", lm_head: bool = True, device: str = "cpu",
         accumulating: bool = False, per_example_gradients: int = 0,
@@ -111,7 +118,8 @@ def estimate_training_memory(
       gradients, and on CUDA a foreach temporary as large; activations freed), whichever is
       larger. Under DP-SGD also one per example of a physical batch (Opacus's per-example
       gradients).
-    - optimizer: AdamW's two moments per trainable parameter, at the parameter's dtype. No
+    - optimizer: AdamW's two moments (SGD's one momentum buffer) per trainable parameter, at
+      the parameter's dtype. No
       separate fp32 master copy exists: trainable weights are kept in fp32 themselves (LoRA,
       or full with float32 weights), or trained in bf16 throughout (full with
       model.dtype: bfloat16).
@@ -139,7 +147,7 @@ def estimate_training_memory(
     bf16 = precision == "bf16"
     loaded = 2 if base_dtype == "bfloat16" else 4
     lora = method == "lora"
-    targets = lora_targets(shape, lora_target_modules) if lora else []
+    targets = lora_targets(shape, lora_target_modules, lora_layers) if lora else []
     if lora:
         n_trainable, trainable_bytes = lora_parameters(targets, lora_r), 4
         weights = shape.n_params * (2 if bf16 else loaded)
@@ -172,7 +180,9 @@ def estimate_training_memory(
         gradients, activations, peak_at = step + per_example, 0, "optimizer step"
     return MemoryEstimate(
         weights=weights, adapters=n_trainable * trainable_bytes if lora else 0,
-        gradients=gradients, optimizer=2 * all_gradients, activations=activations,
+        # AdamW keeps two moments per trainable weight, SGD one momentum buffer
+        gradients=gradients, optimizer=(1 if optimizer == "sgd" else 2) * all_gradients,
+        activations=activations,
         runtime=CUDA_RUNTIME_BYTES if device == "cuda" else CPU_RUNTIME_BYTES,
         n_params=shape.n_params, n_trainable=n_trainable, tokens=rows * max_length,
         peak_at=peak_at)
@@ -183,6 +193,9 @@ def _activations(shape: ModelShape, targets: list[Linear], *, lora: bool, rows: 
                  gradient_checkpointing: bool, bf16: bool, lm_head: bool, device: str) -> int:
     """Bytes autograd keeps for backward at its start, logits included (see the estimate)."""
     h, m, layers = shape.hidden, shape.intermediate, shape.layers
+    if lora and targets:
+        # backward stops at the lowest adapted layer: nothing below it is kept for it
+        layers -= min(layer_index(t.name) or 0 for t in targets)
     a = 2 if bf16 else 4
     tokens = rows * max_length
     qkv_out = (2 * shape.heads + 2 * shape.kv_heads) * shape.head_dim

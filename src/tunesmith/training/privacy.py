@@ -13,8 +13,8 @@ change (see ``setup``):
   (what Opacus' ``BatchMemoryManager`` does for a DataLoader);
 - the **optimiser** by ``PrivateOptimizer``, Opacus' ``DPOptimizer``: per-example clipping to
   ``max_grad_norm``, Gaussian noise of std ``noise_multiplier * max_grad_norm`` on the sum,
-  then the wrapped AdamW step. It owns the accountant, whose history travels in the
-  optimiser's state dict, so a resumed run never forgets the steps it already spent.
+  then the wrapped optimiser's step (AdamW or SGD). It owns the accountant, whose history
+  travels in the optimiser's state dict, so a resumed run never forgets the steps it spent.
 
 Per-example gradients come from Opacus' ``GradSampleModule`` hooks, which it puts only on
 modules with trainable parameters: with LoRA the frozen base computes none.

@@ -48,6 +48,7 @@ class LoopSettings:
     warmup_steps: int = 0
     micro_batch_size: int | None = _default("micro_batch_size")
     weight_decay: float = _default("weight_decay")
+    optimizer: str = _default("optimizer")
     max_grad_norm: float | None = _default("max_grad_norm")
     early_stopping_patience: int | None = _default("early_stopping_patience")
     best_metric: str = _default("best_metric")
@@ -108,11 +109,17 @@ def _layer_scale(name: str, n_layers: int, decay: float) -> float:
     return decay ** n_layers if "embed" in name else 1.0
 
 
+# SGD's momentum: what DP-SGD work (and Opacus' examples) use
+SGD_MOMENTUM = 0.9
+
+
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float,
                     layer_lr_decay: float = 1.0, n_layers: int = 0,
-                    lr_overrides: Sequence[tuple[str, float]] = ()) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no decay on norms/biases; optional layer-wise lr;
-    ``lr_overrides`` give parameters whose name holds a fragment their own rate."""
+                    lr_overrides: Sequence[tuple[str, float]] = (),
+                    kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (or SGD with momentum) over the trainable parameters; no decay on norms/biases;
+    optional layer-wise lr; ``lr_overrides`` give parameters whose name holds a fragment their
+    own rate."""
     groups: dict[tuple[bool, float], list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -122,9 +129,11 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float,
     if not groups:
         raise TrainingError("the model has no trainable parameters; check train.method and "
                             "train.lora.target_modules")
-    return torch.optim.AdamW(
-        [{"params": ps, "weight_decay": 0.0 if plain else weight_decay, "lr": rate}
-         for (plain, rate), ps in groups.items()], lr=lr)
+    param_groups = [{"params": ps, "weight_decay": 0.0 if plain else weight_decay, "lr": rate}
+                    for (plain, rate), ps in groups.items()]
+    if kind == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, momentum=SGD_MOMENTUM)
+    return torch.optim.AdamW(param_groups, lr=lr)
 
 
 def prepare_model(model: torch.nn.Module, *, precision: str, gradient_checkpointing: bool,
@@ -149,7 +158,7 @@ def _n_layers(model: torch.nn.Module) -> int:
 
 def setup(model: torch.nn.Module, make_objective: ObjectiveFactory, train_data: Sequence[Any],
           *, settings: LoopSettings, accelerator: Accelerator | None = None) -> TrainParts:
-    """The parts of a run: model cast for its precision, objective, AdamW, schedule, batches."""
+    """The parts of a run: model cast for its precision, objective, optimiser, schedule, batches."""
     s = settings
     accelerator = accelerator or make_accelerator()
     precision = prepare_model(model, precision=s.precision,
@@ -164,7 +173,7 @@ def setup(model: torch.nn.Module, make_objective: ObjectiveFactory, train_data: 
     # reachable through objective.parameters() (see objectives.Frozen)
     optimizer = build_optimizer(objective, lr=s.learning_rate, weight_decay=s.weight_decay,
                                 layer_lr_decay=s.layer_lr_decay, n_layers=_n_layers(model),
-                                lr_overrides=s.lr_overrides)
+                                lr_overrides=s.lr_overrides, kind=s.optimizer)
     scheduler = get_scheduler(s.schedule, optimizer, num_warmup_steps=s.warmup_steps,
                               num_training_steps=max(1, s.total_steps))
     size = getattr(objective, "size", len)

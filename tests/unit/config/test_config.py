@@ -121,3 +121,12 @@ def test_best_metric_other_than_loss_needs_a_classification_head():
     assert TrainConfig(head="classifier", best_metric="macro_f1").best_metric == "macro_f1"
     with pytest.raises(ValidationError, match="best_metric: macro_f1.*head: classifier"):
         TrainConfig(best_metric="macro_f1")
+
+
+def test_sgd_needs_its_own_learning_rate(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, "data:\n  train_file: t.jsonl\ntrain:\n  optimizer: sgd\n"))
+    assert "train.optimizer: sgd needs an explicit train.learning_rate" in str(exc.value)
+    cfg = load_config(write(tmp_path, "data:\n  train_file: t.jsonl\ntrain:\n  optimizer: sgd\n"
+                                      "  learning_rate: 0.1\n"))
+    assert cfg.train.optimizer == "sgd" and cfg.train.learning_rate == 0.1

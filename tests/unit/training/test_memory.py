@@ -101,3 +101,25 @@ def test_a_4bit_base_holds_its_linear_weights_in_about_an_eighth_of_fp32():
     assert plain.weights == 4_500_000 * 4
     assert nf4.weights == int(4_000_000 * 4.127 / 8 + 500_000 * 2)
     assert nf4.adapters == plain.adapters and nf4.total < plain.total
+
+
+def test_adapters_on_the_top_layers_keep_only_those_layers_activations(tiny_shape):
+    # without the LM head's logits (a classification head), which dominate for this tiny model
+    everywhere = _estimate(tiny_shape, lora_dropout=0.0, rows=8, lm_head=False)
+    top = _estimate(tiny_shape, lora_dropout=0.0, rows=8, lm_head=False, lora_layers=[-1])
+    # the tiny model has 2 layers: backward from the top one keeps about half
+    assert 0.3 * everywhere.activations < top.activations < 0.75 * everywhere.activations
+    assert top.n_trainable == everywhere.n_trainable // 2
+    sgd = _estimate(tiny_shape, optimizer="sgd")
+    assert sgd.optimizer == 4 * sgd.n_trainable  # one fp32 momentum buffer
+
+
+def test_a_run_with_adapters_on_some_layers_is_estimated_as_it_trains(make_config,
+                                                                      tiny_model_dir, test_home):
+    cfg = load_config(make_config(train={"lora": {"r": 8, "alpha": 16, "dropout": 0.0,
+                                                  "layers": [-1]}, "optimizer": "sgd",
+                                         "learning_rate": 0.1}))
+    model = prepare_model_for_training(load_model(tiny_model_dir), cfg)
+    estimate = training_memory(cfg, home=test_home)
+    assert estimate.n_trainable == _trainable(model)
+    assert estimate.optimizer == 4 * estimate.n_trainable

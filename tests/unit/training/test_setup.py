@@ -1,5 +1,7 @@
 import dataclasses
 
+import torch
+
 from tunesmith.config import TrainConfig
 from tunesmith.training.setup import LoopSettings, build_optimizer
 
@@ -36,3 +38,17 @@ def test_loop_defaults_are_the_run_configs():
     assert len(shared) >= 12
     for f in shared:
         assert f.default == config_defaults[f.name], f.name
+
+
+def test_sgd_keeps_the_groups_rates_with_momentum(tiny):
+    model, _ = tiny
+    for p in model.parameters():
+        p.requires_grad_(True)
+    adam = build_optimizer(model, lr=0.3, weight_decay=0.1, lr_overrides=(("layers.0.", 0.7),))
+    sgd = build_optimizer(model, lr=0.3, weight_decay=0.1, lr_overrides=(("layers.0.", 0.7),),
+                          kind="sgd")
+    assert isinstance(adam, torch.optim.AdamW) and isinstance(sgd, torch.optim.SGD)
+    assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in sgd.param_groups] == \
+        [(g["lr"], g["weight_decay"], len(g["params"])) for g in adam.param_groups]
+    assert {g["lr"] for g in sgd.param_groups} == {0.3, 0.7}
+    assert all(g["momentum"] == 0.9 for g in sgd.param_groups)
