@@ -76,7 +76,7 @@ def test_a_private_classifier_head_folds_its_input_scale_into_the_saved_weights(
     run_dir = result.run_dir
     assert result.results["privacy"]["epsilon"] <= 8.0 + 1e-6
     assert "optimizer: sgd" in (run_dir / "config.yaml").read_text()
-    assert "scale_head_input: true" in (run_dir / "config.yaml").read_text()
+    assert "head_input_scale: auto" in (run_dir / "config.yaml").read_text()
     merged = load_trained_classifier(run_dir / "merged").eval()
     base = load_classifier(tiny_model_dir, ["good", "bad"],
                            pad_token_id=tokenizer.pad_token_id)

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from tests.helpers import review_pairs
 from tunesmith.training.callbacks import read_metrics
@@ -33,10 +34,19 @@ PRIVATE = {"objective": "sft", "batch_size": 16, "epochs": 6,
 
 
 # sft stays in `make test`; dpo and sft-dp (slow) resume through the same checkpoint code
+# head-dp: a classification head under DP, trained on scaled input (the scale is computed
+# again on resume and folded in at the end), with SGD's momentum in the checkpoint
+PRIVATE_HEAD = {**PRIVATE, "head": "classifier", "optimizer": "sgd", "learning_rate": 0.05,
+                "head_learning_rate": 0.5}
+
+
 @pytest.mark.parametrize("objective", ["sft", pytest.param("dpo", marks=pytest.mark.slow),
-                                       pytest.param("sft-dp", marks=pytest.mark.slow)])
+                                       pytest.param("sft-dp", marks=pytest.mark.slow),
+                                       pytest.param("head-dp", marks=pytest.mark.slow)])
 def test_sigkill_and_resume_follows_the_same_curve(make_config, tmp_path, objective):
-    train = {**TRAIN, **PRIVATE} if objective == "sft-dp" else {**TRAIN, "objective": objective}
+    train = ({**TRAIN, **PRIVATE} if objective == "sft-dp" else
+             {**TRAIN, **PRIVATE_HEAD} if objective == "head-dp" else
+             {**TRAIN, "objective": objective})
     rows = review_pairs(80) if objective == "dpo" else None
     reference_cfg = make_config(rows, train=train, output_dir=str(tmp_path / "reference"))
     ref = _run(reference_cfg)
@@ -64,7 +74,16 @@ def test_sigkill_and_resume_follows_the_same_curve(make_config, tmp_path, object
     assert sorted(got) == sorted(expected)  # each step logged once, none missing
     for step, loss in expected.items():
         assert abs(got[step] - loss) <= 1e-4, (step, got[step], loss)
-    if objective == "sft-dp":  # the accountant resumed: the same epsilon for the same steps
+    if objective == "head-dp":  # the same head saved, the scale folded in once
+        from safetensors.torch import load_file
+
+        heads = [{k: v for k, v in load_file(tmp_path / d / "adapter" /
+                                             "adapter_model.safetensors").items() if "score" in k}
+                 for d in ("reference", "killed")]
+        assert heads[0].keys() == heads[1].keys() and heads[0]
+        for k in heads[0]:
+            torch.testing.assert_close(heads[1][k], heads[0][k], rtol=1e-4, atol=1e-5)
+    if objective in ("sft-dp", "head-dp"):  # the accountant resumed: the same epsilon
         spent = [_privacy(tmp_path / d) for d in ("reference", "killed")]
         assert spent[0]["steps"] == spent[1]["steps"] == max(expected)
         assert spent[1]["epsilon"] == pytest.approx(spent[0]["epsilon"], abs=1e-9)

@@ -29,12 +29,6 @@ class PrivacyConfig(_Section):
         16, gt=0, description="Examples whose per-example gradients are held at once; the "
         "logical batch (train.batch_size, expected under Poisson sampling) is cut into these, "
         "so memory stays flat at large batches.")
-    scale_head_input: bool = Field(
-        True, description="With head 'classifier': the new head trains on its input divided "
-        "by each feature's RMS over public prompts (the general prompts shipped with "
-        "tunesmith, not the training data: no privacy spent), folded back into its weights "
-        "after training. A decoder's last hidden states hold a few features tens of times "
-        "larger than the rest; clipped per-example gradients then hardly reach the others.")
 
     @field_validator("delta")
     @classmethod

@@ -158,6 +158,13 @@ class TrainConfig(_Section):
         "layer. 'auto': learning_rate / 10 (with Adam, a new layer on large hidden states moves "
         "its logits by lr x |hidden| per step; the adapters' rate makes it overshoot).",
     )
+    head_input_scale: Literal["auto", "public", "none"] = Field(
+        "auto", description="With head 'classifier': 'public' trains the new head on its input "
+        "divided by each feature's RMS over public prompts (the general prompts shipped with "
+        "tunesmith, not the training data: no privacy spent), folded into its weights after "
+        "training. A decoder's last hidden states hold a few features tens of times larger "
+        "than the rest, which clipped per-example gradients hardly get past. 'auto': 'public' "
+        "under train.privacy, else 'none'.")
     epochs: int | Auto = Field(
         "auto", description="Passes over the training data. 'auto': 3, more for tiny sets, "
         "fewer for huge ones (as OpenAI's fine-tuning does).",
@@ -253,6 +260,13 @@ class TrainConfig(_Section):
                              "on a 4-bit base (method: lora, head: lm); 4-bit weights cannot "
                              "be trained themselves. Set method: lora and head: lm, or "
                              "quantize_base: none")
+        return self
+
+    @model_validator(mode="after")
+    def _scaled_input_needs_a_head(self) -> TrainConfig:
+        if self.head_input_scale == "public" and self.head != "classifier":
+            raise ValueError("train.head_input_scale: public scales a classification head's "
+                             "input; set train.head: classifier, or head_input_scale: auto")
         return self
 
     @model_validator(mode="after")

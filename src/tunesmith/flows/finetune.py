@@ -89,10 +89,11 @@ def privacy_for(cfg: RunConfig, hp: ResolvedHyperparameters, n_examples: int) ->
 
 
 def scaled_head_input(cfg: RunConfig, model: Any, tokenizer: Any) -> ScaledHeadInput | None:
-    """Under DP, a new classification head trains on its input scaled by public prompts'
-    feature RMS (``training.head_scale``); None where that is off or not private."""
-    p = cfg.train.privacy
-    if p is None or not p.scale_head_input:
+    """A new classification head trains on its input scaled by public prompts' feature RMS
+    (``training.head_scale``) with ``train.head_input_scale`` 'public', or 'auto' under DP;
+    None where it does not."""
+    mode = cfg.train.head_input_scale
+    if mode == "none" or (mode == "auto" and cfg.train.privacy is None):
         return None
     prompts = read_general_prompts(general_text_dir() / GENERAL_PROMPTS_FILE)
     scale = public_feature_rms(model, [encode_prompt(tokenizer, m) for m in prompts])

@@ -130,3 +130,15 @@ def test_sgd_needs_its_own_learning_rate(tmp_path):
     cfg = load_config(write(tmp_path, "data:\n  train_file: t.jsonl\ntrain:\n  optimizer: sgd\n"
                                       "  learning_rate: 0.1\n"))
     assert cfg.train.optimizer == "sgd" and cfg.train.learning_rate == 0.1
+
+
+def test_a_scaled_head_input_needs_a_classification_head(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, "data:\n  train_file: t.jsonl\n"
+                                    "train:\n  head_input_scale: public\n"))
+    assert "train.head_input_scale: public scales a classification head's input" in \
+        str(exc.value)
+    cfg = load_config(write(tmp_path, "data:\n  train_file: t.jsonl\ntrain:\n  head: classifier\n"
+                                      "  head_input_scale: public\neval:\n  task: classification\n"
+                                      "  labels: [a, b]\n"))
+    assert cfg.train.head_input_scale == "public"
