@@ -282,9 +282,16 @@ def prepare_model_for_training(model: Any, cfg: RunConfig) -> Any:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     lora = cfg.train.lora
-    return add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                    target_modules=lora.target_modules, layers=lora.layers,
-                    task_type="SEQ_CLS" if cfg.train.head == "classifier" else "CAUSAL_LM")
+    model = add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                     target_modules=lora.target_modules, layers=lora.layers,
+                     task_type="SEQ_CLS" if cfg.train.head == "classifier" else "CAUSAL_LM")
+    # PEFT keeps adapters in fp32 over a bf16 base, but its trainable copy of a new
+    # classification head keeps the load dtype: in bf16 an update below 1/256 of a weight is
+    # rounded away. Trainable weights over a frozen base train in fp32.
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
 
 
 def prepare_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool = False,

@@ -26,16 +26,10 @@ def resolve_precision(choice: str, device: torch.device) -> str:
 
 
 def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast frozen floating-point weights to ``dtype``; trainable ones are kept in fp32 (a
-    new classification head loaded with a bf16 base is lifted to fp32: in bf16 an update
-    below 1/256 of a weight is rounded away)."""
+    """Cast frozen floating-point weights to ``dtype``; trainable ones stay in fp32."""
     for p in model.parameters():
-        if not p.is_floating_point():
-            continue
-        if not p.requires_grad:
+        if not p.requires_grad and p.is_floating_point():
             p.data = p.data.to(dtype)
-        elif p.dtype != torch.float32:
-            p.data = p.data.float()
     for name, buf in model.named_buffers():
         # rotary inverse frequencies stay fp32: positions need the precision
         if buf.is_floating_point() and "inv_freq" not in name:
