@@ -60,14 +60,9 @@ def test_a_private_classifier_head_folds_its_input_scale_into_the_saved_weights(
 
     from tunesmith.config import load_config
     from tunesmith.data.encode import encode_prompt
-    from tunesmith.evaluation.forgetting import (
-        GENERAL_PROMPTS_FILE,
-        general_text_dir,
-        read_general_prompts,
-    )
+    from tunesmith.flows.finetune import public_scale
     from tunesmith.flows.steps import base_dtype, prepare_model_for_training
     from tunesmith.models.classifier import class_logits, load_classifier, load_trained_classifier
-    from tunesmith.training.head_scale import public_feature_rms
 
     cfg = make_config(train={**PRIVATE, "head": "classifier", "optimizer": "sgd",
                              "learning_rate": 0.05, "head_learning_rate": 0.5},
@@ -90,14 +85,13 @@ def test_a_private_classifier_head_folds_its_input_scale_into_the_saved_weights(
     assert not merged.score._forward_pre_hooks
     # the head trained on scaled input (the best checkpoint holds it so); what was saved is
     # that head with the public prompts' feature RMS folded in
-    prompts = read_general_prompts(general_text_dir() / GENERAL_PROMPTS_FILE)
     # on the base as the run loaded it (bf16 where the CPU computes it natively), with its
     # fresh adapters (zero updates, fp32)
     loaded = load_config(cfg)
     fresh = prepare_model_for_training(load_classifier(
         tiny_model_dir, ["good", "bad"], pad_token_id=tokenizer.pad_token_id,
         dtype=base_dtype(loaded)), loaded)
-    scale = public_feature_rms(fresh, [encode_prompt(tokenizer, m) for m in prompts])
+    scale = public_scale(fresh, tokenizer)
     trained = load_file(run_dir / "checkpoints" / f"step-{result.best_step}" /
                         "trainable.safetensors")
     saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")

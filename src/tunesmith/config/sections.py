@@ -246,11 +246,9 @@ class TrainConfig(_Section):
     @classmethod
     def _privacy_unpacks(cls, data: object) -> object:
         # DP clips per example, so packing is off unless the user asked for it (then an error)
-        if isinstance(data, dict) and data.get("privacy") and "packing" not in data:
-            data = {**data, "packing": False}
         # and class weights counted from the training labels are off unless asked for
-        if isinstance(data, dict) and data.get("privacy") and "class_weights" not in data:
-            data = {**data, "class_weights": "none"}
+        if isinstance(data, dict) and data.get("privacy"):
+            data = {"packing": False, "class_weights": "none", **data}
         return data
 
     @model_validator(mode="after")

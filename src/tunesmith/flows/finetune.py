@@ -95,9 +95,13 @@ def scaled_head_input(cfg: RunConfig, model: Any, tokenizer: Any) -> ScaledHeadI
     mode = cfg.train.head_input_scale
     if mode == "none" or (mode == "auto" and cfg.train.privacy is None):
         return None
+    return ScaledHeadInput(model, public_scale(model, tokenizer))
+
+
+def public_scale(model: Any, tokenizer: Any) -> torch.Tensor:
+    """The head input's feature RMS over the general prompts shipped with tunesmith."""
     prompts = read_general_prompts(general_text_dir() / GENERAL_PROMPTS_FILE)
-    scale = public_feature_rms(model, [encode_prompt(tokenizer, m) for m in prompts])
-    return ScaledHeadInput(model, scale)
+    return public_feature_rms(model, [encode_prompt(tokenizer, m) for m in prompts])
 
 
 def write_privacy_card(summary: dict[str, Any], *directories: Path) -> None:

@@ -71,7 +71,7 @@ class ScaledHeadInput:
 
     def __init__(self, model: Any, scale: torch.Tensor) -> None:
         self.head = trainable_head(model)
-        # fp32 whatever the head is now: setup lifts a trainable head loaded in bf16 to fp32
+        # fp32 whatever the head's dtype: the fold divides fp32 weights by it
         self.scale = scale.to(self.head.weight.device, torch.float32)
         self._hook = self.head.register_forward_pre_hook(self._divide)
 

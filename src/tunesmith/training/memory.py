@@ -119,10 +119,9 @@ def estimate_training_memory(
       larger. Under DP-SGD also one per example of a physical batch (Opacus's per-example
       gradients).
     - optimizer: AdamW's two moments (SGD's one momentum buffer) per trainable parameter, at
-      the parameter's dtype. No
-      separate fp32 master copy exists: trainable weights are kept in fp32 themselves (LoRA,
-      or full with float32 weights), or trained in bf16 throughout (full with
-      model.dtype: bfloat16).
+      the parameter's dtype. No separate fp32 master copy exists: trainable weights are kept
+      in fp32 themselves (LoRA, or full with float32 weights), or trained in bf16 throughout
+      (full with model.dtype: bfloat16).
     - activations: what autograd keeps for backward, per layer and token (Llama-style block,
       as measured with saved-tensor hooks):
       the inputs of the two norms (2h, fp32), the attention kernel's q, k, v, output and

@@ -10,7 +10,6 @@ starts, so wrappers see plain torch objects.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -21,6 +20,7 @@ from transformers import get_scheduler
 
 from tunesmith.config import TrainConfig
 from tunesmith.errors import TrainingError
+from tunesmith.models.sizing import layer_index
 from tunesmith.training.batches import BatchSource, ShuffledBatches
 from tunesmith.training.objectives import Objective, frozen_models
 from tunesmith.training.precision import cast_frozen, resolve_precision
@@ -92,8 +92,6 @@ class TrainParts:
 
 Wrapper = Callable[[TrainParts], TrainParts]
 
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
-
 
 def _no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
@@ -103,9 +101,9 @@ def _layer_scale(name: str, n_layers: int, decay: float) -> float:
     """lr multiplier: decay^(n-1-i) for layer i, decay^n for embeddings, 1 for the head."""
     if decay == 1.0:
         return 1.0
-    found = _LAYER.search(name)
-    if found:
-        return decay ** (n_layers - 1 - int(found.group(1)))
+    index = layer_index(name)
+    if index is not None:
+        return decay ** (n_layers - 1 - index)
     return decay ** n_layers if "embed" in name else 1.0
 
 
