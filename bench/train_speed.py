@@ -44,7 +44,11 @@ def rows(steps: int) -> tuple[list, list]:
     return data[: steps * BATCH], data[-64:]
 
 
-def setup(steps: int, dtype: str = "float32"):
+def setup(steps: int, dtype: str = "float32", *, peer: bool = True):
+    """The model with fresh adapters and the rows. A peer gets its adapters from PEFT as its
+    users would (PEFT's own dropout); tunesmith from ``add_lora`` (its faster CPU dropout)."""
+    from peft import LoraConfig, get_peft_model
+
     from tunesmith.data.encode import encode_chat
     from tunesmith.models.load import add_lora, load
     from tunesmith.models.resolve import default_home, resolve_model
@@ -54,8 +58,13 @@ def setup(steps: int, dtype: str = "float32"):
     train = [e for e in (encode_chat(tok, m) for m in train_rows) if len(e) <= MAX_LEN]
     valid = [encode_chat(tok, m) for m in valid_rows]
     torch.manual_seed(SEED)
-    model = add_lora(model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
-                     target_modules=LORA["target_modules"])
+    if peer:
+        model = get_peft_model(model, LoraConfig(
+            r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+            target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
+    else:
+        model = add_lora(model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
+                         target_modules=LORA["target_modules"])
     return model, tok, train, valid
 
 
@@ -164,7 +173,7 @@ def run_tunesmith(steps: int) -> dict:
 
     # tunesmith's default: frozen weights loaded straight in bf16 where training runs in bf16
     dtype = load_dtype("auto", precision="auto", method="lora", device=torch.device("cpu"))
-    model, tok, data, valid = setup(steps, dtype)
+    model, tok, data, valid = setup(steps, dtype, peer=False)
     settings = LoopSettings(learning_rate=LR, epochs=1, batch_size=BATCH, total_steps=steps,
                             eval_every=steps, schedule="cosine", max_grad_norm=1.0, packing=True,
                             pack_capacity=MAX_LEN, precision="auto", seed=SEED)

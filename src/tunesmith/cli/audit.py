@@ -38,6 +38,9 @@ def privacy_cmd(
                       ("membership-inference AUC", "membership_auc")):
         out.print(f"{name:28} {found['dp'][key]:10.3f} {found['no_dp'][key]:11.3f}",
                   highlight=False)
+    dp_ci, no_ci = found["dp"]["membership_auc_ci"], found["no_dp"]["membership_auc_ci"]
+    out.print(f"{'  95% interval':28} {dp_ci[0]:.3f}-{dp_ci[1]:.3f} {no_ci[0]:.3f}-{no_ci[1]:.3f}",
+              highlight=False)
     out.print(f"chance exposure: {found['dp']['chance_exposure']:.2f} bits; ceiling "
               f"{found['dp']['exposure_ceiling']:.2f} bits; epsilon "
               f"{(found['dp'].get('privacy') or {}).get('epsilon', float('nan')):.2f}",

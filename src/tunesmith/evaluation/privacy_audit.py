@@ -214,6 +214,24 @@ def membership_auc(member_losses: Sequence[float], nonmember_losses: Sequence[fl
     return float(roc_auc_score(labels, scores))
 
 
+def membership_auc_interval(member_losses: Sequence[float], nonmember_losses: Sequence[float],
+                            *, level: float = 0.95, n_resamples: int = 2000,
+                            seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``membership_auc``: members and non-members are
+    resampled separately (each set keeps its size), so the interval shows how much the AUC of a
+    few hundred examples moves by which examples were drawn."""
+    members = np.asarray(member_losses, dtype=np.float64)
+    nonmembers = np.asarray(nonmember_losses, dtype=np.float64)
+    membership_auc(members, nonmembers)  # the same checks
+    rng = np.random.default_rng(seed)
+    draws = [membership_auc(rng.choice(members, members.size),
+                            rng.choice(nonmembers, nonmembers.size))
+             for _ in range(n_resamples)]
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(draws, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def example_losses(model: Any, tokenizer: Any, conversations: Sequence[Sequence[dict]], *,
                    batch_size: int = 16) -> list[float]:
     """Each conversation's mean natural-log loss per assistant token."""
@@ -236,6 +254,7 @@ class AuditResult:
     n_candidates: int
     canaries: list[dict]
     membership_auc: float
+    membership_auc_ci: list[float]  # 95% bootstrap interval (membership_auc_interval)
     n_members: int
     n_nonmembers: int
 
@@ -261,4 +280,6 @@ def audit_model(model: Any, tokenizer: Any, *, canaries: Sequence[Canary],
         chance_exposure=summary["chance_exposure"], exposure_ceiling=summary["ceiling"],
         n_candidates=n_candidates, canaries=per_canary,
         membership_auc=membership_auc(member_losses, nonmember_losses),
+        membership_auc_ci=list(membership_auc_interval(member_losses, nonmember_losses,
+                                                       seed=seed)),
         n_members=len(members), n_nonmembers=len(nonmembers))

@@ -302,9 +302,14 @@ def _privacy(results: dict[str, Any]) -> list:
              fmt(audit["no_dp"]["mean_exposure"]), fmt(audit["dp"]["chance_exposure"])],
             ["canary exposure, max (bits)", fmt(audit["dp"]["max_exposure"]),
              fmt(audit["no_dp"]["max_exposure"]), "-"],
-            ["membership inference AUC", fmt(audit["dp"]["membership_auc"]),
-             fmt(audit["no_dp"]["membership_auc"]), "0.5"]]))
+            ["membership inference AUC (95% CI)", _auc(audit["dp"]), _auc(audit["no_dp"]),
+             "0.5"]]))
     return blocks
+
+
+def _auc(arm: dict[str, Any]) -> str:
+    ci = arm.get("membership_auc_ci")  # audits written before the interval have none
+    return fmt(arm["membership_auc"]) + (f" ({fmt(ci[0])}-{fmt(ci[1])})" if ci else "")
 
 
 def _data(results: dict[str, Any]) -> list:

@@ -163,7 +163,7 @@ def estimate_training_memory(
     activations = _activations(
         shape, targets, lora=lora, rows=rows, max_length=max_length, lora_r=lora_r,
         lora_dropout=lora_dropout, gradient_checkpointing=gradient_checkpointing, bf16=bf16,
-        lm_head=lm_head, device=device)
+        lm_head=lm_head)
 
     # Backward starts with the LM head, so its gradient is the only one there at the start
     # (all of them are when earlier micro-batches left theirs); the optimizer step holds them
@@ -189,7 +189,7 @@ def estimate_training_memory(
 
 def _activations(shape: ModelShape, targets: list[Linear], *, lora: bool, rows: int,
                  max_length: int, lora_r: int, lora_dropout: float,
-                 gradient_checkpointing: bool, bf16: bool, lm_head: bool, device: str) -> int:
+                 gradient_checkpointing: bool, bf16: bool, lm_head: bool) -> int:
     """Bytes autograd keeps for backward at its start, logits included (see the estimate)."""
     h, m, layers = shape.hidden, shape.intermediate, shape.layers
     if lora and targets:
@@ -201,7 +201,7 @@ def _activations(shape: ModelShape, targets: list[Linear], *, lora: bool, rows: 
     # per token and layer: norm inputs (fp32) and rsqrt, attention kernel, MLP
     block = (2 * h + 2) * 4 + qkv_out * a + shape.heads * 4 + 3 * m * a
     if lora:
-        mask = 1 if device == "cuda" else a  # CUDA keeps a bool mask, CPU the scaled noise
+        mask = 1  # a bool mask: CUDA's dropout and FastDropout (models.lora_dropout) on CPU
         block += len(targets) * lora_r * a / layers
         block += _adapter_inputs(targets, layers, lora_dropout, mask, a)
     else:

@@ -21,6 +21,7 @@ from tunesmith.evaluation.privacy_audit import (
     exposure_rank,
     make_canaries,
     membership_auc,
+    membership_auc_interval,
     secret_log_perplexities,
     summarize_exposures,
 )
@@ -93,6 +94,30 @@ def test_membership_auc_of_a_gaussian_shift_matches_the_closed_form():
     expected = 0.5 * (1 + math.erf(d / math.sqrt(2) / math.sqrt(2)))
     auc = membership_auc(rng.normal(size=4000), rng.normal(d, size=4000))
     assert auc == pytest.approx(expected, abs=0.02)
+
+
+def test_membership_auc_interval_covers_the_true_auc_about_95_percent_of_the_time():
+    # AUC of N(0,1) members against N(0.5,1) non-members is Phi(0.5 / sqrt 2)
+    truth = 0.5 * (1 + math.erf(0.5 / 2))
+    rng = np.random.default_rng(4)
+    covered, widths = 0, []
+    for trial in range(60):
+        members, nonmembers = rng.normal(size=200), rng.normal(0.5, size=200)
+        low, high = membership_auc_interval(members, nonmembers, n_resamples=400, seed=trial)
+        assert low <= membership_auc(members, nonmembers) <= high
+        covered += low <= truth <= high
+        widths.append(high - low)
+    assert 51 <= covered <= 60  # 95% of 60 trials is 57; binomial sd 1.7
+    # the normal approximation of the AUC's standard error at n = 200 + 200 is about 0.028
+    assert 0.08 < float(np.mean(widths)) < 0.14
+
+
+def test_membership_auc_interval_narrows_with_more_examples():
+    rng = np.random.default_rng(5)
+    small = membership_auc_interval(rng.normal(size=100), rng.normal(size=100), seed=0)
+    large = membership_auc_interval(rng.normal(size=2500), rng.normal(size=2500), seed=0)
+    assert (large[1] - large[0]) < (small[1] - small[0]) / 3
+    assert large[0] < 0.5 < large[1]
 
 
 def test_membership_auc_needs_both_sets():

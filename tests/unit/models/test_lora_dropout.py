@@ -1,0 +1,111 @@
+"""FastDropout: the LoRA dropout with masks drawn 16 bits at a time on CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from tunesmith.models.load import add_lora, load
+from tunesmith.models.lora_dropout import FastDropout, keep_mask, use_fast_dropout
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_keep_rate_is_one_minus_p_in_every_chunk(p):
+    torch.manual_seed(0)
+    n = 3 * 400_000
+    keep = keep_mask((n,), p).float()
+    # within 5 standard deviations of a binomial with the right rate, in each of the three
+    # 16-bit chunks of a draw (a chunk taken from the top bits of a 63-bit draw would be off)
+    for chunk in range(3):
+        part = keep[chunk::3]
+        sd = math.sqrt(p * (1 - p) / part.numel())
+        assert abs(part.mean().item() - (1 - p)) < 5 * sd, (chunk, part.mean().item())
+
+
+def test_mask_elements_are_independent():
+    torch.manual_seed(1)
+    keep = keep_mask((600_000,), 0.5).float() - 0.5
+    for lag in (1, 2, 3, 4):  # neighbours, the same draw's chunks and the next draw's
+        corr = (keep[:-lag] * keep[lag:]).mean().item() / 0.25
+        assert abs(corr) < 5 / math.sqrt(keep.numel()), (lag, corr)
+
+
+def test_shape_seed_and_odd_sizes():
+    torch.manual_seed(3)
+    a = keep_mask((7, 5, 3), 0.2)
+    torch.manual_seed(3)
+    b = keep_mask((7, 5, 3), 0.2)
+    assert a.shape == (7, 5, 3) and a.dtype == torch.bool
+    assert torch.equal(a, b)
+    assert keep_mask((1,), 0.0).all()  # p = 0 keeps everything
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_and_backward_are_dropout(dtype):
+    drop = FastDropout(0.25)
+    x = torch.randn(64, 48, dtype=dtype, requires_grad=True)
+    torch.manual_seed(5)
+    y = drop(x)
+    torch.manual_seed(5)
+    keep = keep_mask(x.shape, 0.25)
+    assert y.dtype == dtype
+    expected = torch.where(keep, x.detach(), 0) * (1 / 0.75)
+    assert torch.equal(y.detach(), expected)
+    y.sum().backward()
+    grad = torch.where(keep, torch.ones_like(x), 0) * (1 / 0.75)
+    assert torch.equal(x.grad, grad)
+    # dropped elements are exactly the masked ones, and about a quarter of them
+    assert 0.15 < (y == 0).float().mean().item() < 0.35
+    drop.eval()
+    assert drop(x) is x
+
+
+def test_checkpoint_replay_draws_the_same_mask():
+    """Activation checkpointing re-runs the forward pass in backward: the mask must repeat,
+    or the gradients would belong to another mask."""
+    layer = nn.Linear(32, 32)
+    drop = FastDropout(0.3)
+    x = torch.randn(16, 32, requires_grad=True)
+
+    def block(t):
+        return layer(drop(t)).tanh()
+
+    torch.manual_seed(9)
+    block(x).sum().backward()
+    plain = (x.grad.clone(), layer.weight.grad.clone())
+    x.grad = None
+    layer.weight.grad = None
+    torch.manual_seed(9)
+    checkpoint(block, x, use_reentrant=False).sum().backward()
+    assert torch.equal(x.grad, plain[0]) and torch.equal(layer.weight.grad, plain[1])
+
+
+def test_bad_probability_is_refused():
+    with pytest.raises(ValueError, match="dropout probability"):
+        FastDropout(1.0)
+
+
+def test_add_lora_uses_fast_dropout(tiny_model_dir):
+    model, _ = load(tiny_model_dir)
+    peft = add_lora(model, r=4, alpha=8, dropout=0.1, target_modules="all-linear")
+    drops = [m for m in peft.modules() if isinstance(m, FastDropout)]
+    assert len(drops) == 2 * 7  # every linear layer of the two decoder layers
+    assert all(d.p == 0.1 for d in drops)
+    assert not any(type(m) is nn.Dropout and m.p > 0 for m in peft.modules()
+                   if m not in drops)
+    assert use_fast_dropout(peft) == 0  # nothing left to swap
+    # training draws masks (two forward passes differ), evaluation does not
+    ids = torch.randint(0, 100, (2, 12))
+    peft.train()
+    for module in peft.modules():  # adapters start at B = 0: give them a say in the output
+        if hasattr(module, "lora_B"):
+            for b in module.lora_B.values():
+                nn.init.normal_(b.weight, std=0.5)
+    a, b = peft(input_ids=ids).logits, peft(input_ids=ids).logits
+    assert not torch.allclose(a, b)
+    peft.eval()
+    assert torch.equal(peft(input_ids=ids).logits, peft(input_ids=ids).logits)
