@@ -21,6 +21,7 @@ into a PEFT model in place of its ``nn.Dropout`` modules.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -31,14 +32,11 @@ _LEVELS = 1 << _BITS
 _PER_WORD = 3  # 16-bit chunks of a 64-bit draw that are uniform: random_() gives 63 bits
 
 
-def keep_mask(shape: torch.Size | tuple[int, ...], p: float, *,
-              device: torch.device | str = "cpu") -> torch.Tensor:
-    """A boolean mask of ``shape`` whose elements are True with probability ``1 - p``
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
+    """A boolean CPU mask of ``shape`` whose elements are True with probability ``1 - p``
     (``p`` rounded to 1/65536), drawn from torch's default generator."""
-    n = 1
-    for size in shape:
-        n *= int(size)
-    words = torch.empty((n + _PER_WORD - 1) // _PER_WORD, dtype=torch.int64, device=device)
+    n = math.prod(shape)
+    words = torch.empty((n + _PER_WORD - 1) // _PER_WORD, dtype=torch.int64)
     words.random_()  # uniform on [0, 2**63): the low three 16-bit chunks are uniform
     chunks = words.view(torch.int16).view(-1, 4)[:, :_PER_WORD]
     # a signed 16-bit chunk v stands for the unsigned v + 32768; keep it when that >= p * 65536

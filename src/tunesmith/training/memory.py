@@ -74,14 +74,15 @@ class MemoryEstimate:
                 f"{self.tokens:,} tokens per forward pass")
 
 
-def _adapter_inputs(targets: list[Linear], layers: int, dropout: float, mask_bytes: float,
+def _adapter_inputs(targets: list[Linear], layers: int, dropout: float,
                     act_bytes: float) -> float:
     """Bytes per token per layer the adapters keep: each its rank-r output is counted by the
     caller; here the inputs. With dropout each adapted layer keeps its own dropped copy and the
-    dropout mask (and the undropped input is then kept by nobody); without, adapted layers
-    reading the same tensor share one copy."""
+    dropout's bool mask, a byte per element (CUDA's dropout and ``FastDropout`` on CPU, see
+    models.lora_dropout), and the undropped input is then kept by nobody; without, adapted
+    layers reading the same tensor share one copy."""
     if dropout > 0:
-        return sum(t.in_features for t in targets) * (act_bytes + mask_bytes) / layers
+        return sum(t.in_features for t in targets) * (act_bytes + 1) / layers
     inputs: dict[str, int] = {}
     for t in targets:
         leaf = t.name.rsplit(".", 1)[-1]
@@ -201,9 +202,8 @@ def _activations(shape: ModelShape, targets: list[Linear], *, lora: bool, rows: 
     # per token and layer: norm inputs (fp32) and rsqrt, attention kernel, MLP
     block = (2 * h + 2) * 4 + qkv_out * a + shape.heads * 4 + 3 * m * a
     if lora:
-        mask = 1  # a bool mask: CUDA's dropout and FastDropout (models.lora_dropout) on CPU
         block += len(targets) * lora_r * a / layers
-        block += _adapter_inputs(targets, layers, lora_dropout, mask, a)
+        block += _adapter_inputs(targets, layers, lora_dropout, a)
     else:
         block += 4 * h * a + m * a
     if gradient_checkpointing:
