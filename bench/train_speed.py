@@ -1,6 +1,6 @@
 """Training speed and memory: tunesmith's loop against HF Trainer + PEFT, in one invocation.
 
-    .venv/bin/python bench/train_speed.py [--steps 30] [--out docs/benchmarks.md]
+    .venv/bin/python bench/train_speed.py [--steps 30] [--repeat 3] [--out docs/benchmarks.md]
     .venv/bin/python bench/train_speed.py --steps 2 --model DIR   # smoke: any small model
 
 Both engines train the bundled SmolLM2-135M-Instruct on the same SMS-spam chat rows, with the
@@ -21,6 +21,7 @@ import json
 import platform
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -34,6 +35,7 @@ sys.path.insert(0, str(REPO / "src"))
 DATA = REPO / "examples" / "sms_spam" / "sms_spam.jsonl"
 LR, BATCH, MAX_LEN, SEED = 3e-4, 8, 256, 0
 MODEL = "smollm2-135m-instruct"  # --model: a directory instead (the suite's smoke run)
+SHARED_DROPOUT = True  # --per-module-dropout: tunesmith's adapters draw a mask each, as PEFT's
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
 
 
@@ -64,7 +66,7 @@ def setup(steps: int, dtype: str = "float32", *, peer: bool = True):
             target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
     else:
         model = add_lora(model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
-                         target_modules=LORA["target_modules"])
+                         target_modules=LORA["target_modules"], shared_dropout=SHARED_DROPOUT)
     return model, tok, train, valid
 
 
@@ -199,14 +201,26 @@ def child(engine: str, steps: int) -> None:
 
 def measure(engine: str, steps: int) -> dict:
     """One engine in a process of its own, so its peak RSS is its own."""
+    extra = ["--seed", str(SEED)] + ([] if SHARED_DROPOUT else ["--per-module-dropout"])
     done = subprocess.run([sys.executable, __file__, "--child", engine, "--steps", str(steps),
-                           "--model", MODEL], capture_output=True, text=True, check=False)
+                           "--model", MODEL, *extra], capture_output=True, text=True,
+                          check=False)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if done.returncode != 0 or line is None:
         raise SystemExit(f"{engine} failed:\n{done.stderr[-4000:]}")
     result = json.loads(line[len("RESULT "):])
     result["tokens_per_s"] = result["tokens"] / result["seconds"]
     return result
+
+
+def combined(runs: list[dict]) -> dict:
+    """One engine's rounds as one: the median tokens/s and loop seconds, the highest peak RSS,
+    the validation loss (the same in every round: same seed, same steps)."""
+    out = dict(runs[0])
+    for key in ("tokens_per_s", "seconds"):
+        out[key] = statistics.median(r[key] for r in runs)
+    out["peak_rss_gb"] = max(r["peak_rss_gb"] for r in runs)
+    return out
 
 
 def ratio_table(peer_name: str, short: str, peer: dict, ts: dict,
@@ -233,7 +247,7 @@ def table(hf: dict, ts: dict) -> str:
 
 
 def main() -> None:
-    global MODEL
+    global MODEL, SHARED_DROPOUT, SEED
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--bf16-steps", type=int, default=None,
@@ -245,8 +259,16 @@ def main() -> None:
     parser.add_argument("--child")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--model", default=MODEL, help="model name or directory")
+    parser.add_argument("--per-module-dropout", action="store_true",
+                        help="tunesmith with train.lora.shared_dropout false (a mask per adapter)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of every engine, the order turning each round; reported: "
+                        "the median tokens/s and each round's ratios")
+    parser.add_argument("--seed", type=int, default=SEED,
+                        help="the rows' order (which are trained and validated on) and the "
+                        "adapters' initial weights")
     args = parser.parse_args()
-    MODEL = args.model
+    MODEL, SHARED_DROPOUT, SEED = args.model, not args.per_module_dropout, args.seed
     if args.child:
         child(args.child, args.steps)
         return
@@ -254,27 +276,45 @@ def main() -> None:
     unknown = set(peers) - set(PEERS)
     if unknown:
         parser.error(f"--peers: unknown {sorted(unknown)}; choose from {sorted(PEERS)}")
-    found = {p: measure(p, args.bf16_steps if p == "hf_bf16" and args.bf16_steps
-                        else args.steps) for p in peers}
-    ts = measure("tunesmith", args.steps)
-    rates = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    engines = [*peers, "tunesmith"]
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    rate_runs: list[dict[str, float]] = []
+    for round_ in range(args.repeat):
+        # the order turns each round, so no engine always runs first or last while the
+        # machine's speed drifts
+        for e in engines[round_ % len(engines):] + engines[:round_ % len(engines)]:
+            runs[e].append(measure(e, args.bf16_steps if e == "hf_bf16" and args.bf16_steps
+                                   else args.steps))
+        rate_runs.append({"fp32": matmul_gflops(torch.float32),
+                          "bf16": matmul_gflops(torch.bfloat16)})
+    found = {p: combined(runs[p]) for p in peers}
+    ts = combined(runs["tunesmith"])
+    rates = {k: statistics.median(r[k] for r in rate_runs) for k in ("fp32", "bf16")}
     flops = lora_flops_per_token()
     limits = {k: v * 1e9 / flops for k, v in rates.items()}
     text = "\n\n".join(ratio_table(*PEERS[p], r, ts, ROWS if r["steps"] == args.steps
                                      else ROWS[:2]) for p, r in found.items())
+    if args.repeat > 1:
+        text += "\n\n" + "\n".join(
+            f"tunesmith / {PEERS[p][1]} in each round: " + ", ".join(
+                f"{t['tokens_per_s'] / q['tokens_per_s']:.2f}x"
+                for t, q in zip(runs["tunesmith"], runs[p], strict=True)) for p in peers)
     limit_text = "\n".join(
         f"{k} matmul: {rates[k]:.1f} GFLOP/s -> LoRA limit {limits[k]:.0f} tokens/s "
         f"({flops / 1e6:.0f} MFLOP per trained token); tunesmith at "
         f"{100 * ts['tokens_per_s'] / limits[k]:.1f}% of it" for k in ("bf16", "fp32"))
     print(text)
+    print(f"tunesmith: {ts['tokens_per_s']:.0f} trained tokens/s, peak RSS "
+          f"{ts['peak_rss_gb']:.2f} GB, final validation loss {ts['valid_loss']:.4f}")
     print(limit_text)
     print(f"tunesmith precision: {ts['precision']}; {args.steps} steps of batch {BATCH}; "
           f"{ts['tokens']} trained tokens each")
     if args.out:
         section = (f"## Training speed\n\nMachine: {platform.processor() or platform.machine()}, "
                    f"{torch.get_num_threads()} threads, torch {torch.__version__}. Command: "
-                   f"`.venv/bin/python bench/train_speed.py --steps {args.steps} --out "
-                   f"{args.out}`. SmolLM2-135M-Instruct, SMS spam chat rows, LoRA r=16/alpha 32/"
+                   f"`.venv/bin/python bench/train_speed.py --steps {args.steps} --repeat "
+                   f"{args.repeat} --out {args.out}` (tokens/s: the median of the rounds). "
+                   f"SmolLM2-135M-Instruct, SMS spam chat rows, LoRA r=16/alpha 32/"
                    f"all linear, batch {BATCH}, lr {LR}, cosine, {args.steps} steps; tunesmith "
                    f"precision {ts['precision']}.\n\n{text}\n\n{limit_text}\n")
         replace_section(args.out, "## Training speed", section)

@@ -102,6 +102,10 @@ class LoraConfig(_Section):
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    shared_dropout: bool = Field(
+        True, description="Adapters that read the same tensor (q/k/v, gate/up) see one dropped "
+        "copy of it: the same dropout rate, one mask instead of three (faster, less memory). "
+        "false: each adapter draws its own mask, as PEFT does.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Modules that get adapters: 'all-linear' or a list of names.")
     layers: list[int] | None = Field(

@@ -41,6 +41,7 @@ def training_memory(cfg: RunConfig, *, home: Path) -> MemoryEstimate:
     estimate = estimate_training_memory(
         shape, method=t.method, rows=rows, max_length=cfg.data.max_length, lora_r=t.lora.r,
         lora_target_modules=t.lora.target_modules, lora_dropout=t.lora.dropout,
+        lora_shared_dropout=t.lora.shared_dropout,
         lora_layers=t.lora.layers, optimizer=t.optimizer,
         gradient_checkpointing=t.gradient_checkpointing,
         precision=resolve_precision(t.precision, device), base_dtype=base_dtype(cfg),

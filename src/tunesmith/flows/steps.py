@@ -284,6 +284,7 @@ def prepare_model_for_training(model: Any, cfg: RunConfig) -> Any:
     lora = cfg.train.lora
     model = add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                      target_modules=lora.target_modules, layers=lora.layers,
+                     shared_dropout=lora.shared_dropout,
                      task_type="SEQ_CLS" if cfg.train.head == "classifier" else "CAUSAL_LM")
     # PEFT keeps adapters in fp32 over a bf16 base, but its trainable copy of a new
     # classification head keeps the load dtype: in bf16 an update below 1/256 of a weight is

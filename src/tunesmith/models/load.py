@@ -99,10 +99,11 @@ def load(path: Path, *, dtype: str = "float32", quantize: str = "none") -> tuple
 
 def add_lora(model: Any, *, r: int, alpha: float, dropout: float,
              target_modules: list[str] | str, task_type: str = "CAUSAL_LM",
-             layers: Sequence[int] | None = None) -> Any:
+             layers: Sequence[int] | None = None, shared_dropout: bool = True) -> Any:
     """Wrap ``model`` with fresh LoRA adapters (PEFT); only the adapters are trainable.
 
-    The adapters' dropout is ``FastDropout`` (``models.lora_dropout``). With
+    The adapters' dropout is ``FastDropout`` (``models.lora_dropout``); with
+    ``shared_dropout`` adapters that read the same tensor share one dropped copy of it. With
     ``task_type="SEQ_CLS"`` the classification head is trained in full as well. With
     ``layers`` only those decoder layers (negative: from the top) get adapters.
     """
@@ -129,7 +130,8 @@ def add_lora(model: Any, *, r: int, alpha: float, dropout: float,
     except ValueError as err:
         raise ModelError(f"cannot add LoRA adapters: {err}; check train.lora.target_modules") \
             from err
-    use_fast_dropout(peft_model)  # the same dropout, its masks drawn faster on CPU
+    # the same dropout, its masks drawn faster on CPU (and one per input where shared)
+    use_fast_dropout(peft_model, shared=shared_dropout)
     return peft_model
 
 

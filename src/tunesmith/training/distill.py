@@ -110,7 +110,7 @@ class DistillObjective(_Distill):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
                 attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> ObjectiveOutput:
-        with autocast(self.precision, input_ids.device):
+        with autocast(self.precision, input_ids.device, self.model):
             lm, teacher = unwrap(self.model), self._teacher()
             hidden, targets, _ = target_hidden(lm, input_ids, labels, attention_mask,
                                                position_ids)
@@ -146,7 +146,7 @@ class ClassifierDistillObjective(_Distill):
                 attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> ObjectiveOutput:
         marks = labels != IGNORE_INDEX
-        with autocast(self.precision, input_ids.device):
+        with autocast(self.precision, input_ids.device, self.model):
             logits = class_logits_at(self.model, input_ids, marks,
                                      attention_mask=attention_mask, position_ids=position_ids)
             with torch.no_grad():

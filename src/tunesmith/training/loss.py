@@ -55,7 +55,7 @@ class TargetLoss(nn.Module):
                 attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> LossSums:
         """Summed loss over target tokens. Packed rows pass ``position_ids`` and no mask."""
-        with autocast(self.precision, input_ids.device):
+        with autocast(self.precision, input_ids.device, self.model):
             return self._forward(input_ids, labels, attention_mask, position_ids)
 
     def _forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -112,7 +112,7 @@ def sequence_log_probs(model: Any, input_ids: torch.Tensor, labels: torch.Tensor
     positions go through the LM head, in chunks, as for the SFT loss: preference losses never
     hold full-vocabulary logits of whole sequences.
     """
-    with autocast(precision, input_ids.device):
+    with autocast(precision, input_ids.device, model):
         lm = unwrap(model)
         selected, wanted, mask = target_hidden(lm, input_ids, labels, attention_mask,
                                                position_ids)

@@ -74,28 +74,30 @@ class MemoryEstimate:
                 f"{self.tokens:,} tokens per forward pass")
 
 
-def _adapter_inputs(targets: list[Linear], layers: int, dropout: float,
-                    act_bytes: float) -> float:
+def _adapter_inputs(targets: list[Linear], layers: int, dropout: float, act_bytes: float,
+                    shared_dropout: bool) -> float:
     """Bytes per token per layer the adapters keep: each its rank-r output is counted by the
-    caller; here the inputs. With dropout each adapted layer keeps its own dropped copy and the
-    dropout's bool mask, a byte per element (CUDA's dropout and ``FastDropout`` on CPU, see
-    models.lora_dropout), and the undropped input is then kept by nobody; without, adapted
-    layers reading the same tensor share one copy."""
-    if dropout > 0:
-        return sum(t.in_features for t in targets) * (act_bytes + 1) / layers
+    caller; here the inputs. With dropout each adapted layer keeps a dropped copy of its input
+    and the dropout's bool mask, a byte per element (CUDA's dropout and ``FastDropout`` on CPU,
+    see models.lora_dropout), and the undropped input is then kept by nobody; with shared
+    dropout the adapted layers reading the same tensor share one dropped copy and mask. Without
+    dropout adapted layers reading the same tensor share one copy, and attention keeps the
+    output projection's input anyway."""
     inputs: dict[str, int] = {}
     for t in targets:
         leaf = t.name.rsplit(".", 1)[-1]
-        if leaf in _KEPT_BY_ATTENTION:
+        if dropout == 0 and leaf in _KEPT_BY_ATTENTION:
             continue
         layer = t.name.rsplit(".", 2)[0]  # the block (or sub-block) the layer sits in
-        inputs[f"{layer}:{_SHARED_INPUT.get(leaf, leaf)}"] = t.in_features
-    return sum(inputs.values()) * act_bytes / layers
+        key = _SHARED_INPUT.get(leaf, leaf) if dropout == 0 or shared_dropout else leaf
+        inputs[f"{layer}:{key}"] = t.in_features
+    return sum(inputs.values()) * (act_bytes + (1 if dropout > 0 else 0)) / layers
 
 
 def estimate_training_memory(
         shape: ModelShape, *, method: str, rows: int, max_length: int, lora_r: int = 16,
         lora_target_modules: list[str] | str = "all-linear", lora_dropout: float = 0.0,
+        lora_shared_dropout: bool = True,
         lora_layers: list[int] | None = None, optimizer: str = "adamw",
         gradient_checkpointing: bool = False, precision: str = "fp32",
         base_dtype: str = "float32", lm_head: bool = True, device: str = "cpu",
@@ -163,8 +165,8 @@ def estimate_training_memory(
     all_gradients = n_trainable * trainable_bytes
     activations = _activations(
         shape, targets, lora=lora, rows=rows, max_length=max_length, lora_r=lora_r,
-        lora_dropout=lora_dropout, gradient_checkpointing=gradient_checkpointing, bf16=bf16,
-        lm_head=lm_head)
+        lora_dropout=lora_dropout, lora_shared_dropout=lora_shared_dropout,
+        gradient_checkpointing=gradient_checkpointing, bf16=bf16, lm_head=lm_head)
 
     # Backward starts with the LM head, so its gradient is the only one there at the start
     # (all of them are when earlier micro-batches left theirs); the optimizer step holds them
@@ -190,7 +192,8 @@ def estimate_training_memory(
 
 def _activations(shape: ModelShape, targets: list[Linear], *, lora: bool, rows: int,
                  max_length: int, lora_r: int, lora_dropout: float,
-                 gradient_checkpointing: bool, bf16: bool, lm_head: bool) -> int:
+                 lora_shared_dropout: bool, gradient_checkpointing: bool, bf16: bool,
+                 lm_head: bool) -> int:
     """Bytes autograd keeps for backward at its start, logits included (see the estimate)."""
     h, m, layers = shape.hidden, shape.intermediate, shape.layers
     if lora and targets:
@@ -203,7 +206,7 @@ def _activations(shape: ModelShape, targets: list[Linear], *, lora: bool, rows: 
     block = (2 * h + 2) * 4 + qkv_out * a + shape.heads * 4 + 3 * m * a
     if lora:
         block += len(targets) * lora_r * a / layers
-        block += _adapter_inputs(targets, layers, lora_dropout, a)
+        block += _adapter_inputs(targets, layers, lora_dropout, a, lora_shared_dropout)
     else:
         block += 4 * h * a + m * a
     if gradient_checkpointing:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.data.encode import IGNORE_INDEX, Encoded
-from tunesmith.data.packing import collate_packed, pack_rows
+from tunesmith.data.packing import PackedRow, collate_packed, pack_rows
 from tunesmith.models.classifier import class_logits_at
 from tunesmith.training.batches import collate
 from tunesmith.training.loss import TargetLoss, sequence_log_probs
@@ -37,11 +37,14 @@ from tunesmith.training.precision import autocast
 
 # Packed rows are padded to a multiple of this many tokens (see collate_packed).
 SHAPE_MULTIPLE = 64
-# Packed rows go through forward and backward ROWS_PER_PASS at a time: the activations held at
-# once are one row's (<= pack_capacity tokens), and with the loss normalised over the whole
-# batch the gradient is the same as for all rows together. Measured on 2 CPU cores: a third of
-# the peak memory of all rows at once, at the same speed.
-ROWS_PER_PASS = 1
+# Packed rows go through forward and backward together up to PASS_TOKENS (padded) tokens a
+# pass, a longer row alone: the activations held at once stay bounded whatever the batch size,
+# and with the loss normalised over the whole batch the gradient is the same as for all rows
+# together. Each pass has fixed costs (a hundred-odd small operations per layer, one attention
+# call per layer): on 2 CPU cores two 256-token rows a pass trained 17% faster than one
+# (docs/benchmarks.md, "Training speed"), where one row a pass had once measured as fast.
+# Within the memory estimate, which assumes the whole batch unpacked in one pass.
+PASS_TOKENS = 1024
 
 
 @dataclass
@@ -104,13 +107,30 @@ def frozen_models(objective: Any) -> list[Frozen]:
 
 def encoded_passes(examples: Sequence[Encoded], *, pad_id: int, packing: bool,
                    pack_capacity: int) -> list[dict[str, torch.Tensor]]:
-    """Encoded examples as model inputs: one padded batch, or packed rows ROWS_PER_PASS at a
-    time (each sequence attending only to itself, positions restarting)."""
+    """Encoded examples as model inputs: one padded batch, or packed rows up to PASS_TOKENS
+    tokens a pass (each sequence attending only to itself, positions restarting)."""
     if not packing:
         return [collate(examples, pad_id=pad_id)]
-    rows = pack_rows(examples, pack_capacity)
-    return [collate_packed(rows[i:i + ROWS_PER_PASS], pad_id=pad_id, multiple=SHAPE_MULTIPLE)
-            for i in range(0, len(rows), ROWS_PER_PASS)]
+    return [collate_packed(group, pad_id=pad_id, multiple=SHAPE_MULTIPLE)
+            for group in row_groups(pack_rows(examples, pack_capacity), PASS_TOKENS)]
+
+
+def row_groups(rows: Sequence[PackedRow], budget: int) -> list[list[PackedRow]]:
+    """``rows`` in passes, in order, each of at most ``budget`` tokens once padded to its
+    widest row (rounded up to SHAPE_MULTIPLE); a row wider than that on its own."""
+    def width(row: PackedRow) -> int:
+        return -(-len(row) // SHAPE_MULTIPLE) * SHAPE_MULTIPLE
+
+    groups: list[list[PackedRow]] = []
+    widest = 0
+    for row in rows:
+        if groups and (len(groups[-1]) + 1) * max(widest, width(row)) <= budget:
+            groups[-1].append(row)
+            widest = max(widest, width(row))
+        else:
+            groups.append([row])
+            widest = width(row)
+    return groups
 
 
 class LMObjective(nn.Module):
@@ -200,7 +220,7 @@ class ClassifierObjective(nn.Module):
         """Each example's (weighted) loss in the order of its pooled token, and the summed
         (weighted) hits; unpacked, that is one loss per row."""
         marks = labels != IGNORE_INDEX
-        with autocast(self.precision, input_ids.device):
+        with autocast(self.precision, input_ids.device, self.model):
             logits = class_logits_at(self.model, input_ids, marks,
                                      attention_mask=attention_mask, position_ids=position_ids)
         targets = labels[marks]

@@ -36,10 +36,25 @@ def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
             buf.data = buf.data.to(dtype)
 
 
-def autocast(precision: str, device: torch.device) -> Any:
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast(precision: str, device: torch.device, model: torch.nn.Module | None = None
+             ) -> Any:
+    """bf16 autocast where ``precision`` is bf16, else nothing.
+
+    PEFT casts each adapter's input to the adapters' dtype (fp32 here) before its dropout and
+    ``lora_A``, and autocast casts it straight back to bf16 for the product: two copies per
+    adapter and a dropout in fp32, for a result autocast rounds to bf16 anyway. Under autocast
+    that cast is switched off for ``model``'s adapters (PEFT's own switch), so the adapters read
+    the bf16 input itself, and adapters reading the same tensor can share its dropout
+    (``models.lora_dropout``). Outside autocast PEFT's cast stays: there it matches dtypes."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+    if model is not None:
+        from peft.helpers import disable_input_dtype_casting
+
+        stack.enter_context(disable_input_dtype_casting(model))
+    return stack
 
 
 def load_dtype(choice: str, *, precision: str, method: str, device: torch.device) -> str:

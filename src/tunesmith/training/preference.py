@@ -33,7 +33,7 @@ from tunesmith.data.packing import pack_plan
 from tunesmith.models.classifier import unwrap
 from tunesmith.training.batches import collate
 from tunesmith.training.loss import sequence_log_probs
-from tunesmith.training.objectives import ROWS_PER_PASS, SHAPE_MULTIPLE, ObjectiveOutput
+from tunesmith.training.objectives import PASS_TOKENS, SHAPE_MULTIPLE, ObjectiveOutput
 
 LOSSES = ("dpo", "ipo", "simpo", "orpo")
 # the per-token averaged log-probabilities these losses are defined on (TRL does the same)
@@ -203,11 +203,12 @@ def pair_passes(pairs: Sequence[PairEncoded], budget: int | None = None, *,
     """``pairs`` in groups of at most ``budget`` tokens (chosen and rejected
     conversations together), each group at least one pair.
 
-    ``budget``: what one SFT pass holds: ``ROWS_PER_PASS`` packed rows of ``pack_capacity``
-    tokens (see ``objectives.encoded_passes``); None (padded rows): the chosen conversations'
-    tokens, as SFT on the same rows would pad in one pass. A pair is two conversations
-    (prompt + chosen, prompt + rejected), often with a longer rejected answer, so one pass over
-    a step's pairs would keep several times SFT's activations for the backward pass.
+    ``budget``: what one SFT pass holds: ``PASS_TOKENS`` tokens of packed rows, or one row of
+    ``pack_capacity`` where that is more (see ``objectives.encoded_passes``); None (padded
+    rows): the chosen conversations' tokens, as SFT on the same rows would pad in one pass. A
+    pair is two conversations (prompt + chosen, prompt + rejected), often with a longer
+    rejected answer, so one pass over a step's pairs would keep several times SFT's
+    activations for the backward pass.
     Splitting is exact: the loss is a sum over pairs, normalised by the whole step's pair
     count, and the loop accumulates the passes' gradients. Only a pair longer than the budget
     on its own takes a pass of two rows.
@@ -243,7 +244,7 @@ class PreferenceObjective(nn.Module):
     def collate(self, pairs: Sequence[PairEncoded]) -> list[dict[str, torch.Tensor]]:
         """The passes for ``pairs``: as many as keep each within SFT's memory (see
         ``pair_passes``); both answers of a pair always share a pass."""
-        budget = ROWS_PER_PASS * self.pack_capacity if self.packing else None
+        budget = max(PASS_TOKENS, self.pack_capacity) if self.packing else None
         return [pair_inputs(group, pad_id=self.pad_id, packing=self.packing,
                             pack_capacity=self.pack_capacity, share_prompt=self.share_prompt)
                 for group in pair_passes(pairs, budget, share_prompt=self.share_prompt)]

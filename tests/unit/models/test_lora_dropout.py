@@ -16,12 +16,12 @@ from tunesmith.models.lora_dropout import FastDropout, keep_mask, use_fast_dropo
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
 def test_keep_rate_is_one_minus_p_in_every_chunk(p):
     torch.manual_seed(0)
-    n = 3 * 400_000
+    n = 4 * 300_000
     keep = keep_mask((n,), p).float()
-    # within 5 standard deviations of a binomial with the right rate, in each of the three
-    # 16-bit chunks of a draw (a chunk taken from the top bits of a 63-bit draw would be off)
-    for chunk in range(3):
-        part = keep[chunk::3]
+    # within 5 standard deviations of a binomial with the right rate, in each of the four
+    # 16-bit chunks of a draw (a top chunk from a 63-bit draw would be off: 15 random bits)
+    for chunk in range(4):
+        part = keep[chunk::4]
         sd = math.sqrt(p * (1 - p) / part.numel())
         assert abs(part.mean().item() - (1 - p)) < 5 * sd, (chunk, part.mean().item())
 
@@ -29,7 +29,7 @@ def test_keep_rate_is_one_minus_p_in_every_chunk(p):
 def test_mask_elements_are_independent():
     torch.manual_seed(1)
     keep = keep_mask((600_000,), 0.5).float() - 0.5
-    for lag in (1, 2, 3, 4):  # neighbours, the same draw's chunks and the next draw's
+    for lag in (1, 2, 3, 4, 5):  # neighbours, the same draw's chunks and the next draw's
         corr = (keep[:-lag] * keep[lag:]).mean().item() / 0.25
         assert abs(corr) < 5 / math.sqrt(keep.numel()), (lag, corr)
 
@@ -109,3 +109,89 @@ def test_add_lora_uses_fast_dropout(tiny_model_dir):
     assert not torch.allclose(a, b)
     peft.eval()
     assert torch.equal(peft(input_ids=ids).logits, peft(input_ids=ids).logits)
+
+
+def _adapter_inputs(peft, ids, *, bf16=False):
+    """What each adapter's lora_A read in one training forward, by module name."""
+    from tunesmith.training.precision import autocast
+
+    seen = {}
+    hooks = [m.register_forward_hook(
+        lambda mod, args, out, name=name: seen.__setitem__(name, args[0]))
+        for name, m in peft.named_modules() if name.endswith("lora_A.default")]
+    peft.train()
+    with autocast("bf16" if bf16 else "fp32", torch.device("cpu"), peft):
+        peft(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    return {n.rsplit(".", 2)[0]: x for n, x in seen.items()}  # "...layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_shared_dropout_gives_adapters_of_one_input_one_dropped_copy(tiny_model_dir, bf16):
+    model, _ = load(tiny_model_dir, dtype="bfloat16" if bf16 else "float32")
+    peft = add_lora(model, r=4, alpha=8, dropout=0.3, target_modules="all-linear")
+    ids = torch.randint(0, 100, (2, 12))
+    seen = _adapter_inputs(peft, ids, bf16=bf16)
+    layer = next(n for n in seen if n.endswith("self_attn.q_proj")).rsplit(".", 2)[0]
+    q, k, v, o = (seen[f"{layer}.self_attn.{m}_proj"] for m in "qkvo")
+    gate, up, down = (seen[f"{layer}.mlp.{m}_proj"] for m in ("gate", "up", "down"))
+    # under bf16 autocast the adapters read the bf16 input itself (PEFT's fp32 cast is off)
+    assert q.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert q is k is v and gate is up  # one dropped copy per input
+    assert q is not gate and o is not down
+    for x in (q, gate, o, down):  # each still dropped at the rate p
+        assert 0.2 < (x == 0).float().mean().item() < 0.4
+
+    apart = add_lora(load(tiny_model_dir)[0], r=4, alpha=8, dropout=0.3,
+                     target_modules="all-linear", shared_dropout=False)
+    seen = _adapter_inputs(apart, ids)
+    q, k = seen[f"{layer}.self_attn.q_proj"], seen[f"{layer}.self_attn.k_proj"]
+    assert not torch.equal(q == 0, k == 0)  # PEFT's way: a mask each
+
+
+def test_a_shared_copy_is_reused_only_for_the_same_unchanged_tensor():
+    from tunesmith.models.lora_dropout import LastDropped
+
+    last = LastDropped()
+    a, b = FastDropout(0.5, last), FastDropout(0.5, last)
+    x = torch.randn(64, 32)
+    y = a(x)
+    assert b(x) is y  # the same tensor: the same dropped copy
+    assert b(x.clone()) is not y  # equal values, another tensor: its own mask
+    x.add_(1.0)  # changed in place since: a new draw
+    assert not torch.equal(a(x) == 0, y == 0)
+    assert FastDropout(0.25, last)(x) is not last.get(x, 0.5)  # another p: its own
+    a.eval()
+    assert a(x) is x
+    import copy
+    import pickle
+
+    held = FastDropout(0.5, last)
+    held(torch.randn(4, 4, requires_grad=True) * 2)  # holds a tensor inside a graph
+    assert copy.deepcopy(held).shared.get(x, 0.5) is None
+    assert pickle.loads(pickle.dumps(held)).shared is not None
+
+
+def test_shared_dropout_replays_under_checkpointing():
+    from tunesmith.models.lora_dropout import LastDropped
+
+    last = LastDropped()
+    one, two = nn.Linear(32, 8), nn.Linear(32, 8)
+    drop_one, drop_two = FastDropout(0.3, last), FastDropout(0.3, last)
+    x = torch.randn(16, 32, requires_grad=True)
+
+    def block(t):
+        t = t * 1.5  # a tensor made inside the block, as a layer's normalised input is
+        return (one(drop_one(t)) * two(drop_two(t))).tanh()
+
+    def grads(run):
+        for p in (x, one.weight, two.weight):
+            p.grad = None
+        torch.manual_seed(11)
+        run().sum().backward()
+        return [p.grad.clone() for p in (x, one.weight, two.weight)]
+
+    plain = grads(lambda: block(x))
+    replayed = grads(lambda: checkpoint(block, x, use_reentrant=False))
+    assert all(torch.equal(a, b) for a, b in zip(plain, replayed, strict=True))

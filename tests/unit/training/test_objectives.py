@@ -9,13 +9,14 @@ from torch import nn
 
 from tests.helpers import review_rows
 from tunesmith.data.encode import IGNORE_INDEX, encode_chat
+from tunesmith.data.packing import collate_packed
 from tunesmith.evaluation.overfitting import training_metrics
 from tunesmith.evaluation.report import write_reports
 from tunesmith.models.load import add_lora, load
 from tunesmith.training.batches import collate
 from tunesmith.training.callbacks import MetricsLog, read_metrics
 from tunesmith.training.loop import LoopSettings, fit
-from tunesmith.training.objectives import Frozen, Objective, ObjectiveOutput
+from tunesmith.training.objectives import Frozen, LMObjective, Objective, ObjectiveOutput
 from tunesmith.training.policies import standard_policies
 from tunesmith.training.setup import setup
 
@@ -129,3 +130,33 @@ def test_a_pairwise_objective_with_a_frozen_reference_trains_through_the_seam(
     report = (tmp_path / "report.md").read_text()
     assert "train_reward_margin" in report and "valid_pair_accuracy" in report
     json.dumps(summary)  # plain numbers, as metrics.json needs
+
+
+def test_packed_rows_go_in_passes_of_at_most_pass_tokens(tiny_loaded):
+    from tunesmith.data.encode import Encoded
+    from tunesmith.data.packing import pack_rows
+    from tunesmith.training.objectives import PASS_TOKENS, SHAPE_MULTIPLE, row_groups
+
+    def example(n):
+        return Encoded(input_ids=list(range(1, n + 1)), labels=[-100] * (n - 2) + [5, 6])
+
+    examples = [example(n) for n in (250, 240, 200, 120, 100, 60, 60, 40, 30, 700, 20)]
+    rows = pack_rows(examples, 256)
+    groups = row_groups(rows, PASS_TOKENS)
+    assert [r for g in groups for r in g] == rows  # every row, in order
+    for g in groups:
+        width = -(-max(len(r) for r in g) // SHAPE_MULTIPLE) * SHAPE_MULTIPLE
+        assert len(g) * width <= PASS_TOKENS or len(g) == 1
+    assert len(groups) < len(rows)  # short rows share a pass
+    assert [len(g) for g in row_groups(rows, 1)] == [1] * len(rows)
+    # the passes an objective makes are these groups, and the loss of all of them together
+    # is the loss of one row at a time
+    model, tok = tiny_loaded
+    objective = LMObjective(model, pad_id=tok.pad_token_id, packing=True, pack_capacity=256)
+    passes = objective.collate(examples)
+    assert [p["input_ids"].shape[0] for p in passes] == [len(g) for g in groups]
+    with torch.no_grad():
+        whole = sum(float(objective(**p).loss_sum) for p in passes)
+        one_by_one = sum(float(objective(**collate_packed([r], pad_id=tok.pad_token_id))
+                               .loss_sum) for r in rows)
+    assert whole == pytest.approx(one_by_one, rel=1e-5)

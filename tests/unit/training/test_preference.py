@@ -124,7 +124,13 @@ def test_packed_and_padded_log_probs_equal_full_logits(tiny_model_dir):
         assert abs(sum(o.metrics["reward_margin"] for o in outs)) < 1e-4
 
 
-def test_a_step_runs_in_passes_no_bigger_than_sft_and_the_gradient_is_the_same(tiny_model_dir):
+def test_a_step_runs_in_passes_no_bigger_than_sft_and_the_gradient_is_the_same(
+        tiny_model_dir, monkeypatch):
+    # an SFT pass holds PASS_TOKENS tokens of packed rows (1024), or one row where that is
+    # more: here one row of pack_capacity = 160 tokens, so these short pairs need several
+    import tunesmith.training.preference as preference
+
+    monkeypatch.setattr(preference, "PASS_TOKENS", 100)
     torch.manual_seed(0)
     base, tok = load(tiny_model_dir)
     model = add_lora(base, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
