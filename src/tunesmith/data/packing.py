@@ -63,6 +63,11 @@ def pack_rows(examples: Sequence[Encoded], capacity: int) -> list[PackedRow]:
     return rows
 
 
+def padded_width(tokens: int, multiple: int) -> int:
+    """``tokens`` rounded up to a multiple of ``multiple`` (the width a packed row pads to)."""
+    return -(-tokens // multiple) * multiple
+
+
 def collate_packed(rows: Sequence[PackedRow], *, pad_id: int, multiple: int = 1
                    ) -> dict[str, torch.Tensor]:
     """Right-pad packed rows; the padding is one more sequence (positions from 0), never a target.
@@ -72,7 +77,7 @@ def collate_packed(rows: Sequence[PackedRow], *, pad_id: int, multiple: int = 1
     No attention mask is returned on purpose: it is what lets transformers see the packing.
     """
     width = max(len(r) for r in rows)
-    width = -(-width // multiple) * multiple
+    width = padded_width(width, multiple)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)

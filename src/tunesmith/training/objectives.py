@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.data.encode import IGNORE_INDEX, Encoded
-from tunesmith.data.packing import PackedRow, collate_packed, pack_rows
+from tunesmith.data.packing import PackedRow, collate_packed, pack_rows, padded_width
 from tunesmith.models.classifier import class_logits_at
 from tunesmith.training.batches import collate
 from tunesmith.training.loss import TargetLoss, sequence_log_probs
@@ -118,18 +118,16 @@ def encoded_passes(examples: Sequence[Encoded], *, pad_id: int, packing: bool,
 def row_groups(rows: Sequence[PackedRow], budget: int) -> list[list[PackedRow]]:
     """``rows`` in passes, in order, each of at most ``budget`` tokens once padded to its
     widest row (rounded up to SHAPE_MULTIPLE); a row wider than that on its own."""
-    def width(row: PackedRow) -> int:
-        return -(-len(row) // SHAPE_MULTIPLE) * SHAPE_MULTIPLE
-
     groups: list[list[PackedRow]] = []
     widest = 0
     for row in rows:
-        if groups and (len(groups[-1]) + 1) * max(widest, width(row)) <= budget:
+        width = padded_width(len(row), SHAPE_MULTIPLE)
+        if groups and (len(groups[-1]) + 1) * max(widest, width) <= budget:
             groups[-1].append(row)
-            widest = max(widest, width(row))
+            widest = max(widest, width)
         else:
             groups.append([row])
-            widest = width(row)
+            widest = width
     return groups
 
 

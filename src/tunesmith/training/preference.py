@@ -29,7 +29,7 @@ from torch import nn
 
 from tunesmith.config import REFERENCE_LOSSES
 from tunesmith.data.encode import IGNORE_INDEX, Encoded, PairEncoded
-from tunesmith.data.packing import pack_plan
+from tunesmith.data.packing import pack_plan, padded_width
 from tunesmith.models.classifier import unwrap
 from tunesmith.training.batches import collate
 from tunesmith.training.loss import sequence_log_probs
@@ -171,7 +171,7 @@ def _rows(blocks: Sequence[Sequence[Segment]], *, pad_id: int, packing: bool,
     plan = (pack_plan(sizes, pack_capacity) if packing
             else [[i] for i in range(len(blocks))])
     width = max(sum(sizes[i] for i in row) for row in plan)
-    width = -(-width // SHAPE_MULTIPLE) * SHAPE_MULTIPLE if packing else width
+    width = padded_width(width, SHAPE_MULTIPLE) if packing else width
     ids = torch.full((len(plan), width), pad_id, dtype=torch.long)
     labels = torch.full_like(ids, IGNORE_INDEX)
     owner, pos, branch = torch.zeros_like(ids), torch.zeros_like(ids), torch.zeros_like(ids)
