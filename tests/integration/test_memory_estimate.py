@@ -38,7 +38,7 @@ WORDS = ["the", "river", "carried", "small", "stones", "past", "old", "mill", "w
          "near", "quiet", "town", "with"]
 
 
-def _write_config(folder: Path, method: str) -> Path:
+def _write_config(folder: Path, method: str, packing: bool) -> Path:
     """40 chat examples whose answers fill most of max_length (every token a target)."""
     rows = []
     for i in range(40):
@@ -53,17 +53,19 @@ def _write_config(folder: Path, method: str) -> Path:
            "data": {"train_file": "train.jsonl", "max_length": MAX_LENGTH,
                     "max_validation_examples": BATCH},
            "train": {"method": method, "batch_size": BATCH, "max_steps": 3, "epochs": 1,
-                     "eval_every": 100, "early_stopping_patience": None, "packing": False},
+                     "eval_every": 100, "early_stopping_patience": None, "packing": packing},
            "eval": {"batch_size": BATCH}}
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "full", "lora-packed"])
 def test_the_estimate_is_within_a_quarter_of_the_measured_peak(tmp_path, bundled_dir,
                                                                 test_home, method):
-    config = _write_config(tmp_path, method)
+    """``lora-packed``: packed rows (one example and its padding each, at these lengths), which
+    attend through models.packed_attention on CPU."""
+    config = _write_config(tmp_path, method.split("-")[0], packing=method.endswith("packed"))
     env = {**os.environ, "TUNESMITH_HOME": str(test_home), "HF_HUB_OFFLINE": "1",
            "MALLOC_MMAP_THRESHOLD_": str(256 * 1024)}
     done = subprocess.run([sys.executable, str(SCRIPT), str(config), str(tmp_path / "run")],

@@ -48,5 +48,6 @@ def training_memory(cfg: RunConfig, *, home: Path) -> MemoryEstimate:
         lm_head=t.head == "lm", device=device.type,
         accumulating=t.micro_batch_size is not None and examples < (
             AUTO_BATCH_MAX if t.batch_size == "auto" else int(t.batch_size)),
-        per_example_gradients=examples if t.privacy else 0, quantize_base=t.quantize_base)
+        per_example_gradients=examples if t.privacy else 0, quantize_base=t.quantize_base,
+        packing=t.packing)
     return dataclasses.replace(estimate, notes=tuple(notes))

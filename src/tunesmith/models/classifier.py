@@ -10,6 +10,7 @@ import torch
 
 from tunesmith.errors import ModelError
 from tunesmith.models.load import DTYPES
+from tunesmith.models.packed_attention import packed_kwargs
 
 
 def unwrap(model: Any) -> Any:
@@ -75,7 +76,8 @@ def class_logits_at(model: Any, input_ids: torch.Tensor, marks: torch.Tensor, *,
     """
     clf = unwrap(model)
     hidden = clf.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids, use_cache=False).last_hidden_state
+                            position_ids=position_ids, use_cache=False,
+                            **packed_kwargs(clf, attention_mask, position_ids)).last_hidden_state
     return _head(clf, hidden[marks])
 
 

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.models.classifier import unwrap
 from tunesmith.models.heads import output_head
+from tunesmith.models.packed_attention import packed_kwargs
 from tunesmith.training.precision import autocast
 
 HEAD_CHUNK = 1024
@@ -85,7 +86,7 @@ def target_hidden(lm: Any, input_ids: torch.Tensor, labels: torch.Tensor,
     (a mask over ``labels[:, 1:]``). The full hidden states are freed before any head runs."""
     hidden = lm.get_decoder()(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        use_cache=False,
+        use_cache=False, **packed_kwargs(lm, attention_mask, position_ids),
     ).last_hidden_state
     # Position t predicts token t+1.
     targets = labels[:, 1:]

@@ -102,7 +102,7 @@ def estimate_training_memory(
         gradient_checkpointing: bool = False, precision: str = "fp32",
         base_dtype: str = "float32", lm_head: bool = True, device: str = "cpu",
         accumulating: bool = False, per_example_gradients: int = 0,
-        quantize_base: str = "none") -> MemoryEstimate:
+        quantize_base: str = "none", packing: bool = False) -> MemoryEstimate:
     """Peak memory of training ``shape`` on ``rows`` rows of ``max_length`` tokens per pass.
 
     With T = rows x max_length tokens, a = bytes of an activation (4, or 2 under bf16
@@ -128,7 +128,8 @@ def estimate_training_memory(
     - activations: what autograd keeps for backward, per layer and token (Llama-style block,
       as measured with saved-tensor hooks):
       the inputs of the two norms (2h, fp32), the attention kernel's q, k, v, output and
-      log-sum-exp (2Hd + 2Kd + H), the MLP's gate, activation and up outputs (3m);
+      log-sum-exp (2Hd + 2Kd + H; in fp32 for packed rows on CPU, which attend through
+      ``models.packed_attention``), the MLP's gate, activation and up outputs (3m);
       full fine-tuning adds what trained weights need: the normalised inputs of the attention
       and MLP projections and the unscaled norms (4h) and the MLP product (m);
       LoRA adds per adapted layer its rank-r intermediate (r) and its input (once per tensor
@@ -166,7 +167,8 @@ def estimate_training_memory(
     activations = _activations(
         shape, targets, lora=lora, rows=rows, max_length=max_length, lora_r=lora_r,
         lora_dropout=lora_dropout, lora_shared_dropout=lora_shared_dropout,
-        gradient_checkpointing=gradient_checkpointing, bf16=bf16, lm_head=lm_head)
+        gradient_checkpointing=gradient_checkpointing, bf16=bf16, lm_head=lm_head,
+        fp32_attention=packing and device == "cpu")
 
     # Backward starts with the LM head, so its gradient is the only one there at the start
     # (all of them are when earlier micro-batches left theirs); the optimizer step holds them
@@ -193,7 +195,7 @@ def estimate_training_memory(
 def _activations(shape: ModelShape, targets: list[Linear], *, lora: bool, rows: int,
                  max_length: int, lora_r: int, lora_dropout: float,
                  lora_shared_dropout: bool, gradient_checkpointing: bool, bf16: bool,
-                 lm_head: bool) -> int:
+                 lm_head: bool, fp32_attention: bool = False) -> int:
     """Bytes autograd keeps for backward at its start, logits included (see the estimate)."""
     h, m, layers = shape.hidden, shape.intermediate, shape.layers
     if lora and targets:
@@ -203,7 +205,8 @@ def _activations(shape: ModelShape, targets: list[Linear], *, lora: bool, rows: 
     tokens = rows * max_length
     qkv_out = (2 * shape.heads + 2 * shape.kv_heads) * shape.head_dim
     # per token and layer: norm inputs (fp32) and rsqrt, attention kernel, MLP
-    block = (2 * h + 2) * 4 + qkv_out * a + shape.heads * 4 + 3 * m * a
+    block = (2 * h + 2) * 4 + qkv_out * (4 if fp32_attention else a) + shape.heads * 4 \
+        + 3 * m * a
     if lora:
         block += len(targets) * lora_r * a / layers
         block += _adapter_inputs(targets, layers, lora_dropout, a, lora_shared_dropout)

@@ -20,6 +20,7 @@ from transformers import get_scheduler
 
 from tunesmith.config import TrainConfig
 from tunesmith.errors import TrainingError
+from tunesmith.models.packed_attention import use_packed_attention
 from tunesmith.models.sizing import layer_index
 from tunesmith.training.batches import BatchSource, ShuffledBatches
 from tunesmith.training.objectives import Objective, frozen_models
@@ -167,6 +168,9 @@ def setup(model: torch.nn.Module, make_objective: ObjectiveFactory, train_data: 
         frozen.to(accelerator.device)
         if precision == "bf16":
             cast_frozen(frozen.module, torch.bfloat16)
+    if s.packing:  # packed rows attend within each sequence (models.packed_attention)
+        for module in (model, *(f.module for f in frozen_models(objective))):
+            use_packed_attention(module)
     # only the trainable parameters of the model: a frozen model an objective holds is not
     # reachable through objective.parameters() (see objectives.Frozen)
     optimizer = build_optimizer(objective, lr=s.learning_rate, weight_decay=s.weight_decay,

@@ -123,3 +123,18 @@ def test_a_run_with_adapters_on_some_layers_is_estimated_as_it_trains(make_confi
     estimate = training_memory(cfg, home=test_home)
     assert estimate.n_trainable == _trainable(model)
     assert estimate.optimizer == 4 * estimate.n_trainable
+
+
+def test_packed_rows_on_cpu_keep_the_attention_tensors_in_fp32(tiny_shape):
+    """Packed rows attend through models.packed_attention on CPU, whose q, k, v and output
+    are fp32 even under bf16 autocast: 2 more bytes each per token and layer."""
+    common = dict(precision="bf16", base_dtype="bfloat16")
+    plain = _estimate(tiny_shape, **common)
+    packed = _estimate(tiny_shape, **common, packing=True)
+    s = tiny_shape
+    qkv_out = (2 * s.heads + 2 * s.kv_heads) * s.head_dim
+    assert packed.activations - plain.activations == qkv_out * 2 * s.layers * 4 * 256
+    # in fp32 they were fp32 already; CUDA keeps transformers' own kernels
+    assert _estimate(tiny_shape, packing=True).activations == _estimate(tiny_shape).activations
+    assert _estimate(tiny_shape, **common, packing=True, device="cuda").activations \
+        == _estimate(tiny_shape, **common, device="cuda").activations

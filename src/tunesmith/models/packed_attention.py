@@ -1,0 +1,170 @@
+"""Attention for packed rows on CPU: each sequence on its own, grouped by length, in fp32.
+
+A packed row holds several sequences (``position_ids`` restart at each); transformers turns
+that into a block-diagonal causal mask over the whole row and hands it to PyTorch's SDPA. On
+CPU the flash kernel then computes every block of the ``row x row`` square, masked or not,
+and its bf16 backward is slow for short sequences: profiled on the bundled model (256-token
+rows of about four sequences each), attention took over a quarter of a LoRA training step,
+for well under 1% of its arithmetic.
+
+``packed_sdpa`` attends within each sequence instead: sequences of similar length (rounded
+up to ``WIDTH_MULTIPLE`` tokens) are gathered into one batch and run through SDPA with
+``is_causal``, in fp32 (on CPU the fp32 kernels are 2-2.5x faster than bf16 at these lengths,
+and no less exact), and the outputs are put back in row order. A sequence's padding slots
+repeat its last token; being after every real position they are never attended to, and their
+outputs are dropped. The result is what the masked kernel computes, in fp32.
+
+It is registered with transformers' ``AttentionInterface`` as ``NAME`` and reads the packing
+from the kwargs transformers' flash-attention path already uses for packed sequences
+(``cu_seq_lens_q``, ``max_length_q``; ``packed_kwargs`` makes them from ``position_ids``).
+Any call it does not cover (no such kwargs, not on CPU, a KV cache, attention dropout,
+sliding windows, soft-capping, attention sinks) goes to transformers' own SDPA function
+unchanged, so a model switched to it (``use_packed_attention``) generates and evaluates as
+before. Written by hand because neither PyTorch nor transformers has a CPU kernel for
+variable-length attention.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NAME = "tunesmith_packed_sdpa"
+WIDTH_MULTIPLE = 16  # padding vs number of SDPA calls: 8 and 16 measured best (docs/benchmarks.md)
+
+_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    global _sdpa
+    _sdpa = sdpa_attention_forward
+    AttentionInterface.register(NAME, packed_sdpa)
+    # calls that fall back to SDPA need SDPA's mask
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+
+
+_sdpa: Any = None
+
+
+def use_packed_attention(model: nn.Module) -> bool:
+    """Switch a transformers ``model`` (or a PEFT model around one) that attends with SDPA to
+    ``packed_sdpa``; returns whether it did. Other implementations (eager, flash-attention)
+    and models whose attention transformers cannot swap are left as they are. The switch is
+    not saved with the model (transformers never writes it to ``config.json``)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT's
+    config = getattr(lm, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", NAME):
+        return False
+    if not getattr(lm, "_supports_attention_backend", False):
+        return False
+    if config._attn_implementation != NAME:
+        _register()
+        lm.set_attn_implementation(NAME)
+    return config._attn_implementation == NAME
+
+
+def packed_kwargs(model: Any, attention_mask: torch.Tensor | None,
+                  position_ids: torch.Tensor | None) -> dict[str, Any]:
+    """For packed rows (``position_ids``, no mask) of a model using ``packed_sdpa``: the
+    sequences' boundaries in transformers' flash-attention kwargs, over the flattened rows.
+    A sequence starts at each row's start and wherever the position does not follow the one
+    before (transformers' own rule for packed rows). Empty for anything else."""
+    config = getattr(model, "config", None)
+    if attention_mask is not None or position_ids is None or position_ids.dim() != 2 \
+            or getattr(config, "_attn_implementation", None) != NAME:
+        return {}
+    pos = position_ids
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    first = starts.flatten().nonzero().flatten()
+    cu = torch.cat([first, first.new_tensor([pos.numel()])]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest,
+            "max_length_k": longest}
+
+
+class _Plan:
+    """Where each sequence's tokens go: per width, the flat token index of every slot
+    ``[sequences * width]``; and for every token its slot in the concatenated outputs."""
+
+    def __init__(self, cu: torch.Tensor) -> None:
+        bounds = cu.tolist()
+        groups: dict[int, list[tuple[int, int]]] = {}
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            width = -(-(end - start) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+            groups.setdefault(width, []).append((start, end))
+        self.groups: list[tuple[torch.Tensor, int, int]] = []
+        slot_of = torch.empty(bounds[-1], dtype=torch.long)
+        offset = 0
+        for width, spans in sorted(groups.items()):
+            index = torch.empty(len(spans), width, dtype=torch.long)
+            for row, (start, end) in enumerate(spans):
+                n = end - start
+                index[row, :n] = torch.arange(start, end)
+                index[row, n:] = end - 1  # padding slots: the last token again, never attended
+                slot_of[start:end] = offset + row * width + torch.arange(n)
+            self.groups.append((index.flatten(), len(spans), width))
+            offset += len(spans) * width
+        self.slot_of = slot_of
+
+
+_last: tuple[weakref.ref[torch.Tensor], _Plan] | None = None
+
+
+def _plan(cu: torch.Tensor) -> _Plan:
+    """The plan for ``cu``, made once per forward pass: every layer gets the same tensor."""
+    global _last
+    if _last is not None and _last[0]() is cu:
+        return _last[1]
+    plan = _Plan(cu)
+    _last = (weakref.ref(cu), plan)
+    return plan
+
+
+def _covered(module: nn.Module, query: torch.Tensor, key: torch.Tensor, dropout: float,
+             kwargs: dict[str, Any]) -> bool:
+    cu = kwargs.get("cu_seq_lens_q")
+    return (cu is not None and query.device.type == "cpu" and dropout == 0
+            and query.shape[2] == key.shape[2] and int(cu[-1]) == query.shape[0] * query.shape[2]
+            and kwargs.get("sliding_window") is None and getattr(module, "sliding_window", None)
+            is None and not kwargs.get("softcap") and kwargs.get("s_aux") is None
+            and getattr(module, "sinks", None) is None and getattr(module, "is_causal", True))
+
+
+def packed_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor, attention_mask: torch.Tensor | None,
+                dropout: float = 0.0, scaling: float | None = None, **kwargs: Any
+                ) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: ``query`` ``[batch, heads, len, dim]``,
+    ``key``/``value`` ``[batch, kv_heads, len, dim]``; returns ``[batch, len, heads, dim]``."""
+    if not _covered(module, query, key, dropout, kwargs):
+        return _sdpa(module, query, key, value, attention_mask, dropout=dropout,
+                     scaling=scaling, **kwargs)
+    plan = _plan(kwargs["cu_seq_lens_q"])
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    with torch.autocast(device_type="cpu", enabled=False):
+        flat_q = query.transpose(1, 2).reshape(batch * length, heads, dim).float()
+        flat_k = key.transpose(1, 2).reshape(batch * length, kv_heads, dim).float()
+        flat_v = value.transpose(1, 2).reshape(batch * length, kv_heads, dim).float()
+        outs = []
+        for index, n, width in plan.groups:
+            q = flat_q.index_select(0, index).view(n, width, heads, dim).transpose(1, 2)
+            k = flat_k.index_select(0, index).view(n, width, kv_heads, dim).transpose(1, 2)
+            v = flat_v.index_select(0, index).view(n, width, kv_heads, dim).transpose(1, 2)
+            if kv_heads != heads and not _GQA:  # torch < 2.5: no enable_gqa
+                k = k.repeat_interleave(heads // kv_heads, dim=1)
+                v = v.repeat_interleave(heads // kv_heads, dim=1)
+            extra = {"enable_gqa": True} if kv_heads != heads and _GQA else {}
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, **extra)
+            outs.append(out.transpose(1, 2).reshape(n * width, heads, dim))
+        out = torch.cat(outs).index_select(0, plan.slot_of)
+    return out.view(batch, length, heads, dim).to(query.dtype), None
