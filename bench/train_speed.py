@@ -299,6 +299,9 @@ def main() -> None:
             f"tunesmith / {PEERS[p][1]} in each round: " + ", ".join(
                 f"{t['tokens_per_s'] / q['tokens_per_s']:.2f}x"
                 for t, q in zip(runs["tunesmith"], runs[p], strict=True)) for p in peers)
+        text += "\n\ntokens/s in each round: " + "; ".join(
+            f"{PEERS[e][1] if e in PEERS else e} "
+            + ", ".join(f"{r['tokens_per_s']:.0f}" for r in runs[e]) for e in engines)
     limit_text = "\n".join(
         f"{k} matmul: {rates[k]:.1f} GFLOP/s -> LoRA limit {limits[k]:.0f} tokens/s "
         f"({flops / 1e6:.0f} MFLOP per trained token); tunesmith at "
