@@ -150,21 +150,21 @@ def packed_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                      scaling=scaling, **kwargs)
     plan = _plan(kwargs["cu_seq_lens_q"])
     batch, heads, length, dim = query.shape
-    kv_heads = key.shape[1]
+    kv_heads, v_dim = key.shape[1], value.shape[-1]  # values may be narrower or wider
     with torch.autocast(device_type="cpu", enabled=False):
         flat_q = query.transpose(1, 2).reshape(batch * length, heads, dim).float()
         flat_k = key.transpose(1, 2).reshape(batch * length, kv_heads, dim).float()
-        flat_v = value.transpose(1, 2).reshape(batch * length, kv_heads, dim).float()
+        flat_v = value.transpose(1, 2).reshape(batch * length, kv_heads, v_dim).float()
         outs = []
         for index, n, width in plan.groups:
             q = flat_q.index_select(0, index).view(n, width, heads, dim).transpose(1, 2)
             k = flat_k.index_select(0, index).view(n, width, kv_heads, dim).transpose(1, 2)
-            v = flat_v.index_select(0, index).view(n, width, kv_heads, dim).transpose(1, 2)
+            v = flat_v.index_select(0, index).view(n, width, kv_heads, v_dim).transpose(1, 2)
             if kv_heads != heads and not _GQA:  # torch < 2.5: no enable_gqa
                 k = k.repeat_interleave(heads // kv_heads, dim=1)
                 v = v.repeat_interleave(heads // kv_heads, dim=1)
             extra = {"enable_gqa": True} if kv_heads != heads and _GQA else {}
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, **extra)
-            outs.append(out.transpose(1, 2).reshape(n * width, heads, dim))
+            outs.append(out.transpose(1, 2).reshape(n * width, heads, v_dim))
         out = torch.cat(outs).index_select(0, plan.slot_of)
-    return out.view(batch, length, heads, dim).to(query.dtype), None
+    return out.view(batch, length, heads, v_dim).to(query.dtype), None

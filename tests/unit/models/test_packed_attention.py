@@ -207,3 +207,45 @@ def test_uncovered_calls_fall_back(tiny_model_dir, bad, monkeypatch):
         model.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False,
                             **packed_kwargs(model, None, pos))
     assert len(calls) == 1  # the patched layer only; the other layer is covered
+
+
+def test_values_of_another_width_and_grouped_heads():
+    """The function alone: 4 query heads over 2 key/value heads, values wider than keys, equal
+    to SDPA with the block-diagonal mask (what transformers would have passed)."""
+    from torch import nn
+
+    from tunesmith.models import packed_attention
+
+    packed_attention._register()
+    torch.manual_seed(0)
+    lengths = [7, 20, 3, 18]  # one row of 48
+    cu = torch.tensor([0, 7, 27, 30, 48], dtype=torch.int32)
+    q = torch.randn(1, 4, 48, 16)
+    k = torch.randn(1, 2, 48, 16)
+    v = torch.randn(1, 2, 48, 24)
+    seq = torch.repeat_interleave(torch.arange(4), torch.tensor(lengths))
+    mask = (seq[:, None] == seq[None, :]) & torch.ones(48, 48, dtype=torch.bool).tril()
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), attn_mask=mask,
+        scale=0.3).transpose(1, 2)
+    got, _ = packed_attention.packed_sdpa(nn.Module(), q, k, v, None, scaling=0.3,
+                                          cu_seq_lens_q=cu, max_length_q=20)
+    assert got.shape == (1, 48, 4, 24)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma3", "phi3", "gpt_neox"])
+def test_every_family_gives_the_masked_kernels_hidden_states(tiny_family_dir, family):
+    """Each supported family, packed rows: the same last hidden states with the switch as
+    with transformers' masked SDPA (covered calls or, e.g. sliding windows, fallen back)."""
+    model, _ = load(tiny_family_dir(family))
+    model.eval()
+    ids, pos = packed_rows(model.config.vocab_size, seed=3)
+    decoder = model.get_decoder()
+    with torch.no_grad():
+        masked = decoder(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+        switched = use_packed_attention(model)
+        packed = decoder(input_ids=ids, position_ids=pos, use_cache=False,
+                         **packed_kwargs(model, None, pos)).last_hidden_state
+    assert switched == (model.config._attn_implementation == NAME)
+    torch.testing.assert_close(packed, masked, atol=3e-5, rtol=1e-5)
