@@ -3,9 +3,9 @@
 A packed row holds several sequences (``position_ids`` restart at each); transformers turns
 that into a block-diagonal causal mask over the whole row and hands it to PyTorch's SDPA. On
 CPU the flash kernel then computes every block of the ``row x row`` square, masked or not,
-and its bf16 backward is slow for short sequences: profiled on the bundled model (256-token
-rows of about four sequences each), attention took over a quarter of a LoRA training step,
-for well under 1% of its arithmetic.
+and its bf16 backward is slow for short sequences: on the bundled model (256-token rows of
+about four sequences each), attention took over a quarter of a LoRA training step (measured by
+taking it away), for well under 1% of its arithmetic.
 
 ``packed_sdpa`` attends within each sequence instead: sequences of similar length (rounded
 up to ``WIDTH_MULTIPLE`` tokens) are gathered into one batch and run through SDPA with
@@ -26,12 +26,15 @@ variable-length attention.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger("tunesmith")
 
 NAME = "tunesmith_packed_sdpa"
 WIDTH_MULTIPLE = 16  # padding vs number of SDPA calls: 8 and 16 measured best (docs/benchmarks.md)
@@ -66,8 +69,12 @@ def use_packed_attention(model: nn.Module) -> bool:
     if not getattr(lm, "_supports_attention_backend", False):
         return False
     if config._attn_implementation != NAME:
-        _register()
-        lm.set_attn_implementation(NAME)
+        try:
+            _register()
+            lm.set_attn_implementation(NAME)
+        except (ImportError, ValueError) as err:  # a transformers without custom attention
+            log.info("packed rows keep transformers' masked SDPA: %s", err)
+            return False
     return config._attn_implementation == NAME
 
 

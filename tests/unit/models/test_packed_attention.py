@@ -249,3 +249,14 @@ def test_every_family_gives_the_masked_kernels_hidden_states(tiny_family_dir, fa
                          **packed_kwargs(model, None, pos)).last_hidden_state
     assert switched == (model.config._attn_implementation == NAME)
     torch.testing.assert_close(packed, masked, atol=3e-5, rtol=1e-5)
+
+
+def test_a_transformers_that_refuses_the_switch_keeps_its_sdpa(tiny_model_dir, monkeypatch):
+    model, _ = load(tiny_model_dir)
+
+    def refuse(self, name, **kw):
+        raise ValueError(f"{name} is not a known attention implementation")
+
+    monkeypatch.setattr(type(model), "set_attn_implementation", refuse)
+    assert not use_packed_attention(model)
+    assert model.config._attn_implementation == "sdpa"
