@@ -33,13 +33,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils.import_utils import is_torch_greater_or_equal
 
 log = logging.getLogger("tunesmith")
+_GQA = is_torch_greater_or_equal("2.5")  # SDPA's enable_gqa
 
 NAME = "tunesmith_packed_sdpa"
 WIDTH_MULTIPLE = 16  # padding vs number of SDPA calls: 8 and 16 measured best (docs/benchmarks.md)
 
-_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
 def _register() -> None:
@@ -167,10 +168,12 @@ def packed_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
             q = flat_q.index_select(0, index).view(n, width, heads, dim).transpose(1, 2)
             k = flat_k.index_select(0, index).view(n, width, kv_heads, dim).transpose(1, 2)
             v = flat_v.index_select(0, index).view(n, width, kv_heads, v_dim).transpose(1, 2)
-            if kv_heads != heads and not _GQA:  # torch < 2.5: no enable_gqa
+            extra = {}
+            if kv_heads != heads and _GQA:
+                extra = {"enable_gqa": True}
+            elif kv_heads != heads:  # torch < 2.5: no enable_gqa
                 k = k.repeat_interleave(heads // kv_heads, dim=1)
                 v = v.repeat_interleave(heads // kv_heads, dim=1)
-            extra = {"enable_gqa": True} if kv_heads != heads and _GQA else {}
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, **extra)
             outs.append(out.transpose(1, 2).reshape(n * width, heads, v_dim))
         out = torch.cat(outs).index_select(0, plan.slot_of)

@@ -168,9 +168,10 @@ def setup(model: torch.nn.Module, make_objective: ObjectiveFactory, train_data: 
         frozen.to(accelerator.device)
         if precision == "bf16":
             cast_frozen(frozen.module, torch.bfloat16)
+        if s.packing:
+            use_packed_attention(frozen.module)
     if s.packing:  # packed rows attend within each sequence (models.packed_attention)
-        for module in (model, *(f.module for f in frozen_models(objective))):
-            use_packed_attention(module)
+        use_packed_attention(model)
     # only the trainable parameters of the model: a frozen model an objective holds is not
     # reachable through objective.parameters() (see objectives.Frozen)
     optimizer = build_optimizer(objective, lr=s.learning_rate, weight_decay=s.weight_decay,
