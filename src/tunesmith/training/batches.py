@@ -99,9 +99,19 @@ class PoissonBatches:
             yield [self.data[i] for i in keep.nonzero().flatten().tolist()]
 
 
-def collate(examples: Sequence[Encoded], *, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad encoded examples to the longest of them."""
-    width = max(len(e) for e in examples)
+# Unpacked training rows are padded to a multiple of this many tokens (see ``collate``).
+PAD_MULTIPLE = 16
+
+
+def collate(examples: Sequence[Encoded], *, pad_id: int,
+            multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad encoded examples to the longest of them, rounded up to ``multiple`` tokens.
+
+    Training pads unpacked rows to a multiple (``PAD_MULTIPLE``): every new width is a new
+    set of matrix shapes, and on CPU the memory in use grew with each shape met (oneDNN keeps
+    its primitives per shape): over DP-SGD's Poisson batches ~37 MB a step at any width,
+    ~13 MB padded to 16 (docs/benchmarks.md, "Resident memory across DP steps")."""
+    width = -(-max(len(e) for e in examples) // multiple) * multiple
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)

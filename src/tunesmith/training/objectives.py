@@ -31,7 +31,7 @@ from torch import nn
 from tunesmith.data.encode import IGNORE_INDEX, Encoded
 from tunesmith.data.packing import PackedRow, collate_packed, pack_rows, padded_width
 from tunesmith.models.classifier import class_logits_at
-from tunesmith.training.batches import collate
+from tunesmith.training.batches import PAD_MULTIPLE, collate
 from tunesmith.training.loss import TargetLoss, sequence_log_probs
 from tunesmith.training.precision import autocast
 
@@ -110,7 +110,7 @@ def encoded_passes(examples: Sequence[Encoded], *, pad_id: int, packing: bool,
     """Encoded examples as model inputs: one padded batch, or packed rows up to PASS_TOKENS
     tokens a pass (each sequence attending only to itself, positions restarting)."""
     if not packing:
-        return [collate(examples, pad_id=pad_id)]
+        return [collate(examples, pad_id=pad_id, multiple=PAD_MULTIPLE)]
     return [collate_packed(group, pad_id=pad_id, multiple=SHAPE_MULTIPLE)
             for group in row_groups(pack_rows(examples, pack_capacity), PASS_TOKENS)]
 

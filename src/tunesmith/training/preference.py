@@ -31,7 +31,7 @@ from tunesmith.config import REFERENCE_LOSSES
 from tunesmith.data.encode import IGNORE_INDEX, Encoded, PairEncoded
 from tunesmith.data.packing import pack_plan, padded_width
 from tunesmith.models.classifier import unwrap
-from tunesmith.training.batches import collate
+from tunesmith.training.batches import PAD_MULTIPLE, collate
 from tunesmith.training.loss import sequence_log_probs
 from tunesmith.training.objectives import PASS_TOKENS, SHAPE_MULTIPLE, ObjectiveOutput
 
@@ -135,7 +135,7 @@ def pair_inputs(pairs: Sequence[PairEncoded], *, pad_id: int, packing: bool,
         del inputs["attention_mask"]  # packed rows: the model masks by position ids
     else:
         seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-        inputs = collate(seqs, pad_id=pad_id)
+        inputs = collate(seqs, pad_id=pad_id, multiple=PAD_MULTIPLE)
         inputs["sequence"] = torch.arange(len(seqs)).unsqueeze(1).expand_as(
             inputs["input_ids"]).contiguous()
     if all(p.reference is not None for p in pairs):

@@ -1,10 +1,13 @@
-from tunesmith.data.encode import Encoded
+from tunesmith.data.encode import IGNORE_INDEX, Encoded
 from tunesmith.training.batches import (
+    PAD_MULTIPLE,
     PoissonBatches,
     ShuffledBatches,
+    collate,
     local_share,
     micro_batches,
 )
+from tunesmith.training.objectives import encoded_passes
 
 
 def test_length_grouped_batches_pad_little():
@@ -45,3 +48,24 @@ def test_a_small_last_batch_leaves_a_process_an_empty_share():
     assert local_share(batch, rank=0, world_size=2) == [1]
     assert local_share(batch, rank=1, world_size=2) == []
     assert micro_batches(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
+
+
+def test_collate_pads_to_a_multiple_and_masks_the_padding():
+    rows = [Encoded([5, 6, 7], [IGNORE_INDEX, 6, 7]), Encoded([8] * 17, [8] * 17)]
+    plain = collate(rows, pad_id=0)
+    padded = collate(rows, pad_id=0, multiple=16)
+    assert plain["input_ids"].shape == (2, 17) and padded["input_ids"].shape == (2, 32)
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert padded[key][:, :17].equal(plain[key])  # the same rows, then only padding
+    assert (padded["input_ids"][:, 17:] == 0).all()
+    assert (padded["attention_mask"][:, 17:] == 0).all()
+    assert (padded["labels"][:, 17:] == IGNORE_INDEX).all()
+    assert collate([Encoded([1] * 16, [1] * 16)], pad_id=0, multiple=16)["input_ids"].shape \
+        == (1, 16)  # a width already a multiple stays
+
+
+def test_unpacked_training_rows_take_few_widths():
+    # every width is a new set of matrix shapes for oneDNN and the allocator to keep
+    widths = {encoded_passes([Encoded([1] * n, [1] * n)], pad_id=0, packing=False,
+                             pack_capacity=256)[0]["input_ids"].shape[1] for n in range(1, 257)}
+    assert widths == set(range(PAD_MULTIPLE, 257, PAD_MULTIPLE))
