@@ -64,7 +64,7 @@ def pack_rows(examples: Sequence[Encoded], capacity: int) -> list[PackedRow]:
 
 
 def padded_width(tokens: int, multiple: int) -> int:
-    """``tokens`` rounded up to a multiple of ``multiple`` (the width a packed row pads to)."""
+    """``tokens`` rounded up to a multiple of ``multiple`` (the width a row pads to)."""
     return -(-tokens // multiple) * multiple
 
 

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from tunesmith.data.encode import IGNORE_INDEX, Encoded
+from tunesmith.data.packing import padded_width
 
 # Length grouping sorts within windows of this many batches, as HF's group_by_length does:
 # batches of similar lengths, still a random mix across the epoch.
@@ -111,7 +112,7 @@ def collate(examples: Sequence[Encoded], *, pad_id: int,
     set of matrix shapes, and on CPU the memory in use grew with each shape met (oneDNN keeps
     its primitives per shape): over DP-SGD's Poisson batches ~37 MB a step at any width,
     ~13 MB padded to 16 (docs/benchmarks.md, "Resident memory across DP steps")."""
-    width = -(-max(len(e) for e in examples) // multiple) * multiple
+    width = padded_width(max(len(e) for e in examples), multiple)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
