@@ -6,14 +6,23 @@ divides in separate passes: profiled on the bundled model (LoRA on every linear 
 ``aten::bernoulli_`` alone took a fifth of the training step, more than two thirds of all the
 matrix products (docs/benchmarks.md, "Training speed").
 
-``FastDropout`` is the same dropout with its random numbers drawn 16 bits at a time: one 64-bit
-draw from PyTorch's generator gives the coins of four elements (an element is kept when its
-16-bit number is at least ``round(p * 65536)``, so the drop probability is ``p`` rounded to
-1/65536), and the kept elements are scaled by ``1 / (1 - p)`` as usual. The mask comes from
-``torch``'s default generator, so ``torch.manual_seed`` fixes it and activation
-checkpointing's replay of the forward pass draws the same one. It is a different random
-stream from ``nn.Dropout``'s, not a different distribution. On CUDA, where PyTorch's dropout
-is one fused kernel, ``nn.functional.dropout`` is used as it is.
+``FastDropout`` is the same dropout, each element dropped independently with probability ``p``
+and the kept ones scaled by ``1 / (1 - p)``, with fewer random numbers:
+
+- **Few drops** (``p <= SPARSE_P``, LoRA's usual 0.05-0.1): only the dropped elements are drawn.
+  The gaps between consecutive dropped elements of independent Bernoulli(``p``) coins are
+  geometric, so ``drop_positions`` draws about ``n * p`` gaps (inverse CDF of float64 uniforms)
+  instead of a coin per element; the forward pass is one scaled copy with those positions
+  zeroed, the backward pass the same on the gradient, and what is kept for backward is the
+  positions (int32: ``4 * p`` bytes per element instead of a byte of mask).
+- **More drops**: a boolean mask, one 64-bit draw from PyTorch's generator giving the coins of
+  four elements (kept when its 16-bit number is at least ``round(p * 65536)``, so ``p`` is
+  rounded to 1/65536), applied with ``where``.
+
+Either way the draws come from ``torch``'s default generator, so ``torch.manual_seed`` fixes
+them and activation checkpointing's replay of the forward pass draws the same ones. It is a
+different random stream from ``nn.Dropout``'s, not a different distribution. On CUDA, where
+PyTorch's dropout is one fused kernel, ``nn.functional.dropout`` is used as it is.
 
 Written by hand because no library offers a faster CPU dropout; ``use_fast_dropout`` swaps it
 into a PEFT model in place of its ``nn.Dropout`` modules.
@@ -52,6 +61,69 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
     # a signed 16-bit chunk v stands for the unsigned v + 32768; keep it when that >= p * 65536
     threshold = round(p * _LEVELS) - _LEVELS // 2
     return (words.view(torch.int16)[:n] >= threshold).view(shape)
+
+
+SPARSE_P = 0.25  # at most this, dropout draws the dropped positions (see the module)
+
+
+def drop_positions(n: int, p: float, *, batch: int | None = None) -> torch.Tensor:
+    """The ascending flat indices (int64) of the elements of an ``n``-element tensor that
+    dropout drops, each independently with probability ``0 < p < 1``, drawn from torch's
+    default generator.
+
+    The gap from one dropped element to the next is geometric: ``floor(log(V) / log(1 - p)) +
+    1`` for ``V`` uniform on (0, 1], so only about ``n * p`` uniforms are drawn (in float64),
+    ``batch`` gaps at a time (by default enough to pass ``n`` but once in ~10**9 calls)."""
+    mean = n * p
+    batch = batch or int(mean + 6 * math.sqrt(mean * (1 - p)) + 16)
+    log_keep = math.log1p(-p)
+    parts: list[torch.Tensor] = []
+    next_start = 0  # the first index the next gap may reach
+    while True:
+        u = torch.rand(batch, dtype=torch.float64)  # [0, 1): 1 - u is in (0, 1]
+        gaps = torch.log1p(-u).div_(log_keep).floor_().to(torch.int64).add_(1)
+        positions = gaps.cumsum_(0).add_(next_start - 1)
+        parts.append(positions)
+        last = int(positions[-1])
+        if last >= n:
+            break
+        next_start = last + 1
+    positions = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return positions[:int(torch.searchsorted(positions, n))]
+
+
+def _scaled_copy_without(x: torch.Tensor, positions: torch.Tensor, scale: float
+                         ) -> torch.Tensor:
+    """A contiguous ``x * scale`` with the elements at flat ``positions`` set to zero."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.mul(x, scale, out=out)
+    return out.view(-1).index_fill_(0, positions.long(), 0).view(x.shape)
+
+
+class _DropAt(torch.autograd.Function):
+    """Dropout that keeps the dropped elements' positions for backward, not a mask."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
+        n = x.numel()
+        positions = drop_positions(n, p)
+        ctx.scale = 1.0 / (1.0 - p)
+        # int32 where it fits: 4 * p bytes per element kept for backward
+        ctx.save_for_backward(positions.int() if n < 2 ** 31 else positions)
+        return _scaled_copy_without(x, positions, ctx.scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (positions,) = ctx.saved_tensors
+        return _scaled_copy_without(grad, positions, ctx.scale), None
+
+
+def kept_bytes_per_element(p: float, device: str = "cpu") -> float:
+    """Bytes a ``FastDropout(p)`` keeps for backward per element of its input, on average:
+    the dropped positions (int32) on CPU where ``p <= SPARSE_P``, else a bool mask."""
+    if p == 0:
+        return 0.0
+    return 4 * p if device == "cpu" and p <= SPARSE_P else 1.0
 
 
 class LastDropped:
@@ -112,6 +184,8 @@ class FastDropout(nn.Module):
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return nn.functional.dropout(x, self.p, training=True)
+        if self.p <= SPARSE_P:
+            return _DropAt.apply(x, self.p)
         # where() keeps only the boolean mask for the backward pass (a byte per element, as
         # CUDA's dropout does; CPU's nn.Dropout keeps the mask in the input's dtype)
         return torch.where(keep_mask(x.shape, self.p), x, 0) * (1.0 / (1.0 - self.p))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tunesmith.models.lora_dropout import kept_bytes_per_element
 from tunesmith.models.sizing import (
     Linear,
     ModelShape,
@@ -75,11 +76,13 @@ class MemoryEstimate:
 
 
 def _adapter_inputs(targets: list[Linear], layers: int, dropout: float, act_bytes: float,
-                    shared_dropout: bool) -> float:
+                    shared_dropout: bool, device: str) -> float:
     """Bytes per token per layer the adapters keep: each its rank-r output is counted by the
     caller; here the inputs. With dropout each adapted layer keeps a dropped copy of its input
-    and the dropout's bool mask, a byte per element (CUDA's dropout and ``FastDropout`` on CPU,
-    see models.lora_dropout), and the undropped input is then kept by nobody; with shared
+    and what the dropout needs for backward (a bool mask, a byte per element, on CUDA; on CPU
+    ``FastDropout`` keeps the dropped positions where few drop, ``4 * p`` bytes per element:
+    ``models.lora_dropout.kept_bytes_per_element``), and the undropped input is then kept by
+    nobody; with shared
     dropout the adapted layers reading the same tensor share one dropped copy and mask. Without
     dropout adapted layers reading the same tensor share one copy, and attention keeps the
     output projection's input anyway."""
@@ -91,7 +94,7 @@ def _adapter_inputs(targets: list[Linear], layers: int, dropout: float, act_byte
         layer = t.name.rsplit(".", 2)[0]  # the block (or sub-block) the layer sits in
         key = _SHARED_INPUT.get(leaf, leaf) if dropout == 0 or shared_dropout else leaf
         inputs[f"{layer}:{key}"] = t.in_features
-    return sum(inputs.values()) * (act_bytes + (1 if dropout > 0 else 0)) / layers
+    return sum(inputs.values()) * (act_bytes + kept_bytes_per_element(dropout, device)) / layers
 
 
 def estimate_training_memory(
@@ -168,7 +171,7 @@ def estimate_training_memory(
         shape, targets, lora=lora, rows=rows, max_length=max_length, lora_r=lora_r,
         lora_dropout=lora_dropout, lora_shared_dropout=lora_shared_dropout,
         gradient_checkpointing=gradient_checkpointing, bf16=bf16, lm_head=lm_head,
-        fp32_attention=packing and device == "cpu")
+        fp32_attention=packing and device == "cpu", device=device)
 
     # Backward starts with the LM head, so its gradient is the only one there at the start
     # (all of them are when earlier micro-batches left theirs); the optimizer step holds them
@@ -195,7 +198,7 @@ def estimate_training_memory(
 def _activations(shape: ModelShape, targets: list[Linear], *, lora: bool, rows: int,
                  max_length: int, lora_r: int, lora_dropout: float,
                  lora_shared_dropout: bool, gradient_checkpointing: bool, bf16: bool,
-                 lm_head: bool, fp32_attention: bool = False) -> int:
+                 lm_head: bool, fp32_attention: bool = False, device: str = "cpu") -> int:
     """Bytes autograd keeps for backward at its start, logits included (see the estimate)."""
     h, m, layers = shape.hidden, shape.intermediate, shape.layers
     if lora and targets:
@@ -209,7 +212,7 @@ def _activations(shape: ModelShape, targets: list[Linear], *, lora: bool, rows: 
         + 3 * m * a
     if lora:
         block += len(targets) * lora_r * a / layers
-        block += _adapter_inputs(targets, layers, lora_dropout, a, lora_shared_dropout)
+        block += _adapter_inputs(targets, layers, lora_dropout, a, lora_shared_dropout, device)
     else:
         block += 4 * h * a + m * a
     if gradient_checkpointing:

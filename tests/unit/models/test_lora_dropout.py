@@ -1,4 +1,5 @@
-"""FastDropout: the LoRA dropout with masks drawn 16 bits at a time on CPU."""
+"""FastDropout: the LoRA dropout that draws only the dropped positions where few drop, and
+otherwise masks 16 bits at a time, on CPU."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.models.load import add_lora, load
-from tunesmith.models.lora_dropout import FastDropout, keep_mask, use_fast_dropout
+from tunesmith.models.lora_dropout import (
+    SPARSE_P,
+    FastDropout,
+    drop_positions,
+    keep_mask,
+    kept_bytes_per_element,
+    use_fast_dropout,
+)
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
@@ -44,31 +52,108 @@ def test_shape_seed_and_odd_sizes():
     assert keep_mask((1,), 0.0).all()  # p = 0 keeps everything
 
 
+def _expected_keep(shape, p, seed):
+    """The keep mask ``FastDropout(p)`` draws after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    n = math.prod(shape)
+    if p <= SPARSE_P:
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[drop_positions(n, p)] = False
+        return keep.view(shape)
+    return keep_mask(shape, p)
+
+
+@pytest.mark.parametrize("p", [0.05, SPARSE_P, 0.5])  # positions, positions, mask
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_and_backward_are_dropout(dtype):
-    drop = FastDropout(0.25)
+def test_forward_and_backward_are_dropout(dtype, p):
+    drop = FastDropout(p)
     x = torch.randn(64, 48, dtype=dtype, requires_grad=True)
     torch.manual_seed(5)
     y = drop(x)
-    torch.manual_seed(5)
-    keep = keep_mask(x.shape, 0.25)
+    keep = _expected_keep(x.shape, p, 5)
     assert y.dtype == dtype
-    expected = torch.where(keep, x.detach(), 0) * (1 / 0.75)
+    expected = torch.where(keep, x.detach(), 0) * (1 / (1 - p))
     assert torch.equal(y.detach(), expected)
-    y.sum().backward()
-    grad = torch.where(keep, torch.ones_like(x), 0) * (1 / 0.75)
-    assert torch.equal(x.grad, grad)
-    # dropped elements are exactly the masked ones, and about a quarter of them
-    assert 0.15 < (y == 0).float().mean().item() < 0.35
+    upstream = torch.randn_like(x)
+    y.backward(upstream)
+    assert torch.equal(x.grad, torch.where(keep, upstream, 0) * (1 / (1 - p)))
+    # dropped elements are exactly the masked ones, at about the rate p
+    sd = math.sqrt(p * (1 - p) / x.numel())
+    assert abs((y == 0).float().mean().item() - p) < 5 * sd
     drop.eval()
     assert drop(x) is x
 
 
-def test_checkpoint_replay_draws_the_same_mask():
+def test_drop_positions_are_bernoulli_coins():
+    """Every element dropped with probability p, independently: the rate overall and in each
+    stretch, no correlation between neighbours, geometric gaps between drops."""
+    p, n = 0.05, 2_000_000
+    torch.manual_seed(0)
+    positions = drop_positions(n, p)
+    assert positions.dtype == torch.int64
+    assert bool((positions[1:] > positions[:-1]).all())  # ascending, no repeats
+    assert int(positions[0]) >= 0 and int(positions[-1]) < n
+    dropped = torch.zeros(n)
+    dropped[positions] = 1.0
+    for part in dropped.view(8, -1):  # the start, the middle and the end alike
+        sd = math.sqrt(p * (1 - p) / part.numel())
+        assert abs(part.mean().item() - p) < 5 * sd
+    centred = dropped - p
+    for lag in (1, 2, 3, 17):
+        corr = (centred[:-lag] * centred[lag:]).mean().item() / (p * (1 - p))
+        assert abs(corr) < 5 / math.sqrt(n), (lag, corr)
+    gaps = torch.diff(positions).float()
+    for k in (1, 2, 10):  # P(gap = k) = (1 - p)^(k - 1) p
+        want = (1 - p) ** (k - 1) * p
+        got = (gaps == k).float().mean().item()
+        assert abs(got - want) < 5 * math.sqrt(want * (1 - want) / gaps.numel()), (k, got)
+
+
+def test_drop_positions_continue_past_a_short_batch_and_repeat_with_the_seed():
+    n, p = 100_000, 0.1
+    torch.manual_seed(2)
+    few = drop_positions(n, p, batch=50)  # ~200 batches of gaps to reach n
+    assert bool((few[1:] > few[:-1]).all()) and int(few[-1]) < n
+    assert abs(few.numel() / n - p) < 5 * math.sqrt(p * (1 - p) / n)
+    torch.manual_seed(2)
+    assert torch.equal(drop_positions(n, p, batch=50), few)
+    assert drop_positions(0, p).numel() == 0
+    assert drop_positions(1, 0.01).numel() in (0, 1)
+
+
+def test_dropout_of_a_non_contiguous_input():
+    x = torch.randn(48, 64).t()  # a transposed view
+    torch.manual_seed(4)
+    y = FastDropout(0.1)(x)
+    keep = _expected_keep(x.shape, 0.1, 4)
+    assert torch.equal(y, torch.where(keep, x, 0) * (1 / 0.9))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_what_dropout_keeps_for_backward_is_counted(p):
+    """The memory estimate counts ``kept_bytes_per_element`` beside the dropped copy: that
+    is what autograd holds (the positions, int32, where few drop; a bool mask otherwise)."""
+    n = 1_000_000
+    x = torch.randn(n, requires_grad=True)
+    kept = []
+
+    def pack(t):
+        if t is not x:  # the input (held by the caller anyway) is not the dropout's
+            kept.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        FastDropout(p)(x)
+    assert sum(kept) == pytest.approx(n * kept_bytes_per_element(p), rel=0.02)
+    assert kept_bytes_per_element(p, "cuda") == 1.0 and kept_bytes_per_element(0.0) == 0.0
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_checkpoint_replay_draws_the_same_mask(p):
     """Activation checkpointing re-runs the forward pass in backward: the mask must repeat,
     or the gradients would belong to another mask."""
     layer = nn.Linear(32, 32)
-    drop = FastDropout(0.3)
+    drop = FastDropout(p)
     x = torch.randn(16, 32, requires_grad=True)
 
     def block(t):
@@ -173,12 +258,13 @@ def test_a_shared_copy_is_reused_only_for_the_same_unchanged_tensor():
     assert pickle.loads(pickle.dumps(held)).shared is not None
 
 
-def test_shared_dropout_replays_under_checkpointing():
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_shared_dropout_replays_under_checkpointing(p):
     from tunesmith.models.lora_dropout import LastDropped
 
     last = LastDropped()
     one, two = nn.Linear(32, 8), nn.Linear(32, 8)
-    drop_one, drop_two = FastDropout(0.3, last), FastDropout(0.3, last)
+    drop_one, drop_two = FastDropout(p, last), FastDropout(p, last)
     x = torch.randn(16, 32, requires_grad=True)
 
     def block(t):
