@@ -82,10 +82,9 @@ def _adapter_inputs(targets: list[Linear], layers: int, dropout: float, act_byte
     and what the dropout needs for backward (a bool mask, a byte per element, on CUDA; on CPU
     ``FastDropout`` keeps the dropped positions where few drop, ``4 * p`` bytes per element:
     ``models.lora_dropout.kept_bytes_per_element``), and the undropped input is then kept by
-    nobody; with shared
-    dropout the adapted layers reading the same tensor share one dropped copy and mask. Without
-    dropout adapted layers reading the same tensor share one copy, and attention keeps the
-    output projection's input anyway."""
+    nobody; with shared dropout the adapted layers reading the same tensor share one dropped
+    copy and what its dropout keeps. Without dropout adapted layers reading the same tensor
+    share one copy, and attention keeps the output projection's input anyway."""
     inputs: dict[str, int] = {}
     for t in targets:
         leaf = t.name.rsplit(".", 1)[-1]
