@@ -188,8 +188,9 @@ class TrainConfig(_Section):
         "(gradient accumulation; the loss is normalised over the whole batch). Empty: none.",
     )
     packing: bool = Field(
-        True, description="Pack each batch's examples into as few rows as fit max_length, "
-        "each attending only to itself (less padding; same examples per step).",
+        True, description="Pack each batch's examples into as few rows as fit max_length "
+        "(on CPU, where each sequence attends on its own, rows of up to 1,024 tokens or "
+        "max_length), each attending only to itself (less padding; same examples per step).",
     )
     group_by_length: bool = Field(
         True, description="Without packing: batch examples of similar length together."

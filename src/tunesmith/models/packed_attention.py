@@ -79,6 +79,18 @@ def use_packed_attention(model: nn.Module) -> bool:
     return config._attn_implementation == NAME
 
 
+def attends_by_sequence(model: Any) -> bool:
+    """Whether packed rows of ``model`` (or a PEFT model around one) attend sequence by
+    sequence: it uses ``packed_sdpa`` and sits on the CPU, where that is what runs. The cost
+    of a row then no longer grows with its width squared, so a pass may lay all its sequences
+    end to end in one row, padded only at its end (``training.objectives.encoded_passes``)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(lm, "config", None), "_attn_implementation", None) != NAME:
+        return False
+    first = next(lm.parameters(), None)
+    return first is not None and first.device.type == "cpu"
+
+
 def packed_kwargs(model: Any, attention_mask: torch.Tensor | None,
                   position_ids: torch.Tensor | None) -> dict[str, Any]:
     """For packed rows (``position_ids``, no mask) of a model using ``packed_sdpa``: the

@@ -31,6 +31,7 @@ from tunesmith.data.encode import IGNORE_INDEX, Encoded
 from tunesmith.errors import ConfigError
 from tunesmith.models.classifier import class_logits_at, unwrap
 from tunesmith.models.heads import output_head
+from tunesmith.models.packed_attention import attends_by_sequence
 from tunesmith.training.loss import HEAD_CHUNK, target_hidden
 from tunesmith.training.objectives import Frozen, ObjectiveOutput, encoded_passes
 from tunesmith.training.precision import autocast
@@ -85,8 +86,10 @@ class _Distill(nn.Module):
         self.packing, self.pack_capacity = packing, pack_capacity
 
     def collate(self, examples: Sequence[Encoded]) -> list[dict[str, torch.Tensor]]:
+        # the teacher sees the same rows: one row a pass only where both attend by sequence
+        one_row = attends_by_sequence(self.model) and attends_by_sequence(self.teacher.module)
         return encoded_passes(examples, pad_id=self.pad_id, packing=self.packing,
-                              pack_capacity=self.pack_capacity)
+                              pack_capacity=self.pack_capacity, one_row=one_row)
 
     def size(self, example: Encoded) -> int:
         return len(example)

@@ -31,6 +31,7 @@ from torch import nn
 from tunesmith.data.encode import IGNORE_INDEX, Encoded
 from tunesmith.data.packing import PackedRow, collate_packed, pack_rows, padded_width
 from tunesmith.models.classifier import class_logits_at
+from tunesmith.models.packed_attention import attends_by_sequence
 from tunesmith.training.batches import PAD_MULTIPLE, collate
 from tunesmith.training.loss import TargetLoss, sequence_log_probs
 from tunesmith.training.precision import autocast
@@ -43,7 +44,8 @@ SHAPE_MULTIPLE = 64
 # together. Each pass has fixed costs (a hundred-odd small operations per layer, one attention
 # call per layer): on 2 CPU cores two 256-token rows a pass trained 17% faster than one
 # (docs/benchmarks.md, "Training speed"), where one row a pass had once measured as fast.
-# Within the memory estimate, which assumes the whole batch unpacked in one pass.
+# Within the memory estimate, which assumes the whole batch unpacked in one pass. Where a
+# model attends sequence by sequence, a pass is one row of up to this many tokens.
 PASS_TOKENS = 1024
 
 
@@ -106,11 +108,20 @@ def frozen_models(objective: Any) -> list[Frozen]:
 
 
 def encoded_passes(examples: Sequence[Encoded], *, pad_id: int, packing: bool,
-                   pack_capacity: int) -> list[dict[str, torch.Tensor]]:
+                   pack_capacity: int, one_row: bool = False) -> list[dict[str, torch.Tensor]]:
     """Encoded examples as model inputs: one padded batch, or packed rows up to PASS_TOKENS
-    tokens a pass (each sequence attending only to itself, positions restarting)."""
+    tokens a pass (each sequence attending only to itself, positions restarting).
+
+    ``one_row`` (for a model that ``attends_by_sequence``): each pass is a single row, its
+    sequences end to end up to PASS_TOKENS (or ``pack_capacity`` where more), padded only at
+    its end; rows of ``pack_capacity`` would each pad to the widest (a fifth of the SMS
+    benchmark's tokens were padding). Elsewhere attention costs the row's width squared, so
+    rows stay at ``pack_capacity``."""
     if not packing:
         return [collate(examples, pad_id=pad_id, multiple=PAD_MULTIPLE)]
+    if one_row:
+        return [collate_packed([row], pad_id=pad_id, multiple=SHAPE_MULTIPLE)
+                for row in pack_rows(examples, max(PASS_TOKENS, pack_capacity))]
     return [collate_packed(group, pad_id=pad_id, multiple=SHAPE_MULTIPLE)
             for group in row_groups(pack_rows(examples, pack_capacity), PASS_TOKENS)]
 
@@ -142,7 +153,8 @@ class LMObjective(nn.Module):
 
     def collate(self, examples: Sequence[Encoded]) -> list[dict[str, torch.Tensor]]:
         return encoded_passes(examples, pad_id=self.pad_id, packing=self.packing,
-                              pack_capacity=self.pack_capacity)
+                              pack_capacity=self.pack_capacity,
+                              one_row=attends_by_sequence(self.loss.model))
 
     def normaliser(self, examples: Sequence[Encoded]) -> float:
         return float(sum(e.n_targets for e in examples))
@@ -194,7 +206,8 @@ class ClassifierObjective(nn.Module):
 
     def collate(self, examples: Sequence[Encoded]) -> list[dict[str, torch.Tensor]]:
         return encoded_passes(examples, pad_id=self.pad_id, packing=self.packing,
-                              pack_capacity=self.pack_capacity)
+                              pack_capacity=self.pack_capacity,
+                              one_row=attends_by_sequence(self.model))
 
     def normaliser(self, examples: Sequence[Encoded]) -> float:
         if self.class_weights is None:

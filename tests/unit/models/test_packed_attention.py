@@ -12,6 +12,7 @@ from tunesmith.models.load import add_lora, load
 from tunesmith.models.packed_attention import (
     NAME,
     WIDTH_MULTIPLE,
+    attends_by_sequence,
     packed_kwargs,
     use_packed_attention,
 )
@@ -150,8 +151,12 @@ def test_only_sdpa_models_are_switched(tiny_model_dir):
     assert packed_kwargs(eager, None, torch.zeros(1, 4, dtype=torch.long)) == {}
     peft = add_lora(load(tiny_model_dir)[0], r=4, alpha=8, dropout=0.0,
                     target_modules="all-linear")
+    assert not attends_by_sequence(peft)  # still SDPA: not yet switched
     assert use_packed_attention(peft) and use_packed_attention(peft)  # twice: still on
     assert peft.get_base_model().config._attn_implementation == NAME
+    assert attends_by_sequence(peft) and attends_by_sequence(peft.get_base_model())
+    assert not attends_by_sequence(eager)
+    assert not attends_by_sequence(peft.to("meta"))  # off the CPU the masked kernel runs
 
 
 def test_training_setup_switches_models_that_train_on_packed_rows(tiny_model_dir):

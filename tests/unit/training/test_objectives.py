@@ -160,3 +160,47 @@ def test_packed_rows_go_in_passes_of_at_most_pass_tokens(tiny_loaded):
         one_by_one = sum(float(objective(**collate_packed([r], pad_id=tok.pad_token_id))
                                .loss_sum) for r in rows)
     assert whole == pytest.approx(one_by_one, rel=1e-5)
+
+
+def test_a_model_that_attends_by_sequence_gets_one_row_a_pass(tiny_model_dir):
+    from tunesmith.data.encode import Encoded
+    from tunesmith.data.packing import pack_rows
+    from tunesmith.models.packed_attention import use_packed_attention
+    from tunesmith.training.objectives import PASS_TOKENS, SHAPE_MULTIPLE
+
+    def example(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(1, 1000, (n,), generator=g).tolist()
+        return Encoded(input_ids=ids, labels=[-100] * (n // 2) + ids[n // 2:])
+
+    lengths = (250, 240, 200, 120, 100, 60, 60, 40, 30, 1100, 20, 90, 70)
+    examples = [example(n, i) for i, n in enumerate(lengths)]
+    model, tok = load(tiny_model_dir)
+    model.eval()
+    objective = LMObjective(model, pad_id=tok.pad_token_id, packing=True, pack_capacity=256)
+    rows = objective.collate(examples)  # SDPA: rows of at most 256 tokens, several a pass
+    assert max(p["input_ids"].shape[0] for p in rows) > 1
+    assert use_packed_attention(model)
+    passes = objective.collate(examples)
+    assert all(p["input_ids"].shape[0] == 1 for p in passes)
+    assert len(passes) < sum(p["input_ids"].shape[0] for p in rows)
+    # every token once, the sequences end to end, padding (never a target) only at the end
+    real = [len(r) for r in pack_rows(examples, PASS_TOKENS)]
+    assert sum(real) == sum(lengths)
+    for p, n in zip(passes, real, strict=True):
+        width = p["input_ids"].shape[1]
+        assert width == -(-n // SHAPE_MULTIPLE) * SHAPE_MULTIPLE
+        assert n <= PASS_TOKENS or n == 1100  # a longer sequence alone
+        assert (p["labels"][0, n:] == IGNORE_INDEX).all()
+        assert (p["input_ids"][0, n:] == tok.pad_token_id).all()
+    targets = sum(int((p["labels"] != IGNORE_INDEX).sum()) for p in passes)
+    assert targets == sum(int((p["labels"] != IGNORE_INDEX).sum()) for p in rows)
+    # the same loss as the rows of pack_capacity, and as each example alone
+    with torch.no_grad():
+        one_row = sum(float(objective(**p).loss_sum) for p in passes)
+        by_rows = sum(float(objective(**p).loss_sum) for p in rows)
+        alone = sum(float(objective(**collate_packed(pack_rows([e], 2048),
+                                                     pad_id=tok.pad_token_id)).loss_sum)
+                    for e in examples)
+    assert one_row == pytest.approx(by_rows, rel=1e-5)
+    assert one_row == pytest.approx(alone, rel=1e-5)
