@@ -36,6 +36,21 @@ def test_packed_rows_pool_each_sequence_at_its_own_last_token(tiny_model_dir, to
     ends = marks[0].nonzero().flatten().tolist()
     lengths = [len(e) for e in examples]
     assert ends == [sum(lengths[:i + 1]) - 1 for i in range(3)]
+    # attending sequence by sequence: the objective's passes are one row (rows of 16 tokens
+    # would be one a sequence), pooled the same
+    from tunesmith.models.packed_attention import use_packed_attention
+    from tunesmith.training.objectives import ClassifierObjective
+
+    objective = ClassifierObjective(model, pad_id=tokenizer.pad_token_id, packing=True,
+                                    pack_capacity=16)
+    assert [p["input_ids"].shape[0] for p in objective.collate(examples)] == [3]  # SDPA
+    assert use_packed_attention(model)
+    (one,) = objective.collate(examples)
+    with torch.no_grad():
+        by_sequence = class_logits_at(model, one["input_ids"], one["labels"] != IGNORE_INDEX,
+                                      position_ids=one["position_ids"])
+    longest_first = sorted(range(3), key=lambda i: lengths[i], reverse=True)  # pack_rows' order
+    torch.testing.assert_close(by_sequence, expected[longest_first], rtol=1e-4, atol=1e-5)
 
 
 def test_the_new_head_starts_from_the_seed_alone(tiny_model_dir, tokenizer):
