@@ -16,7 +16,7 @@ import torch
 from tunesmith.errors import ModelError
 from tunesmith.evaluation.metrics import check_references
 from tunesmith.evaluation.task import check_labels
-from tunesmith.models.classifier import unwrap
+from tunesmith.models.load import unwrap
 
 __all__ = ["check_adapter", "check_labels", "check_model_tokenizer", "check_references",
            "training_warnings"]

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from tunesmith.data.encode import IGNORE_INDEX, encode_chat
 from tunesmith.errors import DataError
-from tunesmith.models.classifier import unwrap
 from tunesmith.models.generation import pad_batch
 from tunesmith.models.heads import output_head
+from tunesmith.models.load import unwrap
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,8 @@ from typing import Any
 import torch
 
 from tunesmith.errors import ModelError
-from tunesmith.models.load import DTYPES
+from tunesmith.models.load import DTYPES, unwrap
 from tunesmith.models.packed_attention import packed_kwargs
-
-
-def unwrap(model: Any) -> Any:
-    """The transformers model inside a PEFT wrapper (adapters stay injected), or the model."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def load_classifier(path: Path, labels: list[str], *, pad_token_id: int,

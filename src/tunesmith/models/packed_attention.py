@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils.import_utils import is_torch_greater_or_equal
 
+from tunesmith.models.load import unwrap
+
 log = logging.getLogger("tunesmith")
 _GQA = is_torch_greater_or_equal("2.5")  # SDPA's enable_gqa
 
@@ -63,7 +65,7 @@ def use_packed_attention(model: nn.Module) -> bool:
     ``packed_sdpa``; returns whether it did. Other implementations (eager, flash-attention)
     and models whose attention transformers cannot swap are left as they are. The switch is
     not saved with the model (transformers never writes it to ``config.json``)."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT's
+    lm = unwrap(model)
     config = getattr(lm, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", NAME):
         return False
@@ -84,7 +86,7 @@ def attends_by_sequence(model: Any) -> bool:
     sequence: it uses ``packed_sdpa`` and sits on the CPU, where that is what runs. The cost
     of a row then no longer grows with its width squared, so a pass may lay all its sequences
     end to end in one row, padded only at its end (``training.objectives.encoded_passes``)."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = unwrap(model)
     if getattr(getattr(lm, "config", None), "_attn_implementation", None) != NAME:
         return False
     first = next(lm.parameters(), None)

@@ -29,8 +29,9 @@ from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.encode import IGNORE_INDEX, Encoded
 from tunesmith.errors import ConfigError
-from tunesmith.models.classifier import class_logits_at, unwrap
+from tunesmith.models.classifier import class_logits_at
 from tunesmith.models.heads import output_head
+from tunesmith.models.load import unwrap
 from tunesmith.models.packed_attention import attends_by_sequence
 from tunesmith.training.loss import HEAD_CHUNK, target_hidden
 from tunesmith.training.objectives import Frozen, ObjectiveOutput, encoded_passes

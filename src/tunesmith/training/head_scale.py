@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tunesmith.errors import TrainingError
-from tunesmith.models.classifier import unwrap
+from tunesmith.models.load import unwrap
 
 # a feature that is zero on every public prompt keeps its own scale (no division by zero)
 MIN_SCALE = 1e-3

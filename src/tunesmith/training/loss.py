@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.encode import IGNORE_INDEX
-from tunesmith.models.classifier import unwrap
 from tunesmith.models.heads import output_head
+from tunesmith.models.load import unwrap
 from tunesmith.models.packed_attention import packed_kwargs
 from tunesmith.training.precision import autocast
 

@@ -30,7 +30,7 @@ from torch import nn
 from tunesmith.config import REFERENCE_LOSSES
 from tunesmith.data.encode import IGNORE_INDEX, Encoded, PairEncoded
 from tunesmith.data.packing import pack_plan, padded_width
-from tunesmith.models.classifier import unwrap
+from tunesmith.models.load import unwrap
 from tunesmith.training.batches import PAD_MULTIPLE, collate
 from tunesmith.training.loss import sequence_log_probs
 from tunesmith.training.objectives import PASS_TOKENS, SHAPE_MULTIPLE, ObjectiveOutput
