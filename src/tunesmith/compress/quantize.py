@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from tunesmith.errors import ModelError
+from tunesmith.models.load import LOCAL_CODE
 
 INSTALL_HINT = "install it with `pip install 'tunesmith[compress]'` (torchao)"
 
@@ -106,7 +107,8 @@ def load_int8(model_dir: Path, *, head: bool = False) -> Any:
     try:
         with quiet_import():
             return auto.from_pretrained(model_dir, dtype=torch.float32,
-                                        quantization_config=TorchAoConfig(_int8_config()))
+                                        quantization_config=TorchAoConfig(_int8_config()),
+                                        **LOCAL_CODE)
     except Exception as err:
         raise ModelError(f"{model_dir}: cannot quantise the model to int8 ({err})") from err
 

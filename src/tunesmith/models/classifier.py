@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from tunesmith.errors import ModelError
-from tunesmith.models.load import DTYPES, unwrap
+from tunesmith.models.load import DTYPES, LOCAL_CODE, unwrap
 from tunesmith.models.packed_attention import packed_kwargs
 
 
@@ -35,7 +35,7 @@ def load_classifier(path: Path, labels: list[str], *, pad_token_id: int,
             return AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=len(labels), id2label=dict(enumerate(labels)),
                 label2id={lab: i for i, lab in enumerate(labels)}, pad_token_id=pad_token_id,
-                dtype=DTYPES[dtype])
+                dtype=DTYPES[dtype], **LOCAL_CODE)
     except Exception as err:
         raise ModelError(f"{path}: cannot put a classification head on this model ({err})") \
             from err
@@ -48,7 +48,7 @@ def load_trained_classifier(path: Path) -> Any:
     from transformers import AutoModelForSequenceClassification
 
     try:
-        return AutoModelForSequenceClassification.from_pretrained(path)
+        return AutoModelForSequenceClassification.from_pretrained(path, **LOCAL_CODE)
     except Exception as err:
         raise ModelError(f"{path}: cannot load the classifier ({err})") from err
 

@@ -57,6 +57,7 @@ from tunesmith.models.gguf_layout import (
     sliding_window,
 )
 from tunesmith.models.gguf_vocab import Vocabulary, add_tokenizer, vocabulary
+from tunesmith.models.load import LOCAL_CODE
 
 TENSOR_TYPES = ("f32", "f16", "q8_0")
 # What a clean Hugging Face directory holds besides the tokenizer, which is written afresh.
@@ -236,7 +237,8 @@ def read_gguf(path: Path) -> tuple[Any, Any]:
                 model = _built(config, weights)
             else:
                 tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                             **LOCAL_CODE)
                 config = as_llama_cpp(model.config, path)
                 if config is not None:  # built again, as llama.cpp runs the file: the settings
                     # change no weight's shape, so the weights read once move over (reading and

@@ -45,6 +45,15 @@ def load_tokenizer(path: Path) -> Any:
     return tokenizer
 
 
+# Every model tunesmith loads computes with the code installed on this machine. transformers
+# (>= 5.2x, with the `kernels` package, which it now requires) otherwise replaces layers on a GPU
+# with kernels fetched from the Hugging Face Hub at load and at `.train()`: code downloaded at
+# run time, which fails outright on a machine without the Hub (seen on an H200: "Version 2 of
+# 'kernels-community/rotary' is not available in the local cache") and would make a run depend
+# on what the Hub served that day. Passed to every `from_pretrained`.
+LOCAL_CODE = {"use_kernels": False}
+
+
 def check_quantization(choice: str) -> None:
     """Refuse ``train.quantize_base`` early where it cannot run: 4-bit NormalFloat weights are
     bitsandbytes' CUDA kernels (QLoRA), so there is no CPU fallback to fall into silently."""
@@ -85,7 +94,8 @@ def load_model(path: Path, *, dtype: str = "float32", quantize: str = "none") ->
         extra = {"quantization_config": quantization_config(quantize),
                  "device_map": {"": torch.cuda.current_device()}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **extra,
+                                                     **LOCAL_CODE)
     except Exception as err:
         raise ModelError(f"{path}: cannot load the model ({err})") from err
     return model
