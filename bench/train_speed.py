@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train_speed.py [--steps 30] [--repeat 3] [--out docs/benchmarks.md]
     .venv/bin/python bench/train_speed.py --steps 2 --model DIR   # smoke: any small model
+    python bench/train_speed.py --device cuda --steps 100 --repeat 2   # on a GPU
 
 Both engines train the bundled SmolLM2-135M-Instruct on the same SMS-spam chat rows, with the
 same tokenisation and prompt masking (tunesmith's ``encode_chat``), LoRA r=16 / alpha 32 /
@@ -12,12 +13,19 @@ setup); tunesmith with its defaults (packing, bf16 where native, target-only LM 
 Each engine runs in its own process, so each peak RSS is its own. Reported: trained tokens/s
 (non-padding tokens of the examples per second of training-loop wall time), peak RSS, and the
 final validation loss (target tokens, computed by the same function for both, in fp32).
+
+On a GPU (``--device cuda``) the same engines train on it; TRL runs in bf16 there (its default
+where bf16 is native), the peak GPU memory (``torch.cuda.max_memory_allocated``) is reported
+beside the RSS, and the limit is the GPU's measured bf16 matrix rate (8,192-square products).
+``--batch`` sets the rows per step for every engine (8 by default: the CPU recipe; a GPU is
+only busy with more).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import resource
@@ -34,6 +42,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 DATA = REPO / "examples" / "sms_spam" / "sms_spam.jsonl"
 LR, BATCH, MAX_LEN, SEED = 3e-4, 8, 256, 0
+DEVICE = "cpu"  # --device: cpu or cuda (auto: cuda where there is one)
+QUANTIZE = "none"  # --quantize-base nf4: tunesmith trains on a 4-bit base (QLoRA; CUDA only)
 MODEL = "smollm2-135m-instruct"  # --model: a directory instead (the suite's smoke run)
 SHARED_DROPOUT = True  # --per-module-dropout: tunesmith's adapters draw a mask each, as PEFT's
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
@@ -46,7 +56,7 @@ def rows(steps: int) -> tuple[list, list]:
     return data[: steps * BATCH], data[-64:]
 
 
-def setup(steps: int, dtype: str = "float32", *, peer: bool = True):
+def setup(steps: int, dtype: str = "float32", *, peer: bool = True, quantize: str = "none"):
     """The model with fresh adapters and the rows. A peer gets its adapters from PEFT as its
     users would (PEFT's own dropout); tunesmith from ``add_lora`` (its faster CPU dropout)."""
     from peft import LoraConfig, get_peft_model
@@ -55,7 +65,7 @@ def setup(steps: int, dtype: str = "float32", *, peer: bool = True):
     from tunesmith.models.load import add_lora, load
     from tunesmith.models.resolve import default_home, resolve_model
 
-    model, tok = load(resolve_model(MODEL, home=default_home()), dtype=dtype)
+    model, tok = load(resolve_model(MODEL, home=default_home()), dtype=dtype, quantize=quantize)
     train_rows, valid_rows = rows(steps)
     train = [e for e in (encode_chat(tok, m) for m in train_rows) if len(e) <= MAX_LEN]
     valid = [encode_chat(tok, m) for m in valid_rows]
@@ -74,9 +84,11 @@ def final_valid_loss(model, tok, valid) -> float:
     from tunesmith.training.loop import evaluate_objective
     from tunesmith.training.objectives import LMObjective
 
-    model.float()
+    if not getattr(model, "is_quantized", False):  # 4-bit weights stay 4-bit
+        model.float()
     return evaluate_objective(LMObjective(model, pad_id=tok.pad_token_id), valid,
-                              batch_size=16, device=torch.device("cpu"))["valid_loss"]
+                              batch_size=16, device=next(model.parameters()).device
+                              )["valid_loss"]
 
 
 def padding_collator(pad_id: int):
@@ -101,12 +113,13 @@ def trainer_args(steps: int, output_dir: str) -> dict:
     return dict(output_dir=output_dir, per_device_train_batch_size=BATCH, max_steps=steps,
                 learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
                 max_grad_norm=1.0, logging_steps=10_000, save_strategy="no", report_to=[],
-                use_cpu=True, seed=SEED, dataloader_num_workers=0, disable_tqdm=True)
+                use_cpu=DEVICE == "cpu", seed=SEED, dataloader_num_workers=0, disable_tqdm=True)
 
 
 def timed(trainer, model, tok, train, valid, steps: int) -> dict:
     started = time.perf_counter()
     trainer.train()
+    synchronize()
     seconds = time.perf_counter() - started
     tokens = sum(len(e) for e in train[: steps * BATCH])
     return {"tokens": tokens, "seconds": seconds, "steps": steps,
@@ -135,22 +148,32 @@ def run_trl(steps: int) -> dict:
     model, tok, train, valid = setup(steps)
     dataset = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in train])
     # SFTConfig turns on bf16 and gradient checkpointing by default, unlike TrainingArguments:
-    # off here, as in the HF arm (bf16 is emulated, and slow, on CPUs without it)
+    # both off on the CPU, as in the HF arm (bf16 is emulated, and slow, on CPUs without it);
+    # bf16 kept on a GPU, as TRL's users there run it
     args = SFTConfig(**trainer_args(steps, "/tmp/bench-trl"), padding_free=True,
                      max_length=None, dataset_kwargs={"skip_prepare_dataset": True},
-                     bf16=False, gradient_checkpointing=False)
+                     bf16=DEVICE == "cuda", gradient_checkpointing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
     return timed(trainer, model, tok, train, valid, steps)
 
 
-def matmul_gflops(dtype: torch.dtype, size: int = 1024, seconds: float = 2.0) -> float:
-    """This machine's rate for a square matmul in ``dtype`` (all of torch's threads)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def synchronize() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_gflops(dtype: torch.dtype, size: int | None = None, seconds: float = 2.0) -> float:
+    """This machine's rate for a square matmul in ``dtype`` (all of torch's threads, or the
+    GPU: 8,192 squares there, 1,024 on the CPU)."""
+    size = size or (8192 if DEVICE == "cuda" else 1024)
+    a, b = (torch.randn(size, size, dtype=dtype, device=DEVICE) for _ in range(2))
     a @ b
+    synchronize()
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         a @ b
         done += 1
+        synchronize()
     return 2 * size ** 3 * done / (time.perf_counter() - started) / 1e9
 
 
@@ -174,14 +197,15 @@ def run_tunesmith(steps: int) -> dict:
     from tunesmith.training.precision import load_dtype
 
     # tunesmith's default: frozen weights loaded straight in bf16 where training runs in bf16
-    dtype = load_dtype("auto", precision="auto", method="lora", device=torch.device("cpu"))
-    model, tok, data, valid = setup(steps, dtype, peer=False)
+    dtype = load_dtype("auto", precision="auto", method="lora", device=torch.device(DEVICE))
+    model, tok, data, valid = setup(steps, dtype, peer=False, quantize=QUANTIZE)
     settings = LoopSettings(learning_rate=LR, epochs=1, batch_size=BATCH, total_steps=steps,
                             eval_every=steps, schedule="cosine", max_grad_norm=1.0, packing=True,
                             pack_capacity=MAX_LEN, precision="auto", seed=SEED)
     started = time.perf_counter()
     result = train(model, data, [], settings=settings, pad_id=tok.pad_token_id,
                    checkpoint_dir=Path("/tmp/bench-tunesmith"))
+    synchronize()
     seconds = time.perf_counter() - started
     tokens = sum(len(e) for e in data[: steps * BATCH])
     return {"tokens": tokens, "seconds": seconds, "precision": result.precision,
@@ -196,15 +220,21 @@ def child(engine: str, steps: int) -> None:
     torch.manual_seed(SEED)
     result = ENGINES[engine](steps)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    if DEVICE == "cuda":
+        result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def measure(engine: str, steps: int) -> dict:
     """One engine in a process of its own, so its peak RSS is its own."""
-    extra = ["--seed", str(SEED)] + ([] if SHARED_DROPOUT else ["--per-module-dropout"])
+    extra = ["--seed", str(SEED), "--device", DEVICE, "--batch", str(BATCH),
+             "--quantize-base", QUANTIZE] + (
+        [] if SHARED_DROPOUT else ["--per-module-dropout"])
+    # a CPU run on a machine with a GPU must not find it (Accelerate would take it)
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if DEVICE == "cpu" else {})}
     done = subprocess.run([sys.executable, __file__, "--child", engine, "--steps", str(steps),
                            "--model", MODEL, *extra], capture_output=True, text=True,
-                          check=False)
+                          check=False, env=env)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if done.returncode != 0 or line is None:
         raise SystemExit(f"{engine} failed:\n{done.stderr[-4000:]}")
@@ -219,7 +249,9 @@ def combined(runs: list[dict]) -> dict:
     out = dict(runs[0])
     for key in ("tokens_per_s", "seconds"):
         out[key] = statistics.median(r[key] for r in runs)
-    out["peak_rss_gb"] = max(r["peak_rss_gb"] for r in runs)
+    for key in ("peak_rss_gb", "peak_gpu_gb"):
+        if key in out:
+            out[key] = max(r[key] for r in runs)
     return out
 
 
@@ -237,6 +269,7 @@ def ratio_table(peer_name: str, short: str, peer: dict, ts: dict,
 ROWS = [("trained tokens/s", "tokens_per_s", "{:.0f}"), ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"),
         ("final validation loss", "valid_loss", "{:.4f}"),
         ("training-loop seconds", "seconds", "{:.1f}")]
+GPU_ROW = ("peak GPU memory (GB)", "peak_gpu_gb", "{:.2f}")
 PEERS = {"hf": ("HF Trainer + PEFT (fp32)", "HF"),
          "hf_bf16": ("HF Trainer + PEFT (bf16=True)", "HF bf16"),
          "trl": ("TRL SFTTrainer, padding-free (fp32)", "TRL")}
@@ -247,7 +280,7 @@ def table(hf: dict, ts: dict) -> str:
 
 
 def main() -> None:
-    global MODEL, SHARED_DROPOUT, SEED
+    global MODEL, SHARED_DROPOUT, SEED, DEVICE, BATCH, QUANTIZE
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--bf16-steps", type=int, default=None,
@@ -267,8 +300,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=SEED,
                         help="the rows' order (which are trained and validated on) and the "
                         "adapters' initial weights")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where every engine trains (auto: a CUDA GPU where there is one)")
+    parser.add_argument("--batch", type=int, default=BATCH, help="rows per step, every engine")
+    parser.add_argument("--quantize-base", choices=["none", "nf4"], default="none",
+                        help="nf4: tunesmith trains LoRA on a 4-bit base (QLoRA, CUDA only); "
+                        "the peers keep theirs")
     args = parser.parse_args()
-    MODEL, SHARED_DROPOUT, SEED = args.model, not args.per_module_dropout, args.seed
+    MODEL, SHARED_DROPOUT, SEED, BATCH, QUANTIZE = (
+        args.model, not args.per_module_dropout, args.seed, args.batch, args.quantize_base)
+    DEVICE = args.device if args.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if DEVICE == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: this machine has no CUDA GPU")
+        PEERS["trl"] = ("TRL SFTTrainer, padding-free (bf16)", "TRL")
     if args.child:
         child(args.child, args.steps)
         return
@@ -292,8 +338,9 @@ def main() -> None:
     rates = {k: statistics.median(r[k] for r in rate_runs) for k in ("fp32", "bf16")}
     flops = lora_flops_per_token()
     limits = {k: v * 1e9 / flops for k, v in rates.items()}
-    text = "\n\n".join(ratio_table(*PEERS[p], r, ts, ROWS if r["steps"] == args.steps
-                                     else ROWS[:2]) for p, r in found.items())
+    rows_ = [*ROWS[:2], GPU_ROW, *ROWS[2:]] if DEVICE == "cuda" else ROWS
+    text = "\n\n".join(ratio_table(*PEERS[p], r, ts, rows_ if r["steps"] == args.steps
+                                     else rows_[:2]) for p, r in found.items())
     if args.repeat > 1:
         text += "\n\n" + "\n".join(
             f"tunesmith / {PEERS[p][1]} in each round: " + ", ".join(
@@ -310,23 +357,28 @@ def main() -> None:
     print(f"tunesmith: {ts['tokens_per_s']:.0f} trained tokens/s, peak RSS "
           f"{ts['peak_rss_gb']:.2f} GB, final validation loss {ts['valid_loss']:.4f}")
     print(limit_text)
+    machine = (f"{torch.cuda.get_device_name()}" if DEVICE == "cuda" else
+               f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"tunesmith precision: {ts['precision']}; {args.steps} steps of batch {BATCH}; "
-          f"{ts['tokens']} trained tokens each")
+          f"{ts['tokens']} trained tokens each; tunesmith's base weights "
+          f"{'unquantised' if QUANTIZE == 'none' else QUANTIZE}; {machine}, "
+          f"torch {torch.__version__}")
     if args.out:
-        section = (f"## Training speed\n\nMachine: {platform.processor() or platform.machine()}, "
-                   f"{torch.get_num_threads()} threads, torch {torch.__version__}. Command: "
-                   f"`.venv/bin/python bench/train_speed.py --steps {args.steps} --repeat "
-                   f"{args.repeat} --out {args.out}` (tokens/s: the median of the rounds). "
+        heading = "## Training speed on CUDA" if DEVICE == "cuda" else "## Training speed"
+        section = (f"{heading}\n\nMachine: {machine}, torch {torch.__version__}. Command: "
+                   f"`python bench/train_speed.py --device {DEVICE} --batch {BATCH} --steps "
+                   f"{args.steps} --repeat {args.repeat} --out {args.out}` (tokens/s: the "
+                   f"median of the rounds). "
                    f"SmolLM2-135M-Instruct, SMS spam chat rows, LoRA r=16/alpha 32/"
                    f"all linear, batch {BATCH}, lr {LR}, cosine, {args.steps} steps; tunesmith "
                    f"precision {ts['precision']}.\n\n{text}\n\n{limit_text}\n")
-        replace_section(args.out, "## Training speed", section)
+        replace_section(args.out, heading, section)
 
 
 def replace_section(path: Path, heading: str, section: str) -> None:
     """Write ``section`` into ``path``, replacing an earlier section under the same heading."""
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\n"
-    start = text.find(heading)
+    start = text.find(heading + "\n")  # the whole heading line, not a longer one
     if start == -1:
         text = text.rstrip("\n") + "\n\n" + section
     else:

@@ -339,7 +339,7 @@ def _run(cfg: RunConfig, run_dir: Path, model_dir: Path, console: Console, show_
                   "best_metric": cfg.train.best_metric,
                   "stopped_early": result.state.stopped_early,
                   "tokens_seen": result.state.tokens_seen, "precision": result.precision,
-                  "seconds": round(seconds, 1), "warnings": warnings},
+                  "device": result.device, "seconds": round(seconds, 1), "warnings": warnings},
         test=test, base=base, tuned=tuned, calibration_result=cal,
         forgetting=forgetting, records=records)
     if tuned_run.privacy is not None:

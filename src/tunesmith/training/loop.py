@@ -54,6 +54,7 @@ class TrainResult:
     state: TrainState
     best_checkpoint: Path | None
     precision: str = "fp32"
+    device: str = "cpu"  # where it trained: "cpu", "cuda:0", ...
     stop_reason: str = "completed"  # completed | early_stopping | whatever a callback said
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -246,6 +247,7 @@ class Loop:
                     break
         self.emit("on_train_end")
         return TrainResult(state=state, best_checkpoint=None, precision=p.precision,
+                           device=str(p.accelerator.device),
                            stop_reason=self.control.reason or "completed")
 
 
