@@ -48,7 +48,7 @@ def test_qlora_trains_on_the_4bit_base_and_merges_into_the_full_weights(make_con
                                                                          tmp_path):
     from peft import PeftModel
 
-    from tunesmith.models.load import load, load_model
+    from tunesmith.models.load import load, load_model, stored_dtype
 
     cfg = make_config(train={"quantize_base": "nf4", "precision": "bf16", "epochs": 2})
     code, _, err = cli("run", str(cfg), "--no-progress")
@@ -59,11 +59,16 @@ def test_qlora_trains_on_the_4bit_base_and_merges_into_the_full_weights(make_con
     assert evals[-1]["valid_loss"] < evals[0]["valid_loss"]
     merged_config = json.loads((run / "merged" / "config.json").read_text())
     assert "quantization_config" not in merged_config  # a plain model, loadable anywhere
-    merged, tok = load(run / "merged", dtype="bfloat16")
+    # the adapters trained over the 4-bit base go onto the base as stored (fp32 here), so the
+    # merged model is that base with the adapters, compared in fp32 as the CPU merge test does
+    # (tests/unit/models/test_merge_precision.py). In bf16 two roundings of the same sums
+    # differ by a few units in the last place of logits of this size: on an H200, 0.14 at most
+    assert stored_dtype(run / "merged") == "float32"
+    merged, tok = load(run / "merged", dtype="float32")
     adapted = PeftModel.from_pretrained(
-        load_model(yaml.safe_load(cfg.read_text())["model"]["base"], dtype="bfloat16"),
+        load_model(yaml.safe_load(cfg.read_text())["model"]["base"], dtype="float32"),
         run / "adapter").eval()
     ids = torch.tensor([tok("great product, works well")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(merged.eval()(ids).logits, adapted(ids).logits,
-                                   rtol=2e-2, atol=2e-2)
+                                   rtol=1e-4, atol=1e-4)
