@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/train_speed.py [--steps 30] [--repeat 3] [--out docs/benchmarks.md]
     .venv/bin/python bench/train_speed.py --steps 2 --model DIR   # smoke: any small model
-    python bench/train_speed.py --device cuda --steps 100 --repeat 2   # on a GPU
+    python bench/train_speed.py --device cuda --batch 64 --steps 30 --repeat 2   # on a GPU
 
 Both engines train the bundled SmolLM2-135M-Instruct on the same SMS-spam chat rows, with the
 same tokenisation and prompt masking (tunesmith's ``encode_chat``), LoRA r=16 / alpha 32 /
@@ -364,12 +364,13 @@ def main() -> None:
           f"{'unquantised' if QUANTIZE == 'none' else QUANTIZE}; {machine}, "
           f"torch {torch.__version__}")
     if args.out:
-        heading = "## Training speed on CUDA" if DEVICE == "cuda" else "## Training speed"
+        heading = ("## Training speed on CUDA" if DEVICE == "cuda" else "## Training speed") + (
+            "" if QUANTIZE == "none" else f", tunesmith on a {QUANTIZE} base")
         section = (f"{heading}\n\nMachine: {machine}, torch {torch.__version__}. Command: "
                    f"`python bench/train_speed.py --device {DEVICE} --batch {BATCH} --steps "
-                   f"{args.steps} --repeat {args.repeat} --out {args.out}` (tokens/s: the "
-                   f"median of the rounds). "
-                   f"SmolLM2-135M-Instruct, SMS spam chat rows, LoRA r=16/alpha 32/"
+                   f"{args.steps} --repeat {args.repeat} --peers {args.peers} --quantize-base "
+                   f"{QUANTIZE} --model {MODEL} --out {args.out}` (tokens/s: the median of the "
+                   f"rounds). SMS spam chat rows, LoRA r=16/alpha 32/"
                    f"all linear, batch {BATCH}, lr {LR}, cosine, {args.steps} steps; tunesmith "
                    f"precision {ts['precision']}.\n\n{text}\n\n{limit_text}\n")
         replace_section(args.out, heading, section)
