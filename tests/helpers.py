@@ -76,6 +76,16 @@ def jsonl_bytes(rows: list[dict]) -> bytes:
 # ----------------------------------------------------------------------------- training
 
 
+def loss_curve(run_dir: Path, kind: str = "train") -> dict[int, float]:
+    """A run's logged losses by step (its ``metrics.jsonl``): the training loss of every
+    ``train`` record, or the validation loss of every ``eval`` record."""
+    from tunesmith.training.callbacks import read_metrics
+
+    key = {"train": "train_loss", "eval": "valid_loss"}[kind]
+    return {r["step"]: r[key] for r in read_metrics(run_dir / "metrics.jsonl")
+            if r["kind"] == kind}
+
+
 def finish_tiny_run(folder: Path, base: Path, **train: Any) -> Path:
     """A finished tiny run on the review data (LoRA, one epoch, a short evaluation)."""
     import yaml

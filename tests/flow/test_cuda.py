@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from tunesmith.training.callbacks import read_metrics
+from tests.helpers import loss_curve
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU; this machine has none")
@@ -34,11 +34,8 @@ def _run(cfg, *, gpu: bool) -> None:
 
 
 def _losses(run_dir) -> tuple[dict, dict, dict]:
-    records = read_metrics(run_dir / "metrics.jsonl")
-    train = {r["step"]: r["train_loss"] for r in records if r["kind"] == "train"}
-    valid = {r["step"]: r["valid_loss"] for r in records if r["kind"] == "eval"}
     training = json.loads((run_dir / "metrics.json").read_text())["training"]
-    return train, valid, training
+    return loss_curve(run_dir), loss_curve(run_dir, "eval"), training
 
 
 @pytest.mark.parametrize("packing", [True, False])

@@ -9,8 +9,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import review_pairs
-from tunesmith.training.callbacks import read_metrics
+from tests.helpers import loss_curve, review_pairs
 from tunesmith.training.checkpoint import list_checkpoints
 
 TRAIN = {"epochs": 4, "eval_every": 3, "precision": "fp32", "keep_checkpoints": 2,
@@ -21,11 +20,6 @@ def _run(cfg, *extra):
     return subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "run", str(cfg),
                              "--no-progress", *extra], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-
-
-def _curve(run_dir):
-    return {r["step"]: r["train_loss"] for r in read_metrics(run_dir / "metrics.jsonl")
-            if r["kind"] == "train"}
 
 
 # differential privacy: Poisson batches, noise and the accountant must all resume
@@ -52,7 +46,7 @@ def test_sigkill_and_resume_follows_the_same_curve(make_config, tmp_path, object
     ref = _run(reference_cfg)
     out, err = ref.communicate(timeout=600)
     assert ref.returncode == 0, err
-    expected = _curve(tmp_path / "reference")
+    expected = loss_curve(tmp_path / "reference")
 
     cfg = make_config(rows, train=train, output_dir=str(tmp_path / "killed"))
     proc = _run(cfg)
@@ -70,7 +64,7 @@ def test_sigkill_and_resume_follows_the_same_curve(make_config, tmp_path, object
     resumed = _run(cfg, "--resume")
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
-    got = _curve(tmp_path / "killed")
+    got = loss_curve(tmp_path / "killed")
     assert sorted(got) == sorted(expected)  # each step logged once, none missing
     for step, loss in expected.items():
         assert abs(got[step] - loss) <= 1e-4, (step, got[step], loss)

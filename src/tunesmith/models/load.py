@@ -18,6 +18,7 @@ def unwrap(model: Any) -> Any:
     """The transformers model inside a PEFT wrapper (adapters stay injected), or the model."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
+
 # ChatML: used when a model ships no chat template of its own (plain base models).
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
