@@ -52,3 +52,29 @@ def test_sgd_keeps_the_groups_rates_with_momentum(tiny):
         [(g["lr"], g["weight_decay"], len(g["params"])) for g in adam.param_groups]
     assert {g["lr"] for g in sgd.param_groups} == {0.3, 0.7}
     assert all(g["momentum"] == 0.9 for g in sgd.param_groups)
+
+
+def test_adamw_on_the_cpu_is_fused_and_updates_as_the_loop_does(tiny):
+    model, _ = tiny
+    for p in model.parameters():
+        p.requires_grad_(True)
+    fused = build_optimizer(model, lr=1e-2, weight_decay=0.1)
+    assert all(g["fused"] for g in fused.param_groups)
+    twin = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    loop = torch.optim.AdamW([{**{k: v for k, v in g.items() if k != "params"},
+                               "fused": False, "foreach": False,
+                               "params": [twin[index[id(p)]] for p in g["params"]]}
+                              for g in fused.param_groups])
+    start = [p.detach().clone() for p in model.parameters()]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for p, q in zip(model.parameters(), twin, strict=True):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = p.grad.clone()
+        fused.step()
+        loop.step()
+    moved = [(p - q).abs().max().item() for p, q in zip(model.parameters(), twin, strict=True)]
+    assert max(moved) < 1e-6
+    assert min((p.detach() - s).abs().max().item()
+               for p, s in zip(model.parameters(), start, strict=True)) > 1e-3
