@@ -139,9 +139,10 @@ def _fused_on_cpu(groups: list[dict[str, Any]]) -> bool | None:
     """``fused=True`` where every trainable tensor is a plain float tensor on the CPU.
 
     PyTorch's default there is a Python loop over the parameters (its foreach kernels are for
-    GPUs): for LoRA's 420 adapter matrices on the bundled model it took 28-36 ms a step against
-    7-8 ms fused, the same update to one unit in the last place (tests/unit/training/
-    test_setup.py). Elsewhere (CUDA, sharded DTensors) PyTorch's own choice is kept."""
+    GPUs): for LoRA's 420 adapter matrices on the bundled model the step took 20 ms in the
+    loop against 7 ms fused (docs/benchmarks.md), the same update to 1e-6 (tests/unit/
+    training/test_setup.py). FSDP shards the parameters after this (its DTensors step fused
+    too: tests/flow/test_fsdp.py); on CUDA PyTorch's own choice is kept."""
     params = [p for g in groups for p in g["params"]]
     plain = all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type == "cpu"
                 and p.is_floating_point() for p in params)
