@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 
 import torch
@@ -60,21 +61,20 @@ def test_adamw_on_the_cpu_is_fused_and_updates_as_the_loop_does(tiny):
         p.requires_grad_(True)
     fused = build_optimizer(model, lr=1e-2, weight_decay=0.1)
     assert all(g["fused"] for g in fused.param_groups)
-    twin = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
-    index = {id(p): i for i, p in enumerate(model.parameters())}
-    loop = torch.optim.AdamW([{**{k: v for k, v in g.items() if k != "params"},
-                               "fused": False, "foreach": False,
-                               "params": [twin[index[id(p)]] for p in g["params"]]}
-                              for g in fused.param_groups])
+    twin = copy.deepcopy(model)
+    loop = build_optimizer(twin, lr=1e-2, weight_decay=0.1)
+    for group in loop.param_groups:  # PyTorch's per-parameter loop, its CPU default
+        group.update(fused=None, foreach=False)
     start = [p.detach().clone() for p in model.parameters()]
     generator = torch.Generator().manual_seed(0)
     for _ in range(5):
-        for p, q in zip(model.parameters(), twin, strict=True):
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
             p.grad = torch.randn(p.shape, generator=generator)
             q.grad = p.grad.clone()
         fused.step()
         loop.step()
-    moved = [(p - q).abs().max().item() for p, q in zip(model.parameters(), twin, strict=True)]
+    moved = [(p - q).abs().max().item()
+             for p, q in zip(model.parameters(), twin.parameters(), strict=True)]
     assert max(moved) < 1e-6
     assert min((p.detach() - s).abs().max().item()
                for p, s in zip(model.parameters(), start, strict=True)) > 1e-3
