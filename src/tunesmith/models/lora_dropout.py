@@ -11,10 +11,11 @@ and the kept ones scaled by ``1 / (1 - p)``, with fewer random numbers:
 
 - **Few drops** (``p <= SPARSE_P``, LoRA's usual 0.05-0.1): only the dropped elements are drawn.
   The gaps between consecutive dropped elements of independent Bernoulli(``p``) coins are
-  geometric, so ``drop_positions`` draws about ``n * p`` gaps (inverse CDF of float64 uniforms)
-  instead of a coin per element; the forward pass is one scaled copy with those positions
-  zeroed, the backward pass the same on the gradient, and what is kept for backward is the
-  positions (int32: ``4 * p`` bytes per element instead of a byte of mask).
+  geometric, so ``drop_positions`` draws about ``n * p`` gaps (inverse CDF of 24-bit uniforms,
+  two from each 64-bit draw, in float32) instead of a coin per element; the forward pass is
+  one scaled copy with those positions zeroed, the backward pass the same on the gradient, and
+  what is kept for backward is the positions (int32: ``4 * p`` bytes per element instead of a
+  byte of mask).
 - **More drops**: a boolean mask, one 64-bit draw from PyTorch's generator giving the coins of
   four elements (kept when its 16-bit number is at least ``round(p * 65536)``, so ``p`` is
   rounded to 1/65536), applied with ``where``.
@@ -64,6 +65,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
 
 
 SPARSE_P = 0.25  # at most this, dropout draws the dropped positions (see the module)
+_HALF_GRID, _GRID_STEP = float(1 << 23), 2.0 ** -24  # drop_positions' 24-bit uniforms
 
 
 def drop_positions(n: int, p: float, *, batch: int | None = None) -> torch.Tensor:
@@ -72,16 +74,22 @@ def drop_positions(n: int, p: float, *, batch: int | None = None) -> torch.Tenso
     default generator.
 
     The gap from one dropped element to the next is geometric: ``floor(log(V) / log(1 - p)) +
-    1`` for ``V`` uniform on (0, 1], so only about ``n * p`` uniforms are drawn (in float64),
-    ``batch`` gaps at a time (by default enough to pass ``n`` but once in ~10**9 calls)."""
+    1`` for ``V`` uniform on (0, 1], so only about ``n * p`` uniforms are drawn, ``batch`` gaps
+    at a time (by default enough to pass ``n`` but once in ~10**9 calls). ``V`` is ``(m + 1) /
+    2**24`` for ``m`` the top 24 bits of a 32-bit half of a 64-bit draw: two uniforms a draw,
+    exact in float32 (half the draws and twice the vector width of float64 uniforms: 0.1 ms
+    instead of 0.2 for a 512 x 576 input). The grid caps a gap at ``-24 log 2 / log(1 - p)``
+    (325 at ``p = 0.05``), which Bernoulli coins pass with probability about ``2**-24``."""
     mean = n * p
     batch = batch or int(mean + 6 * math.sqrt(mean * (1 - p)) + 16)
-    log_keep = math.log1p(-p)
+    scale = 1.0 / math.log1p(-p)
     parts: list[torch.Tensor] = []
     next_start = 0  # the first index the next gap may reach
     while True:
-        u = torch.rand(batch, dtype=torch.float64)  # [0, 1): 1 - u is in (0, 1]
-        gaps = torch.log1p(-u).div_(log_keep).floor_().to(torch.int64).add_(1)
+        words = torch.empty((batch + 1) // 2, dtype=torch.int64).random_(-(1 << 63), None)
+        top = torch.bitwise_right_shift(words.view(torch.int32)[:batch], 8)  # [-2**23, 2**23)
+        v = top.float().add_(_HALF_GRID + 1).mul_(_GRID_STEP)  # (m + 1) / 2**24, m in [0, 2**24)
+        gaps = v.log_().mul_(scale).floor_().to(torch.int64).add_(1)
         positions = gaps.cumsum_(0).add_(next_start - 1)
         parts.append(positions)
         last = int(positions[-1])

@@ -20,6 +20,7 @@ from transformers import get_scheduler
 
 from tunesmith.config import TrainConfig
 from tunesmith.errors import TrainingError
+from tunesmith.models.fused_layers import use_fused_layers
 from tunesmith.models.packed_attention import use_packed_attention
 from tunesmith.models.sizing import layer_index
 from tunesmith.training.batches import BatchSource, ShuffledBatches
@@ -186,6 +187,8 @@ def setup(model: torch.nn.Module, make_objective: ObjectiveFactory, train_data: 
             use_packed_attention(frozen.module)
     if s.packing:  # packed rows attend within each sequence (models.packed_attention)
         use_packed_attention(model)
+    if accelerator.device.type == "cpu":  # RMSNorm and LoRA layers as one function each
+        use_fused_layers(model)
     # only the trainable parameters of the model: a frozen model an objective holds is not
     # reachable through objective.parameters() (see objectives.Frozen)
     optimizer = build_optimizer(objective, lr=s.learning_rate, weight_decay=s.weight_decay,
