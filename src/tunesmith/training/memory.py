@@ -129,7 +129,8 @@ def estimate_training_memory(
       (full with model.dtype: bfloat16).
     - activations: what autograd keeps for backward, per layer and token (Llama-style block,
       as measured with saved-tensor hooks):
-      the inputs of the two norms (2h, fp32), the attention kernel's q, k, v, output and
+      the inputs of the two norms (2h, fp32; at a bytes for LoRA on the CPU, whose norms
+      are ``models.fused_layers``'), the attention kernel's q, k, v, output and
       log-sum-exp (2Hd + 2Kd + H; in fp32 for packed rows on CPU, which attend through
       ``models.packed_attention``), the MLP's gate, activation and up outputs (3m);
       full fine-tuning adds what trained weights need: the normalised inputs of the attention
@@ -206,8 +207,11 @@ def _activations(shape: ModelShape, targets: list[Linear], *, lora: bool, rows: 
     a = 2 if bf16 else 4
     tokens = rows * max_length
     qkv_out = (2 * shape.heads + 2 * shape.kv_heads) * shape.head_dim
-    # per token and layer: norm inputs (fp32) and rsqrt, attention kernel, MLP
-    block = (2 * h + 2) * 4 + qkv_out * (4 if fp32_attention else a) + shape.heads * 4 \
+    # per token and layer: norm inputs and rsqrt, attention kernel, MLP; the norm inputs in
+    # fp32 (transformers' RMSNorm keeps its fp32 copy), in their own dtype where the norm is
+    # models.fused_layers' (frozen norm weights on the CPU)
+    norm = a if lora and device == "cpu" else 4
+    block = 2 * h * norm + 2 * 4 + qkv_out * (4 if fp32_attention else a) + shape.heads * 4 \
         + 3 * m * a
     if lora:
         block += len(targets) * lora_r * a / layers
@@ -218,7 +222,7 @@ def _activations(shape: ModelShape, targets: list[Linear], *, lora: bool, rows: 
         kept = layers * h * a * tokens + block * tokens
     else:
         kept = layers * block * tokens
-    final = h * 4 * tokens * (1 if lora else 3)  # final norm (and the head's input)
+    final = h * tokens * (norm if lora else 3 * 4)  # final norm (and the head's input)
     logits = 0
     if lm_head:
         rows_at_once = min(rows * (max_length - 1), HEAD_CHUNK)
