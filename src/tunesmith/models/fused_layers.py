@@ -45,7 +45,7 @@ from torch import nn
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.float() if x.dtype != torch.float32 else x.clone()
+        xf = x.to(torch.float32, copy=True)  # a fresh fp32 tensor to work in, whatever x is
         r = xf.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
         ctx.save_for_backward(x, r, weight)
         return xf.mul_(r).to(x.dtype).mul_(weight)
@@ -54,14 +54,9 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         x, r, weight = ctx.saved_tensors
         g = (dy * weight).float()
-        x_hat = x.float().mul_(r) if x.dtype != torch.float32 else x * r
+        x_hat = x.to(torch.float32, copy=True).mul_(r)
         m = (g * x_hat).mean(-1, keepdim=True)
         return g.sub_(x_hat.mul_(m)).mul_(r).to(x.dtype), None, None
-
-
-def _norm_eps(module: nn.Module) -> float | None:
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    return float(eps) if isinstance(eps, (int, float)) else None
 
 
 def _norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -77,18 +72,19 @@ def _is_llama_norm(module: nn.Module) -> bool:
     """Whether ``module`` is an RMSNorm that computes what ``_RMSNorm`` does: tried on a probe
     input against its own forward (Gemma's ``1 + weight`` or a norm without a weight differ)."""
     weight = getattr(module, "weight", None)
-    eps = _norm_eps(module)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or eps is None \
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 \
+            or not isinstance(eps, (int, float)) \
             or not weight.is_floating_point() or weight.device.type != "cpu":
         return False
     gen = torch.Generator().manual_seed(0)
     probe = torch.randn(3, weight.shape[0], generator=gen).to(weight.dtype)
     with torch.no_grad():
         own = type(module).forward(module, probe)
-        fused = _RMSNorm.apply(probe, weight.detach(), eps)
+        fused = _RMSNorm.apply(probe, weight.detach(), float(eps))
     if own.dtype != fused.dtype or not torch.equal(own, fused):
         return False
-    module._fused_eps = eps
+    module._fused_eps = float(eps)
     return True
 
 
