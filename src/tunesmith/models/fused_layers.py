@@ -1,7 +1,8 @@
-"""RMSNorm and LoRA linear layers as single autograd functions, for training on the CPU.
+"""RMSNorm, LoRA linear layers and the rotary embedding as single autograd functions, for
+training on the CPU.
 
 On the CPU a LoRA step of a small model is, besides its matrix products, many small
-operations, each with its own dispatch, allocation and autograd node. Two layers make many of
+operations, each with its own dispatch, allocation and autograd node. Three layers make many of
 them:
 
 - **RMSNorm** (Llama's: ``weight * (x * rsqrt(mean(x**2) + eps))`` in fp32, cast back before
@@ -14,32 +15,46 @@ them:
   base product, two adapter products, the scaling and the sum, each a node, and under
   autocast a cast per weight. ``_LoraLinear`` does the sum inside the base output's product
   (``addmm_`` of the rank-r side, scaled, onto the base output: the scaling on ``r`` columns
-  instead of ``out``) and writes the backward as its five products. The dropout stays PEFT's
-  module (``models.lora_dropout``), so adapters reading one tensor still share one dropped copy
-  and its backward runs once on their summed gradient.
+  instead of ``out``) and writes the backward as its five products. The dropout's draws stay
+  ``FastDropout``'s (``models.lora_dropout``: adapters reading one tensor still share one
+  dropped copy), but its backward is done inside the layer's: the adapter's share of the
+  input's gradient is zeroed where dropped and the base's share added onto it in one
+  ``addmm_``, which saves a gradient per dropped copy, a scaled copy of it and two sums.
+- **Rotary embedding** (transformers' ``apply_rotary_pos_emb``: ``q * cos + rotate_half(q) *
+  sin`` and the same for ``k``: slices, a negation, a concatenation, two products and a sum
+  each, forward and backward). ``_Rope`` writes each half as one product and one ``addcmul_``
+  and its backward as the inverse rotation. It goes where transformers lets the rotary
+  function be replaced per attention module (``kernels.kernelize``'s hook), and only where it
+  computes Llama's rotation (tried on a probe input) with ``cos`` and ``sin`` whose two halves
+  are equal (checked once per forward pass).
 
 Measured in the training loop on the bundled model (docs/benchmarks.md, "Training speed"):
-each pass's forward and backward with both switched on against off, in turn in one process,
-1.042x (median of 16 pairs; the norm alone 1.013x, the LoRA layer alone 1.020x). Written by
-hand because neither PyTorch nor PEFT has a fused CPU RMSNorm or LoRA layer, and transformers'
-kernel hub has none for the CPU (and would fetch its kernels at run time).
+each pass's forward and backward with a change switched on against off, in turn in one
+process: the norm and LoRA layer together 1.042x (median of 16 pairs; the norm alone 1.013x,
+the LoRA layer alone 1.020x); then the dropout's backward folded in 1.014x, the rotary
+embedding 1.021x. Written by hand because neither PyTorch nor PEFT has a fused CPU RMSNorm,
+LoRA layer or rotary embedding, and transformers' kernel hub has none for the CPU (and would
+fetch its kernels at run time).
 
 ``use_fused_layers`` swaps them into a model (instance ``forward``, so nothing is saved with
 the model). Every call checks that the fused path computes what the module would: anything
 else (a trained norm or base weight, a bias on an adapter, DoRA and other variants, merged or
 disabled adapters, several active adapters, quantised base layers, hooks on the layers such as
-Opacus' per-example gradients, no gradient wanted, another device) runs the module's own
-forward unchanged.
+Opacus' per-example gradients, no gradient wanted, another device, another layout of the
+rotary embedding's inputs) runs the module's own forward unchanged.
 """
 
 from __future__ import annotations
 
 import types
+import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tunesmith.models.lora_dropout import FastDropout
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -90,37 +105,53 @@ def _is_llama_norm(module: nn.Module) -> bool:
 
 class _LoraLinear(torch.autograd.Function):
     """``x @ W^T (+ bias) + s * (xd @ A^T) @ B^T`` in ``dtype``; ``x`` feeds the frozen base,
-    ``xd`` (its dropped copy) the adapter. Gradients for ``x``, ``xd``, ``A`` and ``B``."""
+    ``xd`` (its dropped copy) the adapter. Gradients for ``x``, ``A`` and ``B``, and for
+    ``xd`` where ``drop_scale`` is ``None``. Otherwise ``xd`` was made outside autograd
+    (``FastDropout.detached``: ``x`` scaled by ``drop_scale``, zero at the flat ``positions``)
+    and the dropout's backward is done here: the adapter's share of ``x``'s gradient is
+    zeroed at ``positions`` and the base's added onto it with one ``addmm_``, instead of a
+    gradient for ``xd``, autograd's sum of those of every adapter reading it, a scaled copy
+    and one more sum into ``x``'s."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, xd: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scaling: float,
-                dtype: torch.dtype) -> torch.Tensor:
+                dtype: torch.dtype, positions: torch.Tensor | None = None,
+                drop_scale: float | None = None) -> torch.Tensor:
         w_, a_, b_ = weight.to(dtype), a.to(dtype), b.to(dtype)
         xd_ = xd.to(dtype)
         h = xd_ @ a_.t()
         out = F.linear(x.to(dtype), w_, None if bias is None else bias.to(dtype))
         out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b_.t(), alpha=scaling)
-        ctx.save_for_backward(xd_, h, w_, a_, b_)
-        ctx.scaling = scaling
+        ctx.save_for_backward(xd_, h, w_, a_, b_, positions)
+        ctx.scaling, ctx.drop_scale = scaling, drop_scale
         ctx.dtypes = (x.dtype, xd.dtype, a.dtype, b.dtype)
         return out
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        xd_, h, w_, a_, b_ = ctx.saved_tensors
+        xd_, h, w_, a_, b_, positions = ctx.saved_tensors
         x_dtype, xd_dtype, a_dtype, b_dtype = ctx.dtypes
         need = ctx.needs_input_grad
         lead = dy.shape[:-1]
         dy2 = dy.to(w_.dtype).reshape(-1, dy.shape[-1])
-        dx = (dy2 @ w_).view(*lead, w_.shape[1]).to(x_dtype) if need[0] else None
         g = (dy2 @ b_).mul_(ctx.scaling)  # gradient of s * h: [tokens, r]
-        dxd = (g @ a_).view(*lead, a_.shape[1]).to(xd_dtype) if need[1] else None
+        dx = dxd = None
+        if ctx.drop_scale is None:
+            dx = (dy2 @ w_).view(*lead, w_.shape[1]).to(x_dtype) if need[0] else None
+            dxd = (g @ a_).view(*lead, a_.shape[1]).to(xd_dtype) if need[1] else None
+        elif need[0]:
+            # the dropout's backward on the adapter's share (scale on the rank side), then
+            # the base's share added in the same product
+            t = (g * ctx.drop_scale if ctx.drop_scale != 1 else g) @ a_
+            if positions is not None:
+                t.view(-1).index_fill_(0, positions.long(), 0)
+            dx = t.addmm_(dy2, w_).view(*lead, w_.shape[1]).to(x_dtype)
         da = (g.t() @ xd_.reshape(-1, xd_.shape[-1])).to(a_dtype) if need[4] else None
         db = None
         if need[5]:
             db = (dy2.t() @ h.reshape(-1, h.shape[-1])).mul_(ctx.scaling).to(b_dtype)
-        return dx, dxd, None, None, da, db, None, None
+        return dx, dxd, None, None, da, db, None, None, None, None
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -149,10 +180,115 @@ def _lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -
         dtype = x.dtype
     else:  # PEFT casts between dtypes here: its own forward
         return type(self).forward(self, x, *args, **kwargs)
-    xd = dropout(x)
+    # the dropout's backward folded into the layer's where the dropout allows it
+    dropped = _dropped(dropout, x)
+    if dropped is None:
+        xd, positions, drop_scale = dropout(x), None, None
+    else:
+        xd, positions = dropped
+        drop_scale = 1.0 / (1.0 - dropout.p) if positions is not None else 1.0
     with torch.autocast("cpu", enabled=False):
         return _LoraLinear.apply(x, xd, base.weight, base.bias, lora_a.weight, lora_b.weight,
-                                 float(self.scaling[name]), dtype)
+                                 float(self.scaling[name]), dtype, positions, drop_scale)
+
+
+def _dropped(dropout: nn.Module, x: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``x``'s dropped copy outside autograd and the positions dropped, or ``None`` where the
+    dropout must run as a module (any other kind of dropout)."""
+    if type(dropout) is nn.Identity:
+        return x.detach(), None
+    if type(dropout) is FastDropout:
+        return dropout.detached(x)
+    return None
+
+
+class _Rope(torch.autograd.Function):
+    """Llama's rotary embedding of ``q`` and ``k`` (``[batch, heads, len, dim]``): with
+    ``c``/``s`` the first halves of ``cos``/``sin`` (their two halves are equal),
+    ``(q1 c - q2 s, q2 c + q1 s)``, each half one product and one ``addcmul_`` written into
+    the output (rounded once where transformers' rounds twice); the backward is the inverse
+    rotation, and nothing but ``c`` and ``s`` is kept for it."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, s: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(c, s)
+        return _rotate(q, c, s, 1), _rotate(k, c, s, 1)
+
+    @staticmethod
+    def backward(ctx: Any, dq: torch.Tensor, dk: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        c, s = ctx.saved_tensors
+        return _rotate(dq, c, s, -1), _rotate(dk, c, s, -1), None, None
+
+
+def _rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, sign: int) -> torch.Tensor:
+    """``(x1 c - sign x2 s, x2 c + sign x1 s)``, laid out as ``x`` (transformers' layout)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty_like(x)
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-sign)
+    torch.mul(x2, c, out=o2).addcmul_(x1, s, value=sign)
+    return out
+
+
+_ROPE_KEY = "rotary_pos_emb"  # the kernel layer name transformers gives the rotary function
+_halves: tuple[Any, Any, torch.Tensor, torch.Tensor] | None = None
+
+
+def _rope_halves(cos: torch.Tensor, sin: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The first halves of ``cos`` and ``sin`` ready to broadcast over heads, or ``None`` if
+    their halves differ; worked out once per forward pass (every layer gets the same two)."""
+    global _halves
+    if _halves is not None and _halves[0]() is cos and _halves[1]() is sin:
+        return _halves[2], _halves[3]
+    half = cos.shape[-1] // 2
+    if not (torch.equal(cos[..., :half], cos[..., half:])
+            and torch.equal(sin[..., :half], sin[..., half:])):
+        return None
+    c, s = cos[..., :half].unsqueeze(1), sin[..., :half].unsqueeze(1)
+    _halves = (weakref.ref(cos), weakref.ref(sin), c, s)
+    return c, s
+
+
+def _rope_forward(self: nn.Module, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, unsqueeze_dim: int = 1) -> Any:
+    if (not torch.is_grad_enabled() or unsqueeze_dim != 1 or q.dim() != 4 or k.dim() != 4
+            or cos.dim() != 3 or cos.shape != sin.shape or q.device.type != "cpu"
+            or not q.shape[-1] == k.shape[-1] == cos.shape[-1] or q.shape[-1] % 2
+            or not q.dtype == k.dtype == cos.dtype == sin.dtype):
+        return type(self).forward(self, q, k, cos, sin, unsqueeze_dim)
+    halves = _rope_halves(cos, sin)
+    if halves is None:
+        return type(self).forward(self, q, k, cos, sin, unsqueeze_dim)
+    return _Rope.apply(q, k, *halves)
+
+
+def _rope_of(module: nn.Module) -> nn.Module | None:
+    """The attention's own rotary-embedding function, where transformers lets it be swapped
+    per module (``kernels``' ``use_kernelized_func``: what ``kernels.kernelize`` replaces)
+    and it computes Llama's rotation (tried on a probe input)."""
+    funcs = module.__dict__.get("_kernel_funcs")
+    rope = funcs.get(_ROPE_KEY) if isinstance(funcs, dict) else None
+    if not isinstance(rope, nn.Module) or "forward" in rope.__dict__:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 5, 8, generator=gen), torch.randn(1, 1, 5, 8, generator=gen)
+    angles = torch.outer(torch.arange(5.0), torch.rand(4, generator=gen))
+    cos, sin = torch.cat([angles.cos()] * 2, -1)[None], torch.cat([angles.sin()] * 2, -1)[None]
+    try:
+        with torch.no_grad():
+            own = type(rope).forward(rope, q, k, cos, sin)
+    except Exception:  # another signature: not Llama's
+        return None
+    half = (cos[..., :4].unsqueeze(1), sin[..., :4].unsqueeze(1))
+    ours = (_rotate(q, *half, 1), _rotate(k, *half, 1))
+    same = isinstance(own, tuple) and len(own) == 2 and all(
+        isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
+        for a, b in zip(own, ours, strict=True))
+    return rope if same else None
 
 
 def use_fused_layers(model: nn.Module) -> int:
@@ -166,6 +302,10 @@ def use_fused_layers(model: nn.Module) -> int:
         LoraLinear = ()  # type: ignore[assignment,misc]
     swapped = 0
     for module in model.modules():
+        rope = _rope_of(module)
+        if rope is not None:
+            rope.forward = types.MethodType(_rope_forward, rope)
+            swapped += 1
         if "forward" in module.__dict__:
             continue  # already swapped, or someone else's instance forward
         if isinstance(module, LoraLinear):
@@ -182,6 +322,12 @@ def restore_layers(model: nn.Module) -> int:
     """Undo ``use_fused_layers``: the modules' own forwards again; returns how many."""
     restored = 0
     for module in model.modules():
+        funcs = module.__dict__.get("_kernel_funcs")
+        rope = funcs.get(_ROPE_KEY) if isinstance(funcs, dict) else None
+        forward = getattr(rope, "__dict__", {}).get("forward")
+        if isinstance(forward, types.MethodType) and forward.__func__ is _rope_forward:
+            del rope.forward
+            restored += 1
         forward = module.__dict__.get("forward")
         if isinstance(forward, types.MethodType) and forward.__func__ in (_lora_forward,
                                                                           _norm_forward):

@@ -145,16 +145,19 @@ class LastDropped:
 
     def __init__(self) -> None:
         self._input: weakref.ref[torch.Tensor] | None = None
-        self._key: tuple[int, float] = (-1, 0.0)
-        self._out: torch.Tensor | None = None
+        self._key: tuple[int, float, str] = (-1, 0.0, "")
+        self._out: Any = None
 
-    def get(self, x: torch.Tensor, p: float) -> torch.Tensor | None:
-        if self._input is not None and self._input() is x and self._key == (x._version, p):
+    def get(self, x: torch.Tensor, p: float, kind: str = "autograd") -> Any:
+        """What ``put`` left for ``x`` and ``p``; ``kind`` keeps ``FastDropout``'s two forms
+        (an autograd output, or ``detached``'s pair) from standing in for each other."""
+        if self._input is not None and self._input() is x \
+                and self._key == (x._version, p, kind):
             return self._out
         return None
 
-    def put(self, x: torch.Tensor, p: float, out: torch.Tensor) -> None:
-        self._input, self._key, self._out = weakref.ref(x), (x._version, p), out
+    def put(self, x: torch.Tensor, p: float, out: Any, kind: str = "autograd") -> None:
+        self._input, self._key, self._out = weakref.ref(x), (x._version, p, kind), out
 
     # what it holds belongs to one forward pass: a copied or pickled model starts afresh
     # (and a tensor inside an autograd graph could not be deep-copied)
@@ -189,6 +192,27 @@ class FastDropout(nn.Module):
             out = self._drop(x)
             self.shared.put(x, self.p, out)
         return out
+
+    def detached(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The dropped copy of ``x`` outside autograd and the flat positions it zeroed
+        (int32 where they fit; ``None``: nothing dropped), for a layer that puts the dropout's
+        backward into its own (``models.fused_layers``); shared like ``forward``'s copy. The
+        kept elements are scaled by ``1 / (1 - p)`` as in ``forward``. ``None`` where only
+        ``forward`` applies (not on the CPU, or more than ``SPARSE_P`` dropped)."""
+        if not self.training or self.p == 0:
+            return x.detach(), None
+        if x.device.type != "cpu" or self.p > SPARSE_P:
+            return None
+        got = None if self.shared is None else self.shared.get(x, self.p, "detached")
+        if got is None:
+            n = x.numel()
+            with torch.no_grad():
+                positions = drop_positions(n, self.p)
+                out = _scaled_copy_without(x.detach(), positions, 1.0 / (1.0 - self.p))
+            got = (out, positions.int() if n < 2 ** 31 else positions)
+            if self.shared is not None:
+                self.shared.put(x, self.p, got, "detached")
+        return got
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from tunesmith.models.fused_layers import restore_layers, use_fused_layers
+from tunesmith.models.fused_layers import _rope_forward, restore_layers, use_fused_layers
 from tunesmith.models.load import add_lora, load
 from tunesmith.training.precision import autocast
 
@@ -18,6 +18,17 @@ FUSED = ("_lora_forward", "_norm_forward")
 def _fused(module: nn.Module) -> bool:
     forward = module.__dict__.get("forward")
     return getattr(getattr(forward, "__func__", None), "__name__", None) in FUSED
+
+
+def _ropes(model: nn.Module) -> list[nn.Module]:
+    """The attentions' own rotary functions (transformers' per-module kernel functions)."""
+    return [m.__dict__["_kernel_funcs"]["rotary_pos_emb"] for m in model.modules()
+            if "rotary_pos_emb" in m.__dict__.get("_kernel_funcs", {})]
+
+
+def _rope_fused(model: nn.Module) -> int:
+    return sum(getattr(r.__dict__.get("forward"), "__func__", None) is _rope_forward
+               for r in _ropes(model))
 
 
 def _peft(tiny_model_dir, *, dtype="float32", dropout=0.0, seed=0):
@@ -51,16 +62,17 @@ def test_fp32_training_matches_peft_and_hf(tiny_model_dir, dropout):
     peft = _peft(tiny_model_dir, dropout=dropout)
     ids = torch.randint(0, 1000, (2, 24))
     loss, grads = _loss_and_grads(peft, ids)
-    # 2 layers x 7 adapted linears, 2 x 2 norms and the final one
-    assert use_fused_layers(peft) == 14 + 5
-    assert sum(_fused(m) for m in peft.modules()) == 19
+    # 2 layers x 7 adapted linears, 2 x 2 norms and the final one, 2 rotary embeddings
+    assert use_fused_layers(peft) == 14 + 5 + 2
+    assert sum(_fused(m) for m in peft.modules()) == 19 and _rope_fused(peft) == 2
     fused_loss, fused_grads = _loss_and_grads(peft, ids)
     assert torch.allclose(fused_loss, loss, rtol=1e-6, atol=1e-6)
     assert grads.keys() == fused_grads.keys() and len(grads) == 28  # every A and B
     for name, g in grads.items():
         assert _rel(fused_grads[name], g) < 1e-5, name
     assert use_fused_layers(peft) == 0  # nothing left to swap
-    assert restore_layers(peft) == 19 and not any(_fused(m) for m in peft.modules())
+    assert restore_layers(peft) == 21 and not any(_fused(m) for m in peft.modules())
+    assert _rope_fused(peft) == 0
 
 
 def test_bf16_autocast_training_matches_within_bf16_rounding(tiny_model_dir):
@@ -90,9 +102,11 @@ def test_norms_that_compute_otherwise_keep_their_forward(tiny_family_dir):
 
     assert use_fused_layers(nn.Sequential(OnePlusWeight())) == 0
     gemma, _ = load(tiny_family_dir("gemma3"))
-    assert use_fused_layers(gemma) == 0
+    use_fused_layers(gemma)
+    assert not any(_fused(m) for m in gemma.modules())
     qwen, _ = load(tiny_family_dir("qwen2"))  # Llama's norm under another name: swapped
-    assert use_fused_layers(qwen) == 2 * 2 + 1
+    use_fused_layers(qwen)
+    assert sum(_fused(m) for m in qwen.modules()) == 2 * 2 + 1
 
 
 def test_each_call_falls_back_where_the_fused_path_would_differ(tiny_model_dir):
@@ -136,3 +150,113 @@ def test_a_copy_keeps_the_swap_bound_to_itself(tiny_model_dir):
         q.lora_B["default"].weight.zero_()  # the copy's adapter, not the original's
     ids = torch.randint(0, 1000, (1, 8))
     assert not torch.equal(twin(input_ids=ids).logits, peft(input_ids=ids).logits)
+
+
+def _graph(t: torch.Tensor) -> set[str]:
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(fn.name())
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def test_the_dropout_backward_runs_inside_the_lora_layer(tiny_model_dir):
+    peft = _peft(tiny_model_dir, dropout=0.2)
+    q = next(m for n, m in peft.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    dy = torch.randn(2, 5, q.out_features)
+
+    def x_grad():
+        x.grad = None
+        torch.manual_seed(7)  # the same drops both times
+        out = q(x)
+        out.backward(dy)
+        return out.detach(), x.grad.clone(), _graph(out)
+
+    own, own_grad, own_graph = x_grad()
+    use_fused_layers(peft)
+    fused, fused_grad, fused_graph = x_grad()
+    assert "_DropAtBackward" in str(own_graph)
+    assert not any("DropAt" in n for n in fused_graph)  # folded into the layer's backward
+    assert torch.allclose(fused, own, atol=1e-6)
+    assert torch.allclose(fused_grad, own_grad, atol=1e-6)  # zeroed where dropped, scaled
+    ids = torch.randint(0, 1000, (1, 12))
+    assert "_LoraLinearBackward" in _graph(peft(input_ids=ids, labels=ids).loss)
+
+
+def test_rotary_embedding_matches_transformers_and_falls_back(tiny_model_dir):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model, _ = load(tiny_model_dir)
+    use_fused_layers(model)
+    assert _rope_fused(model) == 2
+    rope, cfg = _ropes(model)[0], model.config
+    heads, kv, dim = (cfg.num_attention_heads, cfg.num_key_value_heads,
+                      cfg.hidden_size // cfg.num_attention_heads)
+    pos = torch.arange(9)[None].expand(2, 9) * 37  # long contexts: big angles
+    for dtype in (torch.float32, torch.bfloat16):
+        # laid out as the attention makes them: [batch, len, heads, dim] transposed
+        q0 = torch.randn(2, 9, heads, dim, dtype=torch.float64).transpose(1, 2)
+        k0 = torch.randn(2, 9, kv, dim, dtype=torch.float64).transpose(1, 2)
+        dq, dk = torch.randn_like(q0), torch.randn_like(k0)
+        cos, sin = model.model.rotary_emb(q0.to(dtype), pos)
+
+        def run(fn, to=dtype, q0=q0, k0=k0, dq=dq, dk=dk, cos=cos, sin=sin, dtype=dtype):
+            # the same inputs, rounded to dtype, computed in ``to``
+            q, k = (t.to(dtype).to(to).requires_grad_() for t in (q0, k0))
+            out = fn(q, k, cos.to(to), sin.to(to))
+            torch.autograd.backward(out, [dq.to(dtype).to(to), dk.to(dtype).to(to)])
+            return (*out, q.grad, k.grad)
+
+        fused, own = run(rope), run(apply_rotary_pos_emb)
+        exact = run(apply_rotary_pos_emb, to=torch.float64)
+        assert fused[0].grad_fn.name().endswith("_RopeBackward")
+        for f, o, e in zip(fused, own, exact, strict=True):
+            assert f.dtype == o.dtype and f.stride() == o.stride()  # the attention's layout
+            if dtype == torch.float32:
+                assert torch.allclose(f, o, atol=1e-5)
+            else:  # one rounding where transformers has two: no further from the exact
+                assert (f.double() - e).abs().mean() <= (o.double() - e).abs().mean()
+    q, k = torch.randn(1, heads, 4, dim), torch.randn(1, kv, 4, dim)
+    cos, sin = model.model.rotary_emb(q, torch.arange(4)[None])
+    with torch.no_grad():  # evaluation and generation: transformers' own, bit for bit
+        assert all(torch.equal(a, b) for a, b in zip(rope(q, k, cos, sin),
+                                                     apply_rotary_pos_emb(q, k, cos, sin),
+                                                     strict=True))
+    odd = cos.clone()
+    odd[..., -1] += 0.5  # halves that differ: not Llama's embedding, its own function
+    q.requires_grad_()
+    out = rope(q, k, odd, sin)
+    assert out[0].grad_fn.name() == "AddBackward0"
+    assert torch.equal(out[0], apply_rotary_pos_emb(q, k, odd, sin)[0])
+
+
+def test_a_rotary_function_that_rotates_otherwise_is_left_alone():
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    def llama(q, k, cos, sin):
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+
+    def interleaved(q, k, cos, sin):  # GPT-J's: neighbouring pairs rotate
+        def turn(x):
+            return torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q * c + turn(q) * s, k * c + turn(k) * s
+
+    class Rotary(nn.Module):
+        def __init__(self, fn) -> None:
+            super().__init__()
+            self.fn = fn
+
+        def forward(self, q, k, cos, sin, unsqueeze_dim=1):
+            return self.fn(q, k, cos, sin)
+
+    for fn, swapped in ((llama, 1), (interleaved, 0)):
+        holder = nn.Module()
+        holder.__dict__["_kernel_funcs"] = {"rotary_pos_emb": Rotary(fn)}
+        assert use_fused_layers(holder) == swapped

@@ -281,3 +281,24 @@ def test_shared_dropout_replays_under_checkpointing(p):
     plain = grads(lambda: block(x))
     replayed = grads(lambda: checkpoint(block, x, use_reentrant=False))
     assert all(torch.equal(a, b) for a, b in zip(plain, replayed, strict=True))
+
+
+def test_detached_drops_as_forward_does_and_shares_only_its_own_kind():
+    from tunesmith.models.lora_dropout import LastDropped
+
+    last = LastDropped()
+    a, b = FastDropout(0.1, last), FastDropout(0.1, last)
+    x = torch.randn(64, 32, requires_grad=True)
+    torch.manual_seed(3)
+    out, positions = a.detached(x)
+    torch.manual_seed(3)
+    y = FastDropout(0.1)(x)  # the same draws through autograd
+    assert torch.equal(out, y.detach()) and not out.requires_grad
+    assert positions.dtype == torch.int32
+    assert torch.equal(positions.long(), (y.flatten() == 0).nonzero().flatten())
+    assert b.detached(x)[0] is out  # the same tensor: the same pair
+    assert b(x) is not out and a(x) is b(x)  # the autograd kind is shared on its own
+    assert FastDropout(0.5).detached(x) is None  # many drops: only forward's mask
+    a.eval()
+    kept, none = a.detached(x)
+    assert kept is not x and torch.equal(kept, x.detach()) and none is None
