@@ -182,22 +182,19 @@ def _lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -
         return type(self).forward(self, x, *args, **kwargs)
     # the dropout's backward folded into the layer's where the dropout allows it
     dropped = _dropped(dropout, x)
-    if dropped is None:
-        xd, positions, drop_scale = dropout(x), None, None
-    else:
-        xd, positions = dropped
-        drop_scale = 1.0 / (1.0 - dropout.p) if positions is not None else 1.0
+    xd, positions, drop_scale = (dropout(x), None, None) if dropped is None else dropped
     with torch.autocast("cpu", enabled=False):
         return _LoraLinear.apply(x, xd, base.weight, base.bias, lora_a.weight, lora_b.weight,
                                  float(self.scaling[name]), dtype, positions, drop_scale)
 
 
 def _dropped(dropout: nn.Module, x: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """``x``'s dropped copy outside autograd and the positions dropped, or ``None`` where the
-    dropout must run as a module (any other kind of dropout)."""
+             ) -> tuple[torch.Tensor, torch.Tensor | None, float] | None:
+    """``x``'s dropped copy outside autograd, the positions dropped and the kept elements'
+    scale (``FastDropout.detached``), or ``None`` where the dropout must run as a module
+    (any other kind of dropout)."""
     if type(dropout) is nn.Identity:
-        return x.detach(), None
+        return x.detach(), None, 1.0
     if type(dropout) is FastDropout:
         return dropout.detached(x)
     return None
@@ -266,14 +263,24 @@ def _rope_forward(self: nn.Module, q: torch.Tensor, k: torch.Tensor, cos: torch.
     return _Rope.apply(q, k, *halves)
 
 
-def _rope_of(module: nn.Module) -> nn.Module | None:
+def _kernel_rope(module: nn.Module) -> nn.Module | None:
     """The attention's own rotary-embedding function, where transformers lets it be swapped
-    per module (``kernels``' ``use_kernelized_func``: what ``kernels.kernelize`` replaces)
-    and it computes Llama's rotation (tried on a probe input)."""
+    per module (``kernels``' ``use_kernelized_func``: what ``kernels.kernelize`` replaces)."""
     funcs = module.__dict__.get("_kernel_funcs")
     rope = funcs.get(_ROPE_KEY) if isinstance(funcs, dict) else None
-    if not isinstance(rope, nn.Module) or "forward" in rope.__dict__:
+    return rope if isinstance(rope, nn.Module) else None
+
+
+def _rope_of(module: nn.Module) -> nn.Module | None:
+    """``_kernel_rope(module)`` where it is not swapped yet and computes Llama's rotation."""
+    rope = _kernel_rope(module)
+    if rope is None or "forward" in rope.__dict__ or not _is_llama_rope(rope):
         return None
+    return rope
+
+
+def _is_llama_rope(rope: nn.Module) -> bool:
+    """Whether the rotary function ``rope`` computes Llama's rotation, tried on a probe."""
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 2, 5, 8, generator=gen), torch.randn(1, 1, 5, 8, generator=gen)
     angles = torch.outer(torch.arange(5.0), torch.rand(4, generator=gen))
@@ -282,13 +289,12 @@ def _rope_of(module: nn.Module) -> nn.Module | None:
         with torch.no_grad():
             own = type(rope).forward(rope, q, k, cos, sin)
     except Exception:  # another signature: not Llama's
-        return None
+        return False
     half = (cos[..., :4].unsqueeze(1), sin[..., :4].unsqueeze(1))
     ours = (_rotate(q, *half, 1), _rotate(k, *half, 1))
-    same = isinstance(own, tuple) and len(own) == 2 and all(
+    return isinstance(own, tuple) and len(own) == 2 and all(
         isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
         for a, b in zip(own, ours, strict=True))
-    return rope if same else None
 
 
 def use_fused_layers(model: nn.Module) -> int:
@@ -322,9 +328,8 @@ def restore_layers(model: nn.Module) -> int:
     """Undo ``use_fused_layers``: the modules' own forwards again; returns how many."""
     restored = 0
     for module in model.modules():
-        funcs = module.__dict__.get("_kernel_funcs")
-        rope = funcs.get(_ROPE_KEY) if isinstance(funcs, dict) else None
-        forward = getattr(rope, "__dict__", {}).get("forward")
+        rope = _kernel_rope(module)
+        forward = None if rope is None else rope.__dict__.get("forward")
         if isinstance(forward, types.MethodType) and forward.__func__ is _rope_forward:
             del rope.forward
             restored += 1

@@ -109,6 +109,11 @@ def _scaled_copy_without(x: torch.Tensor, positions: torch.Tensor, scale: float
     return out.view(-1).index_fill_(0, positions.long(), 0).view(x.shape)
 
 
+def _compact(positions: torch.Tensor, n: int) -> torch.Tensor:
+    """``positions`` as kept for backward: int32 where it fits (``4 * p`` bytes an element)."""
+    return positions.int() if n < 2 ** 31 else positions
+
+
 class _DropAt(torch.autograd.Function):
     """Dropout that keeps the dropped elements' positions for backward, not a mask."""
 
@@ -117,8 +122,7 @@ class _DropAt(torch.autograd.Function):
         n = x.numel()
         positions = drop_positions(n, p)
         ctx.scale = 1.0 / (1.0 - p)
-        # int32 where it fits: 4 * p bytes per element kept for backward
-        ctx.save_for_backward(positions.int() if n < 2 ** 31 else positions)
+        ctx.save_for_backward(_compact(positions, n))
         return _scaled_copy_without(x, positions, ctx.scale)
 
     @staticmethod
@@ -193,23 +197,24 @@ class FastDropout(nn.Module):
             self.shared.put(x, self.p, out)
         return out
 
-    def detached(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """The dropped copy of ``x`` outside autograd and the flat positions it zeroed
-        (int32 where they fit; ``None``: nothing dropped), for a layer that puts the dropout's
-        backward into its own (``models.fused_layers``); shared like ``forward``'s copy. The
-        kept elements are scaled by ``1 / (1 - p)`` as in ``forward``. ``None`` where only
+    def detached(self, x: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, float] | None:
+        """The dropped copy of ``x`` outside autograd, the flat positions it zeroed (int32
+        where they fit; ``None``: nothing dropped) and the scale of the kept elements (``1 /
+        (1 - p)`` as in ``forward``), for a layer that puts the dropout's backward into its own
+        (``models.fused_layers``); shared like ``forward``'s copy. ``None`` where only
         ``forward`` applies (not on the CPU, or more than ``SPARSE_P`` dropped)."""
         if not self.training or self.p == 0:
-            return x.detach(), None
+            return x.detach(), None, 1.0
         if x.device.type != "cpu" or self.p > SPARSE_P:
             return None
         got = None if self.shared is None else self.shared.get(x, self.p, "detached")
         if got is None:
-            n = x.numel()
+            n, scale = x.numel(), 1.0 / (1.0 - self.p)
             with torch.no_grad():
                 positions = drop_positions(n, self.p)
-                out = _scaled_copy_without(x.detach(), positions, 1.0 / (1.0 - self.p))
-            got = (out, positions.int() if n < 2 ** 31 else positions)
+                out = _scaled_copy_without(x.detach(), positions, scale)
+            got = (out, _compact(positions, n), scale)
             if self.shared is not None:
                 self.shared.put(x, self.p, got, "detached")
         return got

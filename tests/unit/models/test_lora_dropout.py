@@ -290,15 +290,15 @@ def test_detached_drops_as_forward_does_and_shares_only_its_own_kind():
     a, b = FastDropout(0.1, last), FastDropout(0.1, last)
     x = torch.randn(64, 32, requires_grad=True)
     torch.manual_seed(3)
-    out, positions = a.detached(x)
+    out, positions, scale = a.detached(x)
     torch.manual_seed(3)
     y = FastDropout(0.1)(x)  # the same draws through autograd
-    assert torch.equal(out, y.detach()) and not out.requires_grad
+    assert torch.equal(out, y.detach()) and not out.requires_grad and scale == 1 / 0.9
     assert positions.dtype == torch.int32
     assert torch.equal(positions.long(), (y.flatten() == 0).nonzero().flatten())
     assert b.detached(x)[0] is out  # the same tensor: the same pair
     assert b(x) is not out and a(x) is b(x)  # the autograd kind is shared on its own
     assert FastDropout(0.5).detached(x) is None  # many drops: only forward's mask
     a.eval()
-    kept, none = a.detached(x)
-    assert kept is not x and torch.equal(kept, x.detach()) and none is None
+    kept, none, one = a.detached(x)
+    assert kept is not x and torch.equal(kept, x.detach()) and none is None and one == 1.0
