@@ -12,7 +12,9 @@ up to ``WIDTH_MULTIPLE`` tokens) are gathered into one batch and run through SDP
 ``is_causal``, in fp32 (on CPU the fp32 kernels are 2-2.5x faster than bf16 at these lengths,
 and no less exact), and the outputs are put back in row order. A sequence's padding slots
 repeat its last token; being after every real position they are never attended to, and their
-outputs are dropped. The result is what the masked kernel computes, in fp32.
+outputs are dropped. The result is what the masked kernel computes, in fp32. Where the flash
+kernel takes the heads (equal head sizes), the gathers and the kernel calls are one autograd
+function (``_SequenceFlash``) whose backward puts the gradients back with one gather a tensor.
 
 It is registered with transformers' ``AttentionInterface`` as ``NAME`` and reads the packing
 from the kwargs transformers' flash-attention path already uses for packed sequences
@@ -115,7 +117,9 @@ def packed_kwargs(model: Any, attention_mask: torch.Tensor | None,
 
 class _Plan:
     """Where each sequence's tokens go: per width, the flat token index of every slot
-    ``[sequences * width]``; and for every token its slot in the concatenated outputs."""
+    ``[sequences * width]``; and for every token its slot in the concatenated outputs.
+    ``index`` is every group's slots end to end; ``source`` is the same with each padding
+    slot pointing one past the last token (a zero row, for gradients)."""
 
     def __init__(self, cu: torch.Tensor) -> None:
         bounds = cu.tolist()
@@ -136,7 +140,9 @@ class _Plan:
             self.groups.append((index.flatten(), len(spans), width))
             offset += len(spans) * width
         self.slot_of = slot_of
-
+        self.index = torch.cat([index for index, _, _ in self.groups])
+        self.source = torch.full_like(self.index, bounds[-1])
+        self.source[slot_of] = torch.arange(bounds[-1])
 
 _last: tuple[weakref.ref[torch.Tensor], _Plan] | None = None
 
@@ -174,9 +180,14 @@ def packed_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     batch, heads, length, dim = query.shape
     kv_heads, v_dim = key.shape[1], value.shape[-1]  # values may be narrower or wider
     with torch.autocast(device_type="cpu", enabled=False):
-        flat_q = query.transpose(1, 2).reshape(batch * length, heads, dim).float()
-        flat_k = key.transpose(1, 2).reshape(batch * length, kv_heads, dim).float()
-        flat_v = value.transpose(1, 2).reshape(batch * length, kv_heads, v_dim).float()
+        flat_q = query.transpose(1, 2).reshape(batch * length, heads, dim)
+        flat_k = key.transpose(1, 2).reshape(batch * length, kv_heads, dim)
+        flat_v = value.transpose(1, 2).reshape(batch * length, kv_heads, v_dim)
+        # the flash kernel takes equal head sizes (SDPA runs others by its math backend)
+        if _FLASH is not None and v_dim == dim and (kv_heads == heads or _GQA):
+            out = _SequenceFlash.apply(flat_q, flat_k, flat_v, plan, scaling)
+            return out.view(batch, length, heads, v_dim), None
+        flat_q, flat_k, flat_v = flat_q.float(), flat_k.float(), flat_v.float()
         outs = []
         for index, n, width in plan.groups:
             q = flat_q.index_select(0, index).view(n, width, heads, dim).transpose(1, 2)
@@ -192,3 +203,75 @@ def packed_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
             outs.append(out.transpose(1, 2).reshape(n * width, heads, v_dim))
         out = torch.cat(outs).index_select(0, plan.slot_of)
     return out.view(batch, length, heads, v_dim).to(query.dtype), None
+
+
+# The CPU flash kernel SDPA calls, and its backward (what SDPA's autograd formula calls)
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BACKWARD = getattr(torch.ops.aten,
+                          "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+class _SequenceFlash(torch.autograd.Function):
+    """Each sequence of the flat tokens ``q``, ``k``, ``v`` (``[tokens, heads, dim]``) attends
+    to itself, causally, in fp32, by the CPU flash kernel, one call per width group; returns
+    ``[tokens, heads, v_dim]`` in ``q``'s dtype. The same as SDPA over ``index_select``-ed
+    groups, but its gathers go through autograd as one ``index_select`` each way: autograd's
+    backward of a gather per group and tensor zeroes a whole tensor and adds into it, then
+    sums the groups. The backward puts each group's gradients back with one gather: padding
+    slots' gradients are zero (their outputs are dropped, so nothing flows back from them, and
+    no real token attends to them), so a token's gradient is that of its one real slot."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan,
+                scale: float | None) -> torch.Tensor:
+        gathered = [t.index_select(0, plan.index).float() for t in (q, k, v)]
+        outs, lses = [], []
+        for start, n, width in _spans(plan):
+            out, lse = _FLASH(*(_group(t, start, n, width) for t in gathered), 0.0, True,
+                              scale=scale)
+            outs.append(out)
+            lses.append(lse)
+        ctx.save_for_backward(*gathered, *outs, *lses)
+        ctx.plan, ctx.scale, ctx.dtypes = plan, scale, (q.dtype, k.dtype, v.dtype)
+        return _ungroup(outs).index_select(0, plan.slot_of).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        plan = ctx.plan
+        gq, gk, gv, *rest = ctx.saved_tensors
+        outs, lses = rest[:len(plan.groups)], rest[len(plan.groups):]
+        tokens = dout.shape[0]
+        padded = dout.new_empty((tokens + 1, *dout.shape[1:]), dtype=torch.float32)
+        padded[:tokens].copy_(dout)
+        padded[tokens].zero_()  # what every padding slot's output gradient reads
+        dslots = padded.index_select(0, plan.source)
+        grads: tuple[list[torch.Tensor], ...] = ([], [], [])
+        for (start, n, width), out, lse in zip(_spans(plan), outs, lses, strict=True):
+            parts = _FLASH_BACKWARD(_group(dslots, start, n, width),
+                                    *(_group(t, start, n, width) for t in (gq, gk, gv)),
+                                    out, lse, 0.0, True, scale=ctx.scale)
+            for acc, part in zip(grads, parts, strict=True):
+                acc.append(part)
+        return (*(_ungroup(g).index_select(0, plan.slot_of).to(dtype) if need else None
+                  for g, dtype, need in zip(grads, ctx.dtypes, ctx.needs_input_grad,
+                                            strict=False)), None, None)
+
+
+def _spans(plan: _Plan) -> list[tuple[int, int, int]]:
+    """Each group's first slot, sequences and width."""
+    spans, start = [], 0
+    for _, n, width in plan.groups:
+        spans.append((start, n, width))
+        start += n * width
+    return spans
+
+
+def _group(flat: torch.Tensor, start: int, n: int, width: int) -> torch.Tensor:
+    """A group's slots of ``flat`` (``[slots, heads, dim]``) as ``[n, heads, width, dim]``."""
+    return flat[start:start + n * width].view(n, width, *flat.shape[1:]).transpose(1, 2)
+
+
+def _ungroup(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Groups' ``[n, heads, width, dim]`` tensors back to slots, end to end."""
+    return torch.cat([p.transpose(1, 2).reshape(-1, *p.shape[1:2], p.shape[-1])
+                      for p in parts])

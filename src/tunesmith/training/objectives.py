@@ -36,8 +36,12 @@ from tunesmith.training.batches import PAD_MULTIPLE, collate
 from tunesmith.training.loss import TargetLoss, sequence_log_probs
 from tunesmith.training.precision import autocast
 
-# Packed rows are padded to a multiple of this many tokens (see collate_packed).
-SHAPE_MULTIPLE = 64
+# Packed rows are padded to a multiple of this many tokens (see collate_packed): few enough
+# shapes for oneDNN, which builds its kernels per shape (0.5-1 ms a product the first time),
+# and little padding, whose tokens cost as much as real ones (a product's time grows with its
+# rows, whatever their count). 16 against 64: 4% fewer tokens and 1.035x a pass on the SMS
+# benchmark (docs/benchmarks.md, "Training speed").
+SHAPE_MULTIPLE = 16
 # Packed rows go through forward and backward together up to PASS_TOKENS (padded) tokens a
 # pass, a longer row alone: the activations held at once stay bounded whatever the batch size,
 # and with the loss normalised over the whole batch the gradient is the same as for all rows

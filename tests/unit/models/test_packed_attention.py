@@ -265,3 +265,45 @@ def test_a_transformers_that_refuses_the_switch_keeps_its_sdpa(tiny_model_dir, m
     monkeypatch.setattr(type(model), "set_attn_implementation", refuse)
     assert not use_packed_attention(model)
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_flash_path_and_its_gradients(dtype, monkeypatch):
+    """Grouped heads, sequences that leave padding slots in their groups: the output and the
+    gradients of q, k and v equal SDPA's with the block-diagonal mask (fp32), and are bit for
+    bit those of SDPA over autograd's gathers (the path taken without the flash op)."""
+    from torch import nn
+
+    from tunesmith.models import packed_attention
+
+    packed_attention._register()
+    assert packed_attention._FLASH is not None  # torch >= 2.4 on the CPU has it
+    torch.manual_seed(1)
+    lengths = [7, 20, 3, 18, 1]  # widths 16, 32, 16, 32, 16: padding in every group
+    cu = torch.tensor([0, 7, 27, 30, 48, 49], dtype=torch.int32)
+    inputs = [torch.randn(1, 49, h, 16).transpose(1, 2).to(dtype) for h in (4, 2, 2)]
+    dout = torch.randn(1, 49, 4, 16).to(dtype)
+
+    def run():
+        q, k, v = (t.detach().requires_grad_() for t in inputs)
+        out, _ = packed_attention.packed_sdpa(nn.Module(), q, k, v, None, scaling=0.3,
+                                              cu_seq_lens_q=cu, max_length_q=20)
+        out.backward(dout)
+        return out, q.grad, k.grad, v.grad
+
+    got = run()
+    monkeypatch.setattr(packed_attention, "_FLASH", None)
+    autograd_gathers = run()
+    for a, b in zip(got, autograd_gathers, strict=True):
+        assert a.dtype == dtype and torch.equal(a, b)
+    seq = torch.repeat_interleave(torch.arange(5), torch.tensor(lengths))
+    mask = (seq[:, None] == seq[None, :]) & torch.ones(49, 49, dtype=torch.bool).tril()
+    q, k, v = (t.detach().float().requires_grad_() for t in inputs)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), attn_mask=mask,
+        scale=0.3).transpose(1, 2)
+    expected.backward(dout.float())
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2,
+                                                                        "rtol": 2e-2}
+    for a, b in zip(got, (expected, q.grad, k.grad, v.grad), strict=True):
+        torch.testing.assert_close(a.float(), b, **tol)
