@@ -118,8 +118,9 @@ def packed_kwargs(model: Any, attention_mask: torch.Tensor | None,
 class _Plan:
     """Where each sequence's tokens go: per width, the flat token index of every slot
     ``[sequences * width]``; and for every token its slot in the concatenated outputs.
-    ``index`` is every group's slots end to end; ``source`` is the same with each padding
-    slot pointing one past the last token (a zero row, for gradients)."""
+    ``index`` is every group's slots end to end, ``spans`` each group's first slot, sequences
+    and width there; ``source`` is ``index`` with each padding slot pointing one past the last
+    token (a zero row, for gradients)."""
 
     def __init__(self, cu: torch.Tensor) -> None:
         bounds = cu.tolist()
@@ -128,6 +129,7 @@ class _Plan:
             width = -(-(end - start) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
             groups.setdefault(width, []).append((start, end))
         self.groups: list[tuple[torch.Tensor, int, int]] = []
+        self.spans: list[tuple[int, int, int]] = []
         slot_of = torch.empty(bounds[-1], dtype=torch.long)
         offset = 0
         for width, spans in sorted(groups.items()):
@@ -138,11 +140,13 @@ class _Plan:
                 index[row, n:] = end - 1  # padding slots: the last token again, never attended
                 slot_of[start:end] = offset + row * width + torch.arange(n)
             self.groups.append((index.flatten(), len(spans), width))
+            self.spans.append((offset, len(spans), width))
             offset += len(spans) * width
         self.slot_of = slot_of
         self.index = torch.cat([index for index, _, _ in self.groups])
         self.source = torch.full_like(self.index, bounds[-1])
         self.source[slot_of] = torch.arange(bounds[-1])
+
 
 _last: tuple[weakref.ref[torch.Tensor], _Plan] | None = None
 
@@ -187,12 +191,10 @@ def packed_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         if _FLASH is not None and v_dim == dim and (kv_heads == heads or _GQA):
             out = _SequenceFlash.apply(flat_q, flat_k, flat_v, plan, scaling)
             return out.view(batch, length, heads, v_dim), None
-        flat_q, flat_k, flat_v = flat_q.float(), flat_k.float(), flat_v.float()
+        gathered = [t.float().index_select(0, plan.index) for t in (flat_q, flat_k, flat_v)]
         outs = []
-        for index, n, width in plan.groups:
-            q = flat_q.index_select(0, index).view(n, width, heads, dim).transpose(1, 2)
-            k = flat_k.index_select(0, index).view(n, width, kv_heads, dim).transpose(1, 2)
-            v = flat_v.index_select(0, index).view(n, width, kv_heads, v_dim).transpose(1, 2)
+        for start, n, width in plan.spans:
+            q, k, v = (_group(t, start, n, width) for t in gathered)
             extra = {}
             if kv_heads != heads and _GQA:
                 extra = {"enable_gqa": True}
@@ -200,8 +202,8 @@ def packed_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                 k = k.repeat_interleave(heads // kv_heads, dim=1)
                 v = v.repeat_interleave(heads // kv_heads, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, **extra)
-            outs.append(out.transpose(1, 2).reshape(n * width, heads, v_dim))
-        out = torch.cat(outs).index_select(0, plan.slot_of)
+            outs.append(out)
+        out = _ungroup(outs).index_select(0, plan.slot_of)
     return out.view(batch, length, heads, v_dim).to(query.dtype), None
 
 
@@ -226,7 +228,7 @@ class _SequenceFlash(torch.autograd.Function):
                 scale: float | None) -> torch.Tensor:
         gathered = [t.index_select(0, plan.index).float() for t in (q, k, v)]
         outs, lses = [], []
-        for start, n, width in _spans(plan):
+        for start, n, width in plan.spans:
             out, lse = _FLASH(*(_group(t, start, n, width) for t in gathered), 0.0, True,
                               scale=scale)
             outs.append(out)
@@ -246,7 +248,7 @@ class _SequenceFlash(torch.autograd.Function):
         padded[tokens].zero_()  # what every padding slot's output gradient reads
         dslots = padded.index_select(0, plan.source)
         grads: tuple[list[torch.Tensor], ...] = ([], [], [])
-        for (start, n, width), out, lse in zip(_spans(plan), outs, lses, strict=True):
+        for (start, n, width), out, lse in zip(plan.spans, outs, lses, strict=True):
             parts = _FLASH_BACKWARD(_group(dslots, start, n, width),
                                     *(_group(t, start, n, width) for t in (gq, gk, gv)),
                                     out, lse, 0.0, True, scale=ctx.scale)
@@ -255,15 +257,6 @@ class _SequenceFlash(torch.autograd.Function):
         return (*(_ungroup(g).index_select(0, plan.slot_of).to(dtype) if need else None
                   for g, dtype, need in zip(grads, ctx.dtypes, ctx.needs_input_grad,
                                             strict=False)), None, None)
-
-
-def _spans(plan: _Plan) -> list[tuple[int, int, int]]:
-    """Each group's first slot, sequences and width."""
-    spans, start = [], 0
-    for _, n, width in plan.groups:
-        spans.append((start, n, width))
-        start += n * width
-    return spans
 
 
 def _group(flat: torch.Tensor, start: int, n: int, width: int) -> torch.Tensor:
