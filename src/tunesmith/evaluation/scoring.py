@@ -7,8 +7,18 @@ including the end-of-turn token (``<|im_end|>`` for ChatML: generation stops the
 template renders after it is not part of the answer). The sum of those tokens' log-probabilities
 after the context is the label's score; a softmax across the labels gives P(label | prompt).
 
-Each distinct context is run once with a KV cache, and the cache is shared by that context's
-label continuations, so scoring k labels costs about one pass over the prompts, not k.
+A batch of contexts is scored in one forward pass, with two savings over running each
+(context, label) sequence:
+
+- the tokens every context of the batch starts with (the system prompt and the chat header of
+  an evaluation set: about half of each SMS demo prompt) run once, and the batch goes on from
+  their KV cache;
+- each context's labels branch off it in the same row (a tree: each label's tokens attend to
+  the context and to themselves, at the positions they take after the context), so k labels
+  cost their own few tokens, not k copies of the context, and nothing is run twice.
+
+Models with a sliding attention window shorter than a batch's sequences, or whose attention
+takes no custom mask, score each (context, label) sequence whole instead (same numbers).
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import torch.nn.functional as F
 
 from tunesmith.data.encode import IGNORE_INDEX, encode_chat
 from tunesmith.errors import DataError
-from tunesmith.models.generation import pad_batch
+from tunesmith.models.generation import cache_argument, pad_batch
 from tunesmith.models.heads import output_head
 from tunesmith.models.load import unwrap
 
@@ -62,36 +72,146 @@ def answer_tokens(tokenizer: Any, prompt: Sequence[dict], answer: str
     return enc.input_ids[:start], answer_ids
 
 
-def _score_contexts(lm: Any, contexts: list[list[int]], answers: list[list[list[int]]],
-                    pad_id: int, device: torch.device) -> list[list[float]]:
-    """Summed log-probs of each context's answers; contexts left-padded and run once."""
-    padded = pad_batch(contexts, pad_id=pad_id, side="left")
+def _shared_prefix(contexts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all the contexts share (none for a lone context), keeping at
+    least each context's last token, whose hidden state predicts the answers."""
+    if len(contexts) < 2:
+        return 0
+    first, n = contexts[0], min(len(c) for c in contexts) - 1
+    for c in contexts[1:]:
+        k = 0
+        while k < n and c[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
+def _tree_mask_kind(config: Any, longest: int) -> str | None:
+    """How the tree's mask is given to this model's attention: 'bool' (SDPA takes it), 'add'
+    (eager attention adds it to the scores), or None where it cannot be: another attention
+    (flash-attention kernels take no mask), or a sliding window the sequences outgrow (one
+    custom mask would serve windowed and full layers alike)."""
+    from tunesmith.models.packed_attention import NAME
+
+    window = getattr(config, "sliding_window", None)
+    kinds = getattr(config, "layer_types", None) or ()
+    windowed = window is not None and getattr(config, "use_sliding_window", True) is not False \
+        and (not kinds or "sliding_attention" in kinds)
+    if windowed and longest > window:
+        return None
+    return {"sdpa": "bool", NAME: "bool", "eager": "add"}.get(
+        getattr(config, "_attn_implementation", "sdpa"))
+
+
+@dataclass
+class _Tree:
+    """A batch as one left-padded pass: per context, its tokens after the shared prefix, then
+    each answer but its last token. ``branch`` is 0 on context tokens, j + 1 on answer j's,
+    -1 on padding; ``reads`` are (row, column, token, pair): the hidden state at that column
+    predicts ``token`` of that pair's answer (pairs numbered context by context)."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    branch: torch.Tensor
+    reads: torch.Tensor  # [reads, 4]
+
+
+def _tree(contexts: Sequence[Sequence[int]], answers: Sequence[Sequence[Sequence[int]]],
+          shared: int, pad_id: int) -> _Tree:
+    laid, reads, pair = [], [], 0
+    for context, group in zip(contexts, answers, strict=True):
+        ids, positions = list(context[shared:]), list(range(shared, len(context)))
+        branch, last = [0] * len(ids), len(ids) - 1
+        found = []
+        for j, answer in enumerate(group):
+            found.append((last, answer[0], pair))  # the first token follows the context
+            for t, token in enumerate(answer[:-1]):
+                ids.append(token)
+                positions.append(len(context) + t)
+                branch.append(j + 1)
+                found.append((len(ids) - 1, answer[t + 1], pair))
+            pair += 1
+        laid.append((ids, positions, branch, found))
+    width = max(len(ids) for ids, *_ in laid)
+    tree = _Tree(torch.full((len(laid), width), pad_id), torch.zeros((len(laid), width),
+                 dtype=torch.long), torch.full((len(laid), width), -1), torch.empty(0))
+    for r, (ids, positions, branch, found) in enumerate(laid):
+        pad = width - len(ids)
+        tree.ids[r, pad:] = torch.tensor(ids)
+        tree.positions[r, pad:] = torch.tensor(positions)
+        tree.branch[r, pad:] = torch.tensor(branch)
+        reads.extend((r, pad + col, token, p) for col, token, p in found)
+    tree.reads = torch.tensor(reads)
+    return tree
+
+
+def _tree_mask(branch: torch.Tensor, shared: int) -> torch.Tensor:
+    """[rows, 1, width, shared + width], True where a query column may attend to a key: every
+    shared-prefix key; earlier context keys of its row; earlier keys of its own answer. A
+    padding column attends to itself alone (no row of the mask is empty)."""
+    rows, width = branch.shape
+    q, k = branch[:, :, None], branch[:, None, :]
+    col = torch.arange(width)
+    own = (col[None, :, None] >= col[None, None, :]) & (k >= 0) & ((k == 0) | (k == q))
+    own |= torch.eye(width, dtype=torch.bool)
+    prefix = (q >= 0).expand(rows, width, shared)
+    return torch.cat([prefix, own], dim=2)[:, None]
+
+
+def _score_tree(lm: Any, contexts: list[list[int]], answers: list[list[list[int]]],
+                pad_id: int, device: torch.device, kind: str) -> torch.Tensor:
+    """Summed log-probs of every (context, answer) pair, in one pass (see ``_Tree``)."""
+    decoder, head = lm.get_decoder(), output_head(lm)
+    shared = _shared_prefix(contexts)
+    tree = _tree(contexts, answers, shared, pad_id)
+    cache, name = None, cache_argument()
+    if shared:
+        cache = getattr(decoder(input_ids=torch.tensor([contexts[0][:shared]], device=device),
+                                use_cache=True), name)
+        cache.reorder_cache(torch.zeros(len(contexts), dtype=torch.long, device=device))
+    mask = _tree_mask(tree.branch, shared).to(device)
+    if kind == "add":
+        dtype = next(lm.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
+            ~mask, torch.finfo(dtype).min)
+    hidden = decoder(input_ids=tree.ids.to(device), attention_mask=mask,
+                     position_ids=tree.positions.to(device), use_cache=cache is not None,
+                     **{name: cache}).last_hidden_state
+    rows, cols, tokens, pairs = (c.to(device) for c in tree.reads.unbind(1))
+    logp = F.log_softmax(head(hidden[rows, cols]).float(), dim=-1)
+    picked = logp.gather(1, tokens[:, None])[:, 0]
+    total = sum(len(group) for group in answers)
+    return torch.zeros(total, device=device).index_add_(0, pairs, picked)
+
+
+def _score_each(lm: Any, contexts: list[list[int]], answers: list[list[list[int]]],
+                pad_id: int, device: torch.device) -> torch.Tensor:
+    """The same sums with each (context, answer) sequence run whole, left-padded: for models
+    the tree cannot be given to (see ``_tree_mask_kind``)."""
+    pairs = [(c, a) for c, group in zip(contexts, answers, strict=True) for a in group]
+    padded = pad_batch([c + a[:-1] for c, a in pairs], pad_id=pad_id, side="left")
     ids, mask = padded.input_ids, padded.attention_mask
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    decoder, head = lm.get_decoder(), output_head(lm)
-    out = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
-                  position_ids=positions.to(device), use_cache=True)
-    first = F.log_softmax(head(out.last_hidden_state[:, -1]).float(), dim=-1)
-    owners = [b for b, group in enumerate(answers) for _ in group]
-    flat = [a for group in answers for a in group]
-    scores = torch.stack([first[o, a[0]] for o, a in zip(owners, flat, strict=True)])
-    longest = max(len(a) for a in flat)
-    if longest > 1:
-        # feed each answer but its last token after a copy of its context's cache
-        cache = out.past_key_values
-        cache.reorder_cache(torch.tensor(owners, device=device))
-        tails = pad_batch([a[:-1] for a in flat], pad_id=pad_id, side="right")
-        rest, rest_mask = tails.input_ids, tails.attention_mask
-        own = torch.tensor(owners)
-        full_mask = torch.cat([mask[own], rest_mask], dim=1)
-        rest_pos = positions[own, -1:] + 1 + torch.arange(longest - 1)
-        hidden = decoder(input_ids=rest.to(device), attention_mask=full_mask.to(device),
-                         position_ids=rest_pos.to(device), past_key_values=cache,
-                         use_cache=True).last_hidden_state
-        for r, a in enumerate(flat):
-            if len(a) > 1:
-                logp = F.log_softmax(head(hidden[r, :len(a) - 1]).float(), dim=-1)
-                scores[r] += logp.gather(1, torch.tensor(a[1:], device=device)[:, None]).sum()
+    hidden = lm.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device),
+                              position_ids=positions.to(device)).last_hidden_state
+    width, head = ids.shape[1], output_head(lm)
+    scores = []
+    for r, (_, answer) in enumerate(pairs):
+        logp = F.log_softmax(head(hidden[r, width - len(answer):]).float(), dim=-1)
+        scores.append(logp.gather(1, torch.tensor(answer, device=device)[:, None]).sum())
+    return torch.stack(scores)
+
+
+def _score_contexts(lm: Any, contexts: list[list[int]], answers: list[list[list[int]]],
+                    pad_id: int, device: torch.device) -> list[list[float]]:
+    """Summed log-probs of each context's answers, context by context."""
+    longest = max(len(c) + len(a) for c, group in zip(contexts, answers, strict=True)
+                  for a in group)
+    kind = _tree_mask_kind(lm.config, longest)
+    if kind is None:
+        scores = _score_each(lm, contexts, answers, pad_id, device)
+    else:
+        scores = _score_tree(lm, contexts, answers, pad_id, device, kind)
     it = iter(scores.tolist())
     return [[next(it) for _ in group] for group in answers]
 

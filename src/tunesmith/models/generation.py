@@ -266,14 +266,15 @@ def extend(model: Any, tokenizer: Any, rows: Sequence[Row], input_ids: torch.Ten
         top_p=params.top_p if params.sampling else None, top_k=None,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         stopping_criteria=StoppingCriteriaList([ends]), use_cache=True,
-        **({} if cache is None else {_cache_argument(): cache}))
+        **({} if cache is None else {cache_argument(): cache}))
     return out, ends
 
 
 @functools.cache
-def _cache_argument() -> str:
-    """``generate``'s name for a KV cache to go on from: ``cache`` since transformers 5.24,
-    which warns on the older ``past_key_values``, the only name before it."""
+def cache_argument() -> str:
+    """The name of a KV cache in ``generate``'s and a model's ``forward``'s arguments and in
+    its outputs: ``cache`` since transformers 5.24, which warns on the older
+    ``past_key_values``, the only name before it."""
     import transformers
     from packaging.version import Version
 

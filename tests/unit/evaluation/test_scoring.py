@@ -67,3 +67,75 @@ def test_nothing_to_score(tiny_model, tokenizer):
         label_probabilities(tiny_model, tokenizer, prompts(1), [])
     with pytest.raises(DataError, match="empty"):
         label_probabilities(tiny_model, tokenizer, [], ["good"])
+
+
+def test_a_batch_is_one_pass_after_its_shared_prefix(tiny_model, tokenizer):
+    # the system prompt and chat header every context starts with run once (a pass of their
+    # length alone), then the whole batch in one pass holding only the rest of each context
+    # and every label's tokens: nothing runs twice, and the scores are those of whole passes
+    from tunesmith.evaluation.scoring import _shared_prefix
+
+    ps, labels = prompts(4), ["good", "very bad indeed"]
+    contexts = [answer_tokens(tokenizer, p, labels[0])[0] for p in ps]
+    shared = _shared_prefix(contexts)
+    assert 0 < shared < min(len(c) for c in contexts)
+    widths = []
+    hook = tiny_model.model.register_forward_pre_hook(
+        lambda _m, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True)
+    try:
+        scores = label_probabilities(tiny_model, tokenizer, ps, labels, batch_size=4)
+    finally:
+        hook.remove()
+    tails = sum(len(answer_tokens(tokenizer, ps[0], lab)[1]) - 1 for lab in labels)
+    assert widths == [(1, shared), (4, max(len(c) for c in contexts) - shared + tails)]
+    want = [[naive_log_prob(tiny_model, tokenizer, p, lab) for lab in labels] for p in ps]
+    np.testing.assert_allclose(scores.log_probs, want, atol=1e-4)
+
+
+def test_contexts_with_different_system_prompts_and_one_alone(tiny_model, tokenizer):
+    ps = [*prompts(3), [{"role": "system", "content": "Another task."},
+                        {"role": "user", "content": "fine"}], [{"role": "user", "content": "x"}]]
+    labels = ["good", "bad"]
+    want = [[naive_log_prob(tiny_model, tokenizer, p, lab) for lab in labels] for p in ps]
+    for batch_size in (1, 2, 5):
+        got = label_probabilities(tiny_model, tokenizer, ps, labels, batch_size=batch_size)
+        np.testing.assert_allclose(got.log_probs, want, atol=1e-4)
+
+
+def test_the_tree_mask():
+    from tunesmith.evaluation.scoring import _tree_mask
+
+    # one row: a padding column, two context tokens, answer 1 (two tokens), answer 2 (one)
+    mask = _tree_mask(torch.tensor([[-1, 0, 0, 1, 1, 2]]), shared=2)[0, 0].int()
+    assert mask.tolist() == [
+        [0, 0, 1, 0, 0, 0, 0, 0],  # padding: itself alone
+        [1, 1, 0, 1, 0, 0, 0, 0],
+        [1, 1, 0, 1, 1, 0, 0, 0],
+        [1, 1, 0, 1, 1, 1, 0, 0],
+        [1, 1, 0, 1, 1, 1, 1, 0],
+        [1, 1, 0, 1, 1, 0, 0, 1],  # answer 2 does not see answer 1
+    ]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma3", "phi3", "gpt_neox",
+                                    "llama-eager"])
+def test_every_family_scores_like_whole_passes(family, tiny_family_dir, tiny_model_dir,
+                                               tokenizer):
+    # gemma3's tiny model has a 16-token sliding window, shorter than these sequences: it
+    # scores each sequence whole; the others, and eager attention, take the tree
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.models.load import load
+
+    if family == "llama-eager":
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+        tok = tokenizer
+    else:
+        model, tok = load(tiny_family_dir(family))
+    model.eval()
+    users = [{"role": "user", "content": "so so " * i + "product"} for i in range(4)]
+    ps = [[u] for u in users] if family == "gemma3" else [[SYSTEM, u] for u in users]
+    labels = ["good", "very bad indeed"]
+    got = label_probabilities(model, tok, ps, labels, batch_size=3)
+    want = [[naive_log_prob(model, tok, p, lab) for lab in labels] for p in ps]
+    np.testing.assert_allclose(got.log_probs, want, atol=1e-4)
