@@ -23,6 +23,7 @@ takes no custom mask, score each (context, label) sequence whole instead (same n
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -159,15 +160,21 @@ def _tree_mask(branch: torch.Tensor, shared: int) -> torch.Tensor:
 
 
 def _score_tree(lm: Any, contexts: list[list[int]], answers: list[list[list[int]]],
-                pad_id: int, device: torch.device, kind: str) -> torch.Tensor:
-    """Summed log-probs of every (context, answer) pair, in one pass (see ``_Tree``)."""
+                pad_id: int, device: torch.device, kind: str,
+                prefixes: dict[tuple[int, ...], Any], floor: int) -> torch.Tensor:
+    """Summed log-probs of every (context, answer) pair, in one pass (see ``_Tree``) after
+    the shared prefix's (kept in ``prefixes``, by its tokens)."""
     decoder, head = lm.get_decoder(), output_head(lm)
-    shared = _shared_prefix(contexts)
+    shared = max(_shared_prefix(contexts), floor)
     tree = _tree(contexts, answers, shared, pad_id)
     cache, name = None, cache_argument()
     if shared:
-        cache = getattr(decoder(input_ids=torch.tensor([contexts[0][:shared]], device=device),
-                                use_cache=True), name)
+        prefix = tuple(contexts[0][:shared])
+        if prefix not in prefixes:
+            prefixes[prefix] = getattr(decoder(input_ids=torch.tensor([prefix], device=device),
+                                               use_cache=True), name)
+        # a copy for this batch: the pass appends to it
+        cache = copy.deepcopy(prefixes[prefix])
         cache.reorder_cache(torch.zeros(len(contexts), dtype=torch.long, device=device))
     mask = _tree_mask(tree.branch, shared).to(device)
     if kind == "add":
@@ -203,17 +210,40 @@ def _score_each(lm: Any, contexts: list[list[int]], answers: list[list[list[int]
 
 
 def _score_contexts(lm: Any, contexts: list[list[int]], answers: list[list[list[int]]],
-                    pad_id: int, device: torch.device) -> list[list[float]]:
-    """Summed log-probs of each context's answers, context by context."""
+                    pad_id: int, device: torch.device, prefixes: dict[tuple[int, ...], Any],
+                    floor: int = 0) -> list[list[float]]:
+    """Summed log-probs of each context's answers, context by context. ``prefixes`` keeps
+    the KV cache of each shared prefix run so far, for the next batches; ``floor`` is a
+    prefix length all of them share (a lone context's batch shares that much)."""
     longest = max(len(c) + len(a) for c, group in zip(contexts, answers, strict=True)
                   for a in group)
     kind = _tree_mask_kind(lm.config, longest)
     if kind is None:
         scores = _score_each(lm, contexts, answers, pad_id, device)
     else:
-        scores = _score_tree(lm, contexts, answers, pad_id, device, kind)
+        scores = _score_tree(lm, contexts, answers, pad_id, device, kind, prefixes, floor)
     it = iter(scores.tolist())
     return [[next(it) for _ in group] for group in answers]
+
+
+# A batch takes contexts, longest first, while its padding stays under this share of its
+# slots (and up to ``batch_size`` of them): sorted lengths still leave long tails (a few long
+# messages), and a padded slot costs as much as a real token.
+MAX_PADDING = 0.1
+
+
+def _batches(rows: list[int], batch_size: int) -> list[slice]:
+    """Consecutive slices of ``rows`` (token counts, longest first) into batches."""
+    cuts, start, padding = [], 0, 0
+    for end in range(1, len(rows) + 1):
+        if end == len(rows):
+            cuts.append(slice(start, end))
+            break
+        padding += rows[start] - rows[end]
+        if end - start == batch_size or padding > MAX_PADDING * rows[start] * (end - start + 1):
+            cuts.append(slice(start, end))
+            start, padding = end, 0
+    return cuts
 
 
 @torch.no_grad()
@@ -228,12 +258,14 @@ def label_probabilities(model: Any, tokenizer: Any, prompts: Sequence[Sequence[d
         raise DataError("no labels to score; set eval.labels")
     if not prompts:
         raise DataError("no prompts to score; the evaluation set is empty")
-    # group answers by context: labels whose encoding shares the context share one forward pass
-    groups: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}
+    # context -> answer -> the (prompt, label) pairs it scores: labels whose encoding shares
+    # the context share its pass, and repeated prompts (an evaluation set has duplicate
+    # messages) are scored once
+    groups: dict[tuple[int, ...], dict[tuple[int, ...], list[tuple[int, int]]]] = {}
     for i, prompt in enumerate(prompts):
         for j, label in enumerate(labels):
             context, answer = answer_tokens(tokenizer, prompt, label)
-            groups.setdefault(tuple(context), []).append((i, j, answer))
+            groups.setdefault(tuple(context), {}).setdefault(tuple(answer), []).append((i, j))
     was_training = model.training
     model.eval()
     lm = unwrap(model)
@@ -241,21 +273,25 @@ def label_probabilities(model: Any, tokenizer: Any, prompts: Sequence[Sequence[d
     log_probs = np.full((len(prompts), len(labels)), np.nan)
     # a prompt is done when all its contexts are (labels may encode with different contexts)
     pending = np.zeros(len(prompts), dtype=int)
-    for items in groups.values():
-        for i in {i for i, _, _ in items}:
+    for answers in groups.values():
+        for i in {i for pairs in answers.values() for i, _ in pairs}:
             pending[i] += 1
-    # longest first: the first batch shows the peak memory, and batches pad little
-    ordered = sorted(groups.items(), key=lambda kv: -len(kv[0]))
-    for start in range(0, len(ordered), batch_size):
-        chunk = ordered[start:start + batch_size]
+    # longest first (the first batch shows the peak memory), by the tokens a row will hold
+    sizes = {c: len(c) + sum(len(a) - 1 for a in answers) for c, answers in groups.items()}
+    ordered = sorted(groups.items(), key=lambda kv: -sizes[kv[0]])
+    prefixes: dict[tuple[int, ...], Any] = {}
+    floor = _shared_prefix(list(groups))
+    for cut in _batches([sizes[c] for c, _ in ordered], batch_size):
+        chunk = ordered[cut]
         scores = _score_contexts(lm, [list(c) for c, _ in chunk],
-                                 [[a for _, _, a in items] for _, items in chunk],
-                                 tokenizer.pad_token_id, device)
+                                 [[list(a) for a in answers] for _, answers in chunk],
+                                 tokenizer.pad_token_id, device, prefixes, floor)
         finished = 0
-        for (_, items), row in zip(chunk, scores, strict=True):
-            for (i, j, _), s in zip(items, row, strict=True):
-                log_probs[i, j] = s
-            for i in {i for i, _, _ in items}:
+        for (_, answers), row in zip(chunk, scores, strict=True):
+            for pairs, s in zip(answers.values(), row, strict=True):
+                for i, j in pairs:
+                    log_probs[i, j] = s
+            for i in {i for pairs in answers.values() for i, _ in pairs}:
                 pending[i] -= 1
                 finished += pending[i] == 0
         if on_batch is not None and finished:

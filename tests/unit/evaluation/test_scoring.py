@@ -75,10 +75,14 @@ def test_a_batch_is_one_pass_after_its_shared_prefix(tiny_model, tokenizer):
     # and every label's tokens: nothing runs twice, and the scores are those of whole passes
     from tunesmith.evaluation.scoring import _shared_prefix
 
-    ps, labels = prompts(4), ["good", "very bad indeed"]
+    # contexts of one length (no padding: one batch) that differ after the system prompt
+    ps = [[SYSTEM, {"role": "user", "content": text}]
+          for text in ("so so product", "so ok product", "ok so product", "ok ok product")]
+    labels = ["good", "very bad indeed"]
     contexts = [answer_tokens(tokenizer, p, labels[0])[0] for p in ps]
+    assert len({len(c) for c in contexts}) == 1
     shared = _shared_prefix(contexts)
-    assert 0 < shared < min(len(c) for c in contexts)
+    assert 0 < shared < len(contexts[0])
     widths = []
     hook = tiny_model.model.register_forward_pre_hook(
         lambda _m, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True)
@@ -95,9 +99,10 @@ def test_a_batch_is_one_pass_after_its_shared_prefix(tiny_model, tokenizer):
 def test_contexts_with_different_system_prompts_and_one_alone(tiny_model, tokenizer):
     ps = [*prompts(3), [{"role": "system", "content": "Another task."},
                         {"role": "user", "content": "fine"}], [{"role": "user", "content": "x"}]]
+    ps.append(ps[1])  # a repeated prompt: scored once, its scores given to both
     labels = ["good", "bad"]
     want = [[naive_log_prob(tiny_model, tokenizer, p, lab) for lab in labels] for p in ps]
-    for batch_size in (1, 2, 5):
+    for batch_size in (1, 2, 6):
         got = label_probabilities(tiny_model, tokenizer, ps, labels, batch_size=batch_size)
         np.testing.assert_allclose(got.log_probs, want, atol=1e-4)
 
@@ -139,3 +144,17 @@ def test_every_family_scores_like_whole_passes(family, tiny_family_dir, tiny_mod
     got = label_probabilities(model, tok, ps, labels, batch_size=3)
     want = [[naive_log_prob(model, tok, p, lab) for lab in labels] for p in ps]
     np.testing.assert_allclose(got.log_probs, want, atol=1e-4)
+
+
+def test_batches_bound_their_padding():
+    from tunesmith.evaluation.scoring import MAX_PADDING, _batches
+
+    rows = [150, 90, 88, 87, 85, 60, 59, 59, 58, 58, 57, 20]
+    cuts = _batches(rows, batch_size=4)
+    assert [rows[c] for c in cuts] == [[150], [90, 88, 87, 85], [60, 59, 59, 58], [58, 57],
+                                       [20]]
+    for c in cuts:
+        part = rows[c]
+        assert len(part) <= 4 and sum(part[0] - r for r in part) <= MAX_PADDING * part[0] * len(part)
+    assert _batches([5, 5, 5], batch_size=8) == [slice(0, 3)]
+    assert _batches([7], batch_size=8) == [slice(0, 1)]
