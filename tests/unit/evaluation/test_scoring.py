@@ -155,6 +155,7 @@ def test_batches_bound_their_padding():
                                        [20]]
     for c in cuts:
         part = rows[c]
-        assert len(part) <= 4 and sum(part[0] - r for r in part) <= MAX_PADDING * part[0] * len(part)
+        assert len(part) <= 4
+        assert sum(part[0] - r for r in part) <= MAX_PADDING * part[0] * len(part)
     assert _batches([5, 5, 5], batch_size=8) == [slice(0, 3)]
     assert _batches([7], batch_size=8) == [slice(0, 1)]
