@@ -159,6 +159,18 @@ def _tree_mask(branch: torch.Tensor, shared: int) -> torch.Tensor:
     return torch.cat([prefix, own], dim=2)[:, None]
 
 
+def _prefix_cache(decoder: Any, prefix: tuple[int, ...], prefixes: dict[tuple[int, ...], Any],
+                  device: torch.device, name: str) -> Any:
+    """The KV cache of ``prefix`` (one row), made once: from the longest prefix of it already
+    in ``prefixes``, a batch's prefix that goes on past the set's runs only the rest."""
+    if prefix not in prefixes:
+        start = max((p for p in prefixes if prefix[:len(p)] == p), key=len, default=())
+        out = decoder(input_ids=torch.tensor([prefix[len(start):]], device=device),
+                      use_cache=True, **{name: copy.deepcopy(prefixes[start]) if start else None})
+        prefixes[prefix] = getattr(out, name)
+    return prefixes[prefix]
+
+
 def _score_tree(lm: Any, contexts: list[list[int]], answers: list[list[list[int]]],
                 pad_id: int, device: torch.device, kind: str,
                 prefixes: dict[tuple[int, ...], Any], floor: int) -> torch.Tensor:
@@ -169,12 +181,11 @@ def _score_tree(lm: Any, contexts: list[list[int]], answers: list[list[list[int]
     tree = _tree(contexts, answers, shared, pad_id)
     cache, name = None, cache_argument()
     if shared:
-        prefix = tuple(contexts[0][:shared])
-        if prefix not in prefixes:
-            prefixes[prefix] = getattr(decoder(input_ids=torch.tensor([prefix], device=device),
-                                               use_cache=True), name)
+        if floor:  # the set's prefix first: every batch's goes on from it
+            _prefix_cache(decoder, tuple(contexts[0][:floor]), prefixes, device, name)
         # a copy for this batch: the pass appends to it
-        cache = copy.deepcopy(prefixes[prefix])
+        cache = copy.deepcopy(_prefix_cache(decoder, tuple(contexts[0][:shared]), prefixes,
+                                            device, name))
         cache.reorder_cache(torch.zeros(len(contexts), dtype=torch.long, device=device))
     mask = _tree_mask(tree.branch, shared).to(device)
     if kind == "add":

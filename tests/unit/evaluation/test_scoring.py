@@ -159,3 +159,28 @@ def test_batches_bound_their_padding():
         assert sum(part[0] - r for r in part) <= MAX_PADDING * part[0] * len(part)
     assert _batches([5, 5, 5], batch_size=8) == [slice(0, 3)]
     assert _batches([7], batch_size=8) == [slice(0, 1)]
+
+
+def test_a_longer_prefix_of_a_batch_goes_on_from_the_sets(tiny_model, tokenizer):
+    # every context shares the system prompt; the second batch's also share "so so": that
+    # batch's prefix pass runs only those tokens, after the set's prefix cache
+    ps = [[SYSTEM, {"role": "user", "content": text}]
+          for text in ("ok ok ok ok ok ok ok ok good", "ok ok ok ok ok ok ok ok bad",
+                       "so so yes", "so so no")]
+    labels = ["good", "bad"]
+    contexts = [answer_tokens(tokenizer, p, labels[0])[0] for p in ps]
+    widths = []
+    hook = tiny_model.model.register_forward_pre_hook(
+        lambda _m, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True)
+    try:
+        scores = label_probabilities(tiny_model, tokenizer, ps, labels, batch_size=2)
+    finally:
+        hook.remove()
+    from tunesmith.evaluation.scoring import _shared_prefix
+
+    whole, first, second = (_shared_prefix(c) for c in (contexts, contexts[:2], contexts[2:]))
+    assert whole < first and whole < second
+    prefix_passes = [w for w in widths if w[0] == 1]
+    assert prefix_passes == [(1, whole), (1, first - whole), (1, second - whole)]
+    want = [[naive_log_prob(tiny_model, tokenizer, p, lab) for lab in labels] for p in ps]
+    np.testing.assert_allclose(scores.log_probs, want, atol=1e-4)
