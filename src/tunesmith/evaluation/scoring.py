@@ -189,7 +189,8 @@ def _score_tree(lm: Any, contexts: list[list[int]], answers: list[list[list[int]
         cache.reorder_cache(torch.zeros(len(contexts), dtype=torch.long, device=device))
     mask = _tree_mask(tree.branch, shared).to(device)
     if kind == "add":
-        dtype = next(lm.parameters()).dtype
+        # the embeddings' dtype: a 4-bit base's first parameters are packed integers
+        dtype = lm.get_input_embeddings().weight.dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
             ~mask, torch.finfo(dtype).min)
     hidden = decoder(input_ids=tree.ids.to(device), attention_mask=mask,
