@@ -10,9 +10,10 @@ after the context is the label's score; a softmax across the labels gives P(labe
 A batch of contexts is scored in one forward pass, with two savings over running each
 (context, label) sequence:
 
-- the tokens every context of the batch starts with (the system prompt and the chat header of
-  an evaluation set: about half of each SMS demo prompt) run once, and the batch goes on from
-  their KV cache;
+- the tokens every context starts with (the system prompt and the chat header of an
+  evaluation set: about half of each SMS demo prompt) run once for the whole set, and each
+  batch goes on from a copy of their KV cache (a batch whose contexts share more runs only the
+  rest);
 - each context's labels branch off it in the same row (a tree: each label's tokens attend to
   the context and to themselves, at the positions they take after the context), so k labels
   cost their own few tokens, not k copies of the context, and nothing is run twice.
@@ -288,7 +289,7 @@ def label_probabilities(model: Any, tokenizer: Any, prompts: Sequence[Sequence[d
     for answers in groups.values():
         for i in {i for pairs in answers.values() for i, _ in pairs}:
             pending[i] += 1
-    # longest first (the first batch shows the peak memory), by the tokens a row will hold
+    # longest first, by the tokens a row will hold, so that batches pad little
     sizes = {c: len(c) + sum(len(a) - 1 for a in answers) for c, answers in groups.items()}
     ordered = sorted(groups.items(), key=lambda kv: -sizes[kv[0]])
     prefixes: dict[tuple[int, ...], Any] = {}
