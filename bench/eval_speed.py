@@ -18,7 +18,10 @@ its eval settings (labels, batch size). Smoke mode: ``--model`` (a directory) on
 nothing, the run only shows the code works. Each mode first answers two items untimed (warm-up),
 then the whole set is timed once, score first. Reported: items, seconds per mode, the speed
 ratio score / generate (generate seconds over score seconds: above 1, scoring is faster),
-accuracy each way, invalid generated replies, and the items where the two answers differ.
+accuracy each way, invalid generated replies, the items where the two answers differ, and
+the token slots each way's forward passes held (padding included; passes over many columns
+apart from generation's one-token decode steps). At an equal cost per slot, the ratio of the
+slots bounds the speed ratio: scoring cannot run fewer tokens than each item's own.
 """
 
 from __future__ import annotations
@@ -61,15 +64,31 @@ def smoke_setup(max_items: int):
                             batch_size=4), labels
 
 
-def answer(model, tokenizer, test, ev, labels, mode: str) -> tuple[float, object]:
-    """Seconds to answer ``test`` in ``mode``, and the evaluation (after an untimed warm-up)."""
+def answer(model, tokenizer, test, ev, labels, mode: str) -> tuple[float, object, dict]:
+    """Seconds to answer ``test`` in ``mode``, the evaluation (after an untimed warm-up), and
+    the token slots its forward passes held: passes over many columns (prompts, scoring's
+    batches) and one-column passes (generation's decode steps)."""
     from tunesmith.flows import assess
+    from tunesmith.models.load import unwrap
 
     ev = ev.model_copy(update={"mode": mode})
     assess.evaluate_lm(model, tokenizer, test[:2], ev, labels, score_labels=False)
-    started = time.perf_counter()
-    found = assess.evaluate_lm(model, tokenizer, test, ev, labels, score_labels=False)
-    return time.perf_counter() - started, found
+    slots = {"passes": 0, "wide_slots": 0, "decode_steps": 0, "decode_slots": 0}
+
+    def count(_module, _args, kwargs):
+        shape = kwargs["input_ids"].shape
+        wide = shape[1] > 1
+        slots["passes" if wide else "decode_steps"] += 1
+        slots["wide_slots" if wide else "decode_slots"] += shape[0] * shape[1]
+
+    hook = unwrap(model).get_decoder().register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        started = time.perf_counter()
+        found = assess.evaluate_lm(model, tokenizer, test, ev, labels, score_labels=False)
+        seconds = time.perf_counter() - started
+    finally:
+        hook.remove()
+    return seconds, found, slots
 
 
 def main() -> None:
@@ -100,9 +119,10 @@ def main() -> None:
         model_ref = args.model or model_ref
     model, tokenizer = load(resolve_model(model_ref, home=default_home()))
     model.eval()
-    seconds, evals = {}, {}
+    seconds, evals, slots = {}, {}, {}
     for mode in MODES:
-        seconds[mode], evals[mode] = answer(model, tokenizer, test, ev, labels, mode)
+        seconds[mode], evals[mode], slots[mode] = answer(model, tokenizer, test, ev, labels,
+                                                         mode)
         print(f"{mode}: {len(test)} items in {seconds[mode]:.2f} s, accuracy "
               f"{evals[mode].metrics['accuracy']:.4f}", flush=True)
     score, gen = (evals[m].predictions for m in MODES)
@@ -117,6 +137,8 @@ def main() -> None:
         "speed_score_over_generate": seconds["generate"] / seconds["score"]
         if seconds["score"] else None,
         "accuracy": {m: evals[m].metrics["accuracy"] for m in MODES},
+        # token slots each way's forward passes held (padding included): what bounds the ratio
+        "slots": slots,
         "generate_invalid": invalid,
         "disagree": len(differ),
         # where the two differ: the generated reply beside the scored label
@@ -131,6 +153,10 @@ def main() -> None:
     print(f"accuracy: score {result['accuracy']['score']:.4f}, generate "
           f"{result['accuracy']['generate']:.4f} ({invalid} invalid generated replies)")
     print(f"disagree: {len(differ)} of {len(test)} items")
+    for m in MODES:
+        c = slots[m]
+        print(f"slots {m}: {c['wide_slots']} in {c['passes']} passes, {c['decode_slots']} in "
+              f"{c['decode_steps']} one-token steps")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     sys.stdout.flush()

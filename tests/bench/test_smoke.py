@@ -146,6 +146,13 @@ def test_eval_speed_smoke(smokes):
     # a random model's replies: some may be invalid, never more than there are items
     assert 0 <= result["generate_invalid"] <= 6 and 0 <= result["disagree"] <= 6
     assert len(result["disagreements"]) == result["disagree"]
+    # scoring: a prefix pass and one pass per batch, no decode steps; generation: a prompt pass
+    # per batch and its one-token steps
+    score, generate = result["slots"]["score"], result["slots"]["generate"]
+    assert score["passes"] >= 1 and score["decode_steps"] == 0
+    assert generate["passes"] >= 1 and generate["decode_steps"] >= 1
+    assert 0 < score["wide_slots"] < generate["wide_slots"] + generate["decode_slots"]
+    assert "slots score:" in done.stdout and "slots generate:" in done.stdout
 
 
 def test_serve_memory_smoke(smokes):
