@@ -11,30 +11,36 @@ from tunesmith.data.chat import ChatExample
 from tunesmith.data.encode import encode_prompt
 from tunesmith.evaluation.metrics import classification_metrics
 from tunesmith.evaluation.task import Predictions
-from tunesmith.models.classifier import class_logits
-from tunesmith.models.generation import pad_batch
+from tunesmith.models.classifier import prompt_class_logits
+from tunesmith.models.prefix_pass import PrefixCache, batches
 
 
 @torch.no_grad()
 def class_probabilities(model: Any, tokenizer: Any, conversations: Sequence[Sequence[dict]], *,
                         batch_size: int = 16, on_batch: Callable[[int], None] | None = None
                         ) -> torch.Tensor:
-    """Softmax of the head's logits for each conversation's prompt: [n, classes]."""
+    """Softmax of the head's logits for each conversation's prompt: [n, classes].
+
+    The prefix the prompts share runs once, and each batch after it (``prompt_class_logits``);
+    repeated prompts run once."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    prompts = [encode_prompt(tokenizer, conv) for conv in conversations]
-    out = torch.zeros((len(prompts), _num_labels(model)), dtype=torch.float32)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = pad_batch([prompts[i] for i in idx], pad_id=tokenizer.pad_token_id,
-                          side="right")
-        logits = class_logits(model, batch.input_ids.to(device),
-                              batch.attention_mask.to(device))
-        out[idx] = torch.softmax(logits, dim=-1).cpu()
+    where: dict[tuple[int, ...], list[int]] = {}
+    for i, conv in enumerate(conversations):
+        where.setdefault(tuple(encode_prompt(tokenizer, conv)), []).append(i)
+    out = torch.zeros((len(conversations), _num_labels(model)), dtype=torch.float32)
+    # longest first, so that batches pad little
+    ordered = sorted(where, key=len, reverse=True)
+    prefixes = PrefixCache(ordered)
+    for cut in batches([len(p) - prefixes.floor for p in ordered], batch_size):
+        chunk = ordered[cut]
+        logits = prompt_class_logits(model, [list(p) for p in chunk],
+                                     pad_id=tokenizer.pad_token_id, prefixes=prefixes)
+        probs = torch.softmax(logits, dim=-1).cpu()
+        for p, row in zip(chunk, probs, strict=True):
+            out[where[p]] = row
         if on_batch is not None:
-            on_batch(len(idx))
+            on_batch(sum(len(where[p]) for p in chunk))
     model.train(was_training)
     return out
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tunesmith.errors import ModelError
+from tunesmith.models.generation import pad_batch
 from tunesmith.models.load import DTYPES, LOCAL_CODE, unwrap
 from tunesmith.models.packed_attention import packed_kwargs
+from tunesmith.models.prefix_pass import PrefixCache, mask_kind, tree_pass
 
 
 def load_classifier(path: Path, labels: list[str], *, pad_token_id: int,
@@ -89,3 +92,20 @@ def class_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         last = (positions * attention_mask).argmax(-1)
     return _head(clf, hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last])
+
+
+def prompt_class_logits(model: Any, prompts: Sequence[Sequence[int]], *, pad_id: int,
+                        prefixes: PrefixCache) -> torch.Tensor:
+    """Logits [n, classes] at each prompt's last token (token ids), in one pass after the
+    prefix the set's prompts share (``models.prefix_pass``); right-padded whole prompts where
+    the model's attention cannot take the pass's mask."""
+    clf = unwrap(model)
+    device = next(clf.parameters()).device
+    kind = mask_kind(clf.config, max(len(p) for p in prompts))
+    if kind is None:
+        batch = pad_batch(prompts, pad_id=pad_id, side="right")
+        return class_logits(model, batch.input_ids.to(device), batch.attention_mask.to(device))
+    hidden, laid = tree_pass(clf.base_model, prompts, [[] for _ in prompts], pad_id=pad_id,
+                             device=device, kind=kind, prefixes=prefixes)
+    rows = torch.arange(len(prompts), device=device)
+    return _head(clf, hidden[rows, laid.last.to(device)])

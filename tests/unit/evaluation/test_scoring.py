@@ -73,7 +73,7 @@ def test_a_batch_is_one_pass_after_its_shared_prefix(tiny_model, tokenizer):
     # the system prompt and chat header every context starts with run once (a pass of their
     # length alone), then the whole batch in one pass holding only the rest of each context
     # and every label's tokens: nothing runs twice, and the scores are those of whole passes
-    from tunesmith.evaluation.scoring import _shared_prefix
+    from tunesmith.models.prefix_pass import shared_prefix
 
     # contexts of one length (no padding: one batch) that differ after the system prompt
     ps = [[SYSTEM, {"role": "user", "content": text}]
@@ -81,7 +81,7 @@ def test_a_batch_is_one_pass_after_its_shared_prefix(tiny_model, tokenizer):
     labels = ["good", "very bad indeed"]
     contexts = [answer_tokens(tokenizer, p, labels[0])[0] for p in ps]
     assert len({len(c) for c in contexts}) == 1
-    shared = _shared_prefix(contexts)
+    shared = shared_prefix(contexts)
     assert 0 < shared < len(contexts[0])
     widths = []
     hook = tiny_model.model.register_forward_pre_hook(
@@ -105,21 +105,6 @@ def test_contexts_with_different_system_prompts_and_one_alone(tiny_model, tokeni
     for batch_size in (1, 2, 6):
         got = label_probabilities(tiny_model, tokenizer, ps, labels, batch_size=batch_size)
         np.testing.assert_allclose(got.log_probs, want, atol=1e-4)
-
-
-def test_the_tree_mask():
-    from tunesmith.evaluation.scoring import _tree_mask
-
-    # one row: a padding column, two context tokens, answer 1 (two tokens), answer 2 (one)
-    mask = _tree_mask(torch.tensor([[-1, 0, 0, 1, 1, 2]]), shared=2)[0, 0].int()
-    assert mask.tolist() == [
-        [0, 0, 1, 0, 0, 0, 0, 0],  # padding: itself alone
-        [1, 1, 0, 1, 0, 0, 0, 0],
-        [1, 1, 0, 1, 1, 0, 0, 0],
-        [1, 1, 0, 1, 1, 1, 0, 0],
-        [1, 1, 0, 1, 1, 1, 1, 0],
-        [1, 1, 0, 1, 1, 0, 0, 1],  # answer 2 does not see answer 1
-    ]
 
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma3", "phi3", "gpt_neox",
@@ -146,21 +131,6 @@ def test_every_family_scores_like_whole_passes(family, tiny_family_dir, tiny_mod
     np.testing.assert_allclose(got.log_probs, want, atol=1e-4)
 
 
-def test_batches_bound_their_padding():
-    from tunesmith.evaluation.scoring import MAX_PADDING, _batches
-
-    rows = [150, 90, 88, 87, 85, 60, 59, 59, 58, 58, 57, 20]
-    cuts = _batches(rows, batch_size=4)
-    assert [rows[c] for c in cuts] == [[150], [90, 88, 87, 85], [60, 59, 59, 58], [58, 57],
-                                       [20]]
-    for c in cuts:
-        part = rows[c]
-        assert len(part) <= 4
-        assert sum(part[0] - r for r in part) <= MAX_PADDING * part[0] * len(part)
-    assert _batches([5, 5, 5], batch_size=8) == [slice(0, 3)]
-    assert _batches([7], batch_size=8) == [slice(0, 1)]
-
-
 def test_a_longer_prefix_of_a_batch_goes_on_from_the_sets(tiny_model, tokenizer):
     # every context shares the system prompt; the second batch's also share "so so": that
     # batch's prefix pass runs only those tokens, after the set's prefix cache
@@ -176,9 +146,9 @@ def test_a_longer_prefix_of_a_batch_goes_on_from_the_sets(tiny_model, tokenizer)
         scores = label_probabilities(tiny_model, tokenizer, ps, labels, batch_size=2)
     finally:
         hook.remove()
-    from tunesmith.evaluation.scoring import _shared_prefix
+    from tunesmith.models.prefix_pass import shared_prefix
 
-    whole, first, second = (_shared_prefix(c) for c in (contexts, contexts[:2], contexts[2:]))
+    whole, first, second = (shared_prefix(c) for c in (contexts, contexts[:2], contexts[2:]))
     assert whole < first and whole < second
     prefix_passes = [w for w in widths if w[0] == 1]
     assert prefix_passes == [(1, whole), (1, first - whole), (1, second - whole)]

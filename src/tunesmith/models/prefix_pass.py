@@ -1,0 +1,181 @@
+"""Forward passes over many prompts that start alike: the shared prefix once, each batch after it.
+
+An evaluation set's prompts share their opening tokens (the system prompt and the chat header:
+about half of each SMS demo prompt). ``PrefixCache`` runs those once, for the whole set, and
+each batch goes on from a copy of their KV cache; a batch whose prompts share more runs only
+the rest, from that cache. ``tree_pass`` runs a batch: per context its tokens after the
+shared prefix, then optional short branches (label scoring's answers), each attending to the
+context and to itself at the positions it takes after the context, through a 4D mask given to
+transformers' attention. ``batches`` cuts a sorted set into batches whose padding stays small.
+
+``mask_kind`` says where the mask cannot be given (attentions that take no mask, a sliding
+window shorter than the sequences); callers run their sequences whole there.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tunesmith.models.generation import cache_argument
+
+# A batch takes contexts, longest first, while its padding stays under this share of its
+# slots (and up to ``batch_size`` of them): sorted lengths still leave long tails (a few long
+# messages), and a padded slot costs as much as a real token.
+MAX_PADDING = 0.1
+
+
+def shared_prefix(contexts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all the contexts share (none for a lone context), keeping at
+    least each context's last token, whose hidden state is read."""
+    if len(contexts) < 2:
+        return 0
+    first, n = contexts[0], min(len(c) for c in contexts) - 1
+    for c in contexts[1:]:
+        k = 0
+        while k < n and c[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
+def mask_kind(config: Any, longest: int) -> str | None:
+    """How the tree's mask is given to this model's attention: 'bool' (SDPA takes it), 'add'
+    (eager attention adds it to the scores), or None where it cannot be: another attention
+    (flash-attention kernels take no mask), or a sliding window the sequences outgrow (one
+    custom mask would serve windowed and full layers alike)."""
+    from tunesmith.models.packed_attention import NAME
+
+    window = getattr(config, "sliding_window", None)
+    kinds = getattr(config, "layer_types", None) or ()
+    windowed = window is not None and getattr(config, "use_sliding_window", True) is not False \
+        and (not kinds or "sliding_attention" in kinds)
+    if windowed and longest > window:
+        return None
+    return {"sdpa": "bool", NAME: "bool", "eager": "add"}.get(
+        getattr(config, "_attn_implementation", "sdpa"))
+
+
+def batches(rows: list[int], batch_size: int) -> list[slice]:
+    """Consecutive slices of ``rows`` (token counts, longest first) into batches of up to
+    ``batch_size`` whose padding stays within ``MAX_PADDING`` of their slots."""
+    cuts, start, padding = [], 0, 0
+    for end in range(1, len(rows) + 1):
+        if end == len(rows):
+            cuts.append(slice(start, end))
+            break
+        padding += rows[start] - rows[end]
+        if end - start == batch_size or padding > MAX_PADDING * rows[start] * (end - start + 1):
+            cuts.append(slice(start, end))
+            start, padding = end, 0
+    return cuts
+
+
+@dataclass
+class Tree:
+    """A batch as one left-padded pass: per context, its tokens after the shared prefix, then
+    each branch but its last token. ``branch`` is 0 on context tokens, j + 1 on branch j's,
+    -1 on padding. ``last`` is each row's column of its context's last token. ``reads`` are
+    (row, column, token, pair): the hidden state at that column predicts ``token`` of that
+    pair's branch (pairs numbered context by context)."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    branch: torch.Tensor
+    last: torch.Tensor  # [rows]
+    reads: torch.Tensor  # [reads, 4]
+
+
+def tree(contexts: Sequence[Sequence[int]], branches: Sequence[Sequence[Sequence[int]]],
+         shared: int, pad_id: int) -> Tree:
+    laid, reads, pair = [], [], 0
+    for context, group in zip(contexts, branches, strict=True):
+        ids, positions = list(context[shared:]), list(range(shared, len(context)))
+        branch, last = [0] * len(ids), len(ids) - 1
+        found = []
+        for j, answer in enumerate(group):
+            found.append((last, answer[0], pair))  # the first token follows the context
+            for t, token in enumerate(answer[:-1]):
+                ids.append(token)
+                positions.append(len(context) + t)
+                branch.append(j + 1)
+                found.append((len(ids) - 1, answer[t + 1], pair))
+            pair += 1
+        laid.append((ids, positions, branch, last, found))
+    width = max(len(ids) for ids, *_ in laid)
+    out = Tree(torch.full((len(laid), width), pad_id), torch.zeros((len(laid), width),
+               dtype=torch.long), torch.full((len(laid), width), -1),
+               torch.zeros(len(laid), dtype=torch.long), torch.empty(0))
+    for r, (ids, positions, branch, last, found) in enumerate(laid):
+        pad = width - len(ids)
+        out.ids[r, pad:] = torch.tensor(ids)
+        out.positions[r, pad:] = torch.tensor(positions)
+        out.branch[r, pad:] = torch.tensor(branch)
+        out.last[r] = pad + last
+        reads.extend((r, pad + col, token, p) for col, token, p in found)
+    out.reads = torch.tensor(reads, dtype=torch.long).reshape(-1, 4)
+    return out
+
+
+def tree_mask(branch: torch.Tensor, shared: int) -> torch.Tensor:
+    """[rows, 1, width, shared + width], True where a query column may attend to a key: every
+    shared-prefix key; earlier context keys of its row; earlier keys of its own branch. A
+    padding column attends to itself alone (no row of the mask is empty)."""
+    rows, width = branch.shape
+    q, k = branch[:, :, None], branch[:, None, :]
+    col = torch.arange(width)
+    own = (col[None, :, None] >= col[None, None, :]) & (k >= 0) & ((k == 0) | (k == q))
+    own |= torch.eye(width, dtype=torch.bool)
+    prefix = (q >= 0).expand(rows, width, shared)
+    return torch.cat([prefix, own], dim=2)[:, None]
+
+
+class PrefixCache:
+    """The KV caches of the prefixes a set's batches go on from (one row each), each made
+    once. ``floor`` is how much every context of the set shares; it runs first, and a
+    batch's longer prefix goes on from it."""
+
+    def __init__(self, contexts: Sequence[Sequence[int]]) -> None:
+        self.floor = shared_prefix(contexts)
+        self.caches: dict[tuple[int, ...], Any] = {}
+
+    def get(self, decoder: Any, prefix: tuple[int, ...], device: torch.device) -> Any:
+        if prefix not in self.caches:
+            start = max((p for p in self.caches if prefix[:len(p)] == p), key=len, default=())
+            out = decoder(input_ids=torch.tensor([prefix[len(start):]], device=device),
+                          use_cache=True, **{cache_argument(): copy.deepcopy(
+                              self.caches[start]) if start else None})
+            self.caches[prefix] = getattr(out, cache_argument())
+        return self.caches[prefix]
+
+
+def tree_pass(decoder: Any, contexts: Sequence[Sequence[int]],
+              branches: Sequence[Sequence[Sequence[int]]], *, pad_id: int,
+              device: torch.device, kind: str, prefixes: PrefixCache
+              ) -> tuple[torch.Tensor, Tree]:
+    """The last hidden states [rows, width, hidden] of one pass over ``contexts`` (after
+    their shared prefix) with their ``branches``, and the ``Tree`` that says where each
+    context and branch token sits. ``kind`` is ``mask_kind``'s answer."""
+    shared = max(shared_prefix(contexts), prefixes.floor)
+    laid = tree(contexts, branches, shared, pad_id)
+    cache, name = None, cache_argument()
+    if shared:
+        if prefixes.floor:  # the set's prefix first: every batch's goes on from it
+            prefixes.get(decoder, tuple(contexts[0][:prefixes.floor]), device)
+        # a copy for this batch: the pass appends to it
+        cache = copy.deepcopy(prefixes.get(decoder, tuple(contexts[0][:shared]), device))
+        cache.reorder_cache(torch.zeros(len(contexts), dtype=torch.long, device=device))
+    mask = tree_mask(laid.branch, shared).to(device)
+    if kind == "add":
+        # the embeddings' dtype: a 4-bit base's first parameters are packed integers
+        dtype = decoder.get_input_embeddings().weight.dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
+            ~mask, torch.finfo(dtype).min)
+    hidden = decoder(input_ids=laid.ids.to(device), attention_mask=mask,
+                     position_ids=laid.positions.to(device), use_cache=cache is not None,
+                     **{name: cache}).last_hidden_state
+    return hidden, laid

@@ -1,0 +1,79 @@
+"""The shared-prefix pass: its mask, its batches, and a classification head read through it."""
+
+import pytest
+import torch
+
+from tunesmith.models.prefix_pass import MAX_PADDING, batches, tree_mask
+
+SYSTEM = {"role": "system", "content": "Label the review."}
+
+
+def test_the_tree_mask():
+    # one row: a padding column, two context tokens, answer 1 (two tokens), answer 2 (one)
+    mask = tree_mask(torch.tensor([[-1, 0, 0, 1, 1, 2]]), shared=2)[0, 0].int()
+    assert mask.tolist() == [
+        [0, 0, 1, 0, 0, 0, 0, 0],  # padding: itself alone
+        [1, 1, 0, 1, 0, 0, 0, 0],
+        [1, 1, 0, 1, 1, 0, 0, 0],
+        [1, 1, 0, 1, 1, 1, 0, 0],
+        [1, 1, 0, 1, 1, 1, 1, 0],
+        [1, 1, 0, 1, 1, 0, 0, 1],  # answer 2 does not see answer 1
+    ]
+
+
+def test_batches_bound_their_padding():
+    rows = [150, 90, 88, 87, 85, 60, 59, 59, 58, 58, 57, 20]
+    cuts = batches(rows, batch_size=4)
+    assert [rows[c] for c in cuts] == [[150], [90, 88, 87, 85], [60, 59, 59, 58], [58, 57],
+                                       [20]]
+    for c in cuts:
+        part = rows[c]
+        assert len(part) <= 4
+        assert sum(part[0] - r for r in part) <= MAX_PADDING * part[0] * len(part)
+    assert batches([5, 5, 5], batch_size=8) == [slice(0, 3)]
+    assert batches([7], batch_size=8) == [slice(0, 1)]
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-eager", "qwen2", "mistral", "gemma3", "phi3",
+                                    "gpt_neox"])
+def test_a_head_reads_each_prompt_as_alone(family, tiny_family_dir, tiny_model_dir, tokenizer):
+    # the head's probabilities through the shared-prefix pass equal those of each prompt run
+    # alone; gemma3's tiny model (16-token window) runs its prompts whole, right-padded
+    from transformers import AutoModelForSequenceClassification
+
+    from tunesmith.data.encode import encode_prompt
+    from tunesmith.evaluation.classifier import class_probabilities
+    from tunesmith.models.classifier import class_logits, load_classifier
+    from tunesmith.models.load import load_tokenizer
+
+    path = tiny_model_dir if family.startswith("llama") else tiny_family_dir(family)
+    tok = load_tokenizer(path)
+    if family == "llama-eager":
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=2, pad_token_id=tok.pad_token_id, attn_implementation="eager")
+    else:
+        model = load_classifier(path, ["good", "bad"], pad_token_id=tok.pad_token_id, seed=0)
+    model.eval()
+    users = [{"role": "user", "content": "so so " * i + "product"} for i in range(5)]
+    convs = [[u] for u in users] if family == "gemma3" else [[SYSTEM, u] for u in users]
+    if family != "gemma3":
+        convs.append([{"role": "system", "content": "Another task."}, users[0]])
+    convs.append(convs[1])  # a repeated prompt
+    with torch.no_grad():
+        want = torch.cat([torch.softmax(class_logits(
+            model, torch.tensor([encode_prompt(tok, c)]), None), -1) for c in convs])
+    shapes: list[tuple[int, ...]] = []
+    for batch_size in (1, 3, 16):
+        shapes.clear()
+        hook = model.base_model.register_forward_pre_hook(
+            lambda _m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+            with_kwargs=True)
+        try:
+            got = class_probabilities(model, tok, convs, batch_size=batch_size)
+        finally:
+            hook.remove()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        if family != "gemma3" and batch_size == 16:
+            # the prefix every prompt shares ("<|im_start|>system\n") once, then one batch
+            # (the padding bound allows); the repeated prompt is not run again
+            assert shapes[0][0] == 1 and shapes[-1][0] < len(convs)
