@@ -69,6 +69,18 @@ def test_nothing_to_score(tiny_model, tokenizer):
         label_probabilities(tiny_model, tokenizer, [], ["good"])
 
 
+def scored_with_widths(model, tokenizer, ps, labels, batch_size):
+    """The label scores, and the [rows, columns] of every pass the decoder ran for them."""
+    widths = []
+    hook = model.model.register_forward_pre_hook(
+        lambda _m, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True)
+    try:
+        scores = label_probabilities(model, tokenizer, ps, labels, batch_size=batch_size)
+    finally:
+        hook.remove()
+    return scores, widths
+
+
 def test_a_batch_is_one_pass_after_its_shared_prefix(tiny_model, tokenizer):
     # the system prompt and chat header every context starts with run once (a pass of their
     # length alone), then the whole batch in one pass holding only the rest of each context
@@ -83,13 +95,7 @@ def test_a_batch_is_one_pass_after_its_shared_prefix(tiny_model, tokenizer):
     assert len({len(c) for c in contexts}) == 1
     shared = shared_prefix(contexts)
     assert 0 < shared < len(contexts[0])
-    widths = []
-    hook = tiny_model.model.register_forward_pre_hook(
-        lambda _m, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True)
-    try:
-        scores = label_probabilities(tiny_model, tokenizer, ps, labels, batch_size=4)
-    finally:
-        hook.remove()
+    scores, widths = scored_with_widths(tiny_model, tokenizer, ps, labels, batch_size=4)
     tails = sum(len(answer_tokens(tokenizer, ps[0], lab)[1]) - 1 for lab in labels)
     assert widths == [(1, shared), (4, max(len(c) for c in contexts) - shared + tails)]
     want = [[naive_log_prob(tiny_model, tokenizer, p, lab) for lab in labels] for p in ps]
@@ -139,13 +145,7 @@ def test_a_longer_prefix_of_a_batch_goes_on_from_the_sets(tiny_model, tokenizer)
                        "so so yes", "so so no")]
     labels = ["good", "bad"]
     contexts = [answer_tokens(tokenizer, p, labels[0])[0] for p in ps]
-    widths = []
-    hook = tiny_model.model.register_forward_pre_hook(
-        lambda _m, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True)
-    try:
-        scores = label_probabilities(tiny_model, tokenizer, ps, labels, batch_size=2)
-    finally:
-        hook.remove()
+    scores, widths = scored_with_widths(tiny_model, tokenizer, ps, labels, batch_size=2)
     from tunesmith.models.prefix_pass import shared_prefix
 
     whole, first, second = (shared_prefix(c) for c in (contexts, contexts[:2], contexts[2:]))
