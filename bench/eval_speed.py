@@ -7,8 +7,8 @@ One model answers one test set both ways (``eval.mode``), in one process, throug
 own evaluation (``flows.assess.evaluate_lm``, as ``tunesmith run`` evaluates the tuned model
 without the calibration extras):
 
-- ``score``: the label with the highest log-probability (``evaluation.scoring``: one forward
-  pass per item with the context's KV cache shared by its labels);
+- ``score``: the label with the highest log-probability (``evaluation.scoring``: the prompts'
+  shared prefix once, then one pass per batch with each item's labels branching off it);
 - ``generate``: greedy generation of up to ``eval.max_new_tokens`` (auto: the longest label's
   tokens + 2), the reply parsed to a label; a reply naming no label or several is invalid.
 

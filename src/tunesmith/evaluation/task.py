@@ -4,7 +4,7 @@ the last assistant turn) and compute the task metrics.
 Two ways to answer (``eval.mode``, resolved by ``resolve_mode``):
 
 - ``score`` (classification): the label with the highest log-probability
-  (``scoring.label_probabilities``, about one forward pass per item). Every answer is a label,
+  (``scoring.label_probabilities``: about each item's own tokens, once). Every answer is a label,
   so the invalid-answer rate is 0 by construction; the scores ride along in ``Predictions``
   so a caller that also wants label probabilities (calibration, confident errors) reuses them.
 - ``generate``: the greedy reply, parsed to a label for classification.
