@@ -12,7 +12,7 @@ from tunesmith.data.encode import encode_prompt
 from tunesmith.evaluation.metrics import classification_metrics
 from tunesmith.evaluation.task import Predictions
 from tunesmith.models.classifier import prompt_class_logits
-from tunesmith.models.prefix_pass import PrefixCache, batches
+from tunesmith.models.prefix_pass import batched
 
 
 @torch.no_grad()
@@ -29,13 +29,10 @@ def class_probabilities(model: Any, tokenizer: Any, conversations: Sequence[Sequ
     for i, conv in enumerate(conversations):
         where.setdefault(tuple(encode_prompt(tokenizer, conv)), []).append(i)
     out = torch.zeros((len(conversations), _num_labels(model)), dtype=torch.float32)
-    # longest first, so that batches pad little
-    ordered = sorted(where, key=len, reverse=True)
-    prefixes = PrefixCache(ordered)
-    for cut in batches([len(p) - prefixes.floor for p in ordered], batch_size):
-        chunk = ordered[cut]
-        logits = prompt_class_logits(model, [list(p) for p in chunk],
-                                     pad_id=tokenizer.pad_token_id, prefixes=prefixes)
+    prefixes, chunks = batched({p: len(p) for p in where}, batch_size)
+    for chunk in chunks:
+        logits = prompt_class_logits(model, chunk, pad_id=tokenizer.pad_token_id,
+                                     prefixes=prefixes)
         probs = torch.softmax(logits, dim=-1).cpu()
         for p, row in zip(chunk, probs, strict=True):
             out[where[p]] = row

@@ -32,7 +32,7 @@ from tunesmith.errors import DataError
 from tunesmith.models.generation import pad_batch
 from tunesmith.models.heads import output_head
 from tunesmith.models.load import unwrap
-from tunesmith.models.prefix_pass import PrefixCache, batches, mask_kind, tree_pass
+from tunesmith.models.prefix_pass import PrefixCache, batched, mask_kind, tree_pass
 
 
 @dataclass(frozen=True)
@@ -146,17 +146,15 @@ def label_probabilities(model: Any, tokenizer: Any, prompts: Sequence[Sequence[d
     for answers in groups.values():
         for i in {i for pairs in answers.values() for i, _ in pairs}:
             pending[i] += 1
-    # longest first, by the tokens a row will hold, so that batches pad little
-    sizes = {c: len(c) + sum(len(a) - 1 for a in answers) for c, answers in groups.items()}
-    ordered = sorted(groups.items(), key=lambda kv: -sizes[kv[0]])
-    prefixes = PrefixCache(list(groups))
-    for cut in batches([sizes[c] - prefixes.floor for c, _ in ordered], batch_size):
-        chunk = ordered[cut]
-        scores = _score_contexts(lm, [list(c) for c, _ in chunk],
-                                 [[list(a) for a in answers] for _, answers in chunk],
+    # a row holds the context and each answer but its last token
+    prefixes, chunks = batched({c: len(c) + sum(len(a) - 1 for a in answers)
+                                for c, answers in groups.items()}, batch_size)
+    for chunk in chunks:
+        scores = _score_contexts(lm, [list(c) for c in chunk],
+                                 [[list(a) for a in groups[c]] for c in chunk],
                                  tokenizer.pad_token_id, device, prefixes)
         finished = 0
-        for (_, answers), row in zip(chunk, scores, strict=True):
+        for answers, row in zip((groups[c] for c in chunk), scores, strict=True):
             for pairs, s in zip(answers.values(), row, strict=True):
                 for i, j in pairs:
                     log_probs[i, j] = s

@@ -116,11 +116,11 @@ def packed_kwargs(model: Any, attention_mask: torch.Tensor | None,
 
 
 class _Plan:
-    """Where each sequence's tokens go: per width, the flat token index of every slot
-    ``[sequences * width]``; and for every token its slot in the concatenated outputs.
-    ``index`` is every group's slots end to end, ``spans`` each group's first slot, sequences
-    and width there; ``source`` is ``index`` with each padding slot pointing one past the last
-    token (a zero row, for gradients)."""
+    """Where each sequence's tokens go. Sequences are grouped by width; ``index`` is the flat
+    token index of every group's slots ``[sequences * width]``, end to end, ``spans`` each
+    group's first slot, sequences and width there; ``slot_of`` is every token's slot, and
+    ``source`` is ``index`` with each padding slot pointing one past the last token (a zero
+    row, for gradients)."""
 
     def __init__(self, cu: torch.Tensor) -> None:
         bounds = cu.tolist()
@@ -128,7 +128,7 @@ class _Plan:
         for start, end in zip(bounds[:-1], bounds[1:], strict=True):
             width = -(-(end - start) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
             groups.setdefault(width, []).append((start, end))
-        self.groups: list[tuple[torch.Tensor, int, int]] = []
+        indexes: list[torch.Tensor] = []
         self.spans: list[tuple[int, int, int]] = []
         slot_of = torch.empty(bounds[-1], dtype=torch.long)
         offset = 0
@@ -139,11 +139,11 @@ class _Plan:
                 index[row, :n] = torch.arange(start, end)
                 index[row, n:] = end - 1  # padding slots: the last token again, never attended
                 slot_of[start:end] = offset + row * width + torch.arange(n)
-            self.groups.append((index.flatten(), len(spans), width))
+            indexes.append(index.flatten())
             self.spans.append((offset, len(spans), width))
             offset += len(spans) * width
         self.slot_of = slot_of
-        self.index = torch.cat([index for index, _, _ in self.groups])
+        self.index = torch.cat(indexes)
         self.source = torch.full_like(self.index, bounds[-1])
         self.source[slot_of] = torch.arange(bounds[-1])
 
@@ -241,7 +241,7 @@ class _SequenceFlash(torch.autograd.Function):
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         plan = ctx.plan
         gq, gk, gv, *rest = ctx.saved_tensors
-        outs, lses = rest[:len(plan.groups)], rest[len(plan.groups):]
+        outs, lses = rest[:len(plan.spans)], rest[len(plan.spans):]
         tokens = dout.shape[0]
         padded = dout.new_empty((tokens + 1, *dout.shape[1:]), dtype=torch.float32)
         padded[:tokens].copy_(dout)

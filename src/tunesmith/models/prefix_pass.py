@@ -60,6 +60,16 @@ def mask_kind(config: Any, longest: int) -> str | None:
         getattr(config, "_attn_implementation", "sdpa"))
 
 
+def batched(sizes: dict[tuple[int, ...], int], batch_size: int
+            ) -> tuple[PrefixCache, list[list[tuple[int, ...]]]]:
+    """A set of contexts (token ids; ``sizes``: the tokens each one's row holds) longest first,
+    cut into ``batches``, and the ``PrefixCache`` their passes share."""
+    ordered = sorted(sizes, key=lambda c: -sizes[c])
+    prefixes = PrefixCache(ordered)
+    cuts = batches([sizes[c] - prefixes.floor for c in ordered], batch_size)
+    return prefixes, [ordered[cut] for cut in cuts]
+
+
 def batches(rows: list[int], batch_size: int) -> list[slice]:
     """Consecutive slices of ``rows`` (token counts, longest first) into batches of up to
     ``batch_size`` whose padding stays within ``MAX_PADDING`` of their slots."""
@@ -136,8 +146,8 @@ def tree_mask(branch: torch.Tensor, shared: int) -> torch.Tensor:
 
 class PrefixCache:
     """The KV caches of the prefixes a set's batches go on from (one row each), each made
-    once. ``floor`` is how much every context of the set shares; it runs first, and a
-    batch's longer prefix goes on from it."""
+    once. ``floor`` is how much every context of the set shares; it runs first, and a longer
+    prefix goes on from the longest one made."""
 
     def __init__(self, contexts: Sequence[Sequence[int]]) -> None:
         self.floor = shared_prefix(contexts)
@@ -145,11 +155,14 @@ class PrefixCache:
 
     def get(self, decoder: Any, prefix: tuple[int, ...], device: torch.device) -> Any:
         if prefix not in self.caches:
+            if 0 < self.floor < len(prefix):
+                self.get(decoder, prefix[:self.floor], device)
             start = max((p for p in self.caches if prefix[:len(p)] == p), key=len, default=())
+            name = cache_argument()
             out = decoder(input_ids=torch.tensor([prefix[len(start):]], device=device),
-                          use_cache=True, **{cache_argument(): copy.deepcopy(
-                              self.caches[start]) if start else None})
-            self.caches[prefix] = getattr(out, cache_argument())
+                          use_cache=True,
+                          **{name: copy.deepcopy(self.caches[start]) if start else None})
+            self.caches[prefix] = getattr(out, name)
         return self.caches[prefix]
 
 
@@ -164,8 +177,6 @@ def tree_pass(decoder: Any, contexts: Sequence[Sequence[int]],
     laid = tree(contexts, branches, shared, pad_id)
     cache, name = None, cache_argument()
     if shared:
-        if prefixes.floor:  # the set's prefix first: every batch's goes on from it
-            prefixes.get(decoder, tuple(contexts[0][:prefixes.floor]), device)
         # a copy for this batch: the pass appends to it
         cache = copy.deepcopy(prefixes.get(decoder, tuple(contexts[0][:shared]), device))
         cache.reorder_cache(torch.zeros(len(contexts), dtype=torch.long, device=device))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -181,12 +182,15 @@ def test_width_multiple_groups_sequences():
 
     cu = torch.tensor([0, 5, 22, 62, 71, 100], dtype=torch.int32)
     plan = _Plan(cu)
-    widths = [w for _, _, w in plan.groups]
+    widths = [w for _, _, w in plan.spans]
     assert widths == sorted(set(widths)) and all(w % WIDTH_MULTIPLE == 0 for w in widths)
-    assert sum(n for _, n, _ in plan.groups) == 5
+    assert sum(n for _, n, _ in plan.spans) == 5
+    # the groups lie end to end in the slots
+    assert [start for start, _, _ in plan.spans] == [0, *itertools.accumulate(
+        n * w for _, n, w in plan.spans[:-1])]
+    assert len(plan.index) == sum(n * w for _, n, w in plan.spans)
     # every token has one slot, and the slot holds that token
-    slots = torch.cat([index for index, _, _ in plan.groups])
-    assert torch.equal(slots[plan.slot_of], torch.arange(100))
+    assert torch.equal(plan.index[plan.slot_of], torch.arange(100))
 
 
 @pytest.mark.parametrize("bad", ["window", "dropout"])
