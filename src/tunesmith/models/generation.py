@@ -16,8 +16,8 @@ rendered by ``data.encode.encode_prompt``, the chat template exactly as training
 
 from __future__ import annotations
 
-import functools
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +26,13 @@ from typing import Any, Literal
 import torch
 
 from tunesmith.errors import ConfigError, ModelError
+from tunesmith.models.prefix_pass import (
+    PrefixCache,
+    batches,
+    cache_argument,
+    mask_kind,
+    shared_prefix,
+)
 
 # transformers' generate takes no torch.Generator: sampling draws from torch's process-wide
 # random state. Calls hold this lock so one call's seed is not drawn from by another; on CPU
@@ -230,16 +237,30 @@ class _Ends:
         return self.replies[i]  # type: ignore[return-value]
 
 
-def generate_rows(model: Any, tokenizer: Any, rows: Sequence[Row]) -> list[Generated]:
+def generate_rows(model: Any, tokenizer: Any, rows: Sequence[Row],
+                  prefixes: PrefixCache | None = None) -> list[Generated]:
     """The replies to ``rows`` from one ``model.generate`` call over the left-padded batch.
 
     The rows must share their sampling parameters; each ends on its own (see ``_Ends``) and
-    the call runs until the last one has. Call it inside ``generating``."""
-    batch = pad_batch([r.prompt for r in rows], pad_id=tokenizer.pad_token_id, side="left")
-    width = batch.input_ids.shape[1]
-    out, ends = extend(model, tokenizer, rows, batch.input_ids, batch.attention_mask,
-                       starts=[width] * len(rows),
-                       max_new_tokens=max(r.params.max_new_tokens for r in rows))
+    the call runs until the last one has. With ``prefixes`` (the set's, see ``generate``) the
+    call goes on from the KV cache of the prefix the rows share, and only the rest of each
+    prompt is padded and run. Call it inside ``generating``."""
+    prompts = [r.prompt for r in rows]
+    shared = 0 if prefixes is None else max(shared_prefix(prompts), prefixes.floor)
+    batch = pad_batch([p[shared:] for p in prompts], pad_id=tokenizer.pad_token_id,
+                      side="left")
+    ids, mask, cache = batch.input_ids, batch.attention_mask, None
+    if shared:
+        # [prefix | padding | rest]: the padding columns are masked, and transformers takes
+        # each row's positions from the mask, so the rest sits right after the prefix
+        device = next(model.parameters()).device
+        head = torch.tensor([list(prompts[0][:shared])]).expand(len(rows), -1)
+        ids = torch.cat([head, ids], dim=1)
+        mask = torch.cat([torch.ones_like(head), mask], dim=1)
+        cache = prefixes.rows(model, tuple(prompts[0][:shared]), len(rows), device)
+    width = ids.shape[1]
+    out, ends = extend(model, tokenizer, rows, ids, mask, starts=[width] * len(rows),
+                       max_new_tokens=max(r.params.max_new_tokens for r in rows), cache=cache)
     return [ends.end(i, out[i, width:].tolist()) for i in range(len(rows))]
 
 
@@ -270,18 +291,6 @@ def extend(model: Any, tokenizer: Any, rows: Sequence[Row], input_ids: torch.Ten
     return out, ends
 
 
-@functools.cache
-def cache_argument() -> str:
-    """The name of a KV cache in ``generate``'s and a model's ``forward``'s arguments and in
-    its outputs: ``cache`` since transformers 5.24, which warns on the older
-    ``past_key_values``, the only name before it."""
-    import transformers
-    from packaging.version import Version
-
-    new = Version(transformers.__version__).release >= (5, 24)
-    return "cache" if new else "past_key_values"
-
-
 @contextmanager
 def generating(model: Any, seed: int | None) -> Iterator[None]:
     """The lock, eval mode and the call's seed, for one generation call."""
@@ -297,15 +306,38 @@ def generating(model: Any, seed: int | None) -> Iterator[None]:
 def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
              params: GenerationParams, *, batch_size: int = 16,
              on_batch: Callable[[int], None] | None = None) -> list[Generated]:
-    """The reply to each prompt (token ids from ``encode_prompt``), in batches."""
+    """The reply to each prompt (token ids from ``encode_prompt``), in batches.
+
+    An evaluation set's prompts open alike (system prompt, instructions, chat header). Where
+    the model's attention takes a mask with padding inside a row (``prefix_pass.mask_kind``:
+    SDPA or eager, no sliding window the sequences outgrow), the prefix all prompts share runs
+    once and each batch goes on from a copy of its KV cache, or from the longer prefix its own
+    prompts share (``prefix_pass.PrefixCache``, as label scoring does); batches are cut longest
+    first so that their padding stays small (``prefix_pass.batches``). Elsewhere whole prompts
+    are left-padded, ``batch_size`` at a time. A repeated prompt is answered once when greedy
+    (a sample is drawn for each copy). ``on_batch`` is told how many prompts each batch
+    answered."""
     # longest first so the first batch shows the peak memory, and batches pad little
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    longest = max((len(p) for p in prompts), default=0) + params.max_new_tokens
+    share = len(prompts) > 1 and mask_kind(model.config, longest) is not None
+    # the prompt each one takes its reply from: its first copy where replies are greedy
+    first: dict[Any, int] = {}
+    source = {i: first.setdefault(i if params.sampling else tuple(prompts[i]), i)
+              for i in order}
+    lead = [i for i in order if source[i] == i]
+    copies = Counter(source.values())
+    prefixes = PrefixCache([prompts[i] for i in lead]) if share else None
+    cuts = (batches([len(prompts[i]) - prefixes.floor for i in lead], batch_size)
+            if prefixes is not None
+            else [slice(s, s + batch_size) for s in range(0, len(lead), batch_size)])
     replies: dict[int, Generated] = {}
     with generating(model, params.seed):
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            done = generate_rows(model, tokenizer, [Row(prompts[i], params) for i in idx])
+        for cut in cuts:
+            idx = lead[cut]
+            done = generate_rows(model, tokenizer, [Row(prompts[i], params) for i in idx],
+                                 prefixes)
             replies.update(zip(idx, done, strict=True))
             if on_batch is not None:
-                on_batch(len(idx))
-    return [replies[i] for i in range(len(prompts))]
+                on_batch(sum(copies[i] for i in idx))
+    return [replies[source[i]] for i in range(len(prompts))]

@@ -15,18 +15,29 @@ window shorter than the sequences); callers run their sequences whole there.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from tunesmith.models.generation import cache_argument
-
 # A batch takes contexts, longest first, while its padding stays under this share of its
 # slots (and up to ``batch_size`` of them): sorted lengths still leave long tails (a few long
 # messages), and a padded slot costs as much as a real token.
 MAX_PADDING = 0.1
+
+
+@functools.cache
+def cache_argument() -> str:
+    """The name of a KV cache in ``generate``'s and a model's ``forward``'s arguments and in
+    its outputs: ``cache`` since transformers 5.24, which warns on the older
+    ``past_key_values``, the only name before it."""
+    import transformers
+    from packaging.version import Version
+
+    new = Version(transformers.__version__).release >= (5, 24)
+    return "cache" if new else "past_key_values"
 
 
 def shared_prefix(contexts: Sequence[Sequence[int]]) -> int:
@@ -165,6 +176,14 @@ class PrefixCache:
             self.caches[prefix] = getattr(out, name)
         return self.caches[prefix]
 
+    def rows(self, decoder: Any, prefix: tuple[int, ...], rows: int, device: torch.device
+             ) -> Any:
+        """A copy of ``prefix``'s cache for a batch of ``rows`` (the batch's pass appends to
+        it; the cached one stays for the next batch)."""
+        cache = copy.deepcopy(self.get(decoder, prefix, device))
+        cache.reorder_cache(torch.zeros(rows, dtype=torch.long, device=device))
+        return cache
+
 
 def tree_pass(decoder: Any, contexts: Sequence[Sequence[int]],
               branches: Sequence[Sequence[Sequence[int]]], *, pad_id: int,
@@ -177,9 +196,7 @@ def tree_pass(decoder: Any, contexts: Sequence[Sequence[int]],
     laid = tree(contexts, branches, shared, pad_id)
     cache, name = None, cache_argument()
     if shared:
-        # a copy for this batch: the pass appends to it
-        cache = copy.deepcopy(prefixes.get(decoder, tuple(contexts[0][:shared]), device))
-        cache.reorder_cache(torch.zeros(len(contexts), dtype=torch.long, device=device))
+        cache = prefixes.rows(decoder, tuple(contexts[0][:shared]), len(contexts), device)
     mask = tree_mask(laid.branch, shared).to(device)
     if kind == "add":
         # the embeddings' dtype: a 4-bit base's first parameters are packed integers

@@ -185,7 +185,8 @@ class SharedBase:
 
 class Served:
     """A shared base as the generation path sees a model: the base with one adapter active
-    (or none) for exactly the length of each ``generate`` call. Served models never train."""
+    (or none) for exactly the length of each ``generate`` call or forward pass. Served models
+    never train."""
 
     def __init__(self, base: SharedBase, name: str | None = None,
                  adapter_dir: Path | None = None) -> None:
@@ -214,3 +215,8 @@ class Served:
     def generate(self, **kwargs: Any) -> Any:
         with self.base.serving(self.adapter, self.adapter_dir) as model:
             return model.generate(**kwargs)
+
+    def __call__(self, **kwargs: Any) -> Any:
+        """One forward pass with the adapter active (generation runs a shared prefix so)."""
+        with self.base.serving(self.adapter, self.adapter_dir) as model:
+            return model(**kwargs)
