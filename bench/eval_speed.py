@@ -10,7 +10,9 @@ without the calibration extras):
 - ``score``: the label with the highest log-probability (``evaluation.scoring``: the prompts'
   shared prefix once, then one pass per batch with each item's labels branching off it);
 - ``generate``: greedy generation of up to ``eval.max_new_tokens`` (auto: the longest label's
-  tokens + 2), the reply parsed to a label; a reply naming no label or several is invalid.
+  tokens + 2), the reply parsed to a label; a reply naming no label or several is invalid
+  (``models.generation.generate``: the prompts' shared prefix once too, then each batch's
+  rest and its one-token steps).
 
 Default: a finished run's merged model on that run's test split (``data/test.jsonl``), with
 its eval settings (labels, batch size). Smoke mode: ``--model`` (a directory) on the first
@@ -20,8 +22,10 @@ then the whole set is timed once, score first. Reported: items, seconds per mode
 ratio score / generate (generate seconds over score seconds: above 1, scoring is faster),
 accuracy each way, invalid generated replies, the items where the two answers differ, and
 the token slots each way's forward passes held (padding included; passes over many columns
-apart from generation's one-token decode steps). At an equal cost per slot, the ratio of the
-slots bounds the speed ratio: scoring cannot run fewer tokens than each item's own.
+apart from generation's one-token decode steps), beside the tokens of the prompts whole. At an
+equal cost per slot, the ratio of the slots bounds the speed ratio: neither way can run fewer
+tokens than each item's own after the shared prefix, and scoring adds its labels' tokens where
+generation adds its replies'.
 """
 
 from __future__ import annotations
@@ -125,6 +129,10 @@ def main() -> None:
                                                          mode)
         print(f"{mode}: {len(test)} items in {seconds[mode]:.2f} s, accuracy "
               f"{evals[mode].metrics['accuracy']:.4f}", flush=True)
+    from tunesmith.data.encode import encode_prompt
+
+    # what passes over whole prompts would hold without padding
+    prompt_tokens = sum(len(encode_prompt(tokenizer, ex.prompt)) for ex in test)
     score, gen = (evals[m].predictions for m in MODES)
     differ = [i for i, (a, b) in enumerate(zip(score.predicted, gen.predicted, strict=True))
               if a != b]
@@ -139,6 +147,7 @@ def main() -> None:
         "accuracy": {m: evals[m].metrics["accuracy"] for m in MODES},
         # token slots each way's forward passes held (padding included): what bounds the ratio
         "slots": slots,
+        "prompt_tokens": prompt_tokens,
         "generate_invalid": invalid,
         "disagree": len(differ),
         # where the two differ: the generated reply beside the scored label
@@ -153,6 +162,7 @@ def main() -> None:
     print(f"accuracy: score {result['accuracy']['score']:.4f}, generate "
           f"{result['accuracy']['generate']:.4f} ({invalid} invalid generated replies)")
     print(f"disagree: {len(differ)} of {len(test)} items")
+    print(f"prompts whole: {prompt_tokens} tokens")
     for m in MODES:
         c = slots[m]
         print(f"slots {m}: {c['wide_slots']} in {c['passes']} passes, {c['decode_slots']} in "

@@ -146,13 +146,17 @@ def test_eval_speed_smoke(smokes):
     # a random model's replies: some may be invalid, never more than there are items
     assert 0 <= result["generate_invalid"] <= 6 and 0 <= result["disagree"] <= 6
     assert len(result["disagreements"]) == result["disagree"]
-    # scoring: a prefix pass and one pass per batch, no decode steps; generation: a prompt pass
-    # per batch and its one-token steps
+    # scoring: a prefix pass and one pass per batch, no decode steps; generation: a prefix
+    # pass, a pass per batch over the rest of its prompts, and one-token steps. The six SMS
+    # prompts share their system prompt, which each way runs once: fewer slots than the
+    # prompts whole, even with scoring's label tokens
     score, generate = result["slots"]["score"], result["slots"]["generate"]
-    assert score["passes"] >= 1 and score["decode_steps"] == 0
-    assert generate["passes"] >= 1 and generate["decode_steps"] >= 1
-    assert 0 < score["wide_slots"] < generate["wide_slots"] + generate["decode_slots"]
+    assert score["passes"] >= 2 and score["decode_steps"] == 0
+    assert generate["passes"] >= 2 and generate["decode_steps"] >= 1
+    assert 0 < score["wide_slots"] < result["prompt_tokens"]
+    assert 0 < generate["wide_slots"] < result["prompt_tokens"]
     assert "slots score:" in done.stdout and "slots generate:" in done.stdout
+    assert f"prompts whole: {result['prompt_tokens']} tokens" in done.stdout
 
 
 def test_serve_memory_smoke(smokes):
