@@ -156,9 +156,10 @@ def tree_mask(branch: torch.Tensor, shared: int) -> torch.Tensor:
 
 
 class PrefixCache:
-    """The KV caches of the prefixes a set's batches go on from (one row each), each made
-    once. ``floor`` is how much every context of the set shares; it runs first, and a longer
-    prefix goes on from the longest one made."""
+    """The KV caches of the prefixes a set's batches go on from (one row each). ``floor`` is
+    how much every context of the set shares; it runs first, once, and a longer prefix goes on
+    from the longest one kept. Kept: the floor's and the last longer one (a batch's prefix is
+    rarely another's, and a big model's cache of a long prompt is tens of megabytes a copy)."""
 
     def __init__(self, contexts: Sequence[Sequence[int]]) -> None:
         self.floor = shared_prefix(contexts)
@@ -173,6 +174,8 @@ class PrefixCache:
             out = decoder(input_ids=torch.tensor([prefix[len(start):]], device=device),
                           use_cache=True,
                           **{name: copy.deepcopy(self.caches[start]) if start else None})
+            for kept in [p for p in self.caches if len(p) != self.floor]:
+                del self.caches[kept]
             self.caches[prefix] = getattr(out, name)
         return self.caches[prefix]
 

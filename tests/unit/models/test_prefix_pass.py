@@ -77,3 +77,34 @@ def test_a_head_reads_each_prompt_as_alone(family, tiny_family_dir, tiny_model_d
             # the prefix every prompt shares ("<|im_start|>system\n") once, then one batch
             # (the padding bound allows); the repeated prompt is not run again
             assert shapes[0][0] == 1 and shapes[-1][0] < len(convs)
+
+
+def test_the_prefix_cache_keeps_the_floor_and_the_last_longer_prefix(tiny_model_dir):
+    from tunesmith.models.load import load
+    from tunesmith.models.prefix_pass import PrefixCache
+
+    decoder = load(tiny_model_dir)[0].eval().get_decoder()
+    contexts = [[1, 2, 3, 10, 11, 12, 5], [1, 2, 3, 10, 11, 13, 5], [1, 2, 3, 20, 21, 5]]
+    prefixes = PrefixCache(contexts)
+    assert prefixes.floor == 3
+    ran: list[int] = []
+    decoder.register_forward_pre_hook(
+        lambda _m, _a, kw: ran.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    device = torch.device("cpu")
+    with torch.no_grad():
+        for prefix in [(1, 2, 3, 10, 11), (1, 2, 3, 10, 11, 12), (1, 2, 3, 20, 21), (1, 2, 3)]:
+            got = prefixes.get(decoder, prefix, device)
+            whole = decoder(input_ids=torch.tensor([prefix]), use_cache=True)
+            for mine, alone in zip(got.layers, getattr(whole, _name()).layers, strict=True):
+                assert torch.allclose(mine.keys, alone.keys, atol=1e-5)
+                assert torch.allclose(mine.values, alone.values, atol=1e-5)
+            assert len(prefixes.caches) <= 2 and (1, 2, 3) in prefixes.caches
+    # the floor once; each longer prefix from the longest kept (12 after 10, 11); the floor
+    # asked for again is not run again (each check's whole pass is counted between them)
+    assert ran == [3, 2, 5, 1, 6, 2, 5, 3]
+
+
+def _name() -> str:
+    from tunesmith.models.prefix_pass import cache_argument
+
+    return cache_argument()
