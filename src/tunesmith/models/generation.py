@@ -1,7 +1,8 @@
 """The one generation path: parameters, seeding, stop sequences, padding, batches of rows.
 
 Evaluation, ``tunesmith.chat`` / ``tunesmith chat`` and the service's chat completions all
-generate here: ``generate`` returns whole replies (batched, left-padded); ``generate_rows``
+generate here: ``generate`` returns whole replies (batched, left-padded, the prompts' shared
+prefix run once where the model's attention allows: ``models.prefix_pass``); ``generate_rows``
 runs one batch whose rows each end on their own terms and report their tokens as they come,
 which ``service.batching`` builds streaming and the service's request batching on. Every
 reply comes from transformers' ``generate`` with the same arguments, so the same prompt and
@@ -269,8 +270,9 @@ def extend(model: Any, tokenizer: Any, rows: Sequence[Row], input_ids: torch.Ten
            cache: Any = None) -> tuple[torch.Tensor, _Ends]:
     """One ``model.generate`` call: up to ``max_new_tokens`` more tokens for every row of the
     left-padded batch ``input_ids``, whose row ``i`` began its reply at column ``starts[i]``.
-    With ``cache`` (a ``DynamicCache`` holding every column but the last), the call goes on
-    from it and leaves it holding every column of the result but the last. The sequences and
+    With ``cache`` (a ``DynamicCache`` holding the batch's first columns: a shared prefix, or
+    the service's running batch, every column but the last), the call runs only the columns
+    after it and leaves it holding every column of the result but the last. The sequences and
     the criterion that says where each row ended."""
     from transformers import StoppingCriteriaList
 
