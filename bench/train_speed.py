@@ -12,7 +12,9 @@ setup); tunesmith with its defaults (packing, bf16 where native, target-only LM 
 
 Each engine runs in its own process, so each peak RSS is its own. Reported: trained tokens/s
 (non-padding tokens of the examples per second of training-loop wall time), peak RSS, and the
-final validation loss (target tokens, computed by the same function for both, in fp32).
+final validation loss (target tokens, computed by the same function for both, in fp32). Each
+engine's figures are printed as it finishes (a ``measured ...`` line, tunesmith first), so a
+run cut short still leaves them; the tables follow at the end.
 
 On a GPU (``--device cuda``) the same engines train on it; TRL runs in bf16 there (its default
 where bf16 is native), the peak GPU memory (``torch.cuda.max_memory_allocated``) is reported
@@ -240,6 +242,12 @@ def measure(engine: str, steps: int) -> dict:
         raise SystemExit(f"{engine} failed:\n{done.stderr[-4000:]}")
     result = json.loads(line[len("RESULT "):])
     result["tokens_per_s"] = result["tokens"] / result["seconds"]
+    # each engine's figures as soon as they exist: a run cut short (a lent GPU's time running
+    # out) still leaves what it measured
+    gpu = f", peak GPU {result['peak_gpu_gb']:.2f} GB" if "peak_gpu_gb" in result else ""
+    print(f"measured {engine}: {result['tokens_per_s']:.0f} trained tokens/s over "
+          f"{result['steps']} steps, peak RSS {result['peak_rss_gb']:.2f} GB{gpu}, final "
+          f"validation loss {result['valid_loss']:.4f}", flush=True)
     return result
 
 
@@ -322,7 +330,8 @@ def main() -> None:
     unknown = set(peers) - set(PEERS)
     if unknown:
         parser.error(f"--peers: unknown {sorted(unknown)}; choose from {sorted(PEERS)}")
-    engines = [*peers, "tunesmith"]
+    # tunesmith first in the first round: the figure a run cut short most needs
+    engines = ["tunesmith", *peers]
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     rate_runs: list[dict[str, float]] = []
     for round_ in range(args.repeat):

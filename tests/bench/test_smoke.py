@@ -78,6 +78,10 @@ def _smoke(smokes, name: str):
 def test_train_speed_smoke(smokes):
     done, _ = _smoke(smokes, "train_speed")
     assert "trained tokens/s" in done.stdout and "tunesmith / HF" in done.stdout
+    # each engine's figures as it finishes, tunesmith's first
+    measured = [x for x in done.stdout.splitlines() if x.startswith("measured ")]
+    assert measured[0].startswith("measured tunesmith: ") and len(measured) >= 2
+    assert all("trained tokens/s" in x and "validation loss" in x for x in measured)
     if importlib.util.find_spec("trl"):
         assert "tunesmith / TRL" in done.stdout
     for precision in ("bf16", "fp32"):
