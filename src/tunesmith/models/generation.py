@@ -315,7 +315,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
     SDPA or eager, no sliding window the sequences outgrow), the prefix all prompts share runs
     once and each batch goes on from a copy of its KV cache, or from the longer prefix its own
     prompts share (``prefix_pass.PrefixCache``, as label scoring does); batches are cut longest
-    first so that their padding stays small (``prefix_pass.batches``). Elsewhere whole prompts
+    first so that their padding stays small against their prompts' rest and new tokens
+    (``prefix_pass.batches``). Elsewhere whole prompts
     are left-padded, ``batch_size`` at a time. A repeated prompt is answered once when greedy
     (a sample is drawn for each copy). ``on_batch`` is told how many prompts each batch
     answered."""
@@ -330,7 +331,11 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
     lead = [i for i in order if source[i] == i]
     copies = Counter(source.values())
     prefixes = PrefixCache([prompts[i] for i in lead]) if share else None
-    cuts = (batches([len(prompts[i]) - prefixes.floor for i in lead], batch_size)
+    # a row's slots over the call: the rest of its prompt, then a column a step; padding sits in
+    # the prompt part only, and each batch pays for its own decode steps, so long replies keep
+    # batches full
+    cuts = (batches([len(prompts[i]) - prefixes.floor + params.max_new_tokens for i in lead],
+                    batch_size)
             if prefixes is not None
             else [slice(s, s + batch_size) for s in range(0, len(lead), batch_size)])
     replies: dict[int, Generated] = {}

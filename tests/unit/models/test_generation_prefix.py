@@ -104,3 +104,24 @@ def test_a_window_shorter_than_the_prompts_generates_them_whole(tiny_family_dir)
 def test_no_prompts_no_replies(tiny_model_dir):
     model, tok = load(tiny_model_dir)
     assert generate(model, tok, [], GenerationParams(max_new_tokens=2)) == []
+
+
+def test_long_replies_keep_batches_full(tiny_model_dir):
+    # prompts of different lengths: short replies cut batches where padding would pass a
+    # tenth of their slots; long ones make the padding small beside the replies' columns, and
+    # a batch (which pays for every decode step) stays whole
+    model, tok = load(tiny_model_dir)
+    model.eval()
+    prompts = [encode_prompt(tok, [SYSTEM, {"role": "user", "content": "so " * (3 * i) + "x"}])
+               for i in range(6)]
+
+    def prefills(new_tokens: int) -> int:
+        seen = passes(model)
+        generate(model, tok, prompts, GenerationParams(max_new_tokens=new_tokens,
+                                                       min_new_tokens=new_tokens),
+                 batch_size=16)
+        model.get_decoder()._forward_pre_hooks.clear()
+        return sum(1 for rows, width in seen if width > 1 and rows > 1)
+
+    assert prefills(2) > 1
+    assert prefills(200) == 1
