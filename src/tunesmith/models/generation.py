@@ -29,8 +29,8 @@ import torch
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.models.prefix_pass import (
     PrefixCache,
-    batches,
     cache_argument,
+    generation_batches,
     mask_kind,
     shared_prefix,
 )
@@ -331,11 +331,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
     lead = [i for i in order if source[i] == i]
     copies = Counter(source.values())
     prefixes = PrefixCache([prompts[i] for i in lead]) if share else None
-    # a row's slots over the call: the rest of its prompt, then a column a step; padding sits in
-    # the prompt part only, and each batch pays for its own decode steps, so long replies keep
-    # batches full
-    cuts = (batches([len(prompts[i]) - prefixes.floor + params.max_new_tokens for i in lead],
-                    batch_size)
+    cuts = (generation_batches([len(prompts[i]) - prefixes.floor for i in lead], batch_size,
+                               params.max_new_tokens)
             if prefixes is not None
             else [slice(s, s + batch_size) for s in range(0, len(lead), batch_size)])
     replies: dict[int, Generated] = {}

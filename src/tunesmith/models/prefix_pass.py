@@ -96,6 +96,32 @@ def batches(rows: list[int], batch_size: int) -> list[slice]:
     return cuts
 
 
+# What one decode step costs, in prompt tokens run in a batch's pass: on a 2-core CPU a step
+# of a 32-row batch took about as long as 70 prompt tokens (SMS test split, SmolLM2-135M;
+# docs/benchmarks.md). A GPU runs prompt tokens in parallel, so a step costs it more, and the
+# cuts below then keep batches whole.
+STEP_TOKENS = 64
+
+
+def generation_batches(rows: list[int], batch_size: int, new_tokens: int) -> list[slice]:
+    """Consecutive slices of ``rows`` (prompt tokens to run, longest first) into batches of up
+    to ``batch_size``, at the least cost: each batch's prompt pass (its rows x its longest)
+    plus ``STEP_TOKENS`` for each of its ``new_tokens`` steps. A cut saves the padding of the
+    shorter prompts and costs a batch's steps, so short replies cut where long prompts trail
+    and long replies keep batches full. Exact, by dynamic programming over the cut points."""
+    best, back = [0.0] + [float("inf")] * len(rows), [0] * (len(rows) + 1)
+    for end in range(1, len(rows) + 1):
+        for start in range(max(0, end - batch_size), end):
+            cost = best[start] + (end - start) * rows[start] + STEP_TOKENS * new_tokens
+            if cost < best[end]:
+                best[end], back[end] = cost, start
+    cuts, end = [], len(rows)
+    while end:
+        cuts.append(slice(back[end], end))
+        end = back[end]
+    return cuts[::-1]
+
+
 @dataclass
 class Tree:
     """A batch as one left-padded pass: per context, its tokens after the shared prefix, then

@@ -108,3 +108,42 @@ def _name() -> str:
     from tunesmith.models.prefix_pass import cache_argument
 
     return cache_argument()
+
+
+def _cost(rows, cuts, new_tokens):
+    from tunesmith.models.prefix_pass import STEP_TOKENS
+
+    return sum((c.stop - c.start) * rows[c.start] + STEP_TOKENS * new_tokens for c in cuts)
+
+
+def test_generation_batches_are_the_cheapest_cuts():
+    import itertools
+    import random
+
+    from tunesmith.models.prefix_pass import generation_batches
+
+    rng = random.Random(0)
+    for _ in range(60):
+        n = rng.randint(1, 8)
+        rows = sorted((rng.randint(1, 400) for _ in range(n)), reverse=True)
+        size, new = rng.randint(1, 5), rng.choice([1, 4, 32])
+        cuts = generation_batches(rows, size, new)
+        assert [i for c in cuts for i in range(c.start, c.stop)] == list(range(n))
+        assert all(0 < c.stop - c.start <= size for c in cuts)
+        every = []  # each way to cut n rows into consecutive batches of at most `size`
+        for points in itertools.product([False, True], repeat=n - 1):
+            ends = [i + 1 for i, cut in enumerate(points) if cut] + [n]
+            way = [slice(a, b) for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+            if all(s.stop - s.start <= size for s in way):
+                every.append(_cost(rows, way, new))
+        assert _cost(rows, cuts, new) == min(every)
+
+
+def test_short_replies_cut_where_long_prompts_trail_and_long_replies_do_not():
+    from tunesmith.models.prefix_pass import generation_batches
+
+    rows = [400, 60, 58, 57, 55, 50]
+    assert generation_batches(rows, 16, 4) == [slice(0, 1), slice(1, 6)]
+    assert generation_batches(rows, 16, 200) == [slice(0, 6)]
+    # at most 4 a batch: the long prompt's padding is cheapest spread over 2 rows
+    assert generation_batches(rows, 4, 200) == [slice(0, 2), slice(2, 6)]
