@@ -6,7 +6,10 @@ each batch goes on from a copy of their KV cache; a batch whose prompts share mo
 the rest, from that cache. ``tree_pass`` runs a batch: per context its tokens after the
 shared prefix, then optional short branches (label scoring's answers), each attending to the
 context and to itself at the positions it takes after the context, through a 4D mask given to
-transformers' attention. ``batches`` cuts a sorted set into batches whose padding stays small.
+transformers' attention. ``batches`` cuts a sorted set into batches whose padding stays small
+(scoring's: a batch is one pass); ``generation_batches`` cuts it at the least cost of the
+prompts' passes and the batches' decode steps (generation's: a batch is a pass, then a step
+per new token). ``models.generation.generate`` goes on from the same ``PrefixCache``.
 
 ``mask_kind`` says where the mask cannot be given (attentions that take no mask, a sliding
 window shorter than the sequences); callers run their sequences whole there.
