@@ -29,8 +29,10 @@ def class_probabilities(model: Any, tokenizer: Any, conversations: Sequence[Sequ
     for i, conv in enumerate(conversations):
         where.setdefault(tuple(encode_prompt(tokenizer, conv)), []).append(i)
     out = torch.zeros((len(conversations), _num_labels(model)), dtype=torch.float32)
-    prefixes, chunks = batched({p: len(p) for p in where}, batch_size)
-    for chunk in chunks:
+    distinct = list(where)
+    prefixes, batches = batched(distinct, batch_size)
+    for batch in batches:
+        chunk = [distinct[k] for k in batch]
         logits = prompt_class_logits(model, chunk, pad_id=tokenizer.pad_token_id,
                                      prefixes=prefixes)
         probs = torch.softmax(logits, dim=-1).cpu()

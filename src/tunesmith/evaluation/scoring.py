@@ -147,9 +147,11 @@ def label_probabilities(model: Any, tokenizer: Any, prompts: Sequence[Sequence[d
         for i in {i for pairs in answers.values() for i, _ in pairs}:
             pending[i] += 1
     # a row holds the context and each answer but its last token
-    prefixes, chunks = batched({c: len(c) + sum(len(a) - 1 for a in answers)
-                                for c, answers in groups.items()}, batch_size)
-    for chunk in chunks:
+    contexts = list(groups)
+    prefixes, batches = batched(contexts, batch_size, sizes=[
+        len(c) + sum(len(a) - 1 for a in groups[c]) for c in contexts])
+    for batch in batches:
+        chunk = [contexts[k] for k in batch]
         scores = _score_contexts(lm, [list(c) for c in chunk],
                                  [[list(a) for a in groups[c]] for c in chunk],
                                  tokenizer.pad_token_id, device, prefixes)

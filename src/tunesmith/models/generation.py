@@ -18,7 +18,6 @@ rendered by ``data.encode.encode_prompt``, the chat template exactly as training
 from __future__ import annotations
 
 import threading
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,8 +28,8 @@ import torch
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.models.prefix_pass import (
     PrefixCache,
+    batched,
     cache_argument,
-    generation_batches,
     mask_kind,
     shared_prefix,
 )
@@ -320,28 +319,28 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
     are left-padded, ``batch_size`` at a time. A repeated prompt is answered once when greedy
     (a sample is drawn for each copy). ``on_batch`` is told how many prompts each batch
     answered."""
-    # longest first so the first batch shows the peak memory, and batches pad little
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    longest = max((len(p) for p in prompts), default=0) + params.max_new_tokens
-    share = len(prompts) > 1 and mask_kind(model.config, longest) is not None
-    # the prompt each one takes its reply from: its first copy where replies are greedy
-    first: dict[Any, int] = {}
-    source = {i: first.setdefault(i if params.sampling else tuple(prompts[i]), i)
-              for i in order}
-    lead = [i for i in order if source[i] == i]
-    copies = Counter(source.values())
-    prefixes = PrefixCache([prompts[i] for i in lead]) if share else None
-    cuts = (generation_batches([len(prompts[i]) - prefixes.floor for i in lead], batch_size,
-                               params.max_new_tokens)
-            if prefixes is not None
-            else [slice(s, s + batch_size) for s in range(0, len(lead), batch_size)])
-    replies: dict[int, Generated] = {}
+    # prompts answered by one reply: a repeated prompt's copies where replies are greedy
+    groups: dict[Any, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(i if params.sampling else tuple(prompt), []).append(i)
+    sets = list(groups.values())
+    leads = [prompts[s[0]] for s in sets]
+    longest = max((len(p) for p in leads), default=0) + params.max_new_tokens
+    prefixes: PrefixCache | None = None
+    if len(prompts) > 1 and mask_kind(model.config, longest) is not None:
+        prefixes, chunks = batched(leads, batch_size, new_tokens=params.max_new_tokens)
+    else:
+        # longest first so the first batch shows the peak memory, and batches pad little
+        order = sorted(range(len(sets)), key=lambda k: -len(leads[k]))
+        chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    replies: list[Generated | None] = [None] * len(prompts)
     with generating(model, params.seed):
-        for cut in cuts:
-            idx = lead[cut]
-            done = generate_rows(model, tokenizer, [Row(prompts[i], params) for i in idx],
+        for chunk in chunks:
+            done = generate_rows(model, tokenizer, [Row(leads[k], params) for k in chunk],
                                  prefixes)
-            replies.update(zip(idx, done, strict=True))
+            for k, reply in zip(chunk, done, strict=True):
+                for i in sets[k]:
+                    replies[i] = reply
             if on_batch is not None:
-                on_batch(sum(copies[i] for i in idx))
-    return [replies[source[i]] for i in range(len(prompts))]
+                on_batch(sum(len(sets[k]) for k in chunk))
+    return replies  # type: ignore[return-value]

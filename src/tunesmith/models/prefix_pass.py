@@ -74,14 +74,20 @@ def mask_kind(config: Any, longest: int) -> str | None:
         getattr(config, "_attn_implementation", "sdpa"))
 
 
-def batched(sizes: dict[tuple[int, ...], int], batch_size: int
-            ) -> tuple[PrefixCache, list[list[tuple[int, ...]]]]:
-    """A set of contexts (token ids; ``sizes``: the tokens each one's row holds) longest first,
-    cut into ``batches``, and the ``PrefixCache`` their passes share."""
-    ordered = sorted(sizes, key=lambda c: -sizes[c])
-    prefixes = PrefixCache(ordered)
-    cuts = batches([sizes[c] - prefixes.floor for c in ordered], batch_size)
-    return prefixes, [ordered[cut] for cut in cuts]
+def batched(contexts: Sequence[Sequence[int]], batch_size: int, *,
+            sizes: Sequence[int] | None = None, new_tokens: int | None = None
+            ) -> tuple[PrefixCache, list[list[int]]]:
+    """A set of contexts (token ids; ``sizes``: the tokens each one's row holds, its length by
+    default) longest first, cut into batches of indices into ``contexts``, and the
+    ``PrefixCache`` their passes share. A batch is one pass (``batches``), or with
+    ``new_tokens`` a pass and then a step per new token (``generation_batches``)."""
+    sizes = [len(c) for c in contexts] if sizes is None else list(sizes)
+    order = sorted(range(len(contexts)), key=lambda i: -sizes[i])
+    prefixes = PrefixCache([contexts[i] for i in order])
+    rows = [sizes[i] - prefixes.floor for i in order]
+    cuts = batches(rows, batch_size) if new_tokens is None else generation_batches(
+        rows, batch_size, new_tokens)
+    return prefixes, [order[cut] for cut in cuts]
 
 
 def batches(rows: list[int], batch_size: int) -> list[slice]:
