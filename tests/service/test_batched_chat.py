@@ -1,6 +1,8 @@
 """Concurrent chat completions to one model are generated in shared batches, and each answer
 is exactly the one the request gets alone: its text, finish reason, usage counts, stop
-strings and token limit, streamed or not, with several choices."""
+strings and token limit, streamed or not, with several choices. The prompt tokens taken from
+the prompt cache (``usage.prompt_tokens_details.cached_tokens``) depend on the requests before,
+so they are compared apart: every request after the first reuses the system prompt's blocks."""
 
 from __future__ import annotations
 
@@ -38,13 +40,14 @@ def body(i: int, **extra: Any) -> dict[str, Any]:
 
 
 def answer(client: TestClient, request: dict[str, Any]) -> dict[str, Any]:
-    """What a client reads: each choice's text and finish reason, and the usage."""
+    """What a client reads: each choice's text and finish reason, and the usage counts; and
+    apart (``cached``), the prompt tokens the prompt cache gave."""
     resp = client.post("/v1/chat/completions", json=request)
     assert resp.status_code == 200, resp.text
     if not request.get("stream"):
         out = resp.json()
         return {"choices": [(c["message"]["content"], c["finish_reason"])
-                            for c in out["choices"]], "usage": out["usage"]}
+                            for c in out["choices"]], **usage_and_cached(out["usage"])}
     chunks = [json.loads(line[6:]) for line in resp.text.splitlines()
               if line.startswith("data: {")]
     assert resp.text.rstrip().endswith("data: [DONE]")
@@ -56,7 +59,19 @@ def answer(client: TestClient, request: dict[str, Any]) -> dict[str, Any]:
             reasons[c["index"]] = c["finish_reason"] or reasons[c["index"]]
     usage = [c["usage"] for c in chunks if c.get("usage")]
     return {"choices": list(zip(texts, reasons, strict=True)),
-            "usage": usage[0] if usage else None}
+            **usage_and_cached(usage[0] if usage else None)}
+
+
+def usage_and_cached(usage: dict[str, Any] | None) -> dict[str, Any]:
+    if usage is None:
+        return {"usage": None, "cached": None}
+    details = usage.pop("prompt_tokens_details")
+    return {"usage": usage, "cached": details["cached_tokens"]}
+
+
+def replies(answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The answers without what the prompt cache gave."""
+    return [{k: v for k, v in a.items() if k != "cached"} for a in answers]
 
 
 def all_at_once(client: TestClient, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -82,10 +97,10 @@ def sizes(client: TestClient) -> list[int]:
     """The rows of each ``generate`` call of the model's batcher so far."""
     from tunesmith.service.batching import batcher_for
 
-    cache = client.app.state.service.cache
-    (key,) = cache.names()
-    model, _ = cache.cached(key)
-    return list(batcher_for(model, max_batch=8, window_s=0.3).sizes)
+    service = client.app.state.service
+    (key,) = service.cache.names()
+    model, _ = service.cache.cached(key)
+    return list(batcher_for(model, max_batch=8, window_s=0.3, pool=service.chat.prompts).sizes)
 
 
 def test_concurrent_requests_are_batched_and_each_answers_as_alone(client: TestClient
@@ -102,11 +117,14 @@ def test_concurrent_requests_are_batched_and_each_answers_as_alone(client: TestC
     expected = [*alone, answer(client, requests[-2]), answer(client, requests[-1])]
     assert expected[-2]["choices"][0] == (text[:text.index(stop)], "stop")
     assert expected[-2]["usage"]["completion_tokens"] < alone[1]["usage"]["completion_tokens"]
-    assert expected[-1] == alone[2]  # streamed: the same text, reason and usage
+    assert replies(expected[-1:]) == replies(alone[2:3])  # streamed: text, reason, usage
+    assert alone[0]["cached"] == 0 and all(a["cached"] > 0 for a in expected[1:])
 
     before = len(sizes(client))
-    assert all_at_once(client, requests) == expected
+    together = all_at_once(client, requests)
+    assert replies(together) == replies(expected)
     assert max(sizes(client)[before:]) > 1
+    assert all(a["cached"] > 0 for a in together)
 
 
 def test_the_choices_of_one_request_generate_together(client: TestClient) -> None:
@@ -118,4 +136,4 @@ def test_the_choices_of_one_request_generate_together(client: TestClient) -> Non
     assert set(sizes(client)[before:]) == {3}
     streamed = answer(client, body(0, n=3, stream=True,
                                    stream_options={"include_usage": True}))
-    assert streamed == three
+    assert replies([streamed]) == replies([three])

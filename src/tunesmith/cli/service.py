@@ -64,6 +64,9 @@ def serve_cmd(
                                   "together (1: one at a time)."),
     batch_window_ms: float = typer.Option(10, min=0, help="How long a batch waits for more "
                                           "requests before it starts, in ms."),
+    prompt_cache_mb: float = typer.Option(512, min=0, help="Memory for the prompts' opening "
+                                          "tokens kept across chat requests (prompt caching), "
+                                          "in MB; 0: off."),
     energy: bool = Energy,
     energy_country: str | None = EnergyCountry,
     energy_region: str | None = EnergyRegion,
@@ -77,6 +80,7 @@ def serve_cmd(
                          audit_log=audit_log, cache_budget_bytes=int(cache_budget_mb * MB),
                          lease_seconds=lease_seconds, torch_threads=threads,
                          max_batch=max_batch, batch_window_ms=batch_window_ms,
+                         prompt_cache_bytes=int(prompt_cache_mb * MB),
                          energy=energy_section(enabled=energy, country=energy_country,
                                                region=energy_region), **extra)
     serve(settings, host=host, port=port, worker=not no_worker)

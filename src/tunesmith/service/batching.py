@@ -48,6 +48,7 @@ from tunesmith.models.generation import (
     held_back,
     pad_batch,
 )
+from tunesmith.service.prompt_cache import PromptCache, PromptPool
 
 # Tokens a running batch generates between two chances for rows to leave and join it: each
 # ``generate`` call costs a little setting up; a row that ends mid-chunk idles for the rest.
@@ -73,6 +74,8 @@ class Ticket:
         self._cancel = threading.Event()
         self.row = Row(prompt, params, on_tokens=self._tokens.put if streaming else None,
                        on_end=self._settle, cancel=self._cancel)
+        self.cached_tokens = 0
+        """Prompt tokens taken from the prompt cache (``service.prompt_cache``), not run."""
 
     def _settle(self, reply: Generated | None = None, error: BaseException | None = None
                 ) -> None:
@@ -185,8 +188,10 @@ class _Running:
     token. Admitting a row runs its prompt in a ``generate`` call of one token, as the first
     step of a ``generate`` call over the whole reply would."""
 
-    def __init__(self, model: Any, tokenizer: Any, key: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, key: Any,
+                 prompts: PromptCache | None = None) -> None:
         self.model, self.tokenizer, self.key = model, tokenizer, key
+        self.prompts = prompts if prompts is not None and prompts.usable(model) else None
         self.tickets: list[Ticket] = []
         self.ids: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
@@ -199,12 +204,23 @@ class _Running:
     def admit(self, tickets: list[Ticket]) -> None:
         from transformers import DynamicCache
 
-        batch = pad_batch([t.row.prompt for t in tickets], pad_id=self.tokenizer.pad_token_id,
-                          side="left")
-        width = batch.input_ids.shape[1]
-        cache = DynamicCache()
-        ids, mask, grown, ended = self._extend(tickets, batch.input_ids, batch.attention_mask,
-                                               [width] * len(tickets), 1, cache)
+        prompts, pad_id = [t.row.prompt for t in tickets], self.tokenizer.pad_token_id
+        laid = None
+        if self.prompts is not None:  # [kept blocks | padding | rest], see prompt_cache
+            with generating(self.model, None):
+                laid = self.prompts.lay_out(self.model, prompts, pad_id)
+        if laid is None:
+            batch = pad_batch(prompts, pad_id=pad_id, side="left")
+            ids, mask, cache = batch.input_ids, batch.attention_mask, DynamicCache()
+        else:
+            ids, mask, cache = laid.ids, laid.mask, laid.cache
+            for t, cached in zip(tickets, laid.cached, strict=True):
+                t.cached_tokens = cached
+        width = ids.shape[1]
+        ids, mask, grown, ended = self._extend(tickets, ids, mask, [width] * len(tickets), 1,
+                                               cache)
+        if self.prompts is not None:
+            self.prompts.store(prompts, cache, mask)
         self._merge(tickets, ids, mask, cache, [grown] * len(tickets))
         self._drop(ended, first=len(self) - len(tickets))
 
@@ -274,10 +290,13 @@ class _Running:
 class Batcher:
     """The queue of replies to one model and the worker that generates them in batches."""
 
-    def __init__(self, *, max_batch: int = 8, window_s: float = 0.01) -> None:
+    def __init__(self, *, max_batch: int = 8, window_s: float = 0.01,
+                 pool: PromptPool | None = None) -> None:
         if max_batch < 1 or window_s < 0:
             raise ValueError("max_batch must be >= 1 and window_s >= 0")
-        self.max_batch, self.window_s = max_batch, window_s
+        self.max_batch, self.window_s, self.pool = max_batch, window_s, pool
+        self.prompts = PromptCache(pool) if pool is not None and pool.budget else None
+        """This model's prompt cache (its batches are the only ones to use it)."""
         self._pending: list[Ticket] = []
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
@@ -329,7 +348,8 @@ class Batcher:
         batch = _live(batch)
         if batch:
             if running is None:
-                running = _Running(batch[0].model, batch[0].tokenizer, batch[0].key)
+                running = _Running(batch[0].model, batch[0].tokenizer, batch[0].key,
+                                   self.prompts)
             running.admit(batch)
         if running is None or not len(running):
             return None
@@ -342,10 +362,14 @@ _BATCHERS: weakref.WeakKeyDictionary[Any, Batcher] = weakref.WeakKeyDictionary()
 _BATCHERS_LOCK = threading.Lock()
 
 
-def batcher_for(model: Any, *, max_batch: int = 8, window_s: float = 0.01) -> Batcher:
-    """The batcher of ``model``: one per model object, gone with the model."""
+def batcher_for(model: Any, *, max_batch: int = 8, window_s: float = 0.01,
+                pool: PromptPool | None = None) -> Batcher:
+    """The batcher of ``model``: one per model object, gone with the model (and with it its
+    prompt cache in ``pool``)."""
     with _BATCHERS_LOCK:
         batcher = _BATCHERS.get(model)
-        if batcher is None or (batcher.max_batch, batcher.window_s) != (max_batch, window_s):
-            batcher = _BATCHERS[model] = Batcher(max_batch=max_batch, window_s=window_s)
+        if batcher is None or (batcher.max_batch, batcher.window_s, batcher.pool) != (
+                max_batch, window_s, pool):
+            batcher = _BATCHERS[model] = Batcher(max_batch=max_batch, window_s=window_s,
+                                                 pool=pool)
         return batcher

@@ -17,6 +17,7 @@ from tunesmith.service.http_errors import bad_request, error_body
 from tunesmith.service.inference import ModelCache
 from tunesmith.service.lora import base_key, lora_source
 from tunesmith.service.models import ModelSource, find_model
+from tunesmith.service.prompt_cache import PromptPool
 from tunesmith.service.schemas import ChatRequest
 from tunesmith.service.settings import ServiceSettings
 from tunesmith.service.store import Store
@@ -79,6 +80,7 @@ class ChatService:
 
     def __init__(self, settings: ServiceSettings, store: Store, cache: ModelCache) -> None:
         self.settings, self.store, self.cache = settings, store, cache
+        self.prompts = PromptPool(settings.prompt_cache_bytes)
 
     def _load(self, source: ModelSource) -> tuple[Any, Any]:
         from tunesmith.flows import load_checkpoint_for_chat, load_for_chat
@@ -134,7 +136,7 @@ class ChatService:
 
     def _batcher(self, p: Prepared) -> Batcher:
         return batcher_for(p.model, max_batch=self.settings.max_batch,
-                           window_s=self.settings.batch_window_ms / 1000)
+                           window_s=self.settings.batch_window_ms / 1000, pool=self.prompts)
 
     def _submit(self, p: Prepared, *, streaming: bool) -> list[Ticket]:
         """The request's choices, queued together with the other requests to its model."""
@@ -154,7 +156,8 @@ class ChatService:
     def complete(self, org: str, req: ChatRequest) -> dict[str, Any]:
         p = self.prepare(org, req)
         choices, texts, used = [], [], 0
-        for i, ticket in enumerate(self._submit(p, streaming=False)):
+        tickets = self._submit(p, streaming=False)
+        for i, ticket in enumerate(tickets):
             reply = ticket.result()
             texts.append(reply.text)
             used += reply.completion_tokens
@@ -164,7 +167,7 @@ class ChatService:
         self._audit(org, p, texts)
         return {"id": p.id, "object": "chat.completion", "created": p.created,
                 "model": p.model_name, "system_fingerprint": None, "choices": choices,
-                "usage": _usage(len(p.prompt_ids), used)}
+                "usage": _usage(len(p.prompt_ids), used, tickets[0].cached_tokens)}
 
     def stream(self, org: str, req: ChatRequest) -> Iterator[str]:
         """Server-sent events of ``chat.completion.chunk`` objects, then ``[DONE]``."""
@@ -193,7 +196,8 @@ class ChatService:
                     texts.append(reply.text)
                     yield chunk([delta(i, {}, reply.finish_reason)])
                 if with_usage:
-                    yield chunk([], usage=_usage(len(p.prompt_ids), used))
+                    yield chunk([], usage=_usage(len(p.prompt_ids), used,
+                                                 tickets[0].cached_tokens))
                 self._audit(org, p, texts)
             except Exception as err:  # the status line is sent: report in-band, as OpenAI does
                 yield f"data: {json.dumps(error_body(str(err), status=500))}\n\n"
@@ -205,6 +209,9 @@ class ChatService:
         return events()
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
+def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    """OpenAI's usage object. ``cached``: the prompt tokens its first choice took from the
+    prompt cache (``service.prompt_cache``); the others share them."""
     return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}

@@ -36,6 +36,9 @@ class ServiceSettings:
     """Chat requests to one model generated together in one batch (1: one at a time)."""
     batch_window_ms: float = 10.0
     """How long a batch waits for more requests before it starts."""
+    prompt_cache_bytes: int = 512 * MB
+    """Memory for the keys and values of prompts' opening tokens, kept across chat requests
+    to every model (``service.prompt_cache``); 0: none kept."""
     lease_seconds: float = 60.0
     """A running job whose worker is silent this long is taken over by another worker."""
     poll_seconds: float = 1.0
