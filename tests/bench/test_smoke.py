@@ -40,6 +40,8 @@ def _commands(tmp: Path, tiny: Path) -> dict[str, list[str]]:
                          str(tmp / "serve.json")],
         "serve_speed": ["serve_speed.py", "--smoke", *model, "--workdir", str(tmp), "--out",
                         str(tmp / "serve_speed.json")],
+        "prompt_cache_speed": ["prompt_cache_speed.py", "--smoke", *model, "--workdir",
+                               str(tmp), "--out", str(tmp / "prompt_cache.json")],
     }
     needs = {"dpo_speed": "trl", "dp_speed": "opacus"}
     return {name: args for name, args in found.items()
@@ -60,7 +62,7 @@ def smokes(tmp_path_factory, tiny_model_dir, bundled_dir):
 
     # the slowest first, so the two lanes end together
     order = ["search_memory", "dp_speed", "dpo_speed", "data_speed", "train_speed",
-             "label_issues", "serve_memory", "serve_speed", "eval_speed"]
+             "label_issues", "serve_memory", "serve_speed", "prompt_cache_speed", "eval_speed"]
     commands = _commands(tmp, tiny_model_dir)
     with ThreadPoolExecutor(AT_ONCE) as pool:
         done = dict(pool.map(run, sorted(commands.items(), key=lambda kv: order.index(kv[0]))))
@@ -185,3 +187,17 @@ def test_serve_speed_smoke(smokes):
     # greedy: every arm gives every request the same answer
     assert result["same_answers"] == {"one_at_a_time": 2, "batched": 2}
     assert "batched / one at a time" in done.stdout
+
+
+def test_prompt_cache_speed_smoke(smokes):
+    done, tmp = _smoke(smokes, "prompt_cache_speed")
+    result = json.loads((tmp / "prompt_cache.json").read_text())
+    servers = result["servers"]
+    assert set(servers) == {"cached", "uncached"}
+    for way in ("one_at_a_time", "concurrent"):
+        # the document's blocks came from the cache on one server and never on the other
+        assert servers["cached"][way]["cached_tokens"] >= 16
+        assert servers["uncached"][way]["cached_tokens"] == 0
+        assert result["cached_over_uncached"][way] > 0
+    assert all(n == result["clients"] * result["rounds"] for n in result["same_answers"].values())
+    assert "cached / uncached requests/s" in done.stdout
