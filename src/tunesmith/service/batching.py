@@ -12,6 +12,9 @@ step for all of them, each row with its own stop strings, token limit and cancel
 batch goes on in ``generate`` calls of ``CHUNK_TOKENS`` tokens (``_Running``); between two
 calls the rows that ended leave it and requests queued meanwhile join it, so a batch stays
 full while clients come and go, and nobody waits for the longest reply of a batch to end.
+A request joining a batch runs only what follows the opening blocks its prompt shares with
+earlier ones, kept by the model's prompt cache (``service.prompt_cache``), where the batcher
+has one (the service's do).
 Greedy rows give what they give alone: a row attends only to its own tokens, and each call is
 transformers' ``generate``, the path evaluation runs, going on from the batch's KV cache.
 Requests that cannot join a running batch run in one ``generate`` call of their own batch:
