@@ -93,36 +93,39 @@ def api_key(data_dir: Path) -> str:
     return key
 
 
-def ask(client, question: str, max_tokens: int) -> tuple[str, int, float]:
-    """One chat completion: its text, generated tokens and latency."""
+def ask(client, question: str, max_tokens: int, system: str = SYSTEM) -> dict:
+    """One chat completion: its text, latency and usage counts."""
     body = {"model": "m", "temperature": 0, "max_tokens": max_tokens,
-            "messages": [{"role": "system", "content": SYSTEM},
+            "messages": [{"role": "system", "content": system},
                          {"role": "user", "content": question}]}
     started = time.perf_counter()
     resp = client.post("/v1/chat/completions", json=body)
     latency = time.perf_counter() - started
     resp.raise_for_status()
     out = resp.json()
-    return out["choices"][0]["message"]["content"], out["usage"]["completion_tokens"], latency
+    usage = out["usage"]
+    return {"text": out["choices"][0]["message"]["content"], "latency": latency,
+            "tokens": usage["completion_tokens"], "prompt": usage["prompt_tokens"],
+            "cached": usage["prompt_tokens_details"]["cached_tokens"]}
 
 
-def one_at_a_time(url: str, key: str, questions: list[str], rounds: int, max_tokens: int
-                  ) -> dict:
+def one_at_a_time(url: str, key: str, questions: list[str], rounds: int, max_tokens: int,
+                  system: str = SYSTEM) -> dict:
     import httpx
 
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"},
                       timeout=600) as client:
         started = time.perf_counter()
-        answers = [ask(client, q, max_tokens) for _ in range(rounds) for q in questions]
+        answers = [ask(client, q, max_tokens, system) for _ in range(rounds) for q in questions]
         wall = time.perf_counter() - started
     return summary(answers, wall)
 
 
-def concurrent(url: str, key: str, questions: list[str], rounds: int, max_tokens: int
-               ) -> dict:
+def concurrent(url: str, key: str, questions: list[str], rounds: int, max_tokens: int,
+               system: str = SYSTEM) -> dict:
     import httpx
 
-    answers: dict[tuple[int, int], tuple[str, int, float]] = {}
+    answers: dict[tuple[int, int], dict] = {}
     errors: list[BaseException] = []
     go = threading.Barrier(len(questions))
 
@@ -132,7 +135,7 @@ def concurrent(url: str, key: str, questions: list[str], rounds: int, max_tokens
                               timeout=600) as client:
                 go.wait()
                 for r in range(rounds):
-                    answers[r, i] = ask(client, questions[i], max_tokens)
+                    answers[r, i] = ask(client, questions[i], max_tokens, system)
         except BaseException as err:
             errors.append(err)
 
@@ -148,29 +151,36 @@ def concurrent(url: str, key: str, questions: list[str], rounds: int, max_tokens
     return summary([answers[r, i] for r in range(rounds) for i in range(len(questions))], wall)
 
 
-def summary(answers: list[tuple[str, int, float]], wall: float) -> dict:
-    tokens = sum(a[1] for a in answers)
-    latencies = sorted(a[2] for a in answers)
+def summary(answers: list[dict], wall: float) -> dict:
+    tokens = sum(a["tokens"] for a in answers)
+    latencies = sorted(a["latency"] for a in answers)
     p95 = latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]
     return {"requests": len(answers), "tokens": tokens, "wall_seconds": wall,
             "tokens_per_second": tokens / wall, "requests_per_second": len(answers) / wall,
             "p50_latency_s": statistics.median(latencies), "p95_latency_s": p95,
-            "texts": [a[0] for a in answers]}
+            "prompt_tokens": statistics.mean(a["prompt"] for a in answers),
+            "cached_tokens": statistics.mean(a["cached"] for a in answers),
+            "texts": [a["text"] for a in answers]}
 
 
-def measure(model_ref: str, workdir: Path, clients: int, max_batch: int, arms: list[str],
-            questions: list[str], rounds: int, max_tokens: int, threads: int | None) -> dict:
+def measure(model_ref: str, workdir: Path, max_batch: int, arms: list[str],
+            questions: list[str], rounds: int, max_tokens: int, threads: int | None, *,
+            system: str = SYSTEM, options: tuple[str, ...] = (), label: str = "") -> dict:
+    """One server (``--max-batch``, ``--threads`` and ``options``): each arm's figures. An
+    arm named ``one_at_a_time`` sends the requests one after another; any other, one client
+    thread per question, all at once. A first, untimed request loads the model."""
     data_dir = Path(tempfile.mkdtemp(prefix="serve-speed-", dir=workdir))
-    extra = ["--max-batch", str(max_batch), *(["--threads", str(threads)] if threads else [])]
+    extra = ["--max-batch", str(max_batch), *(["--threads", str(threads)] if threads else []),
+             *options]
     proc, url = start(model_ref, data_dir, *extra)
     try:
         key = api_key(data_dir)
-        one_at_a_time(url, key, questions[:1], 1, 2)  # loads the model
+        one_at_a_time(url, key, questions[:1], 1, 2, system)  # loads the model
         out = {}
         for arm in arms:
             run = one_at_a_time if arm == "one_at_a_time" else concurrent
-            out[arm] = run(url, key, questions, rounds, max_tokens)
-            print(f"{arm}: {out[arm]['tokens_per_second']:.1f} tokens/s, p95 "
+            out[arm] = run(url, key, questions, rounds, max_tokens, system)
+            print(f"{label}{arm}: {out[arm]['tokens_per_second']:.1f} tokens/s, p95 "
                   f"{out[arm]['p95_latency_s']:.2f} s", flush=True)
         return out
     finally:
@@ -178,29 +188,40 @@ def measure(model_ref: str, workdir: Path, clients: int, max_batch: int, arms: l
         proc.wait(timeout=30)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse(doc: str, counts: dict[str, tuple[int, int, str]], questions: int
+          ) -> argparse.Namespace:
+    """The serving benchmarks' arguments. ``counts``: name -> (smoke value, full value,
+    help) of each integer option, its value filled in once ``--smoke`` is known;
+    ``--clients`` (one a question) at most ``questions``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--model", default=BASE, help="base model (name or directory)")
-    parser.add_argument("--clients", type=int, default=None, help="concurrent clients (8)")
-    parser.add_argument("--rounds", type=int, default=None, help="requests per client (3)")
-    parser.add_argument("--max-tokens", type=int, default=None, help="per request (64)")
+    for name, (_, full, text) in counts.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                            help=f"{text} ({full})")
     parser.add_argument("--threads", type=int, default=None, help="the server's torch threads")
     parser.add_argument("--smoke", action="store_true", help="--model DIR: a quick check")
-    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON")
     args = parser.parse_args()
     if args.smoke and args.model == BASE:
         parser.error("--smoke needs --model DIR (a tiny model)")
-    clients = args.clients or (2 if args.smoke else 8)
-    rounds = args.rounds or (1 if args.smoke else 3)
-    max_tokens = args.max_tokens or (4 if args.smoke else 64)
-    if clients > len(QUESTIONS):
-        parser.error(f"--clients: at most {len(QUESTIONS)}")
+    for name, (smoke, full, _) in counts.items():
+        if getattr(args, name) is None:
+            setattr(args, name, smoke if args.smoke else full)
+    if args.clients > questions:
+        parser.error(f"--clients: at most {questions}")
+    return args
+
+
+def main() -> None:
+    args = parse(__doc__, {"clients": (2, 8, "concurrent clients"),
+                           "rounds": (1, 3, "requests per client"),
+                           "max_tokens": (4, 64, "per request")}, len(QUESTIONS))
+    clients, rounds, max_tokens = args.clients, args.rounds, args.max_tokens
     questions = QUESTIONS[:clients]
-    workdir = args.workdir or Path(tempfile.gettempdir())
-    batched = measure(args.model, workdir, clients, clients, ["one_at_a_time", "batched"],
+    batched = measure(args.model, args.workdir, clients, ["one_at_a_time", "batched"],
                       questions, rounds, max_tokens, args.threads)
-    unbatched = {} if args.smoke else measure(args.model, workdir, clients, 1, ["unbatched"],
+    unbatched = {} if args.smoke else measure(args.model, args.workdir, 1, ["unbatched"],
                                               questions, rounds, max_tokens, args.threads)
     arms = {**batched, **unbatched}
     reference = arms["one_at_a_time"]["texts"]

@@ -194,7 +194,7 @@ def test_prompt_cache_speed_smoke(smokes):
     result = json.loads((tmp / "prompt_cache.json").read_text())
     servers = result["servers"]
     assert set(servers) == {"cached", "uncached"}
-    for way in ("one_at_a_time", "concurrent"):
+    for way in ("one_at_a_time", "batched"):
         # the document's blocks came from the cache on one server and never on the other
         assert servers["cached"][way]["cached_tokens"] >= 16
         assert servers["uncached"][way]["cached_tokens"] == 0
