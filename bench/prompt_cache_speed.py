@@ -17,10 +17,14 @@ then ``batched`` (``--clients`` threads at once, ``--max-batch`` = clients), eac
 the model; with the cache on, it also keeps the document's blocks: the state of a server that
 has answered about the document before.
 
-Reported per server and way: requests per second, p50 and p95 latency, the prompt tokens and
-the tokens taken from the cache (``usage.prompt_tokens_details.cached_tokens``) per request.
-Ratios: cached over uncached requests per second, each way. The answers must be the same
-(greedy); the script says how many are.
+A third way, ``streamed``, sends the one-at-a-time requests again, streamed, and times each
+request's first text (the first chunk with content: the first whole word).
+
+Reported per server and way: requests per second, p50 and p95 latency, p50 time to the first
+text (streamed), the prompt tokens and the tokens taken from the cache
+(``usage.prompt_tokens_details.cached_tokens``) per request. Ratios: cached over uncached
+requests per second, one at a time and batched. The answers must be the same (greedy); the
+script says how many are.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ def main() -> None:
               + document(args.doc_chars))
     questions = QUESTIONS[:args.clients]
     servers = {name: measure(args.model, args.workdir, args.clients,
-                             ["one_at_a_time", "batched"], questions, args.rounds,
+                             ["one_at_a_time", "batched", "streamed"], questions, args.rounds,
                              args.max_tokens, args.threads, system=system, options=options,
                              label=f"{name} ")
                for name, options in (("cached", ()), ("uncached", ("--prompt-cache-mb", "0")))}
@@ -74,22 +78,29 @@ def main() -> None:
     ratios = {way: servers["cached"][way]["requests_per_second"]
               / servers["uncached"][way]["requests_per_second"]
               for way in ("one_at_a_time", "batched")}
+    first = {name: ways["streamed"]["p50_first_text_s"] for name, ways in servers.items()}
     result = {"model": args.model, "smoke": args.smoke, "clients": args.clients,
               "rounds": args.rounds, "max_tokens": args.max_tokens, "cpus": os.cpu_count(),
               "machine": platform.machine(),
               "servers": {name: {way: {k: v for k, v in r.items() if k != "texts"}
                                  for way, r in ways.items()} for name, ways in servers.items()},
-              "cached_over_uncached": ratios, "same_answers": same}
+              "cached_over_uncached": ratios, "p50_first_text_s": first,
+              "uncached_over_cached_first_text": first["uncached"] / first["cached"],
+              "same_answers": same}
     print(f"{args.clients} questions x {args.rounds} rounds about one document, greedy, "
           f"max_tokens {args.max_tokens}, {args.model}")
-    print("| server | way | requests/s | p50 s | p95 s | prompt tokens | cached tokens |")
+    print("| server | way | requests/s | p50 s | p95 s | p50 first text s | prompt tokens "
+          "| cached tokens |")
     for name, ways in servers.items():
         for way, r in ways.items():
+            text = "" if r["p50_first_text_s"] is None else f"{r['p50_first_text_s']:.3f}"
             print(f"| {name} | {way} | {r['requests_per_second']:.2f} | "
-                  f"{r['p50_latency_s']:.2f} | {r['p95_latency_s']:.2f} | "
+                  f"{r['p50_latency_s']:.2f} | {r['p95_latency_s']:.2f} | {text} | "
                   f"{r['prompt_tokens']:.0f} | {r['cached_tokens']:.0f} |")
     print("cached / uncached requests/s: " + ", ".join(
-        f"{way} {ratio:.2f}x" for way, ratio in ratios.items()) + f"; same answers: {same}")
+        f"{way} {ratio:.2f}x" for way, ratio in ratios.items())
+        + f"; first text (streamed, p50): {first['cached']:.3f} s against "
+        f"{first['uncached']:.3f} s; same answers: {same}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
 

@@ -93,30 +93,51 @@ def api_key(data_dir: Path) -> str:
     return key
 
 
-def ask(client, question: str, max_tokens: int, system: str = SYSTEM) -> dict:
-    """One chat completion: its text, latency and usage counts."""
+def ask(client, question: str, max_tokens: int, system: str = SYSTEM, stream: bool = False
+        ) -> dict:
+    """One chat completion: its text, latency and usage counts; streamed, also the time to
+    its first text (the first chunk with content: a whole word, see ``service.batching``; an
+    empty reply's end)."""
     body = {"model": "m", "temperature": 0, "max_tokens": max_tokens,
             "messages": [{"role": "system", "content": system},
                          {"role": "user", "content": question}]}
     started = time.perf_counter()
-    resp = client.post("/v1/chat/completions", json=body)
+    first, texts, usage = None, [], None
+    if not stream:
+        resp = client.post("/v1/chat/completions", json=body)
+        resp.raise_for_status()
+        out = resp.json()
+        texts, usage = [out["choices"][0]["message"]["content"]], out["usage"]
+    else:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+        with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+            resp.raise_for_status()
+            for line in resp.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage") or usage
+                for choice in chunk["choices"]:
+                    if choice["delta"].get("content"):
+                        first = first or time.perf_counter() - started
+                        texts.append(choice["delta"]["content"])
     latency = time.perf_counter() - started
-    resp.raise_for_status()
-    out = resp.json()
-    usage = out["usage"]
-    return {"text": out["choices"][0]["message"]["content"], "latency": latency,
+    if stream and first is None:  # an empty reply: its first text is its end
+        first = latency
+    return {"text": "".join(texts), "latency": latency, "first_text": first,
             "tokens": usage["completion_tokens"], "prompt": usage["prompt_tokens"],
             "cached": usage["prompt_tokens_details"]["cached_tokens"]}
 
 
 def one_at_a_time(url: str, key: str, questions: list[str], rounds: int, max_tokens: int,
-                  system: str = SYSTEM) -> dict:
+                  system: str = SYSTEM, stream: bool = False) -> dict:
     import httpx
 
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"},
                       timeout=600) as client:
         started = time.perf_counter()
-        answers = [ask(client, q, max_tokens, system) for _ in range(rounds) for q in questions]
+        answers = [ask(client, q, max_tokens, system, stream) for _ in range(rounds)
+                   for q in questions]
         wall = time.perf_counter() - started
     return summary(answers, wall)
 
@@ -160,6 +181,8 @@ def summary(answers: list[dict], wall: float) -> dict:
             "p50_latency_s": statistics.median(latencies), "p95_latency_s": p95,
             "prompt_tokens": statistics.mean(a["prompt"] for a in answers),
             "cached_tokens": statistics.mean(a["cached"] for a in answers),
+            "p50_first_text_s": statistics.median(a["first_text"] for a in answers)
+            if all(a["first_text"] is not None for a in answers) else None,
             "texts": [a["text"] for a in answers]}
 
 
@@ -167,8 +190,9 @@ def measure(model_ref: str, workdir: Path, max_batch: int, arms: list[str],
             questions: list[str], rounds: int, max_tokens: int, threads: int | None, *,
             system: str = SYSTEM, options: tuple[str, ...] = (), label: str = "") -> dict:
     """One server (``--max-batch``, ``--threads`` and ``options``): each arm's figures. An
-    arm named ``one_at_a_time`` sends the requests one after another; any other, one client
-    thread per question, all at once. A first, untimed request loads the model."""
+    arm named ``one_at_a_time`` sends the requests one after another, ``streamed`` the same
+    streamed; any other, one client thread per question, all at once. A first, untimed
+    request loads the model."""
     data_dir = Path(tempfile.mkdtemp(prefix="serve-speed-", dir=workdir))
     extra = ["--max-batch", str(max_batch), *(["--threads", str(threads)] if threads else []),
              *options]
@@ -178,8 +202,11 @@ def measure(model_ref: str, workdir: Path, max_batch: int, arms: list[str],
         one_at_a_time(url, key, questions[:1], 1, 2, system)  # loads the model
         out = {}
         for arm in arms:
-            run = one_at_a_time if arm == "one_at_a_time" else concurrent
-            out[arm] = run(url, key, questions, rounds, max_tokens, system)
+            if arm in ("one_at_a_time", "streamed"):
+                out[arm] = one_at_a_time(url, key, questions, rounds, max_tokens, system,
+                                         stream=arm == "streamed")
+            else:
+                out[arm] = concurrent(url, key, questions, rounds, max_tokens, system)
             print(f"{label}{arm}: {out[arm]['tokens_per_second']:.1f} tokens/s, p95 "
                   f"{out[arm]['p95_latency_s']:.2f} s", flush=True)
         return out

@@ -194,10 +194,14 @@ def test_prompt_cache_speed_smoke(smokes):
     result = json.loads((tmp / "prompt_cache.json").read_text())
     servers = result["servers"]
     assert set(servers) == {"cached", "uncached"}
-    for way in ("one_at_a_time", "batched"):
+    for way in ("one_at_a_time", "batched", "streamed"):
         # the document's blocks came from the cache on one server and never on the other
         assert servers["cached"][way]["cached_tokens"] >= 16
         assert servers["uncached"][way]["cached_tokens"] == 0
         assert result["cached_over_uncached"][way] > 0
     assert all(n == result["clients"] * result["rounds"] for n in result["same_answers"].values())
-    assert "cached / uncached requests/s" in done.stdout
+    # streamed, each request's first text came before its whole answer
+    for server in servers.values():
+        streamed = server["streamed"]
+        assert 0 < streamed["p50_first_text_s"] <= streamed["p50_latency_s"]
+    assert "cached / uncached requests/s" in done.stdout and "first text" in done.stdout
