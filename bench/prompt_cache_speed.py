@@ -18,7 +18,10 @@ the model; with the cache on, it also keeps the document's blocks: the state of 
 has answered about the document before.
 
 A third way, ``streamed``, sends the one-at-a-time requests again, streamed, and times each
-request's first text (the first chunk with content: the first whole word).
+request's first text (the first chunk with content: the first whole word). A fourth,
+``conversation``, asks the questions as the turns of one conversation (``--rounds`` times):
+each request sends the turns before it with the replies as given, so its prompt opens with
+the previous request's prompt and reply.
 
 Reported per server and way: requests per second, p50 and p95 latency, p50 time to the first
 text (streamed), the prompt tokens and the tokens taken from the cache
@@ -68,12 +71,14 @@ def main() -> None:
               + document(args.doc_chars))
     questions = QUESTIONS[:args.clients]
     servers = {name: measure(args.model, args.workdir, args.clients,
-                             ["one_at_a_time", "batched", "streamed"], questions, args.rounds,
+                             ["one_at_a_time", "batched", "streamed", "conversation"],
+                             questions, args.rounds,
                              args.max_tokens, args.threads, system=system, options=options,
                              label=f"{name} ")
                for name, options in (("cached", ()), ("uncached", ("--prompt-cache-mb", "0")))}
-    reference = servers["uncached"]["one_at_a_time"]["texts"]
-    same = {f"{name} {way}": sum(a == b for a, b in zip(r["texts"], reference, strict=True))
+    same = {f"{name} {way}": sum(a == b for a, b in zip(
+        r["texts"], servers["uncached"][
+            "conversation" if way == "conversation" else "one_at_a_time"]["texts"], strict=True))
             for name, ways in servers.items() for way, r in ways.items()}
     ratios = {way: servers["cached"][way]["requests_per_second"]
               / servers["uncached"][way]["requests_per_second"]
@@ -97,6 +102,10 @@ def main() -> None:
             print(f"| {name} | {way} | {r['requests_per_second']:.2f} | "
                   f"{r['p50_latency_s']:.2f} | {r['p95_latency_s']:.2f} | {text} | "
                   f"{r['prompt_tokens']:.0f} | {r['cached_tokens']:.0f} |")
+    turns = servers["cached"]["conversation"]
+    print("conversation, each turn's prompt tokens (cached): " + ", ".join(
+        f"{p} ({c})" for p, c in zip(turns["prompt_tokens_each"], turns["cached_tokens_each"],
+                                     strict=True)))
     print("cached / uncached requests/s: " + ", ".join(
         f"{way} {ratio:.2f}x" for way, ratio in ratios.items())
         + f"; first text (streamed, p50): {first['cached']:.3f} s against "

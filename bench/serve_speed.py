@@ -93,13 +93,13 @@ def api_key(data_dir: Path) -> str:
     return key
 
 
-def ask(client, question: str, max_tokens: int, system: str = SYSTEM, stream: bool = False
-        ) -> dict:
+def ask(client, question: str, max_tokens: int, system: str = SYSTEM, stream: bool = False,
+        history: list[dict] | None = None) -> dict:
     """One chat completion: its text, latency and usage counts; streamed, also the time to
     its first text (the first chunk with content: a whole word, see ``service.batching``; an
-    empty reply's end)."""
+    empty reply's end). ``history``: the conversation's turns before this question."""
     body = {"model": "m", "temperature": 0, "max_tokens": max_tokens,
-            "messages": [{"role": "system", "content": system},
+            "messages": [{"role": "system", "content": system}, *(history or []),
                          {"role": "user", "content": question}]}
     started = time.perf_counter()
     first, texts, usage = None, [], None
@@ -138,6 +138,26 @@ def one_at_a_time(url: str, key: str, questions: list[str], rounds: int, max_tok
         started = time.perf_counter()
         answers = [ask(client, q, max_tokens, system, stream) for _ in range(rounds)
                    for q in questions]
+        wall = time.perf_counter() - started
+    return summary(answers, wall)
+
+
+def conversation(url: str, key: str, questions: list[str], rounds: int, max_tokens: int,
+                 system: str = SYSTEM) -> dict:
+    """The questions as the turns of one conversation, each request sending the turns
+    before it with the replies as given (``rounds`` conversations, one after another)."""
+    import httpx
+
+    answers = []
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"},
+                      timeout=600) as client:
+        started = time.perf_counter()
+        for _ in range(rounds):
+            history: list[dict] = []
+            for q in questions:
+                answers.append(ask(client, q, max_tokens, system, history=history))
+                history += [{"role": "user", "content": q},
+                            {"role": "assistant", "content": answers[-1]["text"]}]
         wall = time.perf_counter() - started
     return summary(answers, wall)
 
@@ -181,6 +201,8 @@ def summary(answers: list[dict], wall: float) -> dict:
             "p50_latency_s": statistics.median(latencies), "p95_latency_s": p95,
             "prompt_tokens": statistics.mean(a["prompt"] for a in answers),
             "cached_tokens": statistics.mean(a["cached"] for a in answers),
+            "prompt_tokens_each": [a["prompt"] for a in answers],
+            "cached_tokens_each": [a["cached"] for a in answers],
             "p50_first_text_s": statistics.median(a["first_text"] for a in answers)
             if all(a["first_text"] is not None for a in answers) else None,
             "texts": [a["text"] for a in answers]}
@@ -191,8 +213,8 @@ def measure(model_ref: str, workdir: Path, max_batch: int, arms: list[str],
             system: str = SYSTEM, options: tuple[str, ...] = (), label: str = "") -> dict:
     """One server (``--max-batch``, ``--threads`` and ``options``): each arm's figures. An
     arm named ``one_at_a_time`` sends the requests one after another, ``streamed`` the same
-    streamed; any other, one client thread per question, all at once. A first, untimed
-    request loads the model."""
+    streamed, ``conversation`` the questions as one conversation's turns; any other, one
+    client thread per question, all at once. A first, untimed request loads the model."""
     data_dir = Path(tempfile.mkdtemp(prefix="serve-speed-", dir=workdir))
     extra = ["--max-batch", str(max_batch), *(["--threads", str(threads)] if threads else []),
              *options]
@@ -206,7 +228,8 @@ def measure(model_ref: str, workdir: Path, max_batch: int, arms: list[str],
                 out[arm] = one_at_a_time(url, key, questions, rounds, max_tokens, system,
                                          stream=arm == "streamed")
             else:
-                out[arm] = concurrent(url, key, questions, rounds, max_tokens, system)
+                run = conversation if arm == "conversation" else concurrent
+                out[arm] = run(url, key, questions, rounds, max_tokens, system)
             print(f"{label}{arm}: {out[arm]['tokens_per_second']:.1f} tokens/s, p95 "
                   f"{out[arm]['p95_latency_s']:.2f} s", flush=True)
         return out

@@ -194,13 +194,16 @@ def test_prompt_cache_speed_smoke(smokes):
     result = json.loads((tmp / "prompt_cache.json").read_text())
     servers = result["servers"]
     assert set(servers) == {"cached", "uncached"}
-    for way in ("one_at_a_time", "batched", "streamed"):
+    for way in ("one_at_a_time", "batched", "streamed", "conversation"):
         # the document's blocks came from the cache on one server and never on the other
         assert servers["cached"][way]["cached_tokens"] >= 16
         assert servers["uncached"][way]["cached_tokens"] == 0
     assert set(result["cached_over_uncached"]) == {"one_at_a_time", "batched"}
     assert all(ratio > 0 for ratio in result["cached_over_uncached"].values())
     assert all(n == result["clients"] * result["rounds"] for n in result["same_answers"].values())
+    # a conversation's turns each send the one before: each takes at least as much cached
+    turns = servers["cached"]["conversation"]["cached_tokens_each"]
+    assert turns == sorted(turns) and len(turns) == result["clients"] * result["rounds"]
     # streamed, each request's first text came before its whole answer
     for server in servers.values():
         streamed = server["streamed"]

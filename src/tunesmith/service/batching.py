@@ -223,7 +223,7 @@ class _Running:
         ids, mask, grown, ended = self._extend(tickets, ids, mask, [width] * len(tickets), 1,
                                                cache)
         if self.prompts is not None:
-            self.prompts.store(prompts, cache, mask)
+            self.prompts.store(list(enumerate(prompts)), cache, mask)
         self._merge(tickets, ids, mask, cache, [grown] * len(tickets))
         self._drop(ended, first=len(self) - len(tickets))
 
@@ -268,15 +268,22 @@ class _Running:
         self.new += new
 
     def _drop(self, ended: Sequence[int | None], first: int = 0) -> None:
-        """Drop the rows (from ``first`` on) that ended; trim the columns no row uses."""
+        """Drop the rows (from ``first`` on) that ended, keeping their prompts and replies in
+        the prompt cache; trim the columns no row uses."""
         keep = [i for i in range(len(self))
                 if i < first or ended[i - first] is None]
         if len(keep) == len(self):
             return
+        assert self.ids is not None and self.mask is not None
+        if self.prompts is not None:  # a row's tokens: its prompt, then its reply to its end
+            done = [i for i in range(first, len(self)) if ended[i - first] is not None]
+            self.prompts.store(
+                [(i, self.ids[i][self.mask[i].bool()][:len(self.tickets[i].row.prompt)
+                                                      + ended[i - first]].tolist())
+                 for i in done], self.cache, self.mask)
         if not keep:
             self.tickets, self.ids, self.mask, self.cache, self.new = [], None, None, None, []
             return
-        assert self.ids is not None and self.mask is not None
         index = torch.tensor(keep)
         self.tickets = [self.tickets[i] for i in keep]
         self.new = [self.new[i] for i in keep]

@@ -10,7 +10,10 @@ its own blocks for the next. This is OpenAI's prompt caching as its API reports 
 (``usage.prompt_tokens_details.cached_tokens``), and vLLM's automatic prefix caching (blocks
 of 16 tokens; the least recently used block that no other follows is evicted first).
 
-Requests admitted together whose prompts share blocks not kept yet run those once, first.
+Requests admitted together whose prompts share blocks not kept yet run those once, first. A
+reply's blocks are kept too when its row ends, so a conversation's next request, which sends
+the reply back, finds them (where the chat template renders the reply as the tokens the model
+generated, which is the common case).
 
 ``PromptPool`` holds every model's tree within one memory budget
 (``ServiceSettings.prompt_cache_bytes``), evicting across models; a model's tree goes with
@@ -30,6 +33,7 @@ from __future__ import annotations
 import itertools
 import threading
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,18 +173,22 @@ class PromptCache:
         self._keep(prompts[0], found, [(la.keys[0], la.values[0]) for la in layers],
                    torch.arange(start, end, device=device))
 
-    def store(self, prompts: list[Any], cache: Any, mask: torch.Tensor) -> None:
-        """Keep the blocks of each prompt after a pass over its row: ``cache`` holds the
-        row's columns, ``mask`` [rows, columns] says which hold its prompt, in order."""
+    def store(self, rows: Sequence[tuple[int, Sequence[int]]], cache: Any,
+              mask: torch.Tensor) -> None:
+        """Keep the blocks of each (row, tokens) of a batch: ``tokens`` are what the row
+        holds (a prompt; a prompt and its reply), ``cache`` its columns, ``mask`` [rows,
+        columns] which of them are its tokens, in order. The cache holds every column of a
+        batch but the last, so a row's last token may be missing; its blocks stop there."""
         with self.pool.lock:
-            for i, p in enumerate(prompts):
-                found = self._walk(p, len(p) // BLOCK)
-                if len(found) == len(p) // BLOCK:
-                    continue
+            for i, tokens in rows:
                 columns = mask[i, :cache.get_seq_length()].nonzero().squeeze(1)
-                assert len(columns) == len(p), "a row's columns are its prompt"
-                self._keep(p, found, [(la.keys[i], la.values[i]) for la in cache.layers],
-                           columns[len(found) * BLOCK:].to(cache.layers[0].keys.device))
+                tokens = tokens[:len(columns)]
+                blocks = len(tokens) // BLOCK
+                found = self._walk(tokens, blocks)
+                if len(found) < blocks:
+                    self._keep(tokens, found, [(la.keys[i], la.values[i]) for la in cache.layers],
+                               columns[len(found) * BLOCK:len(tokens)].to(
+                                   cache.layers[0].keys.device))
             self.pool.make_room()
 
     def _keep(self, prompt: Any, found: list[_Node],

@@ -1,7 +1,8 @@
 """Prompt caching (``service.prompt_cache``) on tiny random models: a request whose prompt
 opens with kept blocks runs only the rest, reports those tokens as cached, and gets exactly the
-reply it gets alone with no cache; blocks requests admitted together share run once; the pool
-keeps within its budget, evicting the least recently used leaves first, across models."""
+reply it gets alone with no cache; blocks requests admitted together share run once; a reply
+is kept for the next turn of its conversation; the pool keeps within its budget, evicting the
+least recently used leaves first, across models."""
 
 from __future__ import annotations
 
@@ -96,6 +97,27 @@ def test_requests_admitted_together_run_their_shared_blocks_once(tiny_loaded) ->
     assert kept >= 2 * BLOCK and kept % BLOCK == 0
     assert seen[0] == kept  # the shared blocks, one row, once
     assert seen[1] == 4 * max(len(p) - kept for p in prompts)  # then each row's rest
+
+
+def test_a_reply_is_kept_for_the_conversation_that_sends_it_back(tiny_loaded) -> None:
+    model, tokenizer = tiny_loaded
+    prompt, params = prompts_of(tokenizer)[4], GenerationParams(max_new_tokens=40)
+    batcher = Batcher(max_batch=2, window_s=0.0, pool=PromptPool(64 * 2**20))
+    first = ask(batcher, model, tokenizer, [prompt], [params])[0].result()
+    with torch.no_grad():  # the reply's tokens (greedy: what the batch generated)
+        out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=40,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    reply = out[0, len(prompt):len(prompt) + first.completion_tokens].tolist()
+    assert tokenizer.decode(reply, skip_special_tokens=True) == first.text
+    assert len(reply) > BLOCK
+
+    # the next turn sends the prompt, the reply and a new message
+    follow = [*prompt, *reply, *prompts_of(tokenizer)[2][-12:]]
+    again = ask(batcher, model, tokenizer, [follow], [GenerationParams(max_new_tokens=6)])[0]
+    assert again.result() == alone(model, tokenizer, follow, GenerationParams(max_new_tokens=6))
+    # every whole block of the prompt and reply the batch's cache held (all but the last token)
+    assert again.cached_tokens == (len(prompt) + len(reply) - 1) // BLOCK * BLOCK
+    assert again.cached_tokens > len(prompt) // BLOCK * BLOCK
 
 
 @pytest.mark.parametrize("family", FAMILIES)
