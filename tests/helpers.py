@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -315,3 +315,20 @@ def start_job(store: Any, job_id: str, worker_id: str) -> None:
 
     assert queue.claim_next(store, worker_id, lease_seconds=30).job_id == job_id
     assert queue.set_status(store, job_id, worker_id, "running", expect=("validating_files",))
+
+
+@contextlib.contextmanager
+def decoder_passes(module: Any) -> Iterator[list[tuple[int, ...]]]:
+    """The shape (rows, columns) of ``input_ids`` in every pass ``module`` (a decoder) runs
+    inside the block, in order."""
+    seen: list[tuple[int, ...]] = []
+
+    def hook(_module: Any, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        seen.append(tuple(ids.shape))
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import decoder_passes
 from tunesmith.errors import DataError
 from tunesmith.evaluation.scoring import answer_tokens, label_probabilities
 
@@ -71,13 +72,8 @@ def test_nothing_to_score(tiny_model, tokenizer):
 
 def scored_with_widths(model, tokenizer, ps, labels, batch_size):
     """The label scores, and the [rows, columns] of every pass the decoder ran for them."""
-    widths = []
-    hook = model.model.register_forward_pre_hook(
-        lambda _m, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True)
-    try:
+    with decoder_passes(model.model) as widths:
         scores = label_probabilities(model, tokenizer, ps, labels, batch_size=batch_size)
-    finally:
-        hook.remove()
     return scores, widths
 
 

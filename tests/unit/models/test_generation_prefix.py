@@ -3,6 +3,7 @@ prompts answered once; the replies are those of each prompt generated alone."""
 
 import pytest
 
+from tests.helpers import decoder_passes
 from tunesmith.data.encode import encode_prompt
 from tunesmith.models.generation import GenerationParams, generate
 from tunesmith.models.load import load
@@ -17,18 +18,6 @@ def conversations(family: str) -> list[list[dict]]:
     if family == "gemma3":  # its template takes no system message
         return [[u] for u in users] + [[users[1]]]
     return [[SYSTEM, u] for u in users] + [[OTHER, users[0]], [SYSTEM, users[2]]]
-
-
-def passes(model) -> list[tuple[int, int]]:
-    """(rows, width) of every pass the model's decoder runs, recorded from now on."""
-    seen: list[tuple[int, int]] = []
-
-    def hook(_module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        seen.append(tuple(ids.shape))
-
-    model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
-    return seen
 
 
 @pytest.mark.parametrize("family", ["llama", "llama-eager", "qwen2", "mistral", "gemma3", "phi3",
@@ -57,10 +46,10 @@ def test_the_shared_prefix_runs_once_and_a_repeated_prompt_once(tiny_model_dir):
     unique = list(dict.fromkeys(map(tuple, prompts)))
     floor = shared_prefix(unique)
     assert floor == 3  # the chat header: the system prompts differ
-    seen = passes(model)
     params = GenerationParams(max_new_tokens=3, min_new_tokens=3)
     counted: list[int] = []
-    replies = generate(model, tok, prompts, params, batch_size=3, on_batch=counted.append)
+    with decoder_passes(model.get_decoder()) as seen:
+        replies = generate(model, tok, prompts, params, batch_size=3, on_batch=counted.append)
     assert replies[6] == replies[2] and sum(counted) == len(prompts)
     # the set's prefix alone; a batch whose prompts share the whole system prompt goes on
     # from it (one more one-row pass); each batch's rest (no row holds a prefix again); then
@@ -80,9 +69,9 @@ def test_samples_are_drawn_for_each_copy_of_a_prompt(tiny_model_dir):
     model, tok = load(tiny_model_dir)
     model.eval()
     prompt = encode_prompt(tok, conversations("llama")[0])
-    seen = passes(model)
     params = GenerationParams(max_new_tokens=4, min_new_tokens=4, temperature=1.0, seed=3)
-    replies = generate(model, tok, [prompt] * 4, params)
+    with decoder_passes(model.get_decoder()) as seen:
+        replies = generate(model, tok, [prompt] * 4, params)
     assert len({r.text for r in replies}) > 1  # four draws, not one copied
     assert seen[0] == (1, len(prompt) - 1)  # identical prompts share all but the last token
     assert seen[1] == (4, 1)
@@ -94,9 +83,9 @@ def test_a_window_shorter_than_the_prompts_generates_them_whole(tiny_family_dir)
     model.eval()
     prompts = [encode_prompt(tok, c) for c in conversations("gemma3")]
     assert model.config.sliding_window < max(map(len, prompts))
-    seen = passes(model)
-    generate(model, tok, prompts, GenerationParams(max_new_tokens=2, min_new_tokens=2),
-             batch_size=16)
+    with decoder_passes(model.get_decoder()) as seen:
+        generate(model, tok, prompts, GenerationParams(max_new_tokens=2, min_new_tokens=2),
+                 batch_size=16)
     distinct = len(set(map(tuple, prompts)))
     assert seen[0] == (distinct, max(map(len, prompts)))
 
@@ -115,11 +104,10 @@ def test_long_replies_keep_batches_full(tiny_model_dir):
                for n in (300, 1, 2, 3, 4, 5)]
 
     def prefills(new_tokens: int) -> list[int]:
-        seen = passes(model)
-        generate(model, tok, prompts, GenerationParams(max_new_tokens=new_tokens,
-                                                       min_new_tokens=new_tokens),
-                 batch_size=16)
-        model.get_decoder()._forward_pre_hooks.clear()
+        with decoder_passes(model.get_decoder()) as seen:
+            generate(model, tok, prompts, GenerationParams(max_new_tokens=new_tokens,
+                                                           min_new_tokens=new_tokens),
+                     batch_size=16)
         return [rows for rows, width in seen[1:] if width > 1]
 
     assert prefills(2) == [1, 5]

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tests.helpers import decoder_passes
 from tunesmith.models.prefix_pass import MAX_PADDING, batches, tree_mask
 
 SYSTEM = {"role": "system", "content": "Label the review."}
@@ -62,16 +63,9 @@ def test_a_head_reads_each_prompt_as_alone(family, tiny_family_dir, tiny_model_d
     with torch.no_grad():
         want = torch.cat([torch.softmax(class_logits(
             model, torch.tensor([encode_prompt(tok, c)]), None), -1) for c in convs])
-    shapes: list[tuple[int, ...]] = []
     for batch_size in (1, 3, 16):
-        shapes.clear()
-        hook = model.base_model.register_forward_pre_hook(
-            lambda _m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
-            with_kwargs=True)
-        try:
+        with decoder_passes(model.base_model) as shapes:
             got = class_probabilities(model, tok, convs, batch_size=batch_size)
-        finally:
-            hook.remove()
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
         if family != "gemma3" and batch_size == 16:
             # the prefix every prompt shares ("<|im_start|>system\n") once, then one batch
@@ -87,11 +81,8 @@ def test_the_prefix_cache_keeps_the_floor_and_the_last_longer_prefix(tiny_model_
     contexts = [[1, 2, 3, 10, 11, 12, 5], [1, 2, 3, 10, 11, 13, 5], [1, 2, 3, 20, 21, 5]]
     prefixes = PrefixCache(contexts)
     assert prefixes.floor == 3
-    ran: list[int] = []
-    decoder.register_forward_pre_hook(
-        lambda _m, _a, kw: ran.append(kw["input_ids"].shape[1]), with_kwargs=True)
     device = torch.device("cpu")
-    with torch.no_grad():
+    with torch.no_grad(), decoder_passes(decoder) as ran:
         for prefix in [(1, 2, 3, 10, 11), (1, 2, 3, 10, 11, 12), (1, 2, 3, 20, 21), (1, 2, 3)]:
             got = prefixes.get(decoder, prefix, device)
             whole = decoder(input_ids=torch.tensor([prefix]), use_cache=True)
@@ -101,7 +92,7 @@ def test_the_prefix_cache_keeps_the_floor_and_the_last_longer_prefix(tiny_model_
             assert len(prefixes.caches) <= 2 and (1, 2, 3) in prefixes.caches
     # the floor once; each longer prefix from the longest kept (12 after 10, 11); the floor
     # asked for again is not run again (each check's whole pass is counted between them)
-    assert ran == [3, 2, 5, 1, 6, 2, 5, 3]
+    assert [width for _, width in ran] == [3, 2, 5, 1, 6, 2, 5, 3]
 
 
 def _name() -> str:

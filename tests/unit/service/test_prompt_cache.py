@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.families import FAMILIES
+from tests.helpers import decoder_passes
 from tunesmith.data.encode import encode_prompt
 from tunesmith.models.generation import GenerationParams, generate
 from tunesmith.service.batching import Batcher, Ticket
@@ -38,15 +39,6 @@ def ask(batcher: Batcher, model, tokenizer, prompts, params) -> list[Ticket]:
     return tickets
 
 
-def forward_tokens(model) -> tuple[list[int], object]:
-    """A hook that counts the tokens each forward pass of the decoder runs."""
-    seen: list[int] = []
-    handle = model.model.register_forward_pre_hook(
-        lambda _m, _a, kw: seen.append(kw["input_ids"].shape[1] * kw["input_ids"].shape[0]),
-        with_kwargs=True)
-    return seen, handle
-
-
 def test_later_requests_run_only_what_follows_their_kept_blocks(tiny_loaded) -> None:
     model, tokenizer = tiny_loaded
     prompts = prompts_of(tokenizer)
@@ -63,17 +55,14 @@ def test_later_requests_run_only_what_follows_their_kept_blocks(tiny_loaded) -> 
     shared = 0
     while prompts[1][shared] == prompts[0][shared]:
         shared += 1
-    seen, handle = forward_tokens(model)
-    try:
+    with decoder_passes(model.model) as seen:
         tickets = ask(batcher, model, tokenizer, prompts[1:], params[1:])
-    finally:
-        handle.remove()
     assert [t.result() for t in tickets] == expected[1:]
     assert shared >= 2 * BLOCK
     assert [t.cached_tokens for t in tickets] == [shared // BLOCK * BLOCK] * 5
     # the admissions' first passes ran at most each prompt's rest (with its row's padding)
     rests = sorted(len(p) - shared // BLOCK * BLOCK for p in prompts[1:])
-    assert seen[0] <= max(rests[-4:]) * 4
+    assert seen[0][0] * seen[0][1] <= max(rests[-4:]) * 4
 
     # the same prompt again: all of it is kept but its last token and the partial block
     again = ask(batcher, model, tokenizer, prompts[4:5], params[4:5])[0]
@@ -87,16 +76,13 @@ def test_requests_admitted_together_run_their_shared_blocks_once(tiny_loaded) ->
     params = [GenerationParams(max_new_tokens=5)] * 4
     expected = [alone(model, tokenizer, p, q) for p, q in zip(prompts, params, strict=True)]
     batcher = Batcher(max_batch=4, window_s=0.3, pool=PromptPool(64 * 2**20))
-    seen, handle = forward_tokens(model)
-    try:
+    with decoder_passes(model.model) as seen:
         tickets = ask(batcher, model, tokenizer, prompts, params)
-    finally:
-        handle.remove()
     assert [t.result() for t in tickets] == expected
     kept = min(t.cached_tokens for t in tickets)
     assert kept >= 2 * BLOCK and kept % BLOCK == 0
-    assert seen[0] == kept  # the shared blocks, one row, once
-    assert seen[1] == 4 * max(len(p) - kept for p in prompts)  # then each row's rest
+    assert seen[0] == (1, kept)  # the shared blocks, one row, once
+    assert seen[1] == (4, max(len(p) - kept for p in prompts))  # then each row's rest
 
 
 def test_a_reply_is_kept_for_the_conversation_that_sends_it_back(tiny_loaded) -> None:
