@@ -314,9 +314,9 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
     SDPA or eager, no sliding window the sequences outgrow), the prefix all prompts share runs
     once and each batch goes on from a copy of its KV cache, or from the longer prefix its own
     prompts share (``prefix_pass.PrefixCache``, as label scoring does); batches are cut longest
-    first so that their padding stays small against their prompts' rest and new tokens
-    (``prefix_pass.batches``). Elsewhere whole prompts
-    are left-padded, ``batch_size`` at a time. A repeated prompt is answered once when greedy
+    first where their padding costs less than their decode steps
+    (``prefix_pass.generation_batches``). Elsewhere whole prompts are left-padded,
+    ``batch_size`` at a time. A repeated prompt is answered once when greedy
     (a sample is drawn for each copy). ``on_batch`` is told how many prompts each batch
     answered."""
     # prompts answered by one reply: a repeated prompt's copies where replies are greedy

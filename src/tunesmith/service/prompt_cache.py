@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from tunesmith.models.generation import pad_batch
 from tunesmith.models.prefix_pass import cache_argument, mask_kind, shared_prefix
 
 BLOCK = 16
@@ -149,15 +150,13 @@ class PromptCache:
         if not kept:
             return None
         cached = [len(f) * BLOCK for f in found]
-        rest = max(len(p) - c for p, c in zip(prompts, cached, strict=True))
-        ids = torch.full((len(prompts), kept + rest), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (p, c) in enumerate(zip(prompts, cached, strict=True)):
-            ids[i, kept - c:kept] = torch.as_tensor(list(p[:c]))
-            ids[i, kept + rest - (len(p) - c):] = torch.as_tensor(list(p[c:]))
-            mask[i, kept - c:kept] = 1
-            mask[i, kept + rest - (len(p) - c):] = 1
-        return Laid(ids, mask, _cache(found, kept), cached)
+        parts = [pad_batch([p[:c] for p, c in zip(prompts, cached, strict=True)],
+                           pad_id=pad_id, side="left"),
+                 pad_batch([p[c:] for p, c in zip(prompts, cached, strict=True)],
+                           pad_id=pad_id, side="left")]
+        return Laid(torch.cat([x.input_ids for x in parts], dim=1),
+                    torch.cat([x.attention_mask for x in parts], dim=1), _cache(found, kept),
+                    cached)
 
     def _share(self, model: Any, prompts: list[Any], device: torch.device) -> None:
         """Run once the blocks all ``prompts`` share that are not kept yet (under the lock)."""
