@@ -320,7 +320,7 @@ def start_job(store: Any, job_id: str, worker_id: str) -> None:
 @contextlib.contextmanager
 def decoder_passes(module: Any) -> Iterator[list[tuple[int, ...]]]:
     """The shape (rows, columns) of ``input_ids`` in every pass ``module`` (a decoder) runs
-    inside the block, in order."""
+    inside the block, in order; of a head, the shape of its input (rows, positions, hidden)."""
     seen: list[tuple[int, ...]] = []
 
     def hook(_module: Any, args: tuple, kwargs: dict) -> None:

@@ -195,6 +195,23 @@ def test_concurrent_requests_each_get_their_own_adapter(service, answers) -> Non
         {k: answers[job_id][i] for k, (job_id, i, _) in enumerate(jobs)}
 
 
+def test_a_served_adapter_keeps_only_the_last_logits_of_its_prefix_pass(service, answers
+                                                                         ) -> None:
+    """Generation over a set runs the prompts' shared prefix once for its KV cache; through
+    a served adapter, as through a plain model, the vocabulary head runs at one position."""
+    from tests.helpers import decoder_passes
+
+    client, _, names = service
+    ask(client, names["ftjob-a"], PROMPTS[0])
+    served, tokenizer = cache_of(client).cached(names["ftjob-a"])
+    prompts = [encode_prompt(tokenizer, m) for m in PROMPTS]
+    head = served.base.model.get_output_embeddings()
+    with decoder_passes(head) as seen:
+        replies = generate(served, tokenizer, prompts, GREEDY, batch_size=3)
+    assert [r.text for r in replies] == answers["ftjob-a"]
+    assert seen and all(shape[1] == 1 for shape in seen)
+
+
 def test_the_adapter_alone_is_exact_without_the_generation_lock(service, answers) -> None:
     """The base's own lock makes the switch exact even for callers that bypass the service's
     one-generation-at-a-time lock: raw ``generate`` calls from threads, all at once."""

@@ -43,6 +43,18 @@ def cache_argument() -> str:
     return "cache" if new else "past_key_values"
 
 
+def cache_pass(model: Any, input_ids: torch.Tensor, cache: Any) -> Any:
+    """The KV cache of ``input_ids`` after ``cache`` (None: from the start), from one pass of
+    ``model``: a bare decoder, or a causal LM, which then computes its vocabulary head at
+    the last position only (``logits_to_keep=1``, as ``generate``'s first step asks) where
+    its ``forward`` takes it. A pass run for its cache alone would otherwise hold the logits
+    of every position: for a 2,000-token prefix and a 128k vocabulary, 1 GB in fp32."""
+    supports = getattr(model, "_supports_logits_to_keep", None)
+    keep = {"logits_to_keep": 1} if callable(supports) and supports() else {}
+    name = cache_argument()
+    return getattr(model(input_ids=input_ids, use_cache=True, **{name: cache}, **keep), name)
+
+
 def shared_prefix(contexts: Sequence[Sequence[int]]) -> int:
     """How many leading tokens all the contexts share (none for a lone context), keeping at
     least each context's last token, whose hidden state is read."""
@@ -205,13 +217,11 @@ class PrefixCache:
             if 0 < self.floor < len(prefix):
                 self.get(decoder, prefix[:self.floor], device)
             start = max((p for p in self.caches if prefix[:len(p)] == p), key=len, default=())
-            name = cache_argument()
-            out = decoder(input_ids=torch.tensor([prefix[len(start):]], device=device),
-                          use_cache=True,
-                          **{name: copy.deepcopy(self.caches[start]) if start else None})
+            cache = cache_pass(decoder, torch.tensor([prefix[len(start):]], device=device),
+                               copy.deepcopy(self.caches[start]) if start else None)
             for kept in [p for p in self.caches if len(p) != self.floor]:
                 del self.caches[kept]
-            self.caches[prefix] = getattr(out, name)
+            self.caches[prefix] = cache
         return self.caches[prefix]
 
     def rows(self, decoder: Any, prefix: tuple[int, ...], rows: int, device: torch.device

@@ -216,6 +216,10 @@ class Served:
         with self.base.serving(self.adapter, self.adapter_dir) as model:
             return model.generate(**kwargs)
 
+    def _supports_logits_to_keep(self) -> bool:
+        """transformers' own test of the base's ``forward`` (``prefix_pass.cache_pass``)."""
+        return bool(self.base.model._supports_logits_to_keep())
+
     def __call__(self, **kwargs: Any) -> Any:
         """One forward pass with the adapter active (generation runs a shared prefix so)."""
         with self.base.serving(self.adapter, self.adapter_dir) as model:

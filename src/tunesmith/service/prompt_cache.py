@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from tunesmith.models.generation import pad_batch
-from tunesmith.models.prefix_pass import cache_argument, mask_kind, shared_prefix
+from tunesmith.models.prefix_pass import cache_pass, mask_kind, shared_prefix
 
 BLOCK = 16
 
@@ -165,10 +165,8 @@ class PromptCache:
         if len(found) == blocks:
             return
         start, end = len(found) * BLOCK, blocks * BLOCK
-        name = cache_argument()
-        out = model(input_ids=torch.tensor([list(prompts[0][start:end])], device=device),
-                    use_cache=True, **{name: _cache([found], start) if found else None})
-        layers = getattr(out, name).layers
+        layers = cache_pass(model, torch.tensor([list(prompts[0][start:end])], device=device),
+                            _cache([found], start) if found else None).layers
         self._keep(prompts[0], found, [(la.keys[0], la.values[0]) for la in layers],
                    torch.arange(start, end, device=device))
 

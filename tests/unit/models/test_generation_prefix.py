@@ -48,9 +48,12 @@ def test_the_shared_prefix_runs_once_and_a_repeated_prompt_once(tiny_model_dir):
     assert floor == 3  # the chat header: the system prompts differ
     params = GenerationParams(max_new_tokens=3, min_new_tokens=3)
     counted: list[int] = []
-    with decoder_passes(model.get_decoder()) as seen:
+    with decoder_passes(model.get_decoder()) as seen, decoder_passes(model.lm_head) as head:
         replies = generate(model, tok, prompts, params, batch_size=3, on_batch=counted.append)
     assert replies[6] == replies[2] and sum(counted) == len(prompts)
+    # the vocabulary head runs at one position a row in every pass: the prefix passes keep
+    # their KV cache only (``logits_to_keep``), as generate's own first step does
+    assert len(head) == len(seen) and all(shape[1] == 1 for shape in head)
     # the set's prefix alone; a batch whose prompts share the whole system prompt goes on
     # from it (one more one-row pass); each batch's rest (no row holds a prefix again); then
     # one-token steps. The 6 distinct prompts take 6 rows, not 7

@@ -76,12 +76,13 @@ def test_requests_admitted_together_run_their_shared_blocks_once(tiny_loaded) ->
     params = [GenerationParams(max_new_tokens=5)] * 4
     expected = [alone(model, tokenizer, p, q) for p, q in zip(prompts, params, strict=True)]
     batcher = Batcher(max_batch=4, window_s=0.3, pool=PromptPool(64 * 2**20))
-    with decoder_passes(model.model) as seen:
+    with decoder_passes(model.model) as seen, decoder_passes(model.lm_head) as head:
         tickets = ask(batcher, model, tokenizer, prompts, params)
     assert [t.result() for t in tickets] == expected
     kept = min(t.cached_tokens for t in tickets)
     assert kept >= 2 * BLOCK and kept % BLOCK == 0
     assert seen[0] == (1, kept)  # the shared blocks, one row, once
+    assert head[0] == (1, 1, model.config.hidden_size)  # their logits at one position only
     assert seen[1] == (4, max(len(p) - kept for p in prompts))  # then each row's rest
 
 
