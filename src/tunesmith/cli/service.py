@@ -44,7 +44,7 @@ def _store(data_dir: Path | None, database_url: str | None) -> Any:
 
 def serve_cmd(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-    port: int = typer.Option(8000, help="Port to listen on."),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port to listen on (0: any free one)."),
     data_dir: Path | None = DataDir,
     database_url: str | None = DatabaseUrl,
     no_worker: bool = typer.Option(False, "--no-worker",
@@ -53,17 +53,20 @@ def serve_cmd(
         [], "--model", help="A base model to offer, NAME=REF (repeatable). REF: a bundled "
         "name, a model directory, a .gguf file or a cached Hub id. Default: "
         "smollm2-135m-instruct."),
-    max_upload_mb: float = typer.Option(512, help="Largest file upload, in MB."),
+    max_upload_mb: float = typer.Option(512, min=0.001, help="Largest file upload, in MB."),
     audit_log: bool = typer.Option(False, "--audit-log", help="Store redacted chat requests "
                                    "and responses (needed for /v1/feedback)."),
-    cache_budget_mb: float = typer.Option(4096, help="Memory for loaded chat models, in MB."),
-    lease_seconds: float = typer.Option(60, help="A job whose worker is silent this long is "
-                                        "resumed by another worker."),
-    threads: int | None = typer.Option(None, help="Torch threads per process."),
+    cache_budget_mb: float = typer.Option(4096, min=0,
+                                          help="Memory for loaded chat models, in MB."),
+    lease_seconds: float = typer.Option(60, min=3, help="A job whose worker is silent this long "
+                                        "is resumed by another worker (its lease, renewed each "
+                                        "second)."),
+    threads: int | None = typer.Option(None, min=1, help="Torch threads per process."),
     max_batch: int = typer.Option(8, min=1, help="Chat requests to one model generated "
                                   "together (1: one at a time)."),
-    batch_window_ms: float = typer.Option(10, min=0, help="How long a batch waits for more "
-                                          "requests before it starts, in ms."),
+    batch_window_ms: float = typer.Option(10, min=0, max=60_000,
+                                          help="How long a batch waits for more requests "
+                                          "before it starts, in ms."),
     prompt_cache_mb: float = typer.Option(512, min=0, help="Memory for the prompts' opening "
                                           "tokens kept across chat requests (prompt caching), "
                                           "in MB; 0: off."),
@@ -89,8 +92,8 @@ def serve_cmd(
 def worker_cmd(
     data_dir: Path | None = DataDir,
     database_url: str | None = DatabaseUrl,
-    lease_seconds: float = typer.Option(60, help="Lease on a running job (see serve)."),
-    threads: int | None = typer.Option(None, help="Torch threads for training."),
+    lease_seconds: float = typer.Option(60, min=3, help="Lease on a running job (see serve)."),
+    threads: int | None = typer.Option(None, min=1, help="Torch threads for training."),
     energy: bool = Energy,
     energy_country: str | None = EnergyCountry,
     energy_region: str | None = EnergyRegion,

@@ -11,6 +11,8 @@ from tunesmith.config import DEFAULT_MODEL
 from tunesmith.errors import ConfigError
 
 MB = 1024 * 1024
+MAX_WINDOW_MS = 60_000.0
+"""The longest a batch may wait for more requests: a minute is already far past any use."""
 # A base model's name becomes part of fine-tuned model names (ft:{base}:{org}:...): no ':' or '/'.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -50,6 +52,30 @@ class ServiceSettings:
     energy: dict[str, Any] = field(default_factory=dict)
     """The ``energy:`` section of every job's run (``enabled``, ``country_iso_code``,
     ``region``...: where the machines draw their power); empty: the run defaults."""
+
+    def __post_init__(self) -> None:
+        """Refuse values no service can run with, naming the setting (the CLI's option is its
+        name with dashes) and what it takes."""
+        bounds = {"max_upload_bytes": (1, None), "cache_budget_bytes": (0, None),
+                  "max_batch": (1, 4096), "batch_window_ms": (0, MAX_WINDOW_MS),
+                  "prompt_cache_bytes": (0, None), "lease_seconds": (0.001, None),
+                  "poll_seconds": (0.001, None), "torch_threads": (1, 4096),
+                  "max_eval_examples": (1, None)}
+        for name, (low, high) in bounds.items():
+            value = getattr(self, name)
+            if value is None and name == "torch_threads":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or value != value or value < low or (high is not None and value > high):
+                span = f"at least {low}" if high is None else f"from {low} to {high}"
+                raise ConfigError(f"service setting {name}: {value!r} is out of range; give a "
+                                  f"number {span}")
+        if self.lease_seconds <= 2 * self.poll_seconds:
+            # a worker renews its lease every poll: a shorter lease lapses between renewals and
+            # another worker would take over a job that is still running
+            raise ConfigError(f"service setting lease_seconds: {self.lease_seconds} must be more "
+                              f"than twice poll_seconds ({self.poll_seconds}); give at least "
+                              f"{2 * self.poll_seconds + 1:g}")
 
     @property
     def url(self) -> str:
