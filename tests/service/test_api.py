@@ -205,6 +205,26 @@ def test_models_and_chat_errors(api: TestClient, settings: ServiceSettings) -> N
         {"role": "developer", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "hi"}]}]).json()
     assert reply["object"] == "chat.completion" and reply["usage"]["completion_tokens"] <= 3
+    assert reply["choices"][0]["logprobs"] is None
+
+    # log-probabilities as OpenAI reports them, streamed or not
+    assert_error(chat(top_logprobs=2), 400)  # without logprobs: true
+    assert_error(chat(logprobs=True, top_logprobs=21), 400)
+    asked = {"logprobs": True, "top_logprobs": 2, "max_tokens": 5, "temperature": 0}
+    reply = chat(**asked).json()["choices"][0]
+    content = reply["logprobs"]["content"]
+    assert b"".join(bytes(e["bytes"]) for e in content).decode() == reply["message"]["content"]
+    for e in content:
+        assert e["logprob"] <= 0 and bytes(e["bytes"]).decode(errors="replace") == e["token"]
+        assert len(e["top_logprobs"]) == 2 and e["top_logprobs"][0]["token"] == e["token"]
+        assert e["top_logprobs"][0]["logprob"] == pytest.approx(e["logprob"], abs=1e-4)
+    events = [json.loads(line[6:]) for line in chat(**asked, stream=True).text.splitlines()
+              if line.startswith("data: {")]
+    deltas = [c for ev in events for c in ev["choices"]]
+    assert "".join(c["delta"].get("content") or "" for c in deltas) == \
+        reply["message"]["content"]
+    streamed = [e for c in deltas if c["logprobs"] for e in c["logprobs"]["content"]]
+    assert [e["token"] for e in streamed] == [e["token"] for e in content]
     spec = api.get("/openapi.json").json()
     assert "/v1/fine_tuning/jobs/{job_id}/checkpoints" in spec["paths"]
     assert json.dumps(spec).count("HTTPBearer") >= 1

@@ -41,3 +41,13 @@ def test_cli_python_and_http_give_the_same_answer(launch, cli, tiny_model_dir: P
     served = client.chat.completions.create(model="tiny", messages=MESSAGES,
                                             max_tokens=MAX_TOKENS, temperature=1.0, seed=3)
     assert served.choices[0].message.content == sampled
+
+    # log-probabilities reach OpenAI's client as its own types: the greedy answer's tokens
+    scored = client.chat.completions.create(model="tiny", messages=MESSAGES,
+                                            max_tokens=MAX_TOKENS, temperature=0,
+                                            logprobs=True, top_logprobs=3)
+    assert scored.choices[0].message.content == direct
+    content = scored.choices[0].logprobs.content
+    assert b"".join(bytes(t.bytes) for t in content).decode() == direct
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token
+               and t.top_logprobs[0].logprob >= t.top_logprobs[2].logprob for t in content)

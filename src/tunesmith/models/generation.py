@@ -20,12 +20,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
 from tunesmith.errors import ConfigError, ModelError
+from tunesmith.models.logprobs import MAX_TOP, Recorder, TokenLogprob, kept
 from tunesmith.models.prefix_pass import (
     PrefixCache,
     batched,
@@ -56,6 +57,9 @@ class GenerationParams:
     min_new_tokens: int = 0
     """The end token is held back until this many tokens are generated (speed measurements
     that must compare the same number of tokens)."""
+    logprobs: int | None = None
+    """None: no log-probabilities; k: each reply token's, with the k most likely tokens at its
+    step (``models.logprobs``; 0 to 20)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -70,6 +74,8 @@ class GenerationParams:
                             f"max_new_tokens ({self.max_new_tokens})")
         if any(not s for s in self.stop):
             problems.append("a stop sequence is empty; give non-empty strings")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP:
+            problems.append(f"logprobs is {self.logprobs}; give 0 to {MAX_TOP} top tokens")
         if problems:
             raise ConfigError("invalid generation parameters", problems)
 
@@ -80,11 +86,13 @@ class GenerationParams:
 
 @dataclass(frozen=True)
 class Generated:
-    """A reply: its text, why it ended and how many tokens it took (the end token included)."""
+    """A reply: its text, why it ended and how many tokens it took (the end token included);
+    with ``GenerationParams.logprobs``, the log-probabilities of the tokens its text shows."""
 
     text: str
     finish_reason: FinishReason
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,9 @@ class Row:
     on_tokens: Callable[[list[int]], None] | None = None
     on_end: Callable[[Generated], None] | None = None
     cancel: threading.Event | None = None
+    taken: list[TokenLogprob] = field(default_factory=list)
+    """With ``params.logprobs``: an entry for each new token so far (before ``on_tokens``
+    hears of it), across the ``generate`` calls a running batch makes."""
 
 
 def _sampling(params: GenerationParams) -> tuple[Any, ...]:
@@ -185,9 +196,12 @@ class _Ends:
     cuts the reply, so the two always agree.
     """
 
-    def __init__(self, tokenizer: Any, rows: Sequence[Row], *, starts: Sequence[int]) -> None:
-        """``starts[i]``: the column of the batch where row ``i``'s new tokens begin."""
+    def __init__(self, tokenizer: Any, rows: Sequence[Row], *, starts: Sequence[int],
+                 recorder: Recorder | None = None) -> None:
+        """``starts[i]``: the column of the batch where row ``i``'s new tokens begin;
+        ``recorder``: the step's log-probabilities, for the rows that want them."""
         self.tokenizer, self.rows, self.starts = tokenizer, rows, list(starts)
+        self.recorder = recorder
         self.ends: list[int | None] = [None] * len(rows)
         self.reasons: list[FinishReason] = ["length"] * len(rows)
         self.replies: list[Generated | None] = [None] * len(rows)
@@ -213,6 +227,9 @@ class _Ends:
             if self.ends[i] is not None:
                 continue
             new = ids[i][self.starts[i] - first:]
+            if self.recorder is not None and row.params.logprobs is not None \
+                    and len(row.taken) < len(new):
+                row.taken.append(self.recorder.take(i, new[-1]))
             why = self._why(row, new)
             if row.on_tokens is not None:
                 row.on_tokens(new)
@@ -228,9 +245,13 @@ class _Ends:
             end = self.ends[i]
             tokens = new_ids if end is None else new_ids[:end]  # after its end, padding
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            cut = first_stop(text, self.rows[i].params.stop)
+            row = self.rows[i]
+            cut = first_stop(text, row.params.stop)
             reason = "stop" if cut is not None else self.reasons[i]
-            reply = Generated(text if cut is None else text[:cut], reason, len(tokens))
+            text = text if cut is None else text[:cut]
+            logprobs = None if row.params.logprobs is None else kept(
+                self.tokenizer, tokens, row.taken[:len(tokens)], text, cut is not None)
+            reply = Generated(text, reason, len(tokens), logprobs)
             self.replies[i] = reply
             if self.rows[i].on_end is not None:
                 self.rows[i].on_end(reply)
@@ -273,12 +294,14 @@ def extend(model: Any, tokenizer: Any, rows: Sequence[Row], input_ids: torch.Ten
     the service's running batch, every column but the last), the call runs only the columns
     after it and leaves it holding every column of the result but the last. The sequences and
     the criterion that says where each row ended."""
-    from transformers import StoppingCriteriaList
+    from transformers import LogitsProcessorList, StoppingCriteriaList
 
     if len({_sampling(r.params) for r in rows}) != 1:
         raise ValueError("rows of one batch must share their sampling parameters")
     params = rows[0].params
-    ends = _Ends(tokenizer, rows, starts=starts)
+    wanted = [r.params.logprobs for r in rows]
+    recorder = Recorder(wanted) if any(k is not None for k in wanted) else None
+    ends = _Ends(tokenizer, rows, starts=starts, recorder=recorder)
     device = next(model.parameters()).device
     out = model.generate(
         input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
@@ -288,6 +311,7 @@ def extend(model: Any, tokenizer: Any, rows: Sequence[Row], input_ids: torch.Ten
         top_p=params.top_p if params.sampling else None, top_k=None,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         stopping_criteria=StoppingCriteriaList([ends]), use_cache=True,
+        logits_processor=LogitsProcessorList([recorder] if recorder else []),
         **({} if cache is None else {cache_argument(): cache}))
     return out, ends
 

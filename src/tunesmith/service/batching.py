@@ -51,6 +51,7 @@ from tunesmith.models.generation import (
     held_back,
     pad_batch,
 )
+from tunesmith.models.logprobs import TokenLogprob
 from tunesmith.service.prompt_cache import PromptCache, PromptPool
 
 # Tokens a running batch generates between two chances for rows to leave and join it: each
@@ -104,24 +105,35 @@ class Ticket:
         return self._reply
 
     def pieces(self) -> Iterator[str]:
-        """The reply as text pieces, as its tokens come.
+        """The reply as text pieces, as its tokens come (``chunks`` without log-probs)."""
+        return (text for text, _ in self.chunks())
+
+    def chunks(self) -> Iterator[tuple[str, list[TokenLogprob]]]:
+        """The reply as text pieces, as its tokens come, each with the log-probability entries
+        of the tokens it completes (with ``params.logprobs``; else none).
 
         A piece ends where the decoded text ends in whitespace, the rule of transformers'
         ``TextStreamer``: a word still growing (or a character whose bytes span tokens) is held
         back, and so is text that could still become a stop string; what the stop cuts is never
         sent. After the last token, whatever was held back and kept follows."""
-        stops, sent = self.params.stop, 0
+        stops, sent, told, eos = self.params.stop, 0, 0, self.tokenizer.eos_token_id
         for ids in iter(self._tokens.get, None):
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             cut = first_stop(text, stops)
             held = min(len(text) - held_back(text, stops), _word_end(text))
             ready = held if cut is None else cut
             if ready > sent:
-                yield text[sent:ready]
+                start = told
+                while self.params.logprobs is not None and told < len(ids) \
+                        and ids[told] != eos and len(self.tokenizer.decode(
+                            ids[:told + 1], skip_special_tokens=True)) <= ready:
+                    told += 1
+                yield text[sent:ready], self.row.taken[start:told]
                 sent = ready
         reply = self.result()
-        if len(reply.text) > sent:
-            yield reply.text[sent:]
+        rest = list(reply.logprobs[told:]) if reply.logprobs is not None else []
+        if len(reply.text) > sent or rest:
+            yield reply.text[sent:], rest
 
 
 def _word_end(text: str) -> int:

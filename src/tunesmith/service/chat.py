@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import ServiceError
 from tunesmith.models.generation import GenerationParams
+from tunesmith.models.logprobs import TokenLogprob, openai_content
 from tunesmith.service.audit import record_completion
 from tunesmith.service.batching import Batcher, Ticket, batcher_for
 from tunesmith.service.http_errors import bad_request, error_body
@@ -73,6 +74,9 @@ def _check_unsupported(req: ChatRequest) -> None:
     if req.response_format and req.response_format.get("type", "text") != "text":
         raise bad_request("only response_format type 'text' is supported",
                           param="response_format")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("logprobs must be set to true if top_logprobs is set",
+                          param="top_logprobs")
 
 
 class ChatService:
@@ -129,7 +133,8 @@ class ChatService:
         params = GenerationParams(
             max_new_tokens=asked or min(room, DEFAULT_MAX_TOKENS),
             temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p, stop=stop, seed=req.seed)
+            top_p=1.0 if req.top_p is None else req.top_p, stop=stop, seed=req.seed,
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         return Prepared(id=new_id("chatcmpl-"), created=int(time.time()), model_name=req.model,
                         model=model, tokenizer=tokenizer, messages=messages,
                         prompt_ids=prompt_ids, params=params, n=req.n or 1)
@@ -163,7 +168,8 @@ class ChatService:
             used += reply.completion_tokens
             choices.append({"index": i, "message": {"role": "assistant", "content": reply.text,
                                                     "refusal": None},
-                            "logprobs": None, "finish_reason": reply.finish_reason})
+                            "logprobs": _logprobs(p, reply.logprobs),
+                            "finish_reason": reply.finish_reason})
         self._audit(org, p, texts)
         return {"id": p.id, "object": "chat.completion", "created": p.created,
                 "model": p.model_name, "system_fingerprint": None, "choices": choices,
@@ -180,8 +186,10 @@ class ChatService:
                     **({"usage": None} if with_usage else {}), **extra}
             return f"data: {json.dumps(body)}\n\n"
 
-        def delta(i: int, d: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
-            return {"index": i, "delta": d, "logprobs": None, "finish_reason": reason}
+        def delta(i: int, d: dict[str, Any], reason: str | None = None,
+                  logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+            return {"index": i, "delta": d, "logprobs": _logprobs(p, logprobs),
+                    "finish_reason": reason}
 
         def events() -> Iterator[str]:
             texts, used = [], 0
@@ -189,8 +197,9 @@ class ChatService:
             try:
                 for i, ticket in enumerate(tickets):
                     yield chunk([delta(i, {"role": "assistant", "content": "", "refusal": None})])
-                    for piece in ticket.pieces():
-                        yield chunk([delta(i, {"content": piece})])
+                    for piece, entries in ticket.chunks():
+                        yield chunk([delta(i, {"content": piece}, logprobs=entries
+                                           if p.params.logprobs is not None else None)])
                     reply = ticket.result()
                     used += reply.completion_tokens
                     texts.append(reply.text)
@@ -207,6 +216,13 @@ class ChatService:
             yield "data: [DONE]\n\n"
 
         return events()
+
+
+def _logprobs(p: Prepared, entries: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+    """A choice's (or a chunk's) ``logprobs`` object: None unless the request asked."""
+    if entries is None:
+        return None
+    return {"content": openai_content(p.tokenizer, entries), "refusal": None}
 
 
 def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:

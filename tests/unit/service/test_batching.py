@@ -203,3 +203,29 @@ def test_every_family_answers_in_a_batch_as_alone(family: str, tiny_family_dir) 
             list(batcher.sizes) == [4, 3, 1]
     else:
         assert list(batcher.sizes) == [4, 2]
+
+
+def test_log_probabilities_in_a_batch_are_those_alone_and_stream_with_their_text(
+        tiny_loaded, prompts) -> None:
+    model, tokenizer = tiny_loaded
+    params = [GenerationParams(max_new_tokens=(5, 11, 8)[i % 3], logprobs=(None, 2, 0)[i % 3])
+              for i in range(len(prompts))]
+    expected = [alone(tiny_loaded, p, q) for p, q in zip(prompts, params, strict=True)]
+    batcher = Batcher(max_batch=4, window_s=0.2)
+    tickets = [batcher.submit(Ticket(model, tokenizer, p, q, streaming=True))
+               for p, q in zip(prompts, params, strict=True)]
+    streamed = [list(t.chunks()) for t in tickets]
+    for ticket, chunks, want, q in zip(tickets, streamed, expected, params, strict=True):
+        got = ticket.result()
+        assert (got.text, got.completion_tokens) == (want.text, want.completion_tokens)
+        assert "".join(text for text, _ in chunks) == got.text
+        if q.logprobs is None:
+            assert got.logprobs is None and all(not e for _, e in chunks)
+            continue
+        assert [e.token for e in got.logprobs] == [e.token for e in want.logprobs]
+        assert [e.logprob for e in got.logprobs] == pytest.approx(
+            [e.logprob for e in want.logprobs], abs=1e-4)
+        assert all(len(e.top) == q.logprobs for e in got.logprobs)
+        # each chunk carries the tokens it completes; together, the reply's
+        assert [e for _, entries in chunks for e in entries] == list(got.logprobs)
+    assert max(batcher.sizes) > 1
