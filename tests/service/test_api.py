@@ -225,6 +225,21 @@ def test_models_and_chat_errors(api: TestClient, settings: ServiceSettings) -> N
         reply["message"]["content"]
     streamed = [e for c in deltas if c["logprobs"] for e in c["logprobs"]["content"]]
     assert [e["token"] for e in streamed] == [e["token"] for e in content]
+
+    # structured outputs: the reply is held to the schema; what cannot be held, a 400
+    schema = {"type": "object", "properties": {"label": {"enum": ["spam", "ham"]}},
+              "required": ["label"], "additionalProperties": False}
+    held = chat(max_tokens=20, temperature=0, response_format={
+        "type": "json_schema", "json_schema": {"name": "label", "schema": schema}}).json()
+    assert json.loads(held["choices"][0]["message"]["content"])["label"] in ("spam", "ham")
+    for fmt, param in (({"type": "xml"}, "response_format.type"),
+                       ({"type": "json_schema"}, "response_format.json_schema"),
+                       ({"type": "json_schema", "json_schema": {"name": "x", "schema": 3}},
+                        "response_format.json_schema.schema"),
+                       ({"type": "json_schema", "json_schema": {
+                           "name": "x", "schema": {"type": "string", "maxLength": 10**6}}},
+                        "response_format")):
+        assert assert_error(chat(response_format=fmt), 400)["param"] == param
     spec = api.get("/openapi.json").json()
     assert "/v1/fine_tuning/jobs/{job_id}/checkpoints" in spec["paths"]
     assert json.dumps(spec).count("HTTPBearer") >= 1

@@ -51,3 +51,18 @@ def test_cli_python_and_http_give_the_same_answer(launch, cli, tiny_model_dir: P
     assert b"".join(bytes(t.bytes) for t in content).decode() == direct
     assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token
                and t.top_logprobs[0].logprob >= t.top_logprobs[2].logprob for t in content)
+
+    # structured outputs through OpenAI's own parse helper: a pydantic model as the schema
+    from typing import Literal
+
+    from pydantic import BaseModel, ConfigDict
+
+    class Verdict(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        label: Literal["positive", "negative"]
+        confident: bool
+
+    parsed = client.chat.completions.parse(model="tiny", messages=MESSAGES, max_tokens=30,
+                                           temperature=0, response_format=Verdict)
+    verdict = parsed.choices[0].message.parsed
+    assert isinstance(verdict, Verdict) and parsed.choices[0].finish_reason == "stop"

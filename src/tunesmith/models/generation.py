@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 
 from tunesmith.errors import ConfigError, ModelError
+from tunesmith.models.constrained import Guided, Masker, compile_schema
 from tunesmith.models.logprobs import MAX_TOP, Recorder, TokenLogprob, kept
 from tunesmith.models.prefix_pass import (
     PrefixCache,
@@ -60,6 +61,8 @@ class GenerationParams:
     logprobs: int | None = None
     """None: no log-probabilities; k: each reply token's, with the k most likely tokens at its
     step (``models.logprobs``; 0 to 20)."""
+    schema: str | None = None
+    """A JSON schema the reply is held to (``models.constrained.check_schema``'s text)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -76,6 +79,9 @@ class GenerationParams:
             problems.append("a stop sequence is empty; give non-empty strings")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP:
             problems.append(f"logprobs is {self.logprobs}; give 0 to {MAX_TOP} top tokens")
+        if self.schema is not None and self.min_new_tokens:
+            problems.append("min_new_tokens holds back the end token a JSON schema's reply "
+                            "ends with; give 0")
         if problems:
             raise ConfigError("invalid generation parameters", problems)
 
@@ -165,6 +171,8 @@ class Row:
     taken: list[TokenLogprob] = field(default_factory=list)
     """With ``params.logprobs``: an entry for each new token so far (before ``on_tokens``
     hears of it), across the ``generate`` calls a running batch makes."""
+    guided: Guided | None = None
+    """With ``params.schema``: where the reply stands in it, across those calls too."""
 
 
 def _sampling(params: GenerationParams) -> tuple[Any, ...]:
@@ -230,6 +238,8 @@ class _Ends:
             if self.recorder is not None and row.params.logprobs is not None \
                     and len(row.taken) < len(new):
                 row.taken.append(self.recorder.take(i, new[-1]))
+            if row.guided is not None:
+                row.guided.follow(new, self.tokenizer.eos_token_id)
             why = self._why(row, new)
             if row.on_tokens is not None:
                 row.on_tokens(new)
@@ -301,6 +311,12 @@ def extend(model: Any, tokenizer: Any, rows: Sequence[Row], input_ids: torch.Ten
     params = rows[0].params
     wanted = [r.params.logprobs for r in rows]
     recorder = Recorder(wanted) if any(k is not None for k in wanted) else None
+    for r in rows:
+        if r.params.schema is not None and r.guided is None:
+            r.guided = Guided(compile_schema(tokenizer, r.params.schema))
+    processors = [recorder] if recorder else []  # the model's own distribution, then the mask
+    if any(r.guided is not None for r in rows):
+        processors.append(Masker([r.guided for r in rows]))
     ends = _Ends(tokenizer, rows, starts=starts, recorder=recorder)
     device = next(model.parameters()).device
     out = model.generate(
@@ -311,7 +327,7 @@ def extend(model: Any, tokenizer: Any, rows: Sequence[Row], input_ids: torch.Ten
         top_p=params.top_p if params.sampling else None, top_k=None,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         stopping_criteria=StoppingCriteriaList([ends]), use_cache=True,
-        logits_processor=LogitsProcessorList([recorder] if recorder else []),
+        logits_processor=LogitsProcessorList(processors),
         **({} if cache is None else {cache_argument(): cache}))
     return out, ends
 

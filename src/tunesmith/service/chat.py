@@ -68,12 +68,35 @@ def chat_messages(req: ChatRequest) -> list[dict[str, str]]:
     return out
 
 
+def response_schema(req: ChatRequest) -> str | None:
+    """The JSON schema ``response_format`` holds the reply to (``models.constrained``): any
+    object for ``json_object``, ``json_schema.schema`` for ``json_schema``; None for text."""
+    from tunesmith.errors import ConfigError
+    from tunesmith.models.constrained import ANY_OBJECT, check_schema
+
+    fmt = req.response_format or {}
+    kind = fmt.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ANY_OBJECT
+    if kind != "json_schema":
+        raise bad_request(f"response_format type {kind!r} is not supported; use 'text', "
+                          "'json_object' or 'json_schema'", param="response_format.type")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise bad_request("response_format.json_schema needs a name and a schema: "
+                          '{"name": "...", "schema": {...}}',
+                          param="response_format.json_schema")
+    try:
+        return check_schema(spec.get("schema", {}))
+    except ConfigError as err:
+        raise bad_request(str(err), param="response_format.json_schema.schema") from None
+
+
 def _check_unsupported(req: ChatRequest) -> None:
     if req.tools:
         raise bad_request("tools are not supported by this server", param="tools")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise bad_request("only response_format type 'text' is supported",
-                          param="response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("logprobs must be set to true if top_logprobs is set",
                           param="top_logprobs")
@@ -115,6 +138,7 @@ class ChatService:
         from tunesmith.data.encode import encode_prompt
 
         _check_unsupported(req)
+        schema = response_schema(req)
         messages = chat_messages(req)
         model, tokenizer = self._load(find_model(self.store, self.settings, org, req.model,
                                                  "model"))
@@ -129,12 +153,20 @@ class ChatService:
                               "completion). Please reduce the length of the messages or "
                               "completion.", param="messages", code="context_length_exceeded")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        if schema is not None:  # an unusable schema is the request's error, found now
+            from tunesmith.errors import ConfigError
+            from tunesmith.models.constrained import compile_schema
+
+            try:
+                compile_schema(tokenizer, schema)
+            except ConfigError as err:
+                raise bad_request(str(err), param="response_format") from None
         # OpenAI's defaults: temperature 1 and top_p 1 when the request leaves them out
         params = GenerationParams(
             max_new_tokens=asked or min(room, DEFAULT_MAX_TOKENS),
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, stop=stop, seed=req.seed,
-            logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None, schema=schema)
         return Prepared(id=new_id("chatcmpl-"), created=int(time.time()), model_name=req.model,
                         model=model, tokenizer=tokenizer, messages=messages,
                         prompt_ids=prompt_ids, params=params, n=req.n or 1)

@@ -1,0 +1,91 @@
+"""Replies held to a JSON schema (``models.constrained``), on the tiny random model with the
+real tokenizer: whatever the model would say, the reply parses and fits the schema, its
+properties in the schema's order; in a batch, beside unguided rows, each reply is the one it
+gets alone; schemas outlines-core cannot use, or whose index would be too large, are refused
+with the reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tunesmith.data.encode import encode_prompt
+from tunesmith.errors import ConfigError
+from tunesmith.models.constrained import ANY_OBJECT, check_schema, compile_schema
+from tunesmith.models.generation import GenerationParams, generate
+from tunesmith.service.batching import Batcher, Ticket
+
+SCHEMA = {"type": "object", "additionalProperties": False,
+          "required": ["label", "urgent", "note"],
+          "properties": {"label": {"enum": ["spam", "ham", "unsure"]},
+                         "urgent": {"type": "boolean"},
+                         "note": {"type": "string", "maxLength": 6}}}
+QUESTIONS = ["WINNER!! claim your prize now", "lunch tomorrow?", "x", "call me back when free"]
+
+
+def prompts(tokenizer) -> list[list[int]]:
+    return [encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+
+
+def fits(text: str) -> None:
+    value = json.loads(text)
+    assert list(value) == ["label", "urgent", "note"]  # the schema's order
+    assert value["label"] in ("spam", "ham", "unsure") and isinstance(value["urgent"], bool)
+    assert isinstance(value["note"], str) and len(value["note"]) <= 6
+
+
+def test_every_reply_fits_the_schema_greedy_or_sampled(tiny_loaded) -> None:
+    model, tokenizer = tiny_loaded
+    free = generate(model, tokenizer, prompts(tokenizer), GenerationParams(max_new_tokens=40))
+    assert not any(r.text.lstrip().startswith("{") for r in free)  # the model alone: no JSON
+    for temperature in (0.0, 1.0):
+        params = GenerationParams(max_new_tokens=60, temperature=temperature, seed=1,
+                                  schema=check_schema(SCHEMA))
+        for reply in generate(model, tokenizer, prompts(tokenizer), params, batch_size=4):
+            assert reply.finish_reason == "stop", reply
+            fits(reply.text)
+
+
+def test_guided_and_free_rows_share_a_batch_and_each_answers_as_alone(tiny_loaded) -> None:
+    model, tokenizer = tiny_loaded
+    schema = check_schema(SCHEMA)
+    params = [GenerationParams(max_new_tokens=(60, 9)[i % 2], schema=(schema, None)[i % 2])
+              for i in range(len(QUESTIONS))]
+    alone = [generate(model, tokenizer, [p], q)[0]
+             for p, q in zip(prompts(tokenizer), params, strict=True)]
+    batcher = Batcher(max_batch=4, window_s=0.2)
+    tickets = [batcher.submit(Ticket(model, tokenizer, p, q, streaming=True))
+               for p, q in zip(prompts(tokenizer), params, strict=True)]
+    streamed = ["".join(t.pieces()) for t in tickets]
+    assert [t.result() for t in tickets] == alone and streamed == [r.text for r in alone]
+    assert max(batcher.sizes) > 1
+    for reply in alone[::2]:
+        fits(reply.text)
+
+
+def test_any_object_for_json_object(tiny_loaded) -> None:
+    model, tokenizer = tiny_loaded
+    params = GenerationParams(max_new_tokens=24, schema=ANY_OBJECT)
+    for reply in generate(model, tokenizer, prompts(tokenizer)[:2], params):
+        assert reply.text.startswith("{")
+        if reply.finish_reason == "stop":
+            assert isinstance(json.loads(reply.text), dict)
+
+
+def test_schemas_that_cannot_be_used_are_refused_with_the_reason(tiny_loaded) -> None:
+    _, tokenizer = tiny_loaded
+    with pytest.raises(ConfigError, match="is a JSON object"):
+        check_schema(["not", "a", "schema"])
+    with pytest.raises(ConfigError, match="Unsupported type: frob"):
+        compile_schema(tokenizer, check_schema({"type": "frob"}))
+    too_long = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 5000}}}
+    with pytest.raises(ConfigError, match="add up to 5000 repetitions"):
+        compile_schema(tokenizer, check_schema(too_long))
+    with pytest.raises(ConfigError, match="characters"):
+        check_schema({"enum": ["x" * 70_000]})
+    with pytest.raises(ConfigError, match="min_new_tokens"):
+        GenerationParams(max_new_tokens=4, min_new_tokens=2, schema=check_schema(SCHEMA))
+    # the same schema's index is built once
+    assert compile_schema(tokenizer, check_schema(SCHEMA)) is \
+        compile_schema(tokenizer, check_schema(SCHEMA))
