@@ -3,6 +3,7 @@ the same answer for the same model, messages and parameters."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import tunesmith
@@ -66,3 +67,17 @@ def test_cli_python_and_http_give_the_same_answer(launch, cli, tiny_model_dir: P
                                            temperature=0, response_format=Verdict)
     verdict = parsed.choices[0].message.parsed
     assert isinstance(verdict, Verdict) and parsed.choices[0].finish_reason == "stop"
+
+    # a reply held to a schema is the same from the CLI, the Python API and the service
+    schema = Verdict.model_json_schema()
+    held = tunesmith.chat(model, MESSAGES, max_new_tokens=30, json_schema=schema)
+    assert Verdict.model_validate_json(held)
+    (tmp_path / "verdict.json").write_text(json.dumps(schema))
+    code, out, err = cli("chat", model, "--system", SYSTEM, "--prompt", QUESTION,
+                         "--max-new-tokens", "30", "--json-schema",
+                         str(tmp_path / "verdict.json"))
+    assert code == 0 and out == held + "\n", err
+    served = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=30, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "v", "schema": schema}})
+    assert served.choices[0].message.content == held

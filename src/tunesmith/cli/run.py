@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -28,6 +29,22 @@ def run_cmd(
     out.print(f"chat with it: tunesmith chat {result.run_dir}")
 
 
+def _read_schema(path: Path) -> Any:
+    """A JSON schema file's object, or a ConfigError naming the file and what is wrong."""
+    import json
+
+    from tunesmith.errors import ConfigError
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the JSON schema ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the schema as UTF-8 JSON") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}:{err.lineno}:{err.colno}: not JSON ({err.msg})") from None
+
+
 @friendly
 def chat_cmd(
     model: str = typer.Argument(..., help="A run directory or a model reference."),
@@ -35,17 +52,20 @@ def chat_cmd(
     system: str | None = typer.Option(None, "--system", help="A system message."),
     max_new_tokens: int = typer.Option(256, help="Longest reply in tokens."),
     temperature: float = typer.Option(0.0, help="0 for greedy decoding."),
+    json_schema: Path | None = typer.Option(None, "--json-schema", help="A JSON schema file "
+                                            "every reply is held to."),
 ) -> None:
     """Chat with a model; `--prompt` answers once and exits."""
     from tunesmith.flows import chat, load_for_chat
 
+    schema = None if json_schema is None else _read_schema(json_schema)
     loaded = load_for_chat(model)
     history = [{"role": "system", "content": system}] if system else []
 
     def answer(text: str) -> str:
         history.append({"role": "user", "content": text})
         reply = chat(model, history, max_new_tokens=max_new_tokens, temperature=temperature,
-                     loaded=loaded)
+                     json_schema=schema, loaded=loaded)
         history.append({"role": "assistant", "content": reply})
         return reply
 

@@ -42,17 +42,20 @@ def load_checkpoint_for_chat(run_dir: Path, step: int, *, home: Path | None = No
 
 def chat(model: str, messages: Sequence[dict[str, str]], *, max_new_tokens: int = 256,
          temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-         stop: Sequence[str] = (), home: Path | None = None,
-         loaded: tuple[Any, Any] | None = None) -> str:
+         stop: Sequence[str] = (), json_schema: dict[str, Any] | None = None,
+         home: Path | None = None, loaded: tuple[Any, Any] | None = None) -> str:
     """The model's reply to a conversation (``[{"role": "user", "content": ...}]``).
 
     Greedy when ``temperature`` is 0; the same generation as the service's chat completions,
-    so the same model, messages and parameters give the same reply.
+    so the same model, messages and parameters give the same reply. ``json_schema`` holds the
+    reply to a JSON schema (``models.constrained``; ``{"type": "object"}``: any object).
     """
     from tunesmith.data.encode import encode_prompt
+    from tunesmith.models.constrained import check_schema
     from tunesmith.models.generation import GenerationParams, generate
 
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_p=top_p, seed=seed, stop=tuple(stop))
+                              top_p=top_p, seed=seed, stop=tuple(stop),
+                              schema=None if json_schema is None else check_schema(json_schema))
     m, tok = loaded or load_for_chat(model, home=home)
     return generate(m, tok, [encode_prompt(tok, messages)], params, batch_size=1)[0].text

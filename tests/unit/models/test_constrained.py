@@ -89,3 +89,17 @@ def test_schemas_that_cannot_be_used_are_refused_with_the_reason(tiny_loaded) ->
     # the same schema's index is built once
     assert compile_schema(tokenizer, check_schema(SCHEMA)) is \
         compile_schema(tokenizer, check_schema(SCHEMA))
+
+
+def test_the_chat_command_names_a_schema_file_it_cannot_use(cli, tiny_model_dir, tmp_path
+                                                              ) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "object",\n "properties": {oops}}')
+    code, out, err = cli("chat", str(tiny_model_dir), "-p", "hi", "--json-schema", str(bad))
+    assert code == 2 and f"{bad}:2:17: not JSON" in out + err
+    code, out, err = cli("chat", str(tiny_model_dir), "-p", "hi", "--json-schema",
+                         str(tmp_path / "missing.json"))
+    assert code == 2 and "cannot read the JSON schema" in out + err
+    bad.write_text(json.dumps({"type": "frob"}))
+    code, out, err = cli("chat", str(tiny_model_dir), "-p", "hi", "--json-schema", str(bad))
+    assert code == 2 and "Unsupported type: frob" in out + err
