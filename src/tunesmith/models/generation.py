@@ -13,6 +13,8 @@ rendered by ``data.encode.encode_prompt``, the chat template exactly as training
   so a seeded call is reproducible and the caller's random state is left as it was.
 - A reply ends at the end-of-sequence token, at a stop string (cut from the text), or after
   ``max_new_tokens``; ``Generated`` says which ("stop" or "length") and how many tokens it took.
+- Per row, in any batch: the tokens' log-probabilities (``models.logprobs``) and a JSON schema
+  the reply is held to (``models.constrained``), both as transformers ``LogitsProcessor``s.
 """
 
 from __future__ import annotations
