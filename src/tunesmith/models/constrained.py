@@ -33,15 +33,20 @@ ANY_OBJECT = json.dumps({"type": "object"})
 """``json_object``'s schema: any JSON object (nested to outlines-core's default depth)."""
 WHITESPACE = r"[ ]?"
 
-MAX_REPEATS = 500
-"""The most repetitions a schema's bounds (``maxLength``, ``maxItems``...) may add up to. An
-index grows with them: a string of ``maxLength`` 1,000 took 5 s and 600 MB to index here,
-5,000 took 25 s and 3.7 GB, so a request could otherwise stall or exhaust the server."""
+MAX_ATOMS = 1_000
+"""How large a schema's pattern may be with its bounded repetitions (``maxLength``,
+``maxItems``...) written out (``_atoms``). An index grows with it, over SmolLM2's vocabulary:
+a string of ``maxLength`` 250 (762 atoms) took 125 MB, 500 (1,512) 300 MB, 1,000 (3,012) 5 s
+and 600 MB, 5,000 took 25 s and 3.7 GB; an array of 40 strings of 40 (4,962; bounds nested
+multiply) 8 s and 700 MB. So a request could otherwise stall or exhaust the server. Without
+bounds an index is small: a three-property object (54 atoms) 2 MB, any object (``json_object``,
+261) 39 MB."""
 MAX_SCHEMA_CHARS = 65_536
-_BOUND = re.compile(r"(?<!\\)\{(\d+)(?:,(\d*))?\}")
+_BOUND = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 
-INDICES_KEPT = 64
-"""Schemas whose index is kept per tokenizer (the least recently used goes first)."""
+INDICES_KEPT = 16
+"""Schemas whose index is kept per tokenizer (the least recently used goes first): a few MB
+each for ordinary schemas, about 200 MB at most at the bound above."""
 
 
 class _Compiled:
@@ -93,13 +98,52 @@ def compile_schema(tokenizer: Any, schema: str) -> Any:
         return index
 
 
+def _atoms(regex: str) -> int:
+    """The atoms (characters, escapes, classes) of ``regex`` with each bounded repetition
+    ``{m,n}`` written out n times, nested ones multiplied: what its automaton grows with."""
+    groups, last, i = [0], 0, 0  # each open group's size so far; the last atom's size
+    while i < len(regex):
+        ch, step = regex[i], 1
+        if ch == "\\":
+            last, step = 1, 2
+        elif ch == "[":  # a character class: one atom
+            j = i + 1
+            while j < len(regex) and regex[j] != "]":
+                j += 2 if regex[j] == "\\" else 1
+            last, step = 1, j + 1 - i
+        elif ch == "(":
+            groups.append(0)
+            i += 1
+            continue
+        elif ch == ")":
+            last = groups.pop()
+            groups[-1] += last
+            i += 1
+            continue
+        elif ch == "{" and (bound := _BOUND.match(regex, i)):
+            times = int(bound.group(2) or bound.group(1))
+            groups[-1] += last * (times - 1)
+            last *= times
+            i = bound.end()
+            continue
+        elif ch in "*+?|":
+            i += 1
+            continue
+        else:
+            last = 1
+        groups[-1] += 1
+        i += step
+    return groups[0]
+
+
 def _check_size(regex: str) -> None:
     """Refuse a schema whose bounded repetitions would make its index too large to build."""
-    repeats = sum(int(high or low) for low, high in _BOUND.findall(regex))
-    if repeats > MAX_REPEATS:
-        raise ValueError(f"its length bounds (maxLength, maxItems, minLength, minItems) add up "
-                         f"to {repeats} repetitions, over the {MAX_REPEATS} a reply's index "
-                         "may hold here; lower them or leave them out")
+    atoms = _atoms(regex)
+    if atoms > MAX_ATOMS:
+        raise ValueError(f"its bounded repetitions (maxLength, maxItems, minLength, minItems; "
+                         f"nested ones multiply) write its pattern out to {atoms:,} atoms, over "
+                         f"the {MAX_ATOMS:,} a reply's index may hold here; lower them or leave "
+                         "them out")
 
 
 def check_schema(schema: Any) -> str:

@@ -80,8 +80,14 @@ def test_schemas_that_cannot_be_used_are_refused_with_the_reason(tiny_loaded) ->
     with pytest.raises(ConfigError, match="Unsupported type: frob"):
         compile_schema(tokenizer, check_schema({"type": "frob"}))
     too_long = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 5000}}}
-    with pytest.raises(ConfigError, match="add up to 5000 repetitions"):
+    with pytest.raises(ConfigError, match="15,012 atoms, over the 1,000"):
         compile_schema(tokenizer, check_schema(too_long))
+    # bounds nested in each other multiply: 40 strings of up to 40 characters
+    nested = {"type": "array", "items": {"type": "string", "maxLength": 40}, "maxItems": 40}
+    with pytest.raises(ConfigError, match="4,962 atoms, over the 1,000"):
+        compile_schema(tokenizer, check_schema(nested))
+    nested["maxItems"] = nested["items"]["maxLength"] = 10
+    compile_schema(tokenizer, check_schema(nested))  # 342 atoms: built
     with pytest.raises(ConfigError, match="characters"):
         check_schema({"enum": ["x" * 70_000]})
     with pytest.raises(ConfigError, match="min_new_tokens"):
