@@ -226,6 +226,20 @@ def test_models_and_chat_errors(api: TestClient, settings: ServiceSettings) -> N
     streamed = [e for c in deltas if c["logprobs"] for e in c["logprobs"]["content"]]
     assert [e["token"] for e in streamed] == [e["token"] for e in content]
 
+    # logit_bias and the penalties: a bias of 100 forces its token; bad values, a 400
+    forced = chat(max_tokens=3, temperature=0, logit_bias={"1000": 100}, logprobs=True).json()
+    tokens = [e["token"] for e in forced["choices"][0]["logprobs"]["content"]]
+    assert len(tokens) == 3 and len(set(tokens)) == 1
+    assert forced["choices"][0]["message"]["content"] == tokens[0] * 3
+    for body, param in (({"logit_bias": {"abc": 1}}, "logit_bias"),
+                        ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+                        ({"logit_bias": {"5": 101}}, "logit_bias.5"),
+                        ({"presence_penalty": 2.5}, "presence_penalty"),
+                        ({"frequency_penalty": -3}, "frequency_penalty")):
+        assert assert_error(chat(**body), 400)["param"] == param
+    penalised = chat(max_tokens=6, temperature=0, presence_penalty=1.0, frequency_penalty=1.0)
+    assert penalised.status_code == 200
+
     # structured outputs: the reply is held to the schema; what cannot be held, a 400
     schema = {"type": "object", "properties": {"label": {"enum": ["spam", "ham"]}},
               "required": ["label"], "additionalProperties": False}

@@ -13,8 +13,9 @@ rendered by ``data.encode.encode_prompt``, the chat template exactly as training
   so a seeded call is reproducible and the caller's random state is left as it was.
 - A reply ends at the end-of-sequence token, at a stop string (cut from the text), or after
   ``max_new_tokens``; ``Generated`` says which ("stop" or "length") and how many tokens it took.
-- Per row, in any batch: the tokens' log-probabilities (``models.logprobs``) and a JSON schema
-  the reply is held to (``models.constrained``), both as transformers ``LogitsProcessor``s.
+- Per row, in any batch: the tokens' log-probabilities (``models.logprobs``), a logit bias and
+  presence and frequency penalties (``models.adjust``) and a JSON schema the reply is held to
+  (``models.constrained``), as transformers ``LogitsProcessor``s.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from typing import Any, Literal
 import torch
 
 from tunesmith.errors import ConfigError, ModelError
-from tunesmith.models.constrained import Guided, Masker, compile_schema
+from tunesmith.models.adjust import MAX_BIAS, MAX_PENALTY, step_processors
+from tunesmith.models.constrained import Guided
 from tunesmith.models.logprobs import MAX_TOP, Recorder, TokenLogprob, kept
 from tunesmith.models.prefix_pass import (
     PrefixCache,
@@ -65,6 +67,10 @@ class GenerationParams:
     step (``models.logprobs``; 0 to 20)."""
     schema: str | None = None
     """A JSON schema the reply is held to (``models.constrained.check_schema``'s text)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the scores at every step (``models.adjust``)."""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -81,6 +87,13 @@ class GenerationParams:
             problems.append("a stop sequence is empty; give non-empty strings")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP:
             problems.append(f"logprobs is {self.logprobs}; give 0 to {MAX_TOP} top tokens")
+        if any(t < 0 or not -MAX_BIAS <= b <= MAX_BIAS for t, b in self.logit_bias):
+            problems.append(f"logit_bias takes token ids and biases from -{MAX_BIAS:g} to "
+                            f"{MAX_BIAS:g}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                problems.append(f"{name} is {getattr(self, name)}; give -{MAX_PENALTY:g} to "
+                                f"{MAX_PENALTY:g}")
         if self.schema is not None and self.min_new_tokens:
             problems.append("min_new_tokens holds back the end token a JSON schema's reply "
                             "ends with; give 0")
@@ -311,14 +324,7 @@ def extend(model: Any, tokenizer: Any, rows: Sequence[Row], input_ids: torch.Ten
     if len({_sampling(r.params) for r in rows}) != 1:
         raise ValueError("rows of one batch must share their sampling parameters")
     params = rows[0].params
-    wanted = [r.params.logprobs for r in rows]
-    recorder = Recorder(wanted) if any(k is not None for k in wanted) else None
-    for r in rows:
-        if r.params.schema is not None and r.guided is None:
-            r.guided = Guided(compile_schema(tokenizer, r.params.schema))
-    processors = [recorder] if recorder else []  # the model's own distribution, then the mask
-    if any(r.guided is not None for r in rows):
-        processors.append(Masker([r.guided for r in rows]))
+    processors, recorder = step_processors(tokenizer, rows, starts)
     ends = _Ends(tokenizer, rows, starts=starts, recorder=recorder)
     device = next(model.parameters()).device
     out = model.generate(

@@ -94,6 +94,18 @@ def response_schema(req: ChatRequest) -> str | None:
         raise bad_request(str(err), param="response_format.json_schema.schema") from None
 
 
+def logit_bias(req: ChatRequest, vocab: int) -> tuple[tuple[int, float], ...]:
+    """``logit_bias``'s (token id, bias) pairs; a key that is not a token id of the model's
+    vocabulary (``vocab`` tokens) is the request's error."""
+    pairs = []
+    for key, bias in (req.logit_bias or {}).items():
+        if not key.isdigit() or int(key) >= vocab:
+            raise bad_request(f"logit_bias: {key!r} is not a token id of this model (0 to "
+                              f"{vocab - 1})", param="logit_bias")
+        pairs.append((int(key), bias))
+    return tuple(pairs)
+
+
 def _check_unsupported(req: ChatRequest) -> None:
     if req.tools:
         raise bad_request("tools are not supported by this server", param="tools")
@@ -166,7 +178,10 @@ class ChatService:
             max_new_tokens=asked or min(room, DEFAULT_MAX_TOKENS),
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, stop=stop, seed=req.seed,
-            logprobs=(req.top_logprobs or 0) if req.logprobs else None, schema=schema)
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None, schema=schema,
+            logit_bias=logit_bias(req, len(tokenizer)),
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0)
         return Prepared(id=new_id("chatcmpl-"), created=int(time.time()), model_name=req.model,
                         model=model, tokenizer=tokenizer, messages=messages,
                         prompt_ids=prompt_ids, params=params, n=req.n or 1)
