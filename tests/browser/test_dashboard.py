@@ -276,6 +276,38 @@ def test_playground_two_models_streamed_rated_and_corrected(open_page, dash,
     assert stored == {(ids["A"], "good", None), (ids["B"], "bad", None), (ids["B"], None, "good")}
 
 
+def test_playground_holds_answers_to_a_schema_and_shows_token_probabilities(open_page, dash,
+                                                                            tmp_path: Path
+                                                                            ) -> None:
+    page = open_page()
+    sign_in(page, dash)
+    page.get_by_role("link", name="Playground").click()
+    page.get_by_label("Model A", exact=True).select_option("tiny")
+    page.get_by_label("Model B", exact=True).select_option("tiny-b")
+    page.get_by_label("Max tokens").fill("24")
+    # a schema that is not JSON is refused in the page, and nothing is sent
+    page.get_by_label("Hold answers to a JSON schema").fill('{"type": "object",')
+    page.get_by_label("Your message").fill("Is this review good or bad? I love it")
+    page.get_by_role("button", name="Send to both").click()
+    page.locator("#schema-error").get_by_text("The JSON schema is not JSON").wait_for()
+    assert page.locator("#transcript-A li").count() == 0
+    schema = {"type": "object", "properties": {"verdict": {"enum": ["good", "bad"]}},
+              "required": ["verdict"], "additionalProperties": False}
+    page.get_by_label("Hold answers to a JSON schema").fill(json.dumps(schema))
+    page.get_by_label("Show token probabilities").check()
+    page.get_by_role("button", name="Send to both").click()
+    for side in "AB":
+        answer = page.locator(f'#transcript-{side} li.assistant[data-state="done"]')
+        answer.wait_for(timeout=300_000)
+        text = answer.locator("p.answer").inner_text()
+        assert json.loads(text)["verdict"] in ("good", "bad")  # the random model, held to it
+        answer.get_by_text(f"Token probabilities ({side})").click()
+        cells = answer.locator("tbody tr td:nth-child(2)").all_inner_texts()
+        assert cells and all(c.endswith("%") and 0 <= float(c[:-1]) <= 100 for c in cells)
+    assert page.locator("#schema-error").count() == 0
+    shot(page, tmp_path, "playground-schema")
+
+
 def tab_to(page, name: str, limit: int = 300) -> None:
     """Press Tab until the focused control's label, text or accessible name is ``name``."""
     for _ in range(limit):

@@ -81,7 +81,8 @@ export async function newEvents(jobId, known) {
 }
 
 // POST /v1/chat/completions with stream: true; calls onText(piece) per chunk and returns
-// { id, text, finish_reason } (the id is the completion's, for feedback).
+// { id, text, finish_reason, logprobs } (the id is the completion's, for feedback; logprobs: the
+// tokens' entries when the body asks for them).
 export async function streamChat(body, onText, signal) {
   const resp = await fetch("/v1/chat/completions", {
     method: "POST", signal,
@@ -94,7 +95,7 @@ export async function streamChat(body, onText, signal) {
     throw err;
   }
   const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
-  const result = { id: null, text: "", finish_reason: null };
+  const result = { id: null, text: "", finish_reason: null, logprobs: [] };
   let buffer = "";
   for (;;) {
     const { value, done } = await reader.read();
@@ -114,6 +115,7 @@ export async function streamChat(body, onText, signal) {
         for (const choice of chunk.choices ?? []) {
           const piece = choice.delta?.content;
           if (piece) { result.text += piece; onText(piece); }
+          if (choice.logprobs?.content) result.logprobs.push(...choice.logprobs.content);
           if (choice.finish_reason) result.finish_reason = choice.finish_reason;
         }
       }

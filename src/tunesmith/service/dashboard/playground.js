@@ -1,9 +1,29 @@
 // Playground: one conversation sent to two models side by side, answers streamed, each
 // answer rated (words, not emoji: a machine without an emoji font shows empty boxes) and
-// optionally corrected (POST /v1/feedback, kept for the next round).
+// optionally corrected (POST /v1/feedback, kept for the next round). Replies can be held to a
+// JSON schema (response_format) and show each token's probability (logprobs).
 
 import { api, streamChat } from "./api.js";
-import { announce, errorBox, h, heading } from "./ui.js";
+import { announce, errorBox, h, heading, table } from "./ui.js";
+
+// 83.1%, or two significant digits below 0.1% (a fine-tune's unlikely labels are still read)
+const percent = (logprob) => {
+  const p = Math.exp(logprob) * 100;
+  return `${p >= 0.1 ? p.toFixed(1) : p.toPrecision(2)}%`;
+};
+
+// Each token of an answer, its probability and the step's other likely tokens, in a table (a
+// table, not coloured text: it reads the same to a screen reader and without colour).
+function probabilities(entries, side) {
+  const rows = entries.map((e) => h("tr", {},
+    h("td", {}, h("code", {}, JSON.stringify(e.token))), h("td", {}, percent(e.logprob)),
+    h("td", {}, e.top_logprobs.filter((t) => t.token !== e.token)
+      .map((t) => `${JSON.stringify(t.token)} ${percent(t.logprob)}`).join(", "))));
+  return h("details", { class: "probabilities" },
+    h("summary", {}, `Token probabilities (${side})`),
+    table(`Token probabilities of answer ${side}`, ["Token", "Probability", "Also likely"], rows,
+      "No tokens."));
+}
 
 function feedbackControls(completionId, side) {
   const note = h("p", { class: "muted", "aria-live": "polite" });
@@ -49,6 +69,10 @@ export async function playgroundPage(view, first) {
   const maxTokens = h("input", { id: "max-tokens", type: "number", min: "1", step: "1",
     value: "64" });
   const system = h("textarea", { id: "system-prompt", rows: "2" });
+  const schema = h("textarea", { id: "json-schema", rows: "2", spellcheck: "false",
+    placeholder: '{"type": "object", "properties": {"label": {"enum": ["spam", "ham"]}}}' });
+  const showProbabilities = h("input", { id: "show-probabilities", type: "checkbox" });
+  const formNote = h("div", { "aria-live": "polite" });
   const prompt = h("textarea", { id: "prompt", rows: "3", required: true });
   const send = h("button", { type: "submit" }, "Send to both");
   const reset = h("button", { type: "button", onclick: () => {
@@ -63,7 +87,11 @@ export async function playgroundPage(view, first) {
       h("div", { class: "field" }, h("label", { for: "max-tokens" }, "Max tokens"), maxTokens)),
     h("div", { class: "field" }, h("label", { for: "system-prompt" }, "System message (optional)"),
       system),
+    h("div", { class: "field" }, h("label", { for: "json-schema" },
+      "Hold answers to a JSON schema (optional)"), schema),
+    h("div", { class: "field" }, h("label", {}, showProbabilities, " Show token probabilities")),
     h("div", { class: "field" }, h("label", { for: "prompt" }, "Your message"), prompt),
+    formNote,
     h("div", { class: "controls" }, send, reset));
   view.append(heading("Playground"), form,
     h("div", { class: "columns" }, sides.map((s) => h("section", { "aria-label": `Answers from model ${s.name}` },
@@ -71,7 +99,7 @@ export async function playgroundPage(view, first) {
 
   const controller = new AbortController();
 
-  async function ask(side, text) {
+  async function ask(side, text, format) {
     side.history.push({ role: "user", content: text });
     const answer = h("p", { class: "answer" });
     const item = h("li", { class: "assistant", "data-state": "streaming" },
@@ -80,13 +108,16 @@ export async function playgroundPage(view, first) {
     const messages = [...(system.value.trim() ? [{ role: "system", content: system.value.trim() }] : []),
       ...side.history];
     try {
+      const wanted = showProbabilities.checked ? { logprobs: true, top_logprobs: 3 } : {};
       const result = await streamChat({ model: side.choose.value, messages,
-        temperature: Number(temperature.value), max_tokens: Number(maxTokens.value) },
+        temperature: Number(temperature.value), max_tokens: Number(maxTokens.value),
+        ...(format ? { response_format: format } : {}), ...wanted },
       (piece) => { answer.textContent += piece; }, controller.signal);
       side.history.push({ role: "assistant", content: result.text });
       if (!result.text) answer.append(h("span", { class: "muted" }, "(empty answer)"));
       item.dataset.state = "done";
       item.dataset.completion = result.id;
+      if (result.logprobs.length) item.append(probabilities(result.logprobs, side.name));
       item.append(feedbackControls(result.id, side.name));
     } catch (err) {
       side.history.pop();
@@ -99,9 +130,22 @@ export async function playgroundPage(view, first) {
     e.preventDefault();
     const text = prompt.value.trim();
     if (!text) return;
+    let format = null;
+    formNote.replaceChildren();
+    if (schema.value.trim()) {  // checked here: a schema that is not JSON is never sent
+      try {
+        format = { type: "json_schema",
+          json_schema: { name: "playground", schema: JSON.parse(schema.value) } };
+      } catch (err) {
+        formNote.replaceChildren(errorBox(`The JSON schema is not JSON: ${err.message}`,
+          "schema-error"));
+        schema.focus();
+        return;
+      }
+    }
     prompt.value = "";
     send.disabled = true;
-    await Promise.all(sides.map((s) => ask(s, text)));
+    await Promise.all(sides.map((s) => ask(s, text, format)));
     send.disabled = false;
     prompt.focus();
   });
