@@ -199,6 +199,8 @@ def test_models_and_chat_errors(api: TestClient, settings: ServiceSettings) -> N
     assert_error(chat(temperature=3), 400)
     assert_error(chat(messages=[]), 400)
     assert_error(chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400)
+    assert_error(chat(modalities=["text", "audio"]), 400)
+    assert_error(chat(audio={"voice": "alloy", "format": "wav"}), 400)
     assert_error(chat(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]), 400)
     reply = chat(max_completion_tokens=3, temperature=0, messages=[

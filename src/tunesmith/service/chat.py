@@ -109,6 +109,9 @@ def logit_bias(req: ChatRequest, vocab: int) -> tuple[tuple[int, float], ...]:
 def _check_unsupported(req: ChatRequest) -> None:
     if req.tools:
         raise bad_request("tools are not supported by this server", param="tools")
+    if req.audio is not None or set(req.modalities or ["text"]) != {"text"}:
+        raise bad_request("this server answers in text only; leave out audio and give "
+                          'modalities ["text"]', param="modalities")
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("logprobs must be set to true if top_logprobs is set",
                           param="top_logprobs")
