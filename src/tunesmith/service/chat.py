@@ -182,7 +182,7 @@ class ChatService:
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, stop=stop, seed=req.seed,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None, schema=schema,
-            logit_bias=logit_bias(req, len(tokenizer)),
+            logit_bias=logit_bias(req, min(len(tokenizer), model.config.vocab_size)),
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0)
         return Prepared(id=new_id("chatcmpl-"), created=int(time.time()), model_name=req.model,
