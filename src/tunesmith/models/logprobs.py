@@ -5,8 +5,9 @@ step, with their text and bytes.
 The values are those of the model's own next-token distribution at each step: the log-softmax
 of its logits after transformers' default processors (``min_new_tokens`` holding back the end
 token, say) and before the sampling warpers (temperature, top-p), what vLLM reports by
-default. So a token's log-probability does not depend on the temperature it was drawn at, and
-greedy decoding's token is always the first of its ``top_logprobs``.
+default, and before ``models.adjust``'s bias and penalties and a schema's mask. So a token's
+log-probability does not depend on the temperature it was drawn at, and greedy decoding's token
+is the first of its ``top_logprobs`` unless a bias, a penalty or a schema moved it.
 
 ``Recorder`` is a ``LogitsProcessor`` that keeps the last step's log-softmax, and
 ``models.generation._Ends`` (the stopping criterion, called once the step's token is chosen)
