@@ -232,15 +232,21 @@ def test_the_form_sends_dpo_and_privacy_in_openais_shape(open_page, dash,
         "privacy": {"target_epsilon": 8, "delta": "auto", "max_grad_norm": 0.5}}}
 
 
-def test_playground_two_models_streamed_rated_and_corrected(open_page, dash,
-                                                             tmp_path: Path) -> None:
+def playground(open_page, dash, *, max_tokens: int):
+    """A signed-in page on the playground, the two base models on its sides."""
     page = open_page()
     sign_in(page, dash)
     page.get_by_role("link", name="Playground").click()
     page.get_by_label("Model A", exact=True).select_option("tiny")
     page.get_by_label("Model B", exact=True).select_option("tiny-b")
+    page.get_by_label("Max tokens").fill(str(max_tokens))
+    return page
+
+
+def test_playground_two_models_streamed_rated_and_corrected(open_page, dash,
+                                                             tmp_path: Path) -> None:
+    page = playground(open_page, dash, max_tokens=8)
     page.get_by_label("Temperature").fill("1")
-    page.get_by_label("Max tokens").fill("8")
     page.get_by_label("Your message").fill("Is this review good or bad? I love it")
     page.get_by_role("button", name="Send to both").click()
     answers = {side: page.locator(f'#transcript-{side} li.assistant[data-state="done"]')
@@ -279,12 +285,7 @@ def test_playground_two_models_streamed_rated_and_corrected(open_page, dash,
 def test_playground_holds_answers_to_a_schema_and_shows_token_probabilities(open_page, dash,
                                                                             tmp_path: Path
                                                                             ) -> None:
-    page = open_page()
-    sign_in(page, dash)
-    page.get_by_role("link", name="Playground").click()
-    page.get_by_label("Model A", exact=True).select_option("tiny")
-    page.get_by_label("Model B", exact=True).select_option("tiny-b")
-    page.get_by_label("Max tokens").fill("24")
+    page = playground(open_page, dash, max_tokens=24)
     # a schema that is not JSON is refused in the page, and nothing is sent
     page.get_by_label("Hold answers to a JSON schema").fill('{"type": "object",')
     page.get_by_label("Your message").fill("Is this review good or bad? I love it")

@@ -42,6 +42,10 @@ class Adjuster:
 
     def __init__(self, params: Sequence[Any], starts: Sequence[int]) -> None:
         self.params, self.starts = list(params), list(starts)
+        # each row's bias as (ids, values) tensors, made once for the call's every step
+        self.bias = [(torch.tensor([t for t, _ in p.logit_bias]),
+                      torch.tensor([b for _, b in p.logit_bias])) if p.logit_bias else None
+                     for p in self.params]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         vocab = scores.shape[-1]
@@ -49,10 +53,11 @@ class Adjuster:
             if not adjusts(p):
                 continue
             row = scores[i]
-            if p.logit_bias:
-                ids = torch.tensor([t for t, _ in p.logit_bias], device=row.device)
-                row.index_add_(0, ids, torch.tensor([b for _, b in p.logit_bias],
-                                                    dtype=row.dtype, device=row.device))
+            if self.bias[i] is not None:
+                ids, values = self.bias[i]
+                if ids.device != row.device:
+                    ids, values = self.bias[i] = (ids.to(row.device), values.to(row.device))
+                row.index_add_(0, ids, values.to(row.dtype))
             if p.presence_penalty or p.frequency_penalty:
                 reply = input_ids[i, self.starts[i]:]
                 count = torch.bincount(reply[reply < vocab], minlength=vocab).to(row.dtype)

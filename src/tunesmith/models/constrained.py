@@ -79,23 +79,24 @@ def compile_schema(tokenizer: Any, schema: str) -> Any:
 
     if tokenizer.eos_token_id is None:
         raise ConfigError("a reply held to a JSON schema needs a tokenizer with an end token")
-    with _lock:
+    with _lock:  # the lookups only: one schema's build (seconds) holds up no other request
         compiled = _compiled.get(tokenizer)
         if compiled is None:
             compiled = _compiled[tokenizer] = _Compiled(tokenizer)
         if schema in compiled.indices:
             compiled.indices.move_to_end(schema)
             return compiled.indices[schema]
-        try:
-            regex = build_regex_from_schema(schema, WHITESPACE)
-            _check_size(regex)
-            index = Index(regex, compiled.vocabulary)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise ConfigError(f"the JSON schema cannot be used: {err}") from None
+    try:  # two requests with a new schema at once may both build it; either index serves
+        regex = build_regex_from_schema(schema, WHITESPACE)
+        _check_size(regex)
+        index = Index(regex, compiled.vocabulary)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"the JSON schema cannot be used: {err}") from None
+    with _lock:
         compiled.indices[schema] = index
         while len(compiled.indices) > INDICES_KEPT:
             compiled.indices.popitem(last=False)
-        return index
+    return index
 
 
 def _atoms(regex: str) -> int:

@@ -109,3 +109,35 @@ def test_the_chat_command_names_a_schema_file_it_cannot_use(cli, tiny_model_dir,
     bad.write_text(json.dumps({"type": "frob"}))
     code, out, err = cli("chat", str(tiny_model_dir), "-p", "hi", "--json-schema", str(bad))
     assert code == 2 and "Unsupported type: frob" in out + err
+
+
+def test_a_schema_being_built_holds_up_no_other_request(tiny_loaded, monkeypatch) -> None:
+    import threading
+
+    import outlines_core
+
+    _, tokenizer = tiny_loaded
+    ready = compile_schema(tokenizer, check_schema(SCHEMA))
+    started, release = threading.Event(), threading.Event()
+    real = outlines_core.Index
+
+    def slow(regex, vocabulary):  # a build that takes as long as the test says
+        started.set()
+        release.wait(60)
+        return real(regex, vocabulary)
+
+    monkeypatch.setattr(outlines_core, "Index", slow)
+    builder = threading.Thread(target=compile_schema,
+                               args=(tokenizer, check_schema({"enum": ["held-up"]})))
+    builder.start()
+    try:
+        assert started.wait(60)
+        got: list = []
+        lookup = threading.Thread(
+            target=lambda: got.append(compile_schema(tokenizer, check_schema(SCHEMA))))
+        lookup.start()
+        lookup.join(30)
+        assert got == [ready]  # answered while the other schema is still being built
+    finally:
+        release.set()
+        builder.join(60)
